@@ -1,0 +1,101 @@
+"""Pure-Python twin of ``_validate.pyx``: same signature, same results.
+
+It runs when the extension is not built or ``HALTLESS_NO_EXTENSIONS`` is set,
+and the test-suite runs every kernel case against both.
+"""
+from __future__ import annotations
+
+import math
+import struct
+
+PG_EPOCH_US = 946_684_800_000_000  # 2000-01-01T00:00:00Z in Unix microseconds
+HOUR_US = 3_600_000_000
+PAST_LIMIT_US = 3650 * 86_400_000_000
+FUTURE_LIMIT_US = 5 * 60_000_000
+OID_TIMESTAMPTZ = 1184
+OID_FLOAT8 = 701
+
+ERR_NOT_FINITE = "Value must be finite"
+ERR_TOO_OLD = "Timestamp is more than 3,650 days in the past"
+ERR_TOO_NEW = "Timestamp is more than 5 minutes in the future"
+
+_row_head = struct.Struct("!hiiiqii")  # 5 fields; series_id; bucket; n
+_array_head = struct.Struct("!iiiiii")  # byte length; ndim, flags, oid, dim, lbound
+_ts_elem = struct.Struct("!iq")
+_val_elem = struct.Struct("!id")
+
+
+def timestamp_us(dt) -> int:
+    """Microseconds since the Unix epoch; a naive datetime is taken as UTC."""
+    off = dt.utcoffset()
+    days = dt.toordinal() - 719_163  # date(1970, 1, 1).toordinal()
+    us = ((days * 86_400 + dt.hour * 3600 + dt.minute * 60 + dt.second) * 1_000_000
+          + dt.microsecond)
+    if off is not None:
+        us -= (off.days * 86_400 + off.seconds) * 1_000_000 + off.microseconds
+    return us
+
+
+def encode_batch(readings, series, now_us):
+    """Validate a decoded batch and encode the good readings as binary COPY rows.
+
+    ``readings``: list of ``server.wire.Reading`` (or None for a reading the
+    caller already rejected). ``series``: ``{(machine_identifier, metric_name,
+    unit or "", raw_tag or ""): series_id}``. ``now_us``: server clock.
+
+    Returns ``(payload, accepted, errors, missing)``: ``errors`` is a list of
+    ``(index, message)``; ``missing`` the indices of otherwise valid readings
+    whose series is not in ``series``. ``payload`` holds one ``reading_chunks``
+    row per (series, hour) with the readings sorted by time, and no COPY
+    header or trailer; it is None when anything is missing, because the
+    caller resolves those and calls again.
+    """
+    errors = []
+    missing = []
+    good = []
+    lo = now_us - PAST_LIMIT_US
+    hi = now_us + FUTURE_LIMIT_US
+    for i, r in enumerate(readings):
+        if r is None:
+            continue
+        v = r.value
+        if not math.isfinite(v):
+            errors.append((i, ERR_NOT_FINITE))
+            continue
+        ts = timestamp_us(r.timestamp)
+        if ts < lo:
+            errors.append((i, ERR_TOO_OLD))
+            continue
+        if ts > hi:
+            errors.append((i, ERR_TOO_NEW))
+            continue
+        sid = series.get((r.machine_identifier, r.metric_name, r.unit or "", r.raw_tag or ""))
+        if sid is None:
+            missing.append(i)
+            continue
+        good.append((sid, ts, v))
+    if missing:
+        return None, 0, errors, missing
+    good.sort()
+    return _encode_chunks(good), len(good), errors, missing
+
+
+def _encode_chunks(good):
+    out = []
+    n = len(good)
+    start = 0
+    while start < n:
+        sid, ts0, _ = good[start]
+        bucket = ts0 - ts0 % HOUR_US
+        end = start + 1
+        while end < n and good[end][0] == sid and good[end][1] - good[end][1] % HOUR_US == bucket:
+            end += 1
+        k = end - start
+        alen = 20 + 12 * k
+        out.append(_row_head.pack(5, 4, sid, 8, bucket - PG_EPOCH_US, 4, k))
+        out.append(_array_head.pack(alen, 1, 0, OID_TIMESTAMPTZ, k, 1))
+        out.extend(_ts_elem.pack(8, g[1] - PG_EPOCH_US) for g in good[start:end])
+        out.append(_array_head.pack(alen, 1, 0, OID_FLOAT8, k, 1))
+        out.extend(_val_elem.pack(8, g[2]) for g in good[start:end])
+        start = end
+    return b"".join(out)

@@ -1,0 +1,241 @@
+"""The ASGI application: one callable, a path -> handler table, and the
+lifespan that owns the database pool. No framework.
+
+Run it with ``haltless serve`` (granian + uvloop), or any ASGI server:
+``granian --interface asgi server.app:app``.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+
+
+from . import db
+from .auth import ApiKeyCache
+from .config import Settings
+from .errors import ClientError, DatabaseUnavailable, NotFound, PayloadTooLarge
+from .ingest import DB_DOWN, Catalog, GroupCommitWriter, Ingestor
+from .wire import MAX_BODY_BYTES, encoder
+
+log = logging.getLogger("haltless.app")
+
+JSON = [(b"content-type", b"application/json")]
+MAX_MANAGEMENT_BODY = 1024 * 1024
+
+
+class Request:
+    __slots__ = ("scope", "headers", "params", "body")
+
+    def __init__(self, scope, params) -> None:
+        self.scope = scope
+        self.headers = dict(scope["headers"])
+        self.params = params
+        self.body = b""
+
+    def header(self, name: bytes) -> str | None:
+        v = self.headers.get(name)
+        return v.decode("latin-1") if v is not None else None
+
+
+class Response:
+    __slots__ = ("status", "body", "headers")
+
+    def __init__(self, status: int, body, headers: list | None = None) -> None:
+        self.status = status
+        self.body = body if isinstance(body, bytes) else encoder.encode(body)
+        self.headers = headers or []
+
+
+# ------------------------------------------------------------------ handlers
+
+async def ingest(app: "App", req: Request) -> Response:
+    """POST /api/v1/ingest - the contract's "HTTP Push"."""
+    org = await app.keys.org_for(app.pool, req.header(b"x-api-key"))
+    result = await app.ingestor.ingest_body(org, req.body)
+    return Response(207, result)
+
+
+async def healthz(app: "App", req: Request) -> Response:
+    return Response(200, {"status": "ok"})
+
+
+async def readyz(app: "App", req: Request) -> Response:
+    try:
+        async with app.pool.acquire(timeout=2) as conn:
+            await conn.fetchval("SELECT 1", timeout=2)
+    except DB_DOWN as exc:
+        raise DatabaseUnavailable(f"database unavailable: {exc}") from exc
+    return Response(200, {"status": "ready"})
+
+
+# (method, path pattern) -> (handler, max body bytes). {name} matches one path segment.
+ROUTES: list[tuple[str, str, object, int]] = [
+    ("POST", "/api/v1/ingest", ingest, MAX_BODY_BYTES),
+    ("GET", "/healthz", healthz, 0),
+    ("GET", "/readyz", readyz, 0),
+]
+
+
+def compile_routes(routes):
+    exact, patterns = {}, []
+    for method, path, handler, limit in routes:
+        if "{" in path:
+            rx = re.compile("^" + re.sub(r"\{(\w+)\}", r"(?P<\1>[^/]+)", path) + "$")
+            patterns.append((method, rx, handler, limit))
+        else:
+            exact[(method, path)] = (handler, limit)
+    return exact, patterns
+
+
+# ------------------------------------------------------------------ the app
+
+class App:
+    def __init__(self, settings: Settings | None = None, routes=None) -> None:
+        self.settings = settings
+        self._exact, self._patterns = compile_routes(routes if routes is not None else ROUTES)
+        self._paths = {p for (_, p) in self._exact} | {p for (_, p, _, _) in self._patterns}
+        self.pool = None
+        self.writer = None
+        self.ingestor = None
+        self.keys = None
+        self.extensions: dict = {}  # state owned by route modules (e.g. management secrets)
+
+    async def __call__(self, scope, receive, send) -> None:
+        kind = scope["type"]
+        if kind == "http":
+            await self._http(scope, receive, send)
+        elif kind == "lifespan":
+            await self._lifespan(receive, send)
+
+    def _route(self, method: str, path: str):
+        hit = self._exact.get((method, path))
+        if hit is not None:
+            return hit[0], hit[1], {}
+        allowed = [m for (m, p) in self._exact if p == path]
+        for m, rx, handler, limit in self._patterns:
+            match = rx.match(path)
+            if match:
+                if m == method:
+                    return handler, limit, match.groupdict()
+                allowed.append(m)
+        if allowed:
+            return None, 0, sorted(set(allowed))
+        return None, 0, None
+
+    async def _http(self, scope, receive, send) -> None:
+        handler, limit, params = self._route(scope["method"], scope["path"])
+        try:
+            if handler is None:
+                if params:
+                    await _send(send, Response(405, {"detail": f"method {scope['method']} not allowed "
+                                                                f"here; allowed: {', '.join(params)}"},
+                                               [(b"allow", ", ".join(params).encode())]))
+                    return
+                raise NotFound(f"no such endpoint: {scope['path']}")
+            req = Request(scope, params)
+            req.body = await _read_body(req, receive, limit)
+            resp = await handler(self, req)
+        except ClientError as exc:
+            resp = Response(exc.status, {"detail": str(exc)})
+        except DatabaseUnavailable as exc:
+            log.warning("503: %s", exc)
+            resp = Response(503, {"detail": "the database is unavailable; nothing was stored, "
+                                            "retry later"}, [(b"retry-after", b"5")])
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("unhandled error on %s %s", scope["method"], scope["path"])
+            resp = Response(500, {"detail": "internal server error"})
+        await _send(send, resp)
+
+    async def _lifespan(self, receive, send) -> None:
+        while True:
+            msg = await receive()
+            if msg["type"] == "lifespan.startup":
+                try:
+                    await self.startup()
+                except Exception as exc:
+                    log.exception("startup failed")
+                    await send({"type": "lifespan.startup.failed", "message": str(exc)})
+                    return
+                await send({"type": "lifespan.startup.complete"})
+            elif msg["type"] == "lifespan.shutdown":
+                await self.shutdown()
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+
+    async def startup(self) -> None:
+        s = self.settings = self.settings or Settings.from_env()
+        logging.basicConfig(level=s.log_level.upper(),
+                            format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        dsn = s.database_url or await asyncio.to_thread(db.database_url, s)
+        try:
+            conn = await db.connect(dsn, s.db_timeout)
+            try:
+                await db.migrate(conn)
+            finally:
+                await conn.close()
+        except DatabaseUnavailable as exc:
+            # Start anyway: requests answer 503 until the database is back.
+            log.warning("%s; serving 503 until it is reachable", exc)
+        self.pool = await db.create_pool(dsn, s)
+        self.writer = GroupCommitWriter(self.pool, s.writer_connections, timeout=s.db_timeout * 6)
+        self.ingestor = Ingestor(self.pool, self.writer, Catalog(negative_ttl=s.auth_cache_seconds))
+        self.keys = ApiKeyCache(s.auth_cache_seconds)
+        for hook in _startup_hooks:
+            await hook(self)
+
+    async def shutdown(self) -> None:
+        if self.writer is not None:
+            await self.writer.close()
+        if self.pool is not None:
+            await self.pool.close()
+
+
+_startup_hooks: list = []
+
+
+async def _read_body(req: Request, receive, limit: int) -> bytes:
+    declared = req.headers.get(b"content-length")
+    if declared is not None:
+        try:
+            n = int(declared)
+        except ValueError:
+            raise ClientError("Content-Length header is not a number") from None
+        if n > limit:
+            raise _too_large(limit, n)
+    chunks = []
+    size = 0
+    while True:
+        msg = await receive()
+        if msg["type"] == "http.disconnect":
+            raise asyncio.CancelledError("client went away")
+        body = msg.get("body", b"")
+        if body:
+            size += len(body)
+            if size > limit:
+                raise _too_large(limit, None)
+            chunks.append(body)
+        if not msg.get("more_body", False):
+            break
+    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+
+def _too_large(limit: int, n: int | None) -> PayloadTooLarge:
+    if limit == 0:
+        return PayloadTooLarge("this endpoint takes no request body")
+    got = f" (Content-Length {n:,})" if n is not None else ""
+    return PayloadTooLarge(f"request body too large{got}: the limit is {limit:,} bytes "
+                           f"({limit // (1024 * 1024)} MB); send fewer readings per request")
+
+
+async def _send(send, resp: Response) -> None:
+    await send({"type": "http.response.start", "status": resp.status,
+                "headers": JSON + [(b"content-length", str(len(resp.body)).encode())] + resp.headers})
+    await send({"type": "http.response.body", "body": resp.body})
+
+
+app = App()
+
+__all__ = ["App", "app", "Request", "Response", "ROUTES"]

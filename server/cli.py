@@ -1,0 +1,236 @@
+"""The ``haltless`` command line.
+
+Every command works against the same data dir (embedded PostgreSQL) or
+HALTLESS_DATABASE_URL, also while the server runs.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+import uuid
+
+from . import db, store
+from .auth import issue_token, jwt_secret
+from .config import Settings
+from .errors import HaltlessError
+
+
+def _settings(args) -> Settings:
+    return Settings.from_env(data_dir=getattr(args, "data_dir", None),
+                             database_url=getattr(args, "database_url", None))
+
+
+def _with_db(fn):
+    """Run ``fn(conn, args)`` on a migrated database connection."""
+    def run(args):
+        s = _settings(args)
+        dsn = db.database_url(s)
+
+        async def go():
+            conn = await db.connect(dsn, s.db_timeout)
+            try:
+                await db.migrate(conn)
+                return await fn(conn, args, s)
+            finally:
+                await conn.close()
+        return asyncio.run(go())
+    return run
+
+
+def _table(rows: list[list], header: list[str]) -> None:
+    cells = [header] + [["" if c is None else str(c) for c in r] for r in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
+    for r in cells:
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
+
+
+# ------------------------------------------------------------------ commands
+
+def cmd_serve(args) -> None:
+    from granian import Granian
+    from granian.constants import Interfaces, Loops
+
+    s = _settings(args)
+    dsn = db.database_url(s)
+
+    async def prepare():
+        conn = await db.connect(dsn, s.db_timeout)
+        try:
+            await db.migrate(conn)
+        finally:
+            await conn.close()
+    asyncio.run(prepare())
+    jwt_secret(s.jwt_secret, s.data_dir)  # create it once here, not racing in workers
+    os.environ["HALTLESS_DATABASE_URL"] = dsn  # workers join the same database
+    os.environ["HALTLESS_DATA_DIR"] = str(s.data_dir)
+    host = args.host or s.host
+    port = s.port if args.port is None else args.port
+    workers = args.workers or s.workers
+    print(f"haltless: serving on http://{host}:{port} with {workers} worker(s)", flush=True)
+    Granian(
+        "server.app:app",
+        address=host,
+        port=port,
+        interface=Interfaces.ASGI,
+        workers=workers,
+        loop=Loops.uvloop,
+        log_access=args.access_log,
+        backlog=2048,
+    ).serve()
+
+
+def cmd_migrate(args) -> None:
+    @_with_db
+    async def run(conn, args, s):
+        v = await db.migrate(conn)
+        print(f"schema at version {v}")
+    run(args)
+
+
+async def _orgs_create(conn, args, s):
+    row = await store.create_org(conn, args.name)
+    print(row["id"])
+
+
+async def _orgs_list(conn, args, s):
+    rows = await store.list_orgs(conn)
+    _table([[r["id"], r["name"], "yes" if r["is_default"] else "", r["created_at"]] for r in rows],
+           ["ID", "NAME", "DEFAULT", "CREATED"])
+
+
+async def _machines_add(conn, args, s):
+    org = await store.org_id(conn, args.org)
+    row = await store.create_machine(conn, org, args.identifier, args.name)
+    print(row["id"])
+
+
+async def _machines_list(conn, args, s):
+    org = await store.org_id(conn, args.org)
+    rows = await store.list_machines(conn, org)
+    _table([[r["id"], r["machine_identifier"], r["name"], r["created_at"]] for r in rows],
+           ["ID", "MACHINE_IDENTIFIER", "NAME", "CREATED"])
+
+
+async def _keys_create(conn, args, s):
+    org = await store.org_id(conn, args.org)
+    key, row = await store.create_key(conn, org, args.name)
+    print(key)
+    print(f"(key id {row['id']}; shown once, only its hash is stored)", file=sys.stderr)
+
+
+async def _keys_list(conn, args, s):
+    org = await store.org_id(conn, args.org)
+    rows = await store.list_keys(conn, org)
+    _table([[r["id"], r["name"], r["prefix"] + "...", r["created_at"],
+             r["revoked_at"] or ""] for r in rows], ["ID", "NAME", "PREFIX", "CREATED", "REVOKED"])
+
+
+async def _keys_revoke(conn, args, s):
+    org = await store.org_id(conn, args.org)
+    await store.revoke_key(conn, org, _uuid(args.key_id, "KEY_ID"))
+    print(f"revoked {args.key_id}")
+
+
+async def _token_create(conn, args, s):
+    org = await store.org_id(conn, args.org)
+    print(issue_token(jwt_secret(s.jwt_secret, s.data_dir), org, args.ttl))
+
+
+def _uuid(value: str, what: str) -> uuid.UUID:
+    try:
+        return uuid.UUID(value)
+    except ValueError:
+        raise HaltlessError(f"{what} {value!r} is not a UUID") from None
+
+
+def _positive_int(value: str) -> int:
+    try:
+        v = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a whole number") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"{value} must be at least 1")
+    return v
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--data-dir", help="data directory of the embedded PostgreSQL and "
+                        "secrets (HALTLESS_DATA_DIR, default ./haltless-data)")
+    common.add_argument("--database-url", help="use this PostgreSQL instead of the embedded one "
+                        "(HALTLESS_DATABASE_URL)")
+    org = argparse.ArgumentParser(add_help=False)
+    org.add_argument("--org", help="organization name (default: the default organization)")
+
+    p = argparse.ArgumentParser(prog="haltless", description="Haltless industrial telemetry ingest")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    sp = sub.add_parser("serve", parents=[common], help="run the HTTP API (granian + uvloop)")
+    sp.add_argument("--host", help="address to bind (HALTLESS_HOST, default 127.0.0.1)")
+    sp.add_argument("--port", type=int, help="port to bind (HALTLESS_PORT, default 8000)")
+    sp.add_argument("--workers", type=_positive_int,
+                    help="worker processes (HALTLESS_WORKERS, default 1)")
+    sp.add_argument("--access-log", action="store_true", help="log every request")
+    sp.set_defaults(func=cmd_serve)
+
+    sp = sub.add_parser("migrate", parents=[common], help="apply pending database migrations")
+    sp.set_defaults(func=cmd_migrate)
+
+    orgs = sub.add_parser("orgs", help="organizations").add_subparsers(
+        dest="sub", required=True, metavar="ACTION")
+    sp = orgs.add_parser("create", parents=[common], help="create an organization")
+    sp.add_argument("name", metavar="NAME")
+    sp.set_defaults(func=_with_db(_orgs_create))
+    sp = orgs.add_parser("list", parents=[common], help="list organizations")
+    sp.set_defaults(func=_with_db(_orgs_list))
+
+    machines = sub.add_parser("machines", help="machines").add_subparsers(
+        dest="sub", required=True, metavar="ACTION")
+    sp = machines.add_parser("add", parents=[common, org], help="add a machine; prints its UUID")
+    sp.add_argument("identifier", metavar="IDENTIFIER", help="machine_identifier, e.g. CNC-001")
+    sp.add_argument("--name", help="display name")
+    sp.set_defaults(func=_with_db(_machines_add))
+    sp = machines.add_parser("list", parents=[common, org], help="list machines")
+    sp.set_defaults(func=_with_db(_machines_list))
+
+    keys = sub.add_parser("keys", help="API keys for POST /api/v1/ingest").add_subparsers(
+        dest="sub", required=True, metavar="ACTION")
+    sp = keys.add_parser("create", parents=[common, org], help="create a key; prints it once")
+    sp.add_argument("--name", help="what the key is for")
+    sp.set_defaults(func=_with_db(_keys_create))
+    sp = keys.add_parser("list", parents=[common, org], help="list keys (never the keys themselves)")
+    sp.set_defaults(func=_with_db(_keys_list))
+    sp = keys.add_parser("revoke", parents=[common, org], help="revoke a key by its id")
+    sp.add_argument("key_id", metavar="KEY_ID")
+    sp.set_defaults(func=_with_db(_keys_revoke))
+
+    token = sub.add_parser("token", help="JWTs for the management API").add_subparsers(
+        dest="sub", required=True, metavar="ACTION")
+    sp = token.add_parser("create", parents=[common, org], help="print a bearer token")
+    sp.add_argument("--ttl", type=_positive_int, default=3600,
+                    help="lifetime in seconds (default 3600)")
+    sp.set_defaults(func=_with_db(_token_create))
+
+    for register in _extra_commands:
+        register(sub, common, org)
+    return p
+
+
+_extra_commands: list = []
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except HaltlessError as exc:
+        print(f"haltless: error: {exc}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

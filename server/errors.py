@@ -1,0 +1,48 @@
+"""One small error tree. Client errors (the caller sent something wrong) are
+kept apart from server errors (we cannot serve right now)."""
+
+
+class HaltlessError(Exception):
+    """Base of every error this project raises on purpose."""
+
+
+class ConfigError(HaltlessError):
+    """A setting (environment variable, CLI flag, config file) is invalid."""
+
+
+class ClientError(HaltlessError):
+    """The request is wrong; the message says what, where and what is allowed."""
+
+    status = 400
+
+
+class PayloadTooLarge(ClientError):
+    status = 413
+
+
+class Unprocessable(ClientError):
+    status = 422
+
+
+class Unauthorized(ClientError):
+    status = 401
+
+
+class NotFound(ClientError):
+    status = 404
+
+
+class Conflict(ClientError):
+    status = 409
+
+
+class ServerError(HaltlessError):
+    """We could not do it; the caller may retry."""
+
+
+class DatabaseUnavailable(ServerError):
+    """PostgreSQL cannot be reached; nothing of the request was stored."""
+
+
+class SchemaTooNew(ServerError):
+    """The database was migrated by a newer haltless than this one."""

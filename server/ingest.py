@@ -1,0 +1,344 @@
+"""The ingest path after HTTP: decode, validate (``haltless_fast``), resolve
+series, and commit through one group-commit COPY writer.
+
+    body --msgspec--> Reading structs --kernel--> binary COPY rows
+         --GroupCommitWriter--> one COPY transaction for every request queued
+         while the previous one committed --> futures resolved --> 207
+
+Good batches take the fast path (one msgspec decode, one kernel pass, one
+dict lookup per reading). A batch with a bad reading, a ``NaN`` literal or a
+machine or series not seen before takes the slow path, reading by reading.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import struct
+import time
+import uuid
+
+import asyncpg
+import msgspec
+
+from haltless_fast import encode_batch
+
+from .errors import ClientError, DatabaseUnavailable, Unprocessable
+from .wire import (
+    MAX_READINGS,
+    IngestResult,
+    Reading,
+    ReadingError,
+    batch_decoder,
+    describe_validation_error,
+)
+
+log = logging.getLogger("haltless.ingest")
+
+ERR_MACHINE_NOT_FOUND = "Machine not found"
+COPY_HEADER = b"PGCOPY\n\xff\r\n\x00" + struct.pack("!ii", 0, 0)
+COPY_TRAILER = b"\xff\xff"
+COPY_COLUMNS = ["series_id", "bucket", "n", "ts", "vals"]
+SERIES_CACHE_LIMIT = 1_000_000  # per organization; cleared (not evicted) past this
+
+# What "the database is not there" looks like from asyncpg and the OS.
+DB_DOWN = (
+    OSError,
+    asyncio.TimeoutError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.InterfaceError,
+    asyncpg.CannotConnectNowError,
+    asyncpg.exceptions.OperatorInterventionError,
+    asyncpg.exceptions.InsufficientResourcesError,
+)
+
+
+# ------------------------------------------------------------------ decoding
+
+def decode_batch(body: bytes) -> tuple[list, dict[int, str], list]:
+    """Returns (readings, errors, raw): readings[i] is a Reading or None when
+    errors[i] says why not; raw[i] is the reading as sent (slow path only)."""
+    try:
+        readings = batch_decoder.decode(body).readings
+    except (msgspec.ValidationError, msgspec.DecodeError):
+        return _decode_slow(body)
+    if len(readings) > MAX_READINGS:
+        raise _too_many(len(readings))
+    return readings, {}, []
+
+
+def _too_many(n: int) -> ClientError:
+    return Unprocessable(
+        f"batch has {n:,} readings; the limit is {MAX_READINGS:,} per request - split it "
+        "into several requests")
+
+
+def _decode_slow(body: bytes) -> tuple[list, dict[int, str], list]:
+    # The stdlib parser accepts the NaN/Infinity literals that json.dumps writes
+    # by default and turns 1e400 into inf: those readings then fail as "not
+    # finite" on their own instead of failing the whole batch.
+    try:
+        doc = json.loads(body)
+    except UnicodeDecodeError as exc:
+        raise ClientError(f"request body is not UTF-8 text: {exc.reason} at byte {exc.start}") from None
+    except json.JSONDecodeError as exc:
+        raise ClientError(
+            f"request body is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}"
+            f" (byte {exc.pos})") from None
+    except RecursionError:
+        raise ClientError("request body is nested too deeply") from None
+    if not isinstance(doc, dict) or "readings" not in doc:
+        raise Unprocessable('request body must be a JSON object {"readings": [...]}; '
+                            f"got {_kind(doc)}" + (
+                                f" with keys {sorted(doc)[:5]}" if isinstance(doc, dict) else ""))
+    raw = doc["readings"]
+    if not isinstance(raw, list):
+        raise Unprocessable(f'"readings" must be an array of readings; got {_kind(raw)}')
+    if len(raw) > MAX_READINGS:
+        raise _too_many(len(raw))
+    readings: list = []
+    errors: dict[int, str] = {}
+    for i, item in enumerate(raw):
+        if not isinstance(item, dict):
+            readings.append(None)
+            errors[i] = f"reading must be a JSON object; got {_kind(item)}"
+            continue
+        try:
+            readings.append(msgspec.convert(item, Reading))
+        except msgspec.ValidationError as exc:
+            readings.append(None)
+            errors[i] = describe_validation_error(exc)
+    return readings, errors, raw
+
+
+def _kind(v) -> str:
+    return {dict: "an object", list: "an array", str: "a string", bool: "a boolean",
+            int: "a number", float: "a number", type(None): "null"}.get(type(v), type(v).__name__)
+
+
+def _identifier(readings: list, raw: list, i: int) -> str | None:
+    r = readings[i]
+    if r is not None:
+        return r.machine_identifier
+    item = raw[i] if i < len(raw) else None
+    ident = item.get("machine_identifier") if isinstance(item, dict) else None
+    return ident if isinstance(ident, str) else None
+
+
+# ------------------------------------------------------------------ catalog
+
+class OrgCatalog:
+    """Series ids of one organization, and recently missed machine identifiers."""
+
+    __slots__ = ("series", "absent")
+
+    def __init__(self) -> None:
+        self.series: dict[tuple[str, str, str, str], int] = {}
+        self.absent: dict[str, float] = {}  # machine_identifier -> until (monotonic)
+
+
+class Catalog:
+    """Resolves (machine_identifier, metric, unit, raw_tag) to series ids,
+    creating series on first sight. Machines are never created here: an
+    identifier the organization does not own is "Machine not found"."""
+
+    def __init__(self, negative_ttl: float = 2.0) -> None:
+        self._orgs: dict[uuid.UUID, OrgCatalog] = {}
+        self._negative_ttl = negative_ttl
+
+    def series_of(self, org_id: uuid.UUID) -> dict:
+        cat = self._orgs.get(org_id)
+        if cat is None:
+            cat = self._orgs[org_id] = OrgCatalog()
+        return cat.series
+
+    def forget_machine(self, org_id: uuid.UUID, identifier: str | None = None) -> None:
+        cat = self._orgs.get(org_id)
+        if cat is not None:
+            cat.series.clear()
+            cat.absent.clear()
+
+    async def resolve(self, pool: asyncpg.Pool, org_id: uuid.UUID, readings: list,
+                      missing: list[int]) -> dict[int, str]:
+        """Fill the cache for the readings at ``missing``; return the errors of
+        those whose machine the organization does not have."""
+        cat = self._orgs[org_id]
+        if len(cat.series) > SERIES_CACHE_LIMIT:
+            cat.series.clear()
+        now = time.monotonic()
+        keys = {}
+        for i in missing:
+            r = readings[i]
+            keys.setdefault((r.machine_identifier, r.metric_name, r.unit or "", r.raw_tag or ""), []).append(i)
+        idents = {k[0] for k in keys}
+        lookup = [m for m in idents if cat.absent.get(m, 0.0) <= now]
+        machines: dict[str, uuid.UUID] = {}
+        async with pool.acquire() as conn:
+            if lookup:
+                for row in await conn.fetch(
+                        "SELECT machine_identifier, id FROM machines"
+                        " WHERE org_id = $1 AND machine_identifier = ANY($2::text[])",
+                        org_id, lookup):
+                    machines[row[0]] = row[1]
+            todo = [k for k in keys if k[0] in machines]
+            if todo:
+                cols = list(zip(*[(machines[k[0]], k[1], k[2], k[3]) for k in todo]))
+                async with conn.transaction():
+                    await conn.execute(
+                        "INSERT INTO series (machine_id, metric_name, unit, raw_tag)"
+                        " SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[])"
+                        " ON CONFLICT DO NOTHING", *cols)
+                rows = await conn.fetch(
+                    "SELECT s.id, m.machine_identifier, s.metric_name, s.unit, s.raw_tag"
+                    " FROM series s JOIN machines m ON m.id = s.machine_id"
+                    " JOIN unnest($1::uuid[], $2::text[], $3::text[], $4::text[])"
+                    "   AS k (machine_id, metric_name, unit, raw_tag)"
+                    " ON s.machine_id = k.machine_id AND s.metric_name = k.metric_name"
+                    "  AND s.unit = k.unit AND s.raw_tag = k.raw_tag", *cols)
+                for sid, ident, metric, unit, raw_tag in rows:
+                    cat.series[(ident, metric, unit, raw_tag)] = sid
+        errors = {}
+        for k, idx in keys.items():
+            if k[0] not in machines:
+                cat.absent[k[0]] = now + self._negative_ttl
+                for i in idx:
+                    errors[i] = ERR_MACHINE_NOT_FOUND
+        if len(cat.absent) > 10_000:
+            cat.absent = {m: t for m, t in cat.absent.items() if t > now}
+        return errors
+
+
+# ------------------------------------------------------------------ writer
+
+class GroupCommitWriter:
+    """Merges concurrent writes into one COPY transaction.
+
+    Each ``write(payload)`` queues a request's COPY rows and returns once they
+    are committed. ``connections`` loops each take everything queued, COPY it
+    in one transaction and commit; while one commits (waiting on the WAL
+    flush), the next batch fills up behind it. So one fsync serves many
+    requests, and throughput does not hinge on one batch = one transaction.
+    """
+
+    def __init__(self, pool: asyncpg.Pool, connections: int = 2,
+                 timeout: float = 60.0) -> None:
+        self._pool = pool
+        self._queue: list[tuple[bytes, asyncio.Future]] = []
+        self._wakeup = asyncio.Event()
+        self._timeout = timeout
+        self._tasks = [asyncio.create_task(self._run()) for _ in range(connections)]
+
+    async def write(self, payload: bytes) -> None:
+        if not payload:
+            return
+        fut = asyncio.get_running_loop().create_future()
+        self._queue.append((payload, fut))
+        self._wakeup.set()
+        await fut
+
+    async def close(self) -> None:
+        for t in self._tasks:
+            t.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        for _, fut in self._queue:
+            if not fut.done():
+                fut.set_exception(DatabaseUnavailable("server shutting down"))
+        self._queue = []
+
+    async def _run(self) -> None:
+        while True:
+            await self._wakeup.wait()
+            group, self._queue = self._queue, []
+            self._wakeup.clear()
+            if not group:
+                continue
+            try:
+                await self._copy([p for p, _ in group])
+            except DB_DOWN as exc:
+                self._fail(group, DatabaseUnavailable(f"database unavailable: {exc}"))
+            except asyncpg.PostgresError:
+                # Should not happen (the kernel emits valid rows); keep one bad
+                # payload from failing the requests merged with it.
+                log.exception("group COPY failed; retrying the %d payloads one by one", len(group))
+                for payload, fut in group:
+                    try:
+                        await self._copy([payload])
+                    except Exception as exc:  # noqa: BLE001 - reported to that request only
+                        self._fail([(payload, fut)], exc)
+                    else:
+                        self._done([(payload, fut)])
+                continue
+            except Exception as exc:  # noqa: BLE001 - never let the loop die
+                log.exception("group COPY failed")
+                self._fail(group, exc)
+                continue
+            self._done(group)
+
+    async def _copy(self, payloads: list[bytes]) -> None:
+        data = b"".join([COPY_HEADER, *payloads, COPY_TRAILER])
+        async with self._pool.acquire() as conn:
+            async with conn.transaction():
+                await conn.copy_to_table("reading_chunks", source=memoryview(data),
+                                         columns=COPY_COLUMNS, format="binary",
+                                         timeout=self._timeout)
+
+    @staticmethod
+    def _done(group) -> None:
+        for _, fut in group:
+            if not fut.done():
+                fut.set_result(None)
+
+    @staticmethod
+    def _fail(group, exc: Exception) -> None:
+        for _, fut in group:
+            if not fut.done():
+                fut.set_exception(exc)
+
+
+# ------------------------------------------------------------------ ingestor
+
+class Ingestor:
+    """Validates readings of one organization and commits the good ones."""
+
+    def __init__(self, pool: asyncpg.Pool, writer: GroupCommitWriter,
+                 catalog: Catalog | None = None) -> None:
+        self.pool = pool
+        self.writer = writer
+        self.catalog = catalog or Catalog()
+
+    async def ingest_body(self, org_id: uuid.UUID, body: bytes) -> IngestResult:
+        readings, errors, raw = decode_batch(body)
+        return await self.ingest(org_id, readings, errors, raw)
+
+    async def ingest(self, org_id: uuid.UUID, readings: list, errors: dict[int, str] | None = None,
+                     raw: list | None = None) -> IngestResult:
+        """Commit the good readings; the result counts and explains the rest.
+        Raises DatabaseUnavailable when nothing could be committed."""
+        errors = dict(errors or {})
+        sent = readings
+        series = self.catalog.series_of(org_id)
+        try:
+            payload, accepted, kerr, missing = encode_batch(readings, series, time.time_ns() // 1000)
+            if missing:
+                found = await self.catalog.resolve(self.pool, org_id, readings, missing)
+                if found:
+                    readings = list(readings)
+                    for i, msg in found.items():
+                        readings[i] = None
+                        errors[i] = msg
+                payload, accepted, kerr, missing = encode_batch(
+                    readings, series, time.time_ns() // 1000)
+                if missing:  # cache cleared under us by another request: rare
+                    await self.catalog.resolve(self.pool, org_id, readings, missing)
+                    payload, accepted, kerr, missing = encode_batch(
+                        readings, series, time.time_ns() // 1000)
+                    if missing:
+                        raise DatabaseUnavailable("series cache is churning; retry")
+            await self.writer.write(payload)
+        except DB_DOWN as exc:
+            raise DatabaseUnavailable(f"database unavailable: {exc}") from exc
+        for i, msg in kerr:
+            errors[i] = msg
+        raw = raw or []
+        out = [ReadingError(i, _identifier(sent, raw, i), errors[i]) for i in sorted(errors)]
+        return IngestResult(accepted, len(out), out)

@@ -1,0 +1,68 @@
+"""Every shape that crosses the wire, as msgspec Structs, with the decoders
+and encoders built once at import (msgspec perf tips: reuse them).
+
+The ingest body follows the public contract ("HTTP Push"): readings with
+machine_identifier, timestamp, metric_name, value, and optional unit and
+raw_tag. Bounds keep one request from pinning unbounded memory in caches.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+from typing import Annotated
+
+import msgspec
+from msgspec import Meta
+
+MAX_READINGS = 1000
+MAX_BODY_BYTES = 10 * 1024 * 1024
+
+Identifier = Annotated[str, Meta(min_length=1, max_length=200)]
+Name = Annotated[str, Meta(min_length=1, max_length=200)]
+Unit = Annotated[str, Meta(max_length=64)]
+RawTag = Annotated[str, Meta(max_length=200)]
+
+
+class Reading(msgspec.Struct, gc=False):
+    machine_identifier: Identifier
+    timestamp: _dt.datetime
+    metric_name: Name
+    value: float
+    unit: Unit | None = None
+    raw_tag: RawTag | None = None
+
+
+class IngestBatch(msgspec.Struct, gc=False):
+    readings: list[Reading]
+
+
+class ReadingError(msgspec.Struct, gc=False):
+    index: int
+    machine_identifier: str | None
+    error: str
+
+
+class IngestResult(msgspec.Struct, gc=False):
+    accepted_count: int
+    rejected_count: int
+    errors: list[ReadingError]
+
+
+class ErrorBody(msgspec.Struct):
+    detail: str
+
+
+batch_decoder = msgspec.json.Decoder(IngestBatch)
+encoder = msgspec.json.Encoder()
+
+
+def describe_validation_error(exc: msgspec.ValidationError) -> str:
+    """Turn msgspec's "Expected `float`, got `str` - at `$.value`" into
+    "value: expected a number (float), got a string" style text that names
+    the field the way the API document does."""
+    msg = str(exc)
+    where = ""
+    if " - at `$" in msg:
+        msg, _, path = msg.rpartition(" - at `$")
+        where = path.rstrip("`").lstrip(".")
+    msg = msg.replace("Object missing required field", "missing required field")
+    return f"{where}: {msg}" if where else msg
