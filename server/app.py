@@ -61,11 +61,8 @@ async def healthz(app: "App", req: Request) -> Response:
 
 
 async def readyz(app: "App", req: Request) -> Response:
-    try:
-        async with app.pool.acquire(timeout=2) as conn:
-            await conn.fetchval("SELECT 1", timeout=2)
-    except DB_DOWN as exc:
-        raise DatabaseUnavailable(f"database unavailable: {exc}") from exc
+    async with app.pool.acquire(timeout=2) as conn:
+        await conn.fetchval("SELECT 1", timeout=2)
     return Response(200, {"status": "ready"})
 
 
@@ -138,7 +135,7 @@ class App:
             resp = await handler(self, req)
         except ClientError as exc:
             resp = Response(exc.status, {"detail": str(exc)})
-        except DatabaseUnavailable as exc:
+        except (DatabaseUnavailable, *DB_DOWN) as exc:
             log.warning("503: %s", exc)
             resp = Response(503, {"detail": "the database is unavailable; nothing was stored, "
                                             "retry later"}, [(b"retry-after", b"5")])

@@ -1,0 +1,191 @@
+"""Real components only: a real PostgreSQL (embedded, or HALTLESS_DATABASE_URL),
+the real `haltless serve` process (granian) on an ephemeral port, and real
+protocol peers on 127.0.0.1."""
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import asyncpg
+import pytest
+import requests
+
+from server import db, store
+
+ROOT = Path(__file__).resolve().parent.parent
+HALTLESS = [sys.executable, "-m", "server.cli"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+@pytest.fixture(scope="session")
+def pg_dsn(tmp_path_factory):
+    """A migrated database: a fresh one on HALTLESS_DATABASE_URL's server, or
+    an embedded PostgreSQL in a temporary directory."""
+    outer = os.environ.get("HALTLESS_DATABASE_URL")
+    if outer:
+        name = f"haltless_test_{uuid.uuid4().hex[:8]}"
+
+        async def create():
+            c = await asyncpg.connect(outer)
+            try:
+                await c.execute(f'CREATE DATABASE "{name}"')
+            finally:
+                await c.close()
+        run(create())
+        base, _, query = outer.partition("?")
+        dsn = base.rsplit("/", 1)[0] + "/" + name + (("?" + query) if query else "")
+    else:
+        dsn = db.start_embedded(tmp_path_factory.mktemp("pg"))
+
+    async def migrate():
+        c = await asyncpg.connect(dsn)
+        try:
+            await db.migrate(c)
+        finally:
+            await c.close()
+    run(migrate())
+    yield dsn
+    if outer:
+        async def drop():
+            c = await asyncpg.connect(outer)
+            try:
+                await c.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+            finally:
+                await c.close()
+        run(drop())
+
+
+async def _fetch(dsn, sql, *args):
+    c = await asyncpg.connect(dsn)
+    try:
+        return await c.fetch(sql, *args)
+    finally:
+        await c.close()
+
+
+def fetch(dsn, sql, *args):
+    return run(_fetch(dsn, sql, *args))
+
+
+def fetchval(dsn, sql, *args):
+    rows = fetch(dsn, sql, *args)
+    return rows[0][0] if rows else None
+
+
+@dataclass
+class Tenant:
+    org_id: uuid.UUID
+    name: str
+    key: str
+    machines: dict[str, uuid.UUID]
+
+    def count(self, dsn: str, identifier: str | None = None) -> int:
+        sql = "SELECT count(*) FROM readings WHERE org_id = $1"
+        args = [self.org_id]
+        if identifier:
+            sql += " AND machine_identifier = $2"
+            args.append(identifier)
+        return fetchval(dsn, sql, *args)
+
+
+def make_tenant(dsn: str, machines=("CNC-001",), key: str | None = None) -> Tenant:
+    async def go():
+        c = await asyncpg.connect(dsn)
+        try:
+            name = f"org-{uuid.uuid4().hex[:10]}"
+            org = (await store.create_org(c, name))["id"]
+            ids = {}
+            for m in machines:
+                ids[m] = (await store.create_machine(c, org, m))["id"]
+            if key is None:
+                k, _ = await store.create_key(c, org, "test")
+            else:  # a fixed key, e.g. the contract's literal "hk_your_api_key"
+                await c.execute(
+                    "INSERT INTO api_keys (org_id, name, prefix, key_hash) VALUES ($1, 'fixed', $2, $3)",
+                    org, key[:10], store.hash_api_key(key))
+                k = key
+            return Tenant(org, name, k, ids)
+        finally:
+            await c.close()
+    return run(go())
+
+
+class ServerProcess:
+    """`haltless serve` in a child process on an ephemeral port."""
+
+    def __init__(self, env: dict, workers: int = 1, data_dir: Path | None = None) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.env = {**os.environ, **env}
+        if data_dir is not None:
+            self.env["HALTLESS_DATA_DIR"] = str(data_dir)
+        self.workers = workers
+        self.proc: subprocess.Popen | None = None
+        self.log_path = None
+
+    def start(self, log_path: Path, timeout: float = 30.0) -> "ServerProcess":
+        self.log_path = log_path
+        self._log = open(log_path, "ab")
+        self.proc = subprocess.Popen(
+            HALTLESS + ["serve", "--host", "127.0.0.1", "--port", str(self.port),
+                        "--workers", str(self.workers)],
+            env=self.env, cwd=ROOT, stdout=self._log, stderr=subprocess.STDOUT,
+            start_new_session=True)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log()}")
+            try:
+                if requests.get(self.url + "/healthz", timeout=1).status_code == 200:
+                    return self
+            except requests.ConnectionError:
+                pass
+            time.sleep(0.1)
+        self.stop()
+        raise RuntimeError(f"server did not become healthy in {timeout}s:\n{self.log()}")
+
+    def log(self) -> str:
+        return Path(self.log_path).read_text(errors="replace") if self.log_path else ""
+
+    def stop(self) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        os.killpg(self.proc.pid, signal.SIGTERM)
+        try:
+            self.proc.wait(15)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(5)
+        self._log.close()
+
+
+@pytest.fixture(scope="session")
+def server(pg_dsn, tmp_path_factory):
+    d = tmp_path_factory.mktemp("server")
+    srv = ServerProcess({"HALTLESS_DATABASE_URL": pg_dsn, "HALTLESS_AUTH_CACHE_SECONDS": "0.5"},
+                        workers=2, data_dir=d)
+    srv.start(d / "server.log")
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture
+def tenant(pg_dsn) -> Tenant:
+    return make_tenant(pg_dsn, machines=("CNC-001", "CNC-002", "PRESS-7"))
