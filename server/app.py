@@ -11,40 +11,20 @@ import logging
 import re
 
 
-from . import db
-from .auth import ApiKeyCache
+from . import db, management
+from .auth import ApiKeyCache, jwt_secret
 from .config import Settings
 from .errors import ClientError, DatabaseUnavailable, NotFound, PayloadTooLarge
+from .http import Request, Response
+from .netpolicy import AddressPolicy
+from .secretbox import SecretBox
 from .ingest import DB_DOWN, Catalog, GroupCommitWriter, Ingestor
-from .wire import MAX_BODY_BYTES, encoder
+from .wire import MAX_BODY_BYTES
 
 log = logging.getLogger("haltless.app")
 
 JSON = [(b"content-type", b"application/json")]
 MAX_MANAGEMENT_BODY = 1024 * 1024
-
-
-class Request:
-    __slots__ = ("scope", "headers", "params", "body")
-
-    def __init__(self, scope, params) -> None:
-        self.scope = scope
-        self.headers = dict(scope["headers"])
-        self.params = params
-        self.body = b""
-
-    def header(self, name: bytes) -> str | None:
-        v = self.headers.get(name)
-        return v.decode("latin-1") if v is not None else None
-
-
-class Response:
-    __slots__ = ("status", "body", "headers")
-
-    def __init__(self, status: int, body, headers: list | None = None) -> None:
-        self.status = status
-        self.body = body if isinstance(body, bytes) else encoder.encode(body)
-        self.headers = headers or []
 
 
 # ------------------------------------------------------------------ handlers
@@ -71,6 +51,7 @@ ROUTES: list[tuple[str, str, object, int]] = [
     ("POST", "/api/v1/ingest", ingest, MAX_BODY_BYTES),
     ("GET", "/healthz", healthz, 0),
     ("GET", "/readyz", readyz, 0),
+    *management.ROUTES,
 ]
 
 
@@ -180,8 +161,12 @@ class App:
         self.writer = GroupCommitWriter(self.pool, s.writer_connections, timeout=s.db_timeout * 6)
         self.ingestor = Ingestor(self.pool, self.writer, Catalog(negative_ttl=s.auth_cache_seconds))
         self.keys = ApiKeyCache(s.auth_cache_seconds)
-        for hook in _startup_hooks:
-            await hook(self)
+        self.extensions.update(
+            jwt_secret=jwt_secret(s.jwt_secret, s.data_dir),
+            secretbox=SecretBox.load(s.data_dir),
+            policy=AddressPolicy.from_env(),
+            pki_dir=s.data_dir / "pki",
+        )
 
     async def shutdown(self) -> None:
         if self.writer is not None:
@@ -189,8 +174,6 @@ class App:
         if self.pool is not None:
             await self.pool.close()
 
-
-_startup_hooks: list = []
 
 
 async def _read_body(req: Request, receive, limit: int) -> bytes:

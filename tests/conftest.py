@@ -161,6 +161,12 @@ class ServerProcess:
         self.stop()
         raise RuntimeError(f"server did not become healthy in {timeout}s:\n{self.log()}")
 
+    def token(self, org_id, ttl: int = 600) -> str:
+        """A management JWT signed with this server's secret."""
+        from server.auth import issue_token
+        secret = (Path(self.env["HALTLESS_DATA_DIR"]) / "jwt-secret").read_text().strip()
+        return issue_token(secret, org_id, ttl)
+
     def log(self) -> str:
         return Path(self.log_path).read_text(errors="replace") if self.log_path else ""
 
@@ -179,8 +185,8 @@ class ServerProcess:
 @pytest.fixture(scope="session")
 def server(pg_dsn, tmp_path_factory):
     d = tmp_path_factory.mktemp("server")
-    srv = ServerProcess({"HALTLESS_DATABASE_URL": pg_dsn, "HALTLESS_AUTH_CACHE_SECONDS": "0.5"},
-                        workers=2, data_dir=d)
+    srv = ServerProcess({"HALTLESS_DATABASE_URL": pg_dsn, "HALTLESS_AUTH_CACHE_SECONDS": "0.5",
+                         "HALTLESS_POLL_ALLOW": "127.0.0.0/8"}, workers=2, data_dir=d)
     srv.start(d / "server.log")
     yield srv
     srv.stop()

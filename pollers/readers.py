@@ -1,0 +1,42 @@
+"""The one way to build a reader for a stored source, used by the cloud
+pollers and by test-connection (the edge agent builds the same classes from
+its TOML)."""
+from __future__ import annotations
+
+import uuid
+from pathlib import Path
+
+import msgspec
+
+from .base import Reader
+from .modbus import ModbusConfig, ModbusReader
+from .opcua import OpcuaConfig, OpcuaReader, TrustStore, endpoint_url
+
+
+def make_reader(protocol: str, host: str, port: int, config: dict, *, pki_dir: Path,
+                trust_store: TrustStore) -> Reader:
+    """``config`` is the full source config, secrets included."""
+    if protocol == "modbus":
+        return ModbusReader(host, port, msgspec.convert(config, ModbusConfig))
+    if protocol == "opcua":
+        return OpcuaReader(endpoint_url(host, port), msgspec.convert(config, OpcuaConfig),
+                           pki_dir=pki_dir, trust_store=trust_store)
+    raise ValueError(f"unknown protocol {protocol!r}")
+
+
+class SourceTrustStore:
+    """Trust-on-first-use record of an OPC-UA server certificate, kept on the
+    source's row, so every poller process (and test-connection) agrees."""
+
+    def __init__(self, pool, source_id: uuid.UUID) -> None:
+        self._pool = pool
+        self._id = source_id
+
+    async def get(self, endpoint: str) -> str | None:
+        return await self._pool.fetchval(
+            "SELECT server_cert_sha256 FROM ingest_sources WHERE id = $1", self._id)
+
+    async def put(self, endpoint: str, sha256_hex: str) -> None:
+        await self._pool.execute(
+            "UPDATE ingest_sources SET server_cert_sha256 = $2 WHERE id = $1"
+            " AND server_cert_sha256 IS NULL", self._id, sha256_hex)

@@ -1,0 +1,36 @@
+"""Request and Response of the ASGI app: the two small types handlers see."""
+from __future__ import annotations
+
+import uuid
+
+from .errors import NotFound
+from .wire import encoder
+
+
+class Request:
+    __slots__ = ("scope", "headers", "params", "body")
+
+    def __init__(self, scope, params) -> None:
+        self.scope = scope
+        self.headers = dict(scope["headers"])
+        self.params = params
+        self.body = b""
+
+    def header(self, name: bytes) -> str | None:
+        v = self.headers.get(name)
+        return v.decode("latin-1") if v is not None else None
+
+    def uuid_param(self, name: str, what: str) -> uuid.UUID:
+        try:
+            return uuid.UUID(self.params[name])
+        except ValueError:
+            raise NotFound(f"no {what} {self.params[name]!r}: not a UUID") from None
+
+
+class Response:
+    __slots__ = ("status", "body", "headers")
+
+    def __init__(self, status: int, body, headers: list | None = None) -> None:
+        self.status = status
+        self.body = body if isinstance(body, bytes) else encoder.encode(body)
+        self.headers = headers or []

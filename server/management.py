@@ -1,0 +1,158 @@
+"""The management API (``Authorization: Bearer <JWT>``): machines, ingest
+sources and test-connection, as in the contract's "Direct ingestion" and
+"Testing connections". Every query is scoped to the token's organization."""
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from typing import Annotated
+
+import msgspec
+from msgspec import Meta
+
+from pollers.base import ReaderError
+from pollers.readers import SourceTrustStore, make_reader
+
+from . import sources, store
+from .auth import verify_token
+from .http import Request, Response
+from .netpolicy import TargetRefused
+
+
+class MachineCreate(msgspec.Struct, forbid_unknown_fields=True):
+    machine_identifier: Annotated[str, Meta(min_length=1, max_length=200)]
+    name: Annotated[str, Meta(min_length=1, max_length=200)] | None = None
+
+
+def _org(app, req: Request) -> uuid.UUID:
+    return verify_token(app.extensions["jwt_secret"], req.header(b"authorization"))
+
+
+def _machine_json(r) -> dict:
+    return {"id": str(r["id"]), "machine_identifier": r["machine_identifier"], "name": r["name"],
+            "created_at": sources._iso(r["created_at"])}
+
+
+# ------------------------------------------------------------------ machines
+
+async def create_machine(app, req: Request) -> Response:
+    org = _org(app, req)
+    body = sources.decode_body(req.body, MachineCreate)
+    async with app.pool.acquire() as conn:
+        row = await store.create_machine(conn, org, body.machine_identifier, body.name)
+    app.ingestor.catalog.forget_machine(org, body.machine_identifier)
+    return Response(201, _machine_json(row))
+
+
+async def list_machines(app, req: Request) -> Response:
+    org = _org(app, req)
+    async with app.pool.acquire() as conn:
+        rows = await store.list_machines(conn, org)
+    return Response(200, [_machine_json(r) for r in rows])
+
+
+async def get_machine(app, req: Request) -> Response:
+    org = _org(app, req)
+    mid = req.uuid_param("id", "machine")
+    async with app.pool.acquire() as conn:
+        return Response(200, _machine_json(await store.get_machine(conn, org, mid)))
+
+
+# ------------------------------------------------------------------ ingest sources
+
+async def create_source(app, req: Request) -> Response:
+    org = _org(app, req)
+    body = sources.decode_body(req.body, sources.SourceCreate)
+    async with app.pool.acquire() as conn:
+        out = await sources.create(conn, org, body, app.extensions["secretbox"],
+                                   app.extensions["policy"])
+    return Response(201, out)
+
+
+async def list_sources(app, req: Request) -> Response:
+    org = _org(app, req)
+    async with app.pool.acquire() as conn:
+        return Response(200, await sources.list_all(conn, org))
+
+
+async def get_source(app, req: Request) -> Response:
+    org = _org(app, req)
+    sid = req.uuid_param("id", "ingest source")
+    async with app.pool.acquire() as conn:
+        return Response(200, sources.to_json(await sources.get_row(conn, org, sid)))
+
+
+async def patch_source(app, req: Request) -> Response:
+    org = _org(app, req)
+    sid = req.uuid_param("id", "ingest source")
+    body = sources.decode_body(req.body, sources.SourcePatch)
+    async with app.pool.acquire() as conn:
+        out = await sources.patch(conn, org, sid, body, app.extensions["secretbox"],
+                                  app.extensions["policy"])
+    return Response(200, out)
+
+
+async def delete_source(app, req: Request) -> Response:
+    org = _org(app, req)
+    sid = req.uuid_param("id", "ingest source")
+    async with app.pool.acquire() as conn:
+        await sources.delete(conn, org, sid)
+    return Response(204, b"")
+
+
+async def test_connection(app, req: Request) -> Response:
+    """Connect and read the configured points once: {success, message, latency_ms}."""
+    org = _org(app, req)
+    sid = req.uuid_param("id", "ingest source")
+    async with app.pool.acquire() as conn:
+        row = await sources.get_row(conn, org, sid)
+    config = {**sources.public_config(row),
+              **app.extensions["secretbox"].open(row["secrets"], sid.bytes)}
+    start = time.monotonic()
+    result = await probe(row["protocol"], row["host"], row["port"], config,
+                         policy=app.extensions["policy"], pki_dir=app.extensions["pki_dir"],
+                         trust_store=SourceTrustStore(app.pool, sid))
+    result["latency_ms"] = round((time.monotonic() - start) * 1000)
+    return Response(200, result)
+
+
+async def probe(protocol: str, host: str, port: int, config: dict, *, policy, pki_dir,
+                trust_store) -> dict:
+    """Connect, read every point once, close. Shared with `haltless agent --check`."""
+    try:
+        addrs = await asyncio.to_thread(policy.check, host, port)
+    except TargetRefused as exc:
+        return {"success": False, "message": str(exc)}
+    reader = make_reader(protocol, addrs[0], port, config, pki_dir=pki_dir, trust_store=trust_store)
+    timeout = float(config.get("timeout_seconds") or 5.0) * 2 + 1
+    try:
+        await asyncio.wait_for(reader.connect(), timeout)
+        res = await asyncio.wait_for(reader.read(), timeout)
+    except ReaderError as exc:
+        return {"success": False, "message": str(exc)}
+    except asyncio.TimeoutError:
+        return {"success": False, "message": f"no answer from {host}:{port} within {timeout:.0f} s"}
+    finally:
+        await reader.close()
+    total = len(res.samples) + len(res.errors)
+    if res.errors:
+        first = "; ".join(f"{e.raw_tag} ({e.metric_name}): {e.message}" for e in res.errors[:3])
+        more = f" (and {len(res.errors) - 3} more)" if len(res.errors) > 3 else ""
+        return {"success": False,
+                "message": f"connected, but {len(res.errors)} of {total} points failed: {first}{more}"}
+    return {"success": True, "message": "Connected successfully"}
+
+
+LIMIT = 1024 * 1024
+ROUTES = [
+    ("POST", "/api/v1/machines", create_machine, LIMIT),
+    ("GET", "/api/v1/machines", list_machines, 0),
+    ("GET", "/api/v1/machines/{id}", get_machine, 0),
+    ("POST", "/api/v1/ingest-sources", create_source, LIMIT),
+    ("GET", "/api/v1/ingest-sources", list_sources, 0),
+    ("GET", "/api/v1/ingest-sources/{id}", get_source, 0),
+    ("PATCH", "/api/v1/ingest-sources/{id}", patch_source, LIMIT),
+    ("DELETE", "/api/v1/ingest-sources/{id}", delete_source, 0),
+    ("POST", "/api/v1/ingest-sources/{id}/test-connection", test_connection, LIMIT),
+]

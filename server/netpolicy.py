@@ -1,0 +1,99 @@
+"""Which addresses direct ingestion may connect to.
+
+Direct ingestion makes the server open connections to hosts its users name,
+so a user could aim it at the server's own services or a cloud metadata
+endpoint. By default every address is allowed except loopback, link-local
+(which includes 169.254.169.254, the usual cloud metadata address),
+unspecified, multicast and reserved ones, and the known metadata names and
+addresses. HALTLESS_POLL_ALLOW (comma-separated CIDRs) replaces that: only
+addresses inside those networks are allowed. The check runs when a source is
+created or changed, and again before every connection (a name may resolve
+differently later).
+"""
+from __future__ import annotations
+
+import ipaddress
+import os
+import socket
+
+from .errors import ConfigError
+
+METADATA = {
+    ipaddress.ip_address("169.254.169.254"),   # AWS, GCP, Azure, OpenStack, ...
+    ipaddress.ip_address("169.254.170.2"),     # AWS ECS task metadata
+    ipaddress.ip_address("fd00:ec2::254"),     # AWS IPv6
+    ipaddress.ip_address("100.100.100.200"),   # Alibaba Cloud
+}
+METADATA_NAMES = {"metadata.google.internal", "metadata", "instance-data"}
+
+
+class TargetRefused(Exception):
+    """The address policy refuses this host; str() says why and how to allow it."""
+
+
+def parse_allow(value: str | None) -> list[ipaddress._BaseNetwork] | None:
+    if not value:
+        return None
+    nets = []
+    for part in value.split(","):
+        part = part.strip()
+        if not part:
+            continue
+        try:
+            nets.append(ipaddress.ip_network(part, strict=False))
+        except ValueError:
+            raise ConfigError(f"HALTLESS_POLL_ALLOW: {part!r} is not a CIDR like 10.0.0.0/8") from None
+    return nets
+
+
+class AddressPolicy:
+    def __init__(self, allow: list | None = None) -> None:
+        self.allow = allow
+
+    @classmethod
+    def from_env(cls) -> "AddressPolicy":
+        return cls(parse_allow(os.environ.get("HALTLESS_POLL_ALLOW")))
+
+    def check_ip(self, ip: ipaddress._BaseAddress, host: str) -> None:
+        if self.allow is not None:
+            if not any(ip in net for net in self.allow if net.version == ip.version):
+                raise TargetRefused(
+                    f"{host} ({ip}) is outside HALTLESS_POLL_ALLOW "
+                    f"({', '.join(map(str, self.allow))}); add its network there to allow it")
+            return
+        why = None
+        if ip in METADATA:
+            why = "a cloud metadata address"
+        elif ip.is_loopback:
+            why = "a loopback address"
+        elif ip.is_link_local:
+            why = "a link-local address"
+        elif ip.is_unspecified or ip.is_multicast or ip.is_reserved:
+            why = "not a unicast device address"
+        if why:
+            raise TargetRefused(
+                f"{host} ({ip}) is {why}; direct ingestion refuses it by default. "
+                "Set HALTLESS_POLL_ALLOW to the networks the pollers may reach to allow it")
+
+    def check(self, host: str, port: int) -> list[str]:
+        """Resolve ``host`` and check every address; returns the addresses."""
+        if host.lower().rstrip(".") in METADATA_NAMES and self.allow is None:
+            raise TargetRefused(f"{host} is a cloud metadata name; direct ingestion refuses it")
+        try:
+            ip = ipaddress.ip_address(host.strip("[]"))
+            addrs = [ip]
+        except ValueError:
+            try:
+                infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+            except socket.gaierror as exc:
+                raise TargetRefused(f"cannot resolve {host!r}: {exc.strerror}") from None
+            addrs = []
+            for info in infos:
+                a = ipaddress.ip_address(info[4][0].split("%")[0])
+                if a not in addrs:
+                    addrs.append(a)
+        for a in addrs:
+            if isinstance(a, ipaddress.IPv6Address) and a.ipv4_mapped:
+                self.check_ip(a.ipv4_mapped, host)
+            self.check_ip(a, host)
+        return [str(a) for a in addrs]

@@ -1,0 +1,70 @@
+"""Encryption at rest for write-only secrets (e.g. an OPC-UA password).
+
+AES-256-GCM with a key from HALTLESS_ENCRYPTION_KEY (base64 of 32 bytes) or,
+when unset, one generated once into <data_dir>/encryption-key (mode 0600).
+Every process that reads sources (server, pollers on any host) needs the same
+key: set HALTLESS_ENCRYPTION_KEY when they do not share a data dir.
+"""
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import os
+from pathlib import Path
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+from .errors import ConfigError
+
+VERSION = b"\x01"
+
+
+class SecretBox:
+    def __init__(self, key: bytes) -> None:
+        if len(key) != 32:
+            raise ConfigError("encryption key must be 32 bytes (base64 of 32 random bytes)")
+        self._aead = AESGCM(key)
+
+    @classmethod
+    def load(cls, data_dir: Path, env_value: str | None = None) -> "SecretBox":
+        env_value = env_value if env_value is not None else os.environ.get("HALTLESS_ENCRYPTION_KEY")
+        if env_value:
+            try:
+                return cls(base64.b64decode(env_value, validate=True))
+            except (binascii.Error, ValueError):
+                raise ConfigError("HALTLESS_ENCRYPTION_KEY: expected base64 of 32 bytes, "
+                                  "e.g. from `openssl rand -base64 32`") from None
+        path = data_dir / "encryption-key"
+        if not path.exists():
+            data_dir.mkdir(parents=True, exist_ok=True)
+            try:
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            except FileExistsError:
+                pass  # another process made it first
+            else:
+                with os.fdopen(fd, "wb") as f:
+                    f.write(base64.b64encode(os.urandom(32)))
+        try:
+            return cls(base64.b64decode(path.read_bytes().strip(), validate=True))
+        except (binascii.Error, ValueError):
+            raise ConfigError(f"{path}: not a base64 encryption key") from None
+
+    def seal(self, secrets: dict, context: bytes) -> bytes:
+        """``context`` (e.g. the source id) is bound to the ciphertext, so a
+        sealed value cannot be copied onto another row."""
+        nonce = os.urandom(12)
+        return VERSION + nonce + self._aead.encrypt(nonce, json.dumps(secrets).encode(), context)
+
+    def open(self, sealed: bytes | None, context: bytes) -> dict:
+        if not sealed:
+            return {}
+        if sealed[:1] != VERSION:
+            raise ConfigError("sealed secret has an unknown format")
+        try:
+            plain = self._aead.decrypt(sealed[1:13], sealed[13:], context)
+        except InvalidTag:
+            raise ConfigError("cannot decrypt a stored secret: HALTLESS_ENCRYPTION_KEY differs "
+                              "from the key it was stored with") from None
+        return json.loads(plain)

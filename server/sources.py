@@ -1,0 +1,219 @@
+"""Ingest sources (direct ingestion): validation of the contract's bodies,
+storage with write-only secrets sealed, and the JSON shape the API returns."""
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import uuid
+from typing import Annotated, Any, Literal
+
+import asyncpg
+import msgspec
+from msgspec import UNSET, Meta, UnsetType
+
+from pollers.modbus import ModbusConfig, validate_modbus_config
+from pollers.opcua import OpcuaConfig, validate_opcua_config
+
+from .errors import NotFound, Unprocessable
+from .netpolicy import AddressPolicy, TargetRefused
+from .secretbox import SecretBox
+from .wire import describe_validation_error
+
+Protocol = Literal["opcua", "modbus"]
+SECRET_FIELDS = {"opcua": ("password",), "modbus": ()}
+CONFIG_TYPES = {"opcua": OpcuaConfig, "modbus": ModbusConfig}
+VALIDATORS = {"opcua": validate_opcua_config, "modbus": validate_modbus_config}
+
+
+class SourceCreate(msgspec.Struct, forbid_unknown_fields=True):
+    machine_id: uuid.UUID
+    name: Annotated[str, Meta(min_length=1, max_length=200)]
+    protocol: Protocol
+    host: Annotated[str, Meta(min_length=1, max_length=253)]
+    port: Annotated[int, Meta(ge=1, le=65535)]
+    poll_interval_seconds: Annotated[int, Meta(ge=1, le=86400)]
+    config: dict[str, Any]
+    is_active: bool = True
+
+
+class SourcePatch(msgspec.Struct, forbid_unknown_fields=True):
+    machine_id: uuid.UUID | UnsetType = UNSET
+    name: Annotated[str, Meta(min_length=1, max_length=200)] | UnsetType = UNSET
+    host: Annotated[str, Meta(min_length=1, max_length=253)] | UnsetType = UNSET
+    port: Annotated[int, Meta(ge=1, le=65535)] | UnsetType = UNSET
+    poll_interval_seconds: Annotated[int, Meta(ge=1, le=86400)] | UnsetType = UNSET
+    config: dict[str, Any] | UnsetType = UNSET
+    is_active: bool | UnsetType = UNSET
+
+
+def decode_body(body: bytes, typ):
+    # The stdlib parser (management bodies are small) keeps NaN, Infinity and
+    # 1e400 as floats, so the field-level check can name the field they are in.
+    try:
+        doc = json.loads(body)
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
+        raise Unprocessable(f"request body is not valid JSON: {exc}") from None
+    try:
+        return msgspec.convert(doc, typ)
+    except msgspec.ValidationError as exc:
+        raise Unprocessable(describe_validation_error(exc)) from None
+
+
+def check_config(protocol: str, config: dict):
+    """The typed config of ``protocol``; 422 naming the field otherwise."""
+    try:
+        cfg = msgspec.convert(config, CONFIG_TYPES[protocol])
+    except msgspec.ValidationError as exc:
+        msg = describe_validation_error(exc)
+        raise Unprocessable(f"config.{msg}" if not msg.startswith(":") else f"config{msg}") from None
+    try:
+        VALIDATORS[protocol](cfg)
+    except ValueError as exc:
+        raise Unprocessable(f"config.{exc}") from None
+    return cfg
+
+
+def check_target(policy: AddressPolicy, host: str, port: int) -> None:
+    try:
+        policy.check(host, port)
+    except TargetRefused as exc:
+        raise Unprocessable(f"host: {exc}") from None
+
+
+def split_secrets(protocol: str, config: dict) -> tuple[dict, dict]:
+    public = {k: v for k, v in config.items() if k not in SECRET_FIELDS[protocol]}
+    secret = {k: config[k] for k in SECRET_FIELDS[protocol] if config.get(k) is not None}
+    return public, secret
+
+
+COLUMNS = ("id, machine_id, name, protocol, host, port, poll_interval_seconds, is_active, config,"
+           " secrets, created_at, updated_at, last_poll_at, last_success_at, last_error,"
+           " last_error_at, readings_written, points_failed, polls_missed, lease_owner,"
+           " server_cert_sha256")
+
+
+def _iso(v: _dt.datetime | None) -> str | None:
+    return v.isoformat().replace("+00:00", "Z") if v is not None else None
+
+
+def public_config(row) -> dict:
+    """The stored config without its write-only fields."""
+    return json.loads(row["config"]) if isinstance(row["config"], str) else dict(row["config"])
+
+
+def to_json(row: asyncpg.Record) -> dict:
+    """The API shape of a source; secrets are reported as set/not set only."""
+    config = public_config(row)
+    if row["protocol"] == "opcua":
+        config["password_set"] = row["secrets"] is not None
+    return {
+        "id": str(row["id"]),
+        "machine_id": str(row["machine_id"]),
+        "name": row["name"],
+        "protocol": row["protocol"],
+        "host": row["host"],
+        "port": row["port"],
+        "poll_interval_seconds": row["poll_interval_seconds"],
+        "is_active": row["is_active"],
+        "config": config,
+        "created_at": _iso(row["created_at"]),
+        "updated_at": _iso(row["updated_at"]),
+        "status": {
+            "last_poll_at": _iso(row["last_poll_at"]),
+            "last_success_at": _iso(row["last_success_at"]),
+            "last_error": row["last_error"],
+            "last_error_at": _iso(row["last_error_at"]),
+            "readings_written": row["readings_written"],
+            "points_failed": row["points_failed"],
+            "polls_missed": row["polls_missed"],
+            "polled_by": row["lease_owner"],
+            "server_certificate_sha256": row["server_cert_sha256"],
+        },
+    }
+
+
+async def _check_machine(conn, org: uuid.UUID, machine_id: uuid.UUID) -> None:
+    if not await conn.fetchval("SELECT 1 FROM machines WHERE org_id = $1 AND id = $2", org, machine_id):
+        raise Unprocessable(f"machine_id: no machine {machine_id} in your organization; "
+                            "create it with POST /api/v1/machines")
+
+
+async def create(conn, org: uuid.UUID, body: SourceCreate, box: SecretBox,
+                 policy: AddressPolicy) -> dict:
+    check_config(body.protocol, body.config)
+    check_target(policy, body.host, body.port)
+    await _check_machine(conn, org, body.machine_id)
+    public, secret = split_secrets(body.protocol, body.config)
+    sid = uuid.uuid4()
+    sealed = box.seal(secret, sid.bytes) if secret else None
+    row = await conn.fetchrow(
+        f"INSERT INTO ingest_sources (id, org_id, machine_id, name, protocol, host, port,"
+        f" poll_interval_seconds, is_active, config, secrets)"
+        f" VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10::jsonb, $11) RETURNING {COLUMNS}",
+        sid, org, body.machine_id, body.name, body.protocol, body.host, body.port,
+        body.poll_interval_seconds, body.is_active, json.dumps(public), sealed)
+    return to_json(row)
+
+
+async def get_row(conn, org: uuid.UUID, source_id: uuid.UUID) -> asyncpg.Record:
+    row = await conn.fetchrow(
+        f"SELECT {COLUMNS} FROM ingest_sources WHERE org_id = $1 AND id = $2", org, source_id)
+    if row is None:
+        raise NotFound(f"no ingest source {source_id} in your organization")
+    return row
+
+
+async def list_all(conn, org: uuid.UUID) -> list[dict]:
+    rows = await conn.fetch(
+        f"SELECT {COLUMNS} FROM ingest_sources WHERE org_id = $1 ORDER BY created_at, id", org)
+    return [to_json(r) for r in rows]
+
+
+async def patch(conn, org: uuid.UUID, source_id: uuid.UUID, body: SourcePatch, box: SecretBox,
+                policy: AddressPolicy) -> dict:
+    async with conn.transaction():
+        row = await conn.fetchrow(
+            f"SELECT {COLUMNS} FROM ingest_sources WHERE org_id = $1 AND id = $2 FOR UPDATE",
+            org, source_id)
+        if row is None:
+            raise NotFound(f"no ingest source {source_id} in your organization")
+        protocol = row["protocol"]
+        old_public = public_config(row)
+        old_secret = box.open(row["secrets"], source_id.bytes)
+        config = body.config if body.config is not UNSET else {**old_public, **old_secret}
+        if body.config is not UNSET:
+            # A secret left out of a new config keeps its stored value (it is
+            # never returned, so clients cannot echo it back); null clears it.
+            for k in SECRET_FIELDS[protocol]:
+                if k not in config and k in old_secret:
+                    config = {**config, k: old_secret[k]}
+        check_config(protocol, config)
+        host = row["host"] if body.host is UNSET else body.host
+        port = row["port"] if body.port is UNSET else body.port
+        if body.host is not UNSET or body.port is not UNSET:
+            check_target(policy, host, port)
+        machine_id = row["machine_id"] if body.machine_id is UNSET else body.machine_id
+        if body.machine_id is not UNSET:
+            await _check_machine(conn, org, machine_id)
+        public, secret = split_secrets(protocol, config)
+        sealed = box.seal(secret, source_id.bytes) if secret else None
+        new = await conn.fetchrow(
+            f"UPDATE ingest_sources SET machine_id = $3, name = $4, host = $5, port = $6,"
+            f" poll_interval_seconds = $7, is_active = $8, config = $9::jsonb, secrets = $10,"
+            f" version = version + 1, updated_at = now(),"
+            f" server_cert_sha256 = CASE WHEN host = $5 AND port = $6 THEN server_cert_sha256 END"
+            f" WHERE org_id = $1 AND id = $2 RETURNING {COLUMNS}",
+            org, source_id, machine_id,
+            row["name"] if body.name is UNSET else body.name, host, port,
+            row["poll_interval_seconds"] if body.poll_interval_seconds is UNSET
+            else body.poll_interval_seconds,
+            row["is_active"] if body.is_active is UNSET else body.is_active,
+            json.dumps(public), sealed)
+    return to_json(new)
+
+
+async def delete(conn, org: uuid.UUID, source_id: uuid.UUID) -> None:
+    status = await conn.execute("DELETE FROM ingest_sources WHERE org_id = $1 AND id = $2",
+                                org, source_id)
+    if status == "DELETE 0":
+        raise NotFound(f"no ingest source {source_id} in your organization")

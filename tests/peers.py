@@ -1,0 +1,70 @@
+"""Protocol peers for tests that drive a server process: a real pymodbus
+server or asyncua server on 127.0.0.1, run on an event loop in a thread."""
+from __future__ import annotations
+
+import asyncio
+import threading
+
+from pymodbus.server import ModbusTcpServer
+
+from test_modbus_reader import HOST, device  # noqa: F401 - re-exported for tests
+
+
+class LoopThread:
+    """An asyncio loop in a daemon thread, for peers that must outlive one call."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+
+    def call(self, coro, timeout: float = 30):
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def close(self) -> None:
+        async def drain():
+            tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+        self.call(drain())
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+        self.loop.close()
+
+
+class ModbusPeer:
+    """A pymodbus TCP server with the given devices; stop() and start() again
+    on the same port to simulate a device that goes away and comes back."""
+
+    def __init__(self, devices, port: int = 0) -> None:
+        self.devices = devices
+        self.port = port
+        self.lt = LoopThread()
+        self.server = None
+
+    def start(self) -> "ModbusPeer":
+        async def go():
+            self.server = ModbusTcpServer(self.devices, address=(HOST, self.port))
+            await self.server.serve_forever(background=True)
+            return self.server.transport.sockets[0].getsockname()[1]
+        self.port = self.lt.call(go())
+        return self
+
+    def stop(self) -> None:
+        if self.server is not None:
+            async def go():
+                await self.server.shutdown()
+                await asyncio.sleep(0.05)
+            self.lt.call(go())
+            self.server = None
+
+    def close(self) -> None:
+        self.stop()
+        self.lt.close()
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc):
+        self.close()
