@@ -213,12 +213,26 @@ def build_parser() -> argparse.ArgumentParser:
                     help="lifetime in seconds (default 3600)")
     sp.set_defaults(func=_with_db(_token_create))
 
-    for register in _extra_commands:
-        register(sub, common, org)
+    sp = sub.add_parser("pollers", parents=[common],
+                        help="poll the active ingest sources (direct ingestion)")
+    sp.add_argument("--processes", type=_positive_int, default=1,
+                    help="poller processes on this host (default 1)")
+    sp.add_argument("--lease", type=float, default=3.0,
+                    help="seconds a source stays with a process that stopped renewing "
+                         "(default 3)")
+    sp.add_argument("--stats-file", help="append a JSON status line here every 10 s")
+    sp.set_defaults(func=cmd_pollers)
     return p
 
 
-_extra_commands: list = []
+def cmd_pollers(args) -> None:
+    from pathlib import Path
+
+    from pollers.runner import run_pollers
+    if not 1.0 <= args.lease <= 600:
+        raise HaltlessError(f"--lease {args.lease}: expected 1 to 600 seconds")
+    run_pollers(_settings(args), args.processes, args.lease,
+                Path(args.stats_file) if args.stats_file else None)
 
 
 def main(argv: list[str] | None = None) -> None:

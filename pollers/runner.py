@@ -1,0 +1,428 @@
+"""The cloud poller: separate uvloop processes that poll every active ingest
+source at its poll_interval_seconds and write through the same validation
+and COPY path as HTTP ingest (``server.ingest.Ingestor``), with no HTTP hop.
+
+Sharing work between processes (on one host or many, against one
+PostgreSQL) uses leases on the ``ingest_sources`` rows:
+
+* every second a process renews the leases it holds (``lease_expires =
+  now() + lease``) and learns from the same statement which of its sources
+  were deleted, deactivated or changed (``version``);
+* it claims unowned or expired sources with ``FOR UPDATE SKIP LOCKED``, up to
+  its fair share (active sources / live processes), and releases sources
+  above its share so a newly started process gets work;
+* a process that cannot renew stops polling before its lease can have
+  expired, so no source is ever polled by two processes; a dead process's
+  sources are claimed by the others once its lease (3 s by default) expires.
+
+Each source is one task with its own schedule; a slow or dead device only
+delays itself. The task is the single owner of its connection's reconnects,
+with exponential backoff and jitter.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import math
+import os
+import random
+import socket
+import time
+import uuid
+from pathlib import Path
+
+from server import db
+from server.config import Settings
+from server.ingest import DB_DOWN, Catalog, GroupCommitWriter, Ingestor
+from server.netpolicy import AddressPolicy, TargetRefused
+from server.secretbox import SecretBox
+from server.wire import Reading
+
+from .base import ReaderError
+from .readers import SourceTrustStore, make_reader
+
+log = logging.getLogger("haltless.pollers")
+
+TICK = 1.0              # seconds between lease renewals / state flushes
+BACKOFF_BASE = 1.0      # first reconnect delay
+BACKOFF_MAX = 60.0      # cap of the reconnect delay
+
+SOURCE_SQL = (
+    "SELECT s.id, s.org_id, s.protocol, s.host, s.port, s.poll_interval_seconds, s.config,"
+    " s.secrets, s.version, m.machine_identifier"
+    " FROM ingest_sources s JOIN machines m ON m.id = s.machine_id WHERE s.id = ANY($1::uuid[])")
+
+
+class Stats:
+    """Poll-start lag samples and counters, for the status line and bench/."""
+
+    def __init__(self) -> None:
+        self.lags: list[float] = []
+        self.polls = 0
+        self.missed = 0
+        self.failed = 0
+        self.readings = 0
+
+    def snapshot(self, reset: bool = True) -> dict:
+        lags = sorted(self.lags)
+        q = (lambda p: round(lags[min(len(lags) - 1, int(p * len(lags)))] * 1000, 2)) if lags else (lambda p: None)
+        out = {"polls": self.polls, "missed": self.missed, "failed": self.failed,
+               "readings": self.readings, "lag_ms_p50": q(0.5), "lag_ms_p99": q(0.99),
+               "lag_ms_max": round(lags[-1] * 1000, 2) if lags else None}
+        if reset:
+            self.__init__()
+        return out
+
+
+class SourceTask:
+    """Polls one source on its schedule until cancelled."""
+
+    def __init__(self, proc: "PollerProcess", row) -> None:
+        self.proc = proc
+        self.id: uuid.UUID = row["id"]
+        self.version: int = row["version"]
+        self.org_id = row["org_id"]
+        self.machine = row["machine_identifier"]
+        self.protocol = row["protocol"]
+        self.host = row["host"]
+        self.port = row["port"]
+        self.interval = float(row["poll_interval_seconds"])
+        cfg = json.loads(row["config"]) if isinstance(row["config"], str) else dict(row["config"])
+        self.config = {**cfg, **proc.box.open(row["secrets"], self.id.bytes)}
+        self.reader = None
+        self.failures = 0
+        self.reconnect_at = 0.0
+        self.write_task: asyncio.Task | None = None
+        self.task = asyncio.create_task(self.run(), name=f"source-{self.id}")
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        # Spread first polls over one interval so 1,000 sources created at once
+        # do not all fire in the same millisecond.
+        next_t = loop.time() + random.uniform(0, min(self.interval, 1.0))
+        try:
+            while True:
+                delay = next_t - loop.time()
+                if delay > 0:
+                    await asyncio.sleep(delay)
+                now = loop.time()
+                if not self.proc.lease_valid(now):
+                    next_t += self.interval  # lease unsure: do not poll (another process may)
+                    continue
+                self.proc.stats.lags.append(now - next_t)
+                await self.poll_once()
+                next_t += self.interval
+                behind = loop.time() - next_t
+                if behind > 0:  # a poll overran: skip the slots it ate, and say so
+                    skipped = int(behind // self.interval) + 1
+                    next_t += skipped * self.interval
+                    self.proc.stats.missed += skipped
+                    self.proc.report(self.id, missed=skipped)
+        finally:
+            if self.write_task is not None and not self.write_task.done():
+                self.write_task.cancel()
+            await self.close()
+
+    async def close(self) -> None:
+        if self.reader is not None:
+            reader, self.reader = self.reader, None
+            await reader.close()
+
+    async def poll_once(self) -> None:
+        loop = asyncio.get_running_loop()
+        self.proc.stats.polls += 1
+        if self.reader is None:
+            if loop.time() < self.reconnect_at:
+                return
+            try:
+                await self.connect()
+            except (ReaderError, TargetRefused, asyncio.TimeoutError) as exc:
+                self.fail(f"connect: {exc}" if str(exc) else "connect: timed out")
+                return
+        try:
+            res = await asyncio.wait_for(self.reader.read(), self.timeout())
+        except (ReaderError, asyncio.TimeoutError) as exc:
+            await self.close()
+            self.fail(str(exc) or f"no answer from {self.host}:{self.port} within {self.timeout():.0f} s")
+            return
+        self.failures = 0
+        readings = [Reading(self.machine, s.timestamp, s.metric_name, s.value, s.unit, s.raw_tag)
+                    for s in res.samples]
+        err = "; ".join(f"{e.raw_tag}: {e.message}" for e in res.errors[:3]) or None
+        if self.write_task is not None and not self.write_task.done():
+            await self.write_task  # one write in flight per source keeps order and memory bounded
+        self.write_task = asyncio.create_task(self.write(readings, len(res.errors), err))
+
+    async def write(self, readings: list, point_errors: int, err: str | None) -> None:
+        try:
+            result = await self.proc.ingestor.ingest(self.org_id, readings)
+        except Exception as exc:  # noqa: BLE001 - database down: reported, the next poll retries
+            self.proc.report(self.id, error=f"write: {exc}", polled=True)
+            return
+        failed = point_errors + result.rejected_count
+        if result.errors and err is None:
+            err = "; ".join(f"{readings[e.index].raw_tag}: {e.error}" for e in result.errors[:3])
+        self.proc.stats.readings += result.accepted_count
+        self.proc.report(self.id, written=result.accepted_count, failed=failed, error=err,
+                         polled=True, success=True)
+
+    async def connect(self) -> None:
+        addrs = await asyncio.to_thread(self.proc.policy.check, self.host, self.port)
+        # Connect to the address that was checked, not to a fresh resolution.
+        self.reader = make_reader(self.protocol, addrs[0], self.port, self.config,
+                                  pki_dir=self.proc.pki_dir,
+                                  trust_store=SourceTrustStore(self.proc.pool, self.id))
+        try:
+            await asyncio.wait_for(self.reader.connect(), self.timeout())
+        except BaseException:
+            await self.close()
+            raise
+
+    def timeout(self) -> float:
+        return float(self.config.get("timeout_seconds") or 5.0) * 2 + 1
+
+    def fail(self, message: str) -> None:
+        self.failures += 1
+        delay = min(BACKOFF_MAX, BACKOFF_BASE * 2 ** (self.failures - 1))
+        self.reconnect_at = asyncio.get_running_loop().time() + delay * random.uniform(0.5, 1.0)
+        self.proc.stats.failed += 1
+        self.proc.report(self.id, error=message, polled=True)
+
+
+class PollerProcess:
+    def __init__(self, settings: Settings, dsn: str, lease_seconds: float = 3.0,
+                 stats_file: Path | None = None) -> None:
+        self.settings = settings
+        self.dsn = dsn
+        self.lease = lease_seconds
+        self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
+        self.tasks: dict[uuid.UUID, SourceTask] = {}
+        self.valid_until = 0.0
+        self.pending: dict[uuid.UUID, dict] = {}
+        self.stats = Stats()
+        self.stats_file = stats_file
+        self.box = SecretBox.load(settings.data_dir)
+        self.policy = AddressPolicy.from_env()
+        self.pki_dir = settings.data_dir / "pki"
+        self.pool = None
+        self.ingestor = None
+
+    def lease_valid(self, now: float) -> bool:
+        return now < self.valid_until
+
+    def report(self, sid: uuid.UUID, *, written: int = 0, failed: int = 0, missed: int = 0,
+               error: str | None = None, polled: bool = False, success: bool = False) -> None:
+        p = self.pending.setdefault(sid, {"written": 0, "failed": 0, "missed": 0, "error": None,
+                                          "polled": False, "success": False})
+        p["written"] += written
+        p["failed"] += failed
+        p["missed"] += missed
+        p["polled"] |= polled
+        p["success"] |= success
+        if error is not None:
+            p["error"] = error[:1000]
+
+    async def run(self, stop: asyncio.Event) -> None:
+        s = self.settings
+        self.pool = await db.create_pool(self.dsn, s)
+        writer = GroupCommitWriter(self.pool, s.writer_connections, timeout=s.db_timeout * 6)
+        self.ingestor = Ingestor(self.pool, writer, Catalog(negative_ttl=s.auth_cache_seconds))
+        log.info("poller %s started", self.owner)
+        last_status = time.monotonic()
+        try:
+            while not stop.is_set():
+                started = asyncio.get_running_loop().time()
+                try:
+                    await self.tick(started)
+                except DB_DOWN as exc:
+                    log.warning("poller %s: database unavailable: %s", self.owner, exc)
+                if not self.lease_valid(asyncio.get_running_loop().time()) and self.tasks:
+                    log.warning("poller %s: leases not renewed in time; stopping %d sources",
+                                self.owner, len(self.tasks))
+                    await self.stop_tasks(list(self.tasks))
+                if time.monotonic() - last_status >= 10:
+                    last_status = time.monotonic()
+                    self.status_line()
+                try:
+                    await asyncio.wait_for(stop.wait(), TICK)
+                except asyncio.TimeoutError:
+                    pass
+        finally:
+            await self.stop_tasks(list(self.tasks))
+            try:
+                await self.flush()
+                await self.pool.execute(
+                    "UPDATE ingest_sources SET lease_owner = NULL, lease_expires = NULL"
+                    " WHERE lease_owner = $1", self.owner)
+                await self.pool.execute("DELETE FROM poller_processes WHERE owner = $1", self.owner)
+            except DB_DOWN:
+                pass
+            await writer.close()
+            await self.pool.close()
+            log.info("poller %s stopped", self.owner)
+
+    def status_line(self) -> None:
+        snap = self.stats.snapshot()
+        snap.update(sources=len(self.tasks), owner=self.owner, at=time.time())
+        log.info("poller %s: %d sources, %d polls, %d readings, lag p50 %s ms p99 %s ms, "
+                 "%d missed, %d failed", self.owner, snap["sources"], snap["polls"],
+                 snap["readings"], snap["lag_ms_p50"], snap["lag_ms_p99"], snap["missed"],
+                 snap["failed"])
+        if self.stats_file:
+            with open(self.stats_file, "a") as f:
+                f.write(json.dumps(snap) + "\n")
+
+    async def tick(self, started: float) -> None:
+        async with self.pool.acquire() as conn:
+            await conn.execute(
+                "INSERT INTO poller_processes (owner, hostname, pid) VALUES ($1, $2, $3)"
+                " ON CONFLICT (owner) DO UPDATE SET seen_at = now()",
+                self.owner, socket.gethostname(), os.getpid())
+            held = {r["id"]: r["version"] for r in await conn.fetch(
+                "UPDATE ingest_sources SET lease_expires = now() + $2 * interval '1 second'"
+                " WHERE lease_owner = $1 AND is_active RETURNING id, version",
+                self.owner, self.lease)}
+            # Leases were renewed at a server time no earlier than `started`:
+            # stop polling a little before they could possibly expire.
+            self.valid_until = started + self.lease - 0.5
+            gone = [sid for sid in self.tasks if sid not in held]
+            changed = [sid for sid, v in held.items()
+                       if sid in self.tasks and self.tasks[sid].version != v]
+            await self.stop_tasks(gone + changed)
+            total, live = await conn.fetchrow(
+                "SELECT (SELECT count(*) FROM ingest_sources WHERE is_active),"
+                " (SELECT count(*) FROM poller_processes"
+                "  WHERE seen_at > now() - $1 * interval '1 second')", self.lease)
+            share = math.ceil(total / max(1, live))
+            want = share - len(held)
+            claimed = []
+            if want > 0:
+                claimed = [r["id"] for r in await conn.fetch(
+                    "UPDATE ingest_sources s SET lease_owner = $1,"
+                    " lease_expires = now() + $2 * interval '1 second'"
+                    " FROM (SELECT id FROM ingest_sources WHERE is_active"
+                    "       AND (lease_owner IS NULL OR lease_expires < now())"
+                    "       ORDER BY id LIMIT $3 FOR UPDATE SKIP LOCKED) c"
+                    " WHERE s.id = c.id RETURNING s.id", self.owner, self.lease, want)]
+            elif want < 0:
+                extra = sorted(held)[:(-want)]
+                await self.stop_tasks(extra)
+                await conn.execute(
+                    "UPDATE ingest_sources SET lease_owner = NULL, lease_expires = NULL"
+                    " WHERE lease_owner = $1 AND id = ANY($2::uuid[])", self.owner, extra)
+                for sid in extra:
+                    held.pop(sid, None)
+            start = [sid for sid in held if sid not in self.tasks] + claimed
+            if start:
+                for row in await conn.fetch(SOURCE_SQL, start):
+                    self.tasks[row["id"]] = SourceTask(self, row)
+            await conn.execute("DELETE FROM poller_processes WHERE seen_at < now() - interval '1 hour'")
+        await self.flush()
+
+    async def stop_tasks(self, ids) -> None:
+        tasks = [self.tasks.pop(sid) for sid in ids if sid in self.tasks]
+        for t in tasks:
+            t.task.cancel()
+        if tasks:
+            await asyncio.gather(*(t.task for t in tasks), return_exceptions=True)
+
+    async def flush(self) -> None:
+        if not self.pending:
+            return
+        pending, self.pending = self.pending, {}
+        ids = list(pending)
+        p = [pending[i] for i in ids]
+        await self.pool.execute(
+            "UPDATE ingest_sources s SET"
+            " last_poll_at = CASE WHEN u.polled THEN now() ELSE s.last_poll_at END,"
+            " last_success_at = CASE WHEN u.success THEN now() ELSE s.last_success_at END,"
+            " last_error = CASE WHEN u.error IS NOT NULL THEN u.error"
+            "                   WHEN u.success THEN NULL ELSE s.last_error END,"
+            " last_error_at = CASE WHEN u.error IS NOT NULL THEN now() ELSE s.last_error_at END,"
+            " readings_written = s.readings_written + u.written,"
+            " points_failed = s.points_failed + u.failed,"
+            " polls_missed = s.polls_missed + u.missed"
+            " FROM unnest($1::uuid[], $2::bool[], $3::bool[], $4::text[], $5::bigint[],"
+            "             $6::bigint[], $7::bigint[])"
+            "   AS u (id, polled, success, error, written, failed, missed)"
+            " WHERE s.id = u.id",
+            ids, [x["polled"] for x in p], [x["success"] for x in p], [x["error"] for x in p],
+            [x["written"] for x in p], [x["failed"] for x in p], [x["missed"] for x in p])
+
+
+# ------------------------------------------------------------------ processes
+
+def run_process(settings: Settings, dsn: str, lease_seconds: float,
+                stats_file: Path | None = None) -> None:
+    """Entry point of one poller process (uvloop)."""
+    import signal
+
+    import uvloop
+
+    logging.basicConfig(level=settings.log_level.upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("pymodbus").setLevel(logging.CRITICAL)  # per-device noise; we report state
+    logging.getLogger("asyncua").setLevel(logging.ERROR)
+
+    async def main():
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await PollerProcess(settings, dsn, lease_seconds, stats_file).run(stop)
+
+    uvloop.run(main())
+
+
+def run_pollers(settings: Settings, processes: int, lease_seconds: float,
+                stats_file: Path | None = None) -> None:
+    """`haltless pollers`: start ``processes`` poller processes and supervise
+    them (a process that dies is restarted; its sources are meanwhile taken
+    over by the others)."""
+    import multiprocessing
+    import signal
+
+    dsn = db.database_url(settings)
+
+    async def prepare():
+        conn = await db.connect(dsn, settings.db_timeout)
+        try:
+            await db.migrate(conn)
+        finally:
+            await conn.close()
+    asyncio.run(prepare())
+    SecretBox.load(settings.data_dir)  # create the key once, before the children race for it
+    if processes == 1:
+        run_process(settings, dsn, lease_seconds, stats_file)
+        return
+    ctx = multiprocessing.get_context("spawn")
+    stopping = False
+
+    def start():
+        p = ctx.Process(target=run_process, args=(settings, dsn, lease_seconds, stats_file))
+        p.start()
+        return p
+
+    children = [start() for _ in range(processes)]
+
+    def on_signal(signum, frame):
+        nonlocal stopping
+        stopping = True
+        for c in children:
+            if c.is_alive():
+                c.terminate()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    while not stopping:
+        for i, c in enumerate(children):
+            c.join(timeout=0.5)
+            if not c.is_alive() and not stopping:
+                log.warning("poller process %s exited with %s; restarting", c.pid, c.exitcode)
+                time.sleep(1)
+                children[i] = start()
+    for c in children:
+        c.join(10)
+        if c.is_alive():
+            c.kill()
