@@ -32,8 +32,11 @@ MAX_MANAGEMENT_BODY = 1024 * 1024
 async def ingest(app: "App", req: Request) -> Response:
     """POST /api/v1/ingest - the contract's "HTTP Push"."""
     org = await app.keys.org_for(app.pool, req.header(b"x-api-key"))
-    result = await app.ingestor.ingest_body(org, req.body)
-    return Response(207, result)
+    key = req.header(b"idempotency-key")
+    if key is not None and not (0 < len(key) <= 255 and key.isascii() and key.isprintable()):
+        raise ClientError("Idempotency-Key must be 1 to 255 printable ASCII characters")
+    body, replayed = await app.ingestor.ingest_body(org, req.body, key)
+    return Response(207, body, [(b"idempotency-replayed", b"true")] if replayed else None)
 
 
 async def healthz(app: "App", req: Request) -> Response:
@@ -161,6 +164,7 @@ class App:
         self.writer = GroupCommitWriter(self.pool, s.writer_connections, timeout=s.db_timeout * 6)
         self.ingestor = Ingestor(self.pool, self.writer, Catalog(negative_ttl=s.auth_cache_seconds))
         self.keys = ApiKeyCache(s.auth_cache_seconds)
+        self._maintenance = asyncio.create_task(maintain(self.pool))
         self.extensions.update(
             jwt_secret=jwt_secret(s.jwt_secret, s.data_dir),
             secretbox=SecretBox.load(s.data_dir),
@@ -169,11 +173,28 @@ class App:
         )
 
     async def shutdown(self) -> None:
+        if getattr(self, "_maintenance", None) is not None:
+            self._maintenance.cancel()
         if self.writer is not None:
             await self.writer.close()
         if self.pool is not None:
             await self.pool.close()
 
+
+
+async def maintain(pool, every: float = 3600.0) -> None:
+    """Hourly, in every worker (both statements are idempotent): create the
+    next months' reading partitions ahead of time, and forget idempotency
+    keys older than 48 hours (the contract with clients is at least 24)."""
+    while True:
+        try:
+            async with pool.acquire() as conn:
+                await conn.execute("SELECT haltless_ensure_partitions(2)")
+                await conn.execute(
+                    "DELETE FROM idempotency_keys WHERE created_at < now() - interval '48 hours'")
+        except DB_DOWN as exc:
+            log.warning("maintenance skipped: %s", exc)
+        await asyncio.sleep(every)
 
 
 async def _read_body(req: Request, receive, limit: int) -> bytes:

@@ -12,6 +12,7 @@ machine or series not seen before takes the slow path, reading by reading.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import logging
 import struct
@@ -31,6 +32,7 @@ from .wire import (
     ReadingError,
     batch_decoder,
     describe_validation_error,
+    encoder,
 )
 
 log = logging.getLogger("haltless.ingest")
@@ -223,18 +225,21 @@ class GroupCommitWriter:
     def __init__(self, pool: asyncpg.Pool, connections: int = 2,
                  timeout: float = 60.0) -> None:
         self._pool = pool
-        self._queue: list[tuple[bytes, asyncio.Future]] = []
+        self._queue: list[tuple[tuple, asyncio.Future]] = []
         self._wakeup = asyncio.Event()
         self._timeout = timeout
         self._tasks = [asyncio.create_task(self._run()) for _ in range(connections)]
 
-    async def write(self, payload: bytes) -> None:
-        if not payload:
-            return
+    async def write(self, payload: bytes, idem: tuple | None = None) -> bool:
+        """Commit ``payload``; with ``idem`` = (org_id, key, request_hash,
+        response), record the key in the same transaction. Returns False, and
+        writes nothing, when that key was already recorded."""
+        if not payload and idem is None:
+            return True
         fut = asyncio.get_running_loop().create_future()
-        self._queue.append((payload, fut))
+        self._queue.append(((payload, idem), fut))
         self._wakeup.set()
-        await fut
+        return await fut
 
     async def close(self) -> None:
         for t in self._tasks:
@@ -253,40 +258,63 @@ class GroupCommitWriter:
             if not group:
                 continue
             try:
-                await self._copy([p for p, _ in group])
+                dups = await self._copy([item for item, _ in group])
             except DB_DOWN as exc:
                 self._fail(group, DatabaseUnavailable(f"database unavailable: {exc}"))
             except asyncpg.PostgresError:
                 # Should not happen (the kernel emits valid rows); keep one bad
                 # payload from failing the requests merged with it.
                 log.exception("group COPY failed; retrying the %d payloads one by one", len(group))
-                for payload, fut in group:
+                for item, fut in group:
                     try:
-                        await self._copy([payload])
+                        dup = await self._copy([item])
                     except Exception as exc:  # noqa: BLE001 - reported to that request only
-                        self._fail([(payload, fut)], exc)
+                        self._fail([(item, fut)], exc)
                     else:
-                        self._done([(payload, fut)])
+                        self._done([(item, fut)], dup)
                 continue
             except Exception as exc:  # noqa: BLE001 - never let the loop die
                 log.exception("group COPY failed")
                 self._fail(group, exc)
                 continue
-            self._done(group)
+            self._done(group, dups)
 
-    async def _copy(self, payloads: list[bytes]) -> None:
-        data = b"".join([COPY_HEADER, *payloads, COPY_TRAILER])
+    async def _copy(self, items: list[tuple]) -> set[int]:
+        """One transaction: record idempotency keys first (a key already taken,
+        even by a transaction still in flight, drops its payload), then COPY.
+        Returns the positions of the items that were duplicates."""
+        dups: set[int] = set()
         async with self._pool.acquire() as conn:
             async with conn.transaction():
-                await conn.copy_to_table("reading_chunks", source=memoryview(data),
-                                         columns=COPY_COLUMNS, format="binary",
-                                         timeout=self._timeout)
+                keyed = [(i, idem) for i, (_, idem) in enumerate(items) if idem is not None]
+                if keyed:
+                    first: dict[tuple, int] = {}
+                    for i, idem in keyed:
+                        if (idem[0], idem[1]) in first:
+                            dups.add(i)  # the same key twice in one group
+                        else:
+                            first[(idem[0], idem[1])] = i
+                    rows = [items[i][1] for i in first.values()]
+                    taken = await conn.fetch(
+                        "INSERT INTO idempotency_keys (org_id, key, request_hash, response)"
+                        " SELECT * FROM unnest($1::uuid[], $2::text[], $3::bytea[], $4::bytea[])"
+                        " ON CONFLICT DO NOTHING RETURNING org_id, key",
+                        *map(list, zip(*rows)), timeout=self._timeout)
+                    fresh = {(r[0], r[1]) for r in taken}
+                    dups.update(i for k, i in first.items() if k not in fresh)
+                payloads = [p for i, (p, _) in enumerate(items) if p and i not in dups]
+                if payloads:
+                    data = b"".join([COPY_HEADER, *payloads, COPY_TRAILER])
+                    await conn.copy_to_table("reading_chunks", source=memoryview(data),
+                                             columns=COPY_COLUMNS, format="binary",
+                                             timeout=self._timeout)
+        return dups
 
     @staticmethod
-    def _done(group) -> None:
-        for _, fut in group:
+    def _done(group, dups) -> None:
+        for i, (_, fut) in enumerate(group):
             if not fut.done():
-                fut.set_result(None)
+                fut.set_result(i not in dups)
 
     @staticmethod
     def _fail(group, exc: Exception) -> None:
@@ -306,14 +334,46 @@ class Ingestor:
         self.writer = writer
         self.catalog = catalog or Catalog()
 
-    async def ingest_body(self, org_id: uuid.UUID, body: bytes) -> IngestResult:
+    async def ingest_body(self, org_id: uuid.UUID, body: bytes,
+                          idempotency_key: str | None = None) -> tuple[bytes, bool]:
+        """The 207 body for ``body``, and whether it is a replay of an earlier
+        request with the same Idempotency-Key (then nothing was written)."""
+        if idempotency_key is None:
+            readings, errors, raw = decode_batch(body)
+            return encoder.encode(await self.ingest(org_id, readings, errors, raw)), False
+        digest = hashlib.sha256(body).digest()
+        stored = await self._stored(org_id, idempotency_key, digest)
+        if stored is not None:
+            return stored, True
         readings, errors, raw = decode_batch(body)
-        return await self.ingest(org_id, readings, errors, raw)
+        holder: list = []
+        await self.ingest(org_id, readings, errors, raw,
+                          idem=(org_id, idempotency_key, digest, holder))
+        if holder[0] is None:  # another request with this key committed first
+            stored = await self._stored(org_id, idempotency_key, digest)
+            if stored is None:
+                raise DatabaseUnavailable("idempotency record vanished; retry")
+            return stored, True
+        return holder[0], False
+
+    async def _stored(self, org_id: uuid.UUID, key: str, digest: bytes) -> bytes | None:
+        row = await self.pool.fetchrow(
+            "SELECT request_hash, response FROM idempotency_keys WHERE org_id = $1 AND key = $2",
+            org_id, key)
+        if row is None:
+            return None
+        if bytes(row["request_hash"]) != digest:
+            raise Unprocessable("Idempotency-Key was already used with a different request body; "
+                                "use a new key for a new batch")
+        return bytes(row["response"])
 
     async def ingest(self, org_id: uuid.UUID, readings: list, errors: dict[int, str] | None = None,
-                     raw: list | None = None) -> IngestResult:
+                     raw: list | None = None, idem: tuple | None = None) -> IngestResult:
         """Commit the good readings; the result counts and explains the rest.
-        Raises DatabaseUnavailable when nothing could be committed."""
+        Raises DatabaseUnavailable when nothing could be committed. With
+        ``idem`` = (org_id, key, digest, holder), the encoded result is stored
+        under the key in the same transaction and appended to ``holder``
+        (None there when the key was already taken)."""
         errors = dict(errors or {})
         sent = readings
         series = self.catalog.series_of(org_id)
@@ -334,11 +394,17 @@ class Ingestor:
                         readings, series, time.time_ns() // 1000)
                     if missing:
                         raise DatabaseUnavailable("series cache is churning; retry")
-            await self.writer.write(payload)
+            for i, msg in kerr:
+                errors[i] = msg
+            raw = raw or []
+            out = [ReadingError(i, _identifier(sent, raw, i), errors[i]) for i in sorted(errors)]
+            result = IngestResult(accepted, len(out), out)
+            if idem is None:
+                await self.writer.write(payload)
+            else:
+                encoded = encoder.encode(result)
+                fresh = await self.writer.write(payload, (idem[0], idem[1], idem[2], encoded))
+                idem[3].append(encoded if fresh else None)
         except DB_DOWN as exc:
             raise DatabaseUnavailable(f"database unavailable: {exc}") from exc
-        for i, msg in kerr:
-            errors[i] = msg
-        raw = raw or []
-        out = [ReadingError(i, _identifier(sent, raw, i), errors[i]) for i in sorted(errors)]
-        return IngestResult(accepted, len(out), out)
+        return result
