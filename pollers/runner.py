@@ -15,9 +15,8 @@ PostgreSQL) uses leases on the ``ingest_sources`` rows:
   expired, so no source is ever polled by two processes; a dead process's
   sources are claimed by the others once its lease (3 s by default) expires.
 
-Each source is one task with its own schedule; a slow or dead device only
-delays itself. The task is the single owner of its connection's reconnects,
-with exponential backoff and jitter.
+Each source is one ``PollLoop`` (``pollers/schedule.py``, shared with the edge
+agent) with its own schedule; a slow or dead device only delays itself.
 """
 from __future__ import annotations
 
@@ -26,7 +25,6 @@ import json
 import logging
 import math
 import os
-import random
 import socket
 import time
 import uuid
@@ -41,12 +39,11 @@ from server.wire import Reading
 
 from .base import ReaderError
 from .readers import SourceTrustStore, make_reader
+from .schedule import PollLoop, Stats
 
 log = logging.getLogger("haltless.pollers")
 
-TICK = 1.0              # seconds between lease renewals / state flushes
-BACKOFF_BASE = 1.0      # first reconnect delay
-BACKOFF_MAX = 60.0      # cap of the reconnect delay
+TICK = 1.0  # seconds between lease renewals / state flushes
 
 SOURCE_SQL = (
     "SELECT s.id, s.org_id, s.protocol, s.host, s.port, s.poll_interval_seconds, s.config,"
@@ -54,29 +51,8 @@ SOURCE_SQL = (
     " FROM ingest_sources s JOIN machines m ON m.id = s.machine_id WHERE s.id = ANY($1::uuid[])")
 
 
-class Stats:
-    """Poll-start lag samples and counters, for the status line and bench/."""
-
-    def __init__(self) -> None:
-        self.lags: list[float] = []
-        self.polls = 0
-        self.missed = 0
-        self.failed = 0
-        self.readings = 0
-
-    def snapshot(self, reset: bool = True) -> dict:
-        lags = sorted(self.lags)
-        q = (lambda p: round(lags[min(len(lags) - 1, int(p * len(lags)))] * 1000, 2)) if lags else (lambda p: None)
-        out = {"polls": self.polls, "missed": self.missed, "failed": self.failed,
-               "readings": self.readings, "lag_ms_p50": q(0.5), "lag_ms_p99": q(0.99),
-               "lag_ms_max": round(lags[-1] * 1000, 2) if lags else None}
-        if reset:
-            self.__init__()
-        return out
-
-
 class SourceTask:
-    """Polls one source on its schedule until cancelled."""
+    """One leased source: a PollLoop whose readings go to the Ingestor."""
 
     def __init__(self, proc: "PollerProcess", row) -> None:
         self.proc = proc
@@ -87,107 +63,48 @@ class SourceTask:
         self.protocol = row["protocol"]
         self.host = row["host"]
         self.port = row["port"]
-        self.interval = float(row["poll_interval_seconds"])
         cfg = json.loads(row["config"]) if isinstance(row["config"], str) else dict(row["config"])
         self.config = {**cfg, **proc.box.open(row["secrets"], self.id.bytes)}
-        self.reader = None
-        self.failures = 0
-        self.reconnect_at = 0.0
-        self.write_task: asyncio.Task | None = None
-        self.task = asyncio.create_task(self.run(), name=f"source-{self.id}")
+        self.loop = PollLoop(
+            float(row["poll_interval_seconds"]),
+            float(self.config.get("timeout_seconds") or 5.0) * 2 + 1,
+            self.connect, self.write,
+            on_error=lambda msg: proc.report(self.id, error=msg, polled=True),
+            on_missed=lambda n: proc.report(self.id, missed=n),
+            may_poll=proc.lease_valid, stats=proc.stats, name=f"source-{self.id}")
+        self.task = self.loop.task
 
-    async def run(self) -> None:
-        loop = asyncio.get_running_loop()
-        # Spread first polls over one interval so 1,000 sources created at once
-        # do not all fire in the same millisecond.
-        next_t = loop.time() + random.uniform(0, min(self.interval, 1.0))
+    async def connect(self):
         try:
-            while True:
-                delay = next_t - loop.time()
-                if delay > 0:
-                    await asyncio.sleep(delay)
-                now = loop.time()
-                if not self.proc.lease_valid(now):
-                    next_t += self.interval  # lease unsure: do not poll (another process may)
-                    continue
-                self.proc.stats.lags.append(now - next_t)
-                await self.poll_once()
-                next_t += self.interval
-                behind = loop.time() - next_t
-                if behind > 0:  # a poll overran: skip the slots it ate, and say so
-                    skipped = int(behind // self.interval) + 1
-                    next_t += skipped * self.interval
-                    self.proc.stats.missed += skipped
-                    self.proc.report(self.id, missed=skipped)
-        finally:
-            if self.write_task is not None and not self.write_task.done():
-                self.write_task.cancel()
-            await self.close()
-
-    async def close(self) -> None:
-        if self.reader is not None:
-            reader, self.reader = self.reader, None
+            addrs = await asyncio.to_thread(self.proc.policy.check, self.host, self.port)
+        except TargetRefused as exc:
+            raise ReaderError(str(exc)) from None
+        # Connect to the address that was checked, not to a fresh resolution.
+        reader = make_reader(self.protocol, addrs[0], self.port, self.config,
+                             pki_dir=self.proc.pki_dir,
+                             trust_store=SourceTrustStore(self.proc.pool, self.id))
+        try:
+            await reader.connect()
+        except BaseException:
             await reader.close()
+            raise
+        return reader
 
-    async def poll_once(self) -> None:
-        loop = asyncio.get_running_loop()
-        self.proc.stats.polls += 1
-        if self.reader is None:
-            if loop.time() < self.reconnect_at:
-                return
-            try:
-                await self.connect()
-            except (ReaderError, TargetRefused, asyncio.TimeoutError) as exc:
-                self.fail(f"connect: {exc}" if str(exc) else "connect: timed out")
-                return
-        try:
-            res = await asyncio.wait_for(self.reader.read(), self.timeout())
-        except (ReaderError, asyncio.TimeoutError) as exc:
-            await self.close()
-            self.fail(str(exc) or f"no answer from {self.host}:{self.port} within {self.timeout():.0f} s")
-            return
-        self.failures = 0
+    async def write(self, res) -> None:
         readings = [Reading(self.machine, s.timestamp, s.metric_name, s.value, s.unit, s.raw_tag)
                     for s in res.samples]
         err = "; ".join(f"{e.raw_tag}: {e.message}" for e in res.errors[:3]) or None
-        if self.write_task is not None and not self.write_task.done():
-            await self.write_task  # one write in flight per source keeps order and memory bounded
-        self.write_task = asyncio.create_task(self.write(readings, len(res.errors), err))
-
-    async def write(self, readings: list, point_errors: int, err: str | None) -> None:
         try:
             result = await self.proc.ingestor.ingest(self.org_id, readings)
         except Exception as exc:  # noqa: BLE001 - database down: reported, the next poll retries
             self.proc.report(self.id, error=f"write: {exc}", polled=True)
             return
-        failed = point_errors + result.rejected_count
         if result.errors and err is None:
             err = "; ".join(f"{readings[e.index].raw_tag}: {e.error}" for e in result.errors[:3])
         self.proc.stats.readings += result.accepted_count
-        self.proc.report(self.id, written=result.accepted_count, failed=failed, error=err,
+        self.proc.report(self.id, written=result.accepted_count,
+                         failed=len(res.errors) + result.rejected_count, error=err,
                          polled=True, success=True)
-
-    async def connect(self) -> None:
-        addrs = await asyncio.to_thread(self.proc.policy.check, self.host, self.port)
-        # Connect to the address that was checked, not to a fresh resolution.
-        self.reader = make_reader(self.protocol, addrs[0], self.port, self.config,
-                                  pki_dir=self.proc.pki_dir,
-                                  trust_store=SourceTrustStore(self.proc.pool, self.id))
-        try:
-            await asyncio.wait_for(self.reader.connect(), self.timeout())
-        except BaseException:
-            await self.close()
-            raise
-
-    def timeout(self) -> float:
-        return float(self.config.get("timeout_seconds") or 5.0) * 2 + 1
-
-    def fail(self, message: str) -> None:
-        self.failures += 1
-        delay = min(BACKOFF_MAX, BACKOFF_BASE * 2 ** (self.failures - 1))
-        self.reconnect_at = asyncio.get_running_loop().time() + delay * random.uniform(0.5, 1.0)
-        self.proc.stats.failed += 1
-        self.proc.report(self.id, error=message, polled=True)
 
 
 class PollerProcess:

@@ -50,6 +50,14 @@ def series_rows(dsn, source_machine, metric):
                  source_machine, metric)
 
 
+@pytest.fixture(autouse=True)
+def only_this_tests_sources(pg_dsn):
+    """Sources other tests left behind would be polled (and counted) too."""
+    fetch(pg_dsn, "UPDATE ingest_sources SET is_active = false")
+    yield
+    fetch(pg_dsn, "UPDATE ingest_sources SET is_active = false")
+
+
 @pytest.fixture
 def api(server, tenant):
     return Api(server, server.token(tenant.org_id))

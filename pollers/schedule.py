@@ -1,0 +1,139 @@
+"""One device on a fixed schedule: the loop shared by the cloud poller and
+the edge agent. It is the single owner of its connection's reconnects
+(exponential backoff with jitter), and a slow or dead device only delays its
+own loop."""
+from __future__ import annotations
+
+import asyncio
+import random
+from typing import Awaitable, Callable
+
+from .base import Reader, ReaderError, ReadResult
+
+BACKOFF_BASE = 1.0      # first reconnect delay, seconds
+BACKOFF_MAX = 60.0      # cap of the reconnect delay
+
+
+class Stats:
+    """Poll-start lag samples and counters, for status lines and bench/."""
+
+    def __init__(self) -> None:
+        self.lags: list[float] = []
+        self.polls = 0
+        self.missed = 0
+        self.failed = 0
+        self.readings = 0
+
+    def snapshot(self, reset: bool = True) -> dict:
+        lags = sorted(self.lags)
+
+        def q(p):
+            return round(lags[min(len(lags) - 1, int(p * len(lags)))] * 1000, 2) if lags else None
+        out = {"polls": self.polls, "missed": self.missed, "failed": self.failed,
+               "readings": self.readings, "lag_ms_p50": q(0.5), "lag_ms_p99": q(0.99),
+               "lag_ms_max": round(lags[-1] * 1000, 2) if lags else None}
+        if reset:
+            self.__init__()
+        return out
+
+
+class PollLoop:
+    """Calls ``make_reader()`` (which connects) when there is no connection,
+    reads every ``interval`` seconds, and hands each result to ``sink``.
+
+    ``on_error(message)`` hears of every failed connect or read;
+    ``on_missed(n)`` of poll slots skipped because a poll overran;
+    ``may_poll(now)`` can veto a poll (the cloud poller's lease check).
+    """
+
+    def __init__(self, interval: float, timeout: float,
+                 make_reader: Callable[[], Awaitable[Reader]],
+                 sink: Callable[[ReadResult], Awaitable[None]],
+                 on_error: Callable[[str], None],
+                 stats: Stats,
+                 on_missed: Callable[[int], None] = lambda n: None,
+                 may_poll: Callable[[float], bool] = lambda now: True,
+                 name: str = "source") -> None:
+        self.interval = interval
+        self.timeout = timeout
+        self.make_reader = make_reader
+        self.sink = sink
+        self.on_error = on_error
+        self.on_missed = on_missed
+        self.may_poll = may_poll
+        self.stats = stats
+        self.reader: Reader | None = None
+        self.failures = 0
+        self.reconnect_at = 0.0
+        self.pending_sink: asyncio.Task | None = None
+        self.task = asyncio.create_task(self.run(), name=name)
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        # Spread first polls so many sources created at once do not fire together.
+        next_t = loop.time() + random.uniform(0, min(self.interval, 1.0))
+        try:
+            while True:
+                delay = next_t - loop.time()
+                if delay > 0:
+                    await asyncio.sleep(delay)
+                now = loop.time()
+                if not self.may_poll(now):
+                    next_t += self.interval
+                    continue
+                self.stats.lags.append(now - next_t)
+                await self.poll_once()
+                next_t += self.interval
+                behind = loop.time() - next_t
+                if behind > 0:  # a poll overran: skip the slots it ate, and say so
+                    skipped = int(behind // self.interval) + 1
+                    next_t += skipped * self.interval
+                    self.stats.missed += skipped
+                    self.on_missed(skipped)
+        finally:
+            if self.pending_sink is not None and not self.pending_sink.done():
+                self.pending_sink.cancel()
+            await self.close()
+
+    async def close(self) -> None:
+        if self.reader is not None:
+            reader, self.reader = self.reader, None
+            await reader.close()
+
+    async def stop(self) -> None:
+        self.task.cancel()
+        await asyncio.gather(self.task, return_exceptions=True)
+
+    async def poll_once(self) -> None:
+        loop = asyncio.get_running_loop()
+        self.stats.polls += 1
+        if self.reader is None:
+            if loop.time() < self.reconnect_at:
+                return
+            try:
+                self.reader = await asyncio.wait_for(self.make_reader(), self.timeout)
+            except asyncio.TimeoutError:
+                self.fail(f"connect: no answer within {self.timeout:.0f} s")
+                return
+            except ReaderError as exc:
+                self.fail(f"connect: {exc}")
+                return
+        try:
+            res = await asyncio.wait_for(self.reader.read(), self.timeout)
+        except (ReaderError, asyncio.TimeoutError) as exc:
+            await self.close()
+            self.fail(str(exc) or f"read: no answer within {self.timeout:.0f} s")
+            return
+        self.failures = 0
+        if self.pending_sink is not None and not self.pending_sink.done():
+            await self.pending_sink  # one sink in flight per source: order and memory bounded
+        # The sink (a database write, a disk queue) runs beside the schedule,
+        # so a slow write does not push the next poll back.
+        self.pending_sink = asyncio.create_task(self.sink(res))
+
+    def fail(self, message: str) -> None:
+        self.failures += 1
+        delay = min(BACKOFF_MAX, BACKOFF_BASE * 2 ** (self.failures - 1))
+        self.reconnect_at = asyncio.get_running_loop().time() + delay * random.uniform(0.5, 1.0)
+        self.stats.failed += 1
+        self.on_error(message)
