@@ -3,12 +3,13 @@ pollers and by test-connection (the edge agent builds the same classes from
 its TOML)."""
 from __future__ import annotations
 
+import asyncio
 import uuid
 from pathlib import Path
 
 import msgspec
 
-from .base import Reader
+from .base import Reader, ReaderError
 from .modbus import ModbusConfig, ModbusReader
 from .opcua import OpcuaConfig, OpcuaReader, TrustStore, endpoint_url
 
@@ -40,3 +41,23 @@ class SourceTrustStore:
         await self._pool.execute(
             "UPDATE ingest_sources SET server_cert_sha256 = $2 WHERE id = $1"
             " AND server_cert_sha256 IS NULL", self._id, sha256_hex)
+
+
+async def probe_reader(reader: Reader, timeout: float) -> tuple[bool, str]:
+    """Connect, read every point once, close: (success, a sentence for a person).
+    Used by test-connection and by `haltless agent --check`."""
+    try:
+        await asyncio.wait_for(reader.connect(), timeout)
+        res = await asyncio.wait_for(reader.read(), timeout)
+    except ReaderError as exc:
+        return False, str(exc)
+    except asyncio.TimeoutError:
+        return False, f"no answer within {timeout:.0f} s"
+    finally:
+        await reader.close()
+    if res.errors:
+        total = len(res.samples) + len(res.errors)
+        first = "; ".join(f"{e.raw_tag} ({e.metric_name}): {e.message}" for e in res.errors[:3])
+        more = f" (and {len(res.errors) - 3} more)" if len(res.errors) > 3 else ""
+        return False, f"connected, but {len(res.errors)} of {total} points failed: {first}{more}"
+    return True, "Connected successfully"

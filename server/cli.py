@@ -222,7 +222,22 @@ def build_parser() -> argparse.ArgumentParser:
                          "(default 3)")
     sp.add_argument("--stats-file", help="append a JSON status line here every 10 s")
     sp.set_defaults(func=cmd_pollers)
+
+    sp = sub.add_parser("agent", help="edge agent: read devices on site, push over HTTP "
+                        "with store-and-forward")
+    sp.add_argument("--config", required=True, help="agent TOML file (the contract's format)")
+    sp.add_argument("--check", action="store_true",
+                    help="validate the file, test every source once, print a table, exit")
+    sp.set_defaults(func=cmd_agent)
     return p
+
+
+def cmd_agent(args) -> None:
+    from pollers.agent import main as agent_main
+    level = os.environ.get("HALTLESS_LOG_LEVEL", "info")
+    code = agent_main(args.config, args.check, level)
+    if code:
+        sys.exit(code)
 
 
 def cmd_pollers(args) -> None:

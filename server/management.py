@@ -11,8 +11,7 @@ from typing import Annotated
 import msgspec
 from msgspec import Meta
 
-from pollers.base import ReaderError
-from pollers.readers import SourceTrustStore, make_reader
+from pollers.readers import SourceTrustStore, make_reader, probe_reader
 
 from . import sources, store
 from .auth import verify_token
@@ -119,29 +118,14 @@ async def test_connection(app, req: Request) -> Response:
 
 async def probe(protocol: str, host: str, port: int, config: dict, *, policy, pki_dir,
                 trust_store) -> dict:
-    """Connect, read every point once, close. Shared with `haltless agent --check`."""
+    """Check the address policy, then connect, read every point once, close."""
     try:
         addrs = await asyncio.to_thread(policy.check, host, port)
     except TargetRefused as exc:
         return {"success": False, "message": str(exc)}
     reader = make_reader(protocol, addrs[0], port, config, pki_dir=pki_dir, trust_store=trust_store)
-    timeout = float(config.get("timeout_seconds") or 5.0) * 2 + 1
-    try:
-        await asyncio.wait_for(reader.connect(), timeout)
-        res = await asyncio.wait_for(reader.read(), timeout)
-    except ReaderError as exc:
-        return {"success": False, "message": str(exc)}
-    except asyncio.TimeoutError:
-        return {"success": False, "message": f"no answer from {host}:{port} within {timeout:.0f} s"}
-    finally:
-        await reader.close()
-    total = len(res.samples) + len(res.errors)
-    if res.errors:
-        first = "; ".join(f"{e.raw_tag} ({e.metric_name}): {e.message}" for e in res.errors[:3])
-        more = f" (and {len(res.errors) - 3} more)" if len(res.errors) > 3 else ""
-        return {"success": False,
-                "message": f"connected, but {len(res.errors)} of {total} points failed: {first}{more}"}
-    return {"success": True, "message": "Connected successfully"}
+    ok, message = await probe_reader(reader, float(config.get("timeout_seconds") or 5.0) * 2 + 1)
+    return {"success": ok, "message": message}
 
 
 LIMIT = 1024 * 1024

@@ -31,7 +31,7 @@ class Pollers:
         self._log.close()
 
     def log(self):
-        return open(self.log_path).read()
+        return self.log_path.read_text(errors="replace")
 
 
 def wait_for(pred, timeout=20.0, every=0.2, what="condition"):
