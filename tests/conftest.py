@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
+import tempfile
 import signal
 import socket
 import subprocess
@@ -52,7 +54,11 @@ def pg_dsn(tmp_path_factory):
         base, _, query = outer.partition("?")
         dsn = base.rsplit("/", 1)[0] + "/" + name + (("?" + query) if query else "")
     else:
-        dsn = db.start_embedded(tmp_path_factory.mktemp("pg"))
+        # Not under pytest's basetemp: that tree is 0700, and the embedded
+        # server runs as its own system user when the tests run as root.
+        pgdir = Path(tempfile.mkdtemp(prefix="haltless-test-pg-"))
+        pgdir.chmod(0o755)
+        dsn = db.start_embedded(pgdir)
 
     async def migrate():
         c = await asyncpg.connect(dsn)
@@ -62,6 +68,9 @@ def pg_dsn(tmp_path_factory):
             await c.close()
     run(migrate())
     yield dsn
+    if not outer:
+        db.stop_embedded(pgdir)
+        shutil.rmtree(pgdir, ignore_errors=True)
     if outer:
         async def drop():
             c = await asyncpg.connect(outer)
@@ -190,6 +199,16 @@ def server(pg_dsn, tmp_path_factory):
     srv.start(d / "server.log")
     yield srv
     srv.stop()
+
+
+@pytest.fixture
+def public_tmp():
+    """A temporary directory other system users can enter (for data dirs of
+    an embedded PostgreSQL, which runs as its own user when we are root)."""
+    d = Path(tempfile.mkdtemp(prefix="haltless-test-"))
+    d.chmod(0o755)
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
 
 
 @pytest.fixture

