@@ -1,9 +1,8 @@
 """OPC-UA reader: polls the Value attribute of configured nodes with asyncua.
 
-Security: with security_mode "Sign"/"SignAndEncrypt" the channel uses
-Basic256Sha256 with a client certificate kept in ``pki_dir``. The server's
-certificate is checked against a pinned SHA-256 fingerprint, or else trusted on
-first use through a ``TrustStore`` (later connections must present the same one).
+With security_mode "Sign"/"SignAndEncrypt" the channel uses Basic256Sha256 and
+a client certificate kept in ``pki_dir``. The server's certificate must match a
+pinned SHA-256 fingerprint, or else is trusted on first use via a TrustStore.
 """
 from __future__ import annotations
 
@@ -34,12 +33,6 @@ from msgspec import Meta
 
 from pollers.base import PointError, ReaderError, ReadResult, Sample, utcnow
 
-__all__ = [
-    "ClientCertificate", "FileTrustStore", "OpcuaConfig", "OpcuaNode", "OpcuaReader", "TrustStore",
-    "endpoint_url", "ensure_client_certificate", "parse_endpoint", "parse_node_id", "raw_tag",
-    "validate_opcua_config",
-]
-
 
 class OpcuaNode(msgspec.Struct, forbid_unknown_fields=True):
     node_id: Annotated[str, Meta(min_length=1, max_length=512)]
@@ -58,24 +51,18 @@ class OpcuaConfig(msgspec.Struct, forbid_unknown_fields=True):
     timeout_seconds: Annotated[float, Meta(gt=0, le=60)] = 5.0
 
 
-# ---------------------------------------------------------------- node ids
-
 _NODE_ID_HELP = "use ns=<n>;i=<number>, ns=<n>;s=<string>, ns=<n>;g=<guid>, or ns=<n>;b=<base64>"
 _NODE_ID_RE = re.compile(r"(?:ns=([0-9]{1,5});)?([isgb])=(.+)", re.DOTALL)
 _GUID_RE = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
 
 
 def parse_node_id(text: str) -> ua.NodeId:
-    """Parse one of the four node id formats; ``ns=<n>;`` may be left out (ns=0).
-
-    Stricter than ``ua.NodeId.from_string``, which silently accepts a bad
-    base64 identifier as raw bytes and so would read some other node.
-    """
+    """Parse one of the four node id formats; a missing ``ns=<n>;`` means ns=0.
+    (``ua.NodeId.from_string`` takes malformed base64 as raw bytes: another node.)"""
     m = _NODE_ID_RE.fullmatch(text)
     if m is None:
         raise ValueError(f"{text!r} is not a node id; {_NODE_ID_HELP}")
-    ns = int(m.group(1) or 0)
-    kind, ident = m.group(2), m.group(3)
+    ns, kind, ident = int(m.group(1) or 0), m.group(2), m.group(3)
     if ns > 65535:
         raise ValueError(f"{text!r}: namespace index {ns} is out of range (0-65535)")
     if kind == "i":
@@ -92,22 +79,23 @@ def parse_node_id(text: str) -> ua.NodeId:
         raw = base64.b64decode(ident, validate=True)
     except (binascii.Error, ValueError):
         raw = b""
-    # only canonical base64 round-trips; this also keeps raw_tag() collision-free
+    # only canonical base64 round-trips; that also keeps raw_tag() collision-free
     if not raw or base64.b64encode(raw).decode("ascii") != ident:
-        raise ValueError(f"{text!r}: an opaque identifier must be non-empty, padded base64 (e.g. M/RbKBsRVkePCePcx24oRA==)")
+        raise ValueError(f"{text!r}: an opaque identifier must be non-empty, padded base64 "
+                         "(like M/RbKBsRVkePCePcx24oRA==)")
     return ua.NodeId(raw, ns, ua.NodeIdType.ByteString)
 
 
 def raw_tag(node_id: str) -> str:
-    """The reading's raw_tag for a configured node id: the text as configured,
-    with every '=' dropped and every ';' replaced by '_'.
+    """A reading's raw_tag: the node id exactly as configured, every '=' dropped
+    and every ';' replaced by '_'.
 
-    ``ns=2;i=1001`` -> ``ns2_i1001``, ``ns=2;s=Temperature.Value`` ->
-    ``ns2_sTemperature.Value``, ``ns=2;g=0908...b28a`` -> ``ns2_g0908...b28a``,
-    ``ns=2;b=M/RbKBsRVkePCePcx24oRA==`` -> ``ns2_bM/RbKBsRVkePCePcx24oRA``,
-    ``i=85`` -> ``i85`` (no ns is added). Base64 padding is implied by length,
-    so dropping it loses nothing; only string ids that themselves contain '='
-    or ';' can collide (``s=a=b`` and ``s=ab``).
+    ``ns=2;i=1001`` -> ``ns2_i1001``; ``ns=2;s=Temperature.Value`` ->
+    ``ns2_sTemperature.Value``; ``ns=2;g=09087e75-...`` -> ``ns2_g09087e75-...``;
+    ``ns=2;b=M/RbKBsRVkePCePcx24oRA==`` -> ``ns2_bM/RbKBsRVkePCePcx24oRA``;
+    ``i=85`` -> ``i85`` (no ns is added). Dropping base64 padding loses nothing
+    (its length implies it); only string ids that themselves contain '=' or ';'
+    can collide (``s=a=b`` and ``s=ab``).
     """
     return node_id.replace("=", "").replace(";", "_")
 
@@ -119,33 +107,22 @@ def validate_opcua_config(cfg: OpcuaConfig) -> None:
             parse_node_id(node.node_id)
         except ValueError as exc:
             raise ValueError(f"nodes[{i}].node_id: {exc}") from None
-    if cfg.username is not None and cfg.password is None:
-        raise ValueError("password: required when username is set")
-    if cfg.password is not None and cfg.username is None:
-        raise ValueError("username: required when password is set")
-    if cfg.username is not None:
-        if not cfg.username:
-            raise ValueError("username: must not be empty")
-        if cfg.security_mode == "None":
-            raise ValueError(
-                "username: needs security_mode 'Sign' or 'SignAndEncrypt'; with 'None' the password "
-                "would travel in clear text over the network"
-            )
+    if (cfg.username is None) != (cfg.password is None):
+        given, missing = ("username", "password") if cfg.password is None else ("password", "username")
+        raise ValueError(f"{missing}: required when {given} is set")
+    if cfg.username == "":
+        raise ValueError("username: must not be empty")
+    if cfg.username is not None and cfg.security_mode == "None":
+        raise ValueError("username: needs security_mode 'Sign' or 'SignAndEncrypt'; with 'None' the password "
+                         "would travel in clear text over the network")
     pin = cfg.server_certificate_sha256
-    if pin is not None:
-        if not re.fullmatch(r"[0-9a-fA-F]{64}", pin):
-            raise ValueError(
-                f"server_certificate_sha256: {pin!r} must be 64 hex characters "
-                "(the SHA-256 of the server certificate in DER form)"
-            )
-        if cfg.security_mode == "None":
-            raise ValueError(
-                "server_certificate_sha256: a pin only takes effect with security_mode 'Sign' or "
-                "'SignAndEncrypt'; with 'None' the server certificate is not used"
-            )
+    if pin is not None and not re.fullmatch(r"[0-9a-fA-F]{64}", pin):
+        raise ValueError(f"server_certificate_sha256: {pin!r} must be 64 hex characters "
+                         "(the SHA-256 of the server certificate in DER form)")
+    if pin is not None and cfg.security_mode == "None":
+        raise ValueError("server_certificate_sha256: a pin only takes effect with security_mode 'Sign' or "
+                         "'SignAndEncrypt'; with 'None' the server certificate is not used")
 
-
-# ---------------------------------------------------------------- endpoints
 
 def endpoint_url(host: str, port: int) -> str:
     if ":" in host and not host.startswith("["):
@@ -155,26 +132,24 @@ def endpoint_url(host: str, port: int) -> str:
 
 def parse_endpoint(endpoint: str) -> tuple[str, int]:
     """``opc.tcp://host:port[/path]`` -> (host, port)."""
-    form = "use opc.tcp://host:port, e.g. opc.tcp://192.168.1.20:4840"
+    def bad(why: str) -> ValueError:
+        return ValueError(f"endpoint {endpoint!r} {why}; use opc.tcp://host:port, e.g. opc.tcp://192.168.1.20:4840")
+
     parts = urlsplit(endpoint.strip())
     if parts.scheme.lower() != "opc.tcp":
-        raise ValueError(f"endpoint {endpoint!r} is not an opc.tcp:// URL; {form}")
+        raise bad("is not an opc.tcp:// URL")
     if "@" in parts.netloc:
-        raise ValueError(f"endpoint {endpoint!r} contains credentials; set username/password in the config instead")
-    if parts.query or parts.fragment:
-        raise ValueError(f"endpoint {endpoint!r} must not have a query or fragment; {form}")
+        raise bad("contains credentials (set username/password in the config instead)")
     try:
         port = parts.port
     except ValueError:
-        raise ValueError(f"endpoint {endpoint!r} has an invalid port; {form}") from None
+        raise bad("has an invalid port") from None
     if not parts.hostname:
-        raise ValueError(f"endpoint {endpoint!r} has no host; {form}")
-    if port is None or port == 0:
-        raise ValueError(f"endpoint {endpoint!r} has no port; {form}")
+        raise bad("has no host")
+    if not port:
+        raise bad("has no port")
     return parts.hostname, port
 
-
-# ---------------------------------------------------------------- server certificate trust
 
 class TrustStore(Protocol):
     async def get(self, endpoint: str) -> str | None: ...
@@ -184,11 +159,7 @@ class TrustStore(Protocol):
 
 class FileTrustStore:
     """Fingerprints recorded on first use, as a JSON object {endpoint: sha256_hex}.
-
-    Writes replace the file atomically, so a crash never leaves it half-written.
-    Two processes writing at once can lose one record; it is re-recorded on that
-    reader's next connect.
-    """
+    Two processes writing at once can lose a record; it is re-recorded on the next connect."""
 
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
@@ -212,7 +183,7 @@ class FileTrustStore:
             _write_atomic(self.path, json.dumps(data, indent=2, sort_keys=True).encode(), 0o644)
 
     async def get(self, endpoint: str) -> str | None:
-        # no lock: os.replace makes every read see a whole file
+        # no lock needed: os.replace means a reader always sees a whole file
         return (await asyncio.to_thread(self._load)).get(endpoint)
 
     async def put(self, endpoint: str, sha256_hex: str) -> None:
@@ -221,41 +192,33 @@ class FileTrustStore:
 
 def _write_atomic(path: Path, data: bytes, mode: int) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")  # created 0600
     try:
-        os.fchmod(fd, mode)
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, mode)
         os.replace(tmp, path)
     except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
+        Path(tmp).unlink(missing_ok=True)
         raise
 
-
-# ---------------------------------------------------------------- client certificate
 
 class ClientCertificate(NamedTuple):
     cert_path: Path
     key_path: Path
     application_uri: str
-    sha256: str  # what a server admin compares before trusting it
+    sha256: str  # what a server admin compares before trusting the certificate
 
 
 _CERT_LOCK = threading.Lock()
 
 
 def ensure_client_certificate(pki_dir: Path) -> ClientCertificate:
-    """Load the client certificate from pki_dir, generating it on first use.
-
-    Blocking (RSA key generation); call via asyncio.to_thread. Servers trust a
-    certificate once, so it is generated once and then kept; valid 10 years so
-    it does not silently expire in the field.
-    """
+    """Load client_cert.der / client_key.pem from pki_dir, generating them on first use
+    (blocking: call via asyncio.to_thread). A server administrator trusts the certificate
+    once, so it is kept, and valid for 10 years so it does not silently expire in the field."""
     pki_dir = Path(pki_dir)
     cert_path, key_path = pki_dir / "client_cert.der", pki_dir / "client_key.pem"
     with _CERT_LOCK:
@@ -272,61 +235,48 @@ def ensure_client_certificate(pki_dir: Path) -> ClientCertificate:
             _write_atomic(key_path, cert_gen.dump_private_key_as_pem(key), 0o600)
             _write_atomic(cert_path, cert.public_bytes(Encoding.DER), 0o644)
         der = cert_path.read_bytes()
-    cert = x509.load_der_x509_certificate(der)
-    # The session's ApplicationUri must equal the one in the certificate, even
-    # if the hostname changed since it was generated.
-    san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-    uris = san.get_values_for_type(x509.UniformResourceIdentifier)
+    # The session must announce the ApplicationUri that is in the certificate,
+    # even if the hostname changed since it was generated.
+    san = x509.load_der_x509_certificate(der).extensions.get_extension_for_class(x509.SubjectAlternativeName)
+    uris = san.value.get_values_for_type(x509.UniformResourceIdentifier)
     return ClientCertificate(cert_path, key_path, uris[0] if uris else "", hashlib.sha256(der).hexdigest())
 
 
-# ---------------------------------------------------------------- the reader
-
+_UTC = _dt.timezone.utc
 _MODES = {"Sign": ua.MessageSecurityMode.Sign, "SignAndEncrypt": ua.MessageSecurityMode.SignAndEncrypt}
-_NO_TIME = _dt.datetime(1601, 1, 2, tzinfo=_dt.timezone.utc)  # OPC-UA "no timestamp" is the 1601 epoch
-_POINT_HINTS = {
-    "BadNodeIdUnknown": "does not exist on the server",
-    "BadNodeIdInvalid": "is not a valid node id for this server",
-    "BadAttributeIdInvalid": "has no value (is it a variable?)",
-    "BadNotReadable": "is not readable",
-    "BadUserAccessDenied": "may not be read by this user",
-}
+_NO_TIME = _dt.datetime(1601, 1, 2, tzinfo=_UTC)  # servers send the 1601 epoch for "no timestamp"
+_POINT_HINTS = {"BadNodeIdUnknown": "does not exist on the server", "BadNotReadable": "is not readable",
+                "BadAttributeIdInvalid": "has no value (is it a variable?)"}
 _IDENTITY_ERRORS = {"BadUserAccessDenied", "BadIdentityTokenInvalid", "BadIdentityTokenRejected"}
 
 
-def _status_name(exc: ua.UaStatusCodeError) -> str:
-    return ua.StatusCode(exc.code).name
-
-
 class OpcuaReader:
-    """One session to one OPC-UA server, reading the configured nodes' values."""
+    """One session with one OPC-UA server, reading the configured nodes' values."""
 
     def __init__(self, endpoint: str, config: OpcuaConfig, *, pki_dir: Path, trust_store: TrustStore) -> None:
         validate_opcua_config(config)
         self._host, self._port = parse_endpoint(endpoint)
-        self._url = endpoint.strip()
-        self._where = f"{self._host}:{self._port}"
-        self._trust_key = endpoint_url(self._host.lower(), self._port)  # one certificate per server
-        self._cfg = config
-        self._pki_dir = Path(pki_dir)
-        self._trust_store = trust_store
+        self._url, self._where = endpoint.strip(), f"{self._host}:{self._port}"
+        self._trust_key = endpoint_url(self._host.lower(), self._port)  # a server has one certificate
+        self._cfg, self._pki_dir, self._trust_store = config, Path(pki_dir), trust_store
         self._points = [(n.node_id, raw_tag(n.node_id), n.metric_name, n.unit) for n in config.nodes]
         self._read_ids = [
-            ua.ReadValueId(NodeId=parse_node_id(n.node_id), AttributeId=ua.AttributeIds.Value)
-            for n in config.nodes
+            ua.ReadValueId(NodeId=parse_node_id(n.node_id), AttributeId=ua.AttributeIds.Value) for n in config.nodes
         ]
         self._batches: list[ua.ReadParameters] = []
         self._client: Client | None = None
-        self.max_nodes_per_read = 0  # as reported by the server after connect; 0 = no limit
+        self.max_nodes_per_read = 0  # the server's limit, read at connect; 0 = none
 
     async def connect(self) -> None:
         await self.close()
         cfg = self._cfg
-        # The supervisor's keep-alive probe duplicates what our polling already
-        # detects; keep it rare so it does not compete with large reads.
+        # Our polls notice a dead connection anyway, so the supervisor's
+        # keep-alive probe only has to keep the session from expiring.
         client = Client(self._url, timeout=cfg.timeout_seconds, watchdog_intervall=max(10.0, cfg.timeout_seconds))
+        # Sessions orphaned by a dropped link hold one of the few session slots
+        # an embedded server has until they time out: 2 min, not asyncua's 1 h.
+        client.session_timeout = 120_000
         client.name = client.description = "haltless OPC-UA reader"
-        client.product_uri = "urn:haltless"
         ccert: ClientCertificate | None = None
         connected = False
         try:
@@ -349,90 +299,76 @@ class OpcuaReader:
             connected = True
             if fingerprint is not None and fingerprint != known:
                 await self._trust_store.put(self._trust_key, fingerprint)
-            self.max_nodes_per_read = await self._read_max_nodes_per_read(client)
+            limit_id = ua.NodeId(ua.ObjectIds.Server_ServerCapabilities_OperationLimits_MaxNodesPerRead)
+            params = ua.ReadParameters(NodesToRead=[ua.ReadValueId(limit_id, ua.AttributeIds.Value)])
+            [dv] = await client.uaclient.read(params)
+            limit = dv.Value.Value if dv.Value is not None and (dv.StatusCode is None or dv.StatusCode.is_good()) else 0
+            self.max_nodes_per_read = limit if isinstance(limit, int) and limit > 0 else 0  # 0/missing: no limit
         except BaseException as exc:
             if connected:
                 await _disconnect_quietly(client, cfg.timeout_seconds)
+            else:
+                client.disconnect_socket()  # e.g. cancelled mid-handshake
             if isinstance(exc, Exception) and not isinstance(exc, ReaderError):
                 raise self._connect_error(exc, ccert) from exc
             raise
         size = self.max_nodes_per_read or len(self._read_ids)
         self._batches = [
-            ua.ReadParameters(TimestampsToReturn=ua.TimestampsToReturn.Source, NodesToRead=self._read_ids[i : i + size])
+            ua.ReadParameters(TimestampsToReturn=ua.TimestampsToReturn.Source, NodesToRead=self._read_ids[i:i + size])
             for i in range(0, len(self._read_ids), size)
         ]
         self._client = client
 
     async def _server_certificate(self, client: Client) -> bytes:
-        # Fetched ourselves rather than by set_security so that a missing mode
+        # Fetched here rather than inside set_security so that a missing mode
         # can be reported together with what the server does offer.
         endpoints = await client.connect_and_get_server_endpoints()
         mode, uri = _MODES[self._cfg.security_mode], security_policies.SecurityPolicyBasic256Sha256.URI
         for ep in endpoints:
             if ep.SecurityMode == mode and ep.SecurityPolicyUri == uri and ep.ServerCertificate:
-                return uacrypto.der_from_x509(uacrypto.x509_from_der(ep.ServerCertificate))
-        offered = sorted({f"{ep.SecurityPolicyUri.rpartition('#')[2]}/{ep.SecurityMode.name.rstrip('_')}" for ep in endpoints})
-        raise ReaderError(
-            f"the OPC-UA server at {self._where} does not offer security mode {self._cfg.security_mode} with "
-            f"policy Basic256Sha256; it offers: {', '.join(offered) or 'nothing'}"
-        )
+                return uacrypto.der_from_x509(uacrypto.x509_from_der(ep.ServerCertificate))  # drop any chain
+        offered = sorted({f"{e.SecurityPolicyUri.rpartition('#')[2]}/{e.SecurityMode.name.rstrip('_')}"
+                          for e in endpoints})
+        raise ReaderError(f"the OPC-UA server at {self._where} does not offer security mode "
+                          f"{self._cfg.security_mode} with policy Basic256Sha256; it offers: "
+                          f"{', '.join(offered) or 'nothing'}")
 
     def _check_server_certificate(self, fingerprint: str, known: str | None) -> None:
         pin = self._cfg.server_certificate_sha256
         accept = f"if this change is expected, accept it by setting server_certificate_sha256 to {fingerprint}"
-        if pin is not None:
-            if fingerprint != pin.lower():
-                raise ReaderError(
-                    f"the certificate of the OPC-UA server at {self._where} does not match the pinned "
-                    f"fingerprint: pinned SHA-256 {pin.lower()}, server presents {fingerprint}; {accept}"
-                )
-        elif known is not None and fingerprint != known:
+        if pin is not None and fingerprint != pin.lower():
+            raise ReaderError(f"the certificate of the OPC-UA server at {self._where} does not match the pinned "
+                              f"fingerprint: pinned SHA-256 {pin.lower()}, server presents {fingerprint}; {accept}")
+        if pin is None and known is not None and fingerprint != known:
             raise ReaderError(
                 f"the certificate of the OPC-UA server at {self._where} changed since it was first trusted: "
                 f"recorded SHA-256 {known}, server now presents {fingerprint}. This happens when the server "
-                f"is reinstalled or its certificate renewed - or when another machine impersonates it; {accept}"
-            )
-
-    async def _read_max_nodes_per_read(self, client: Client) -> int:
-        node = ua.NodeId(ua.ObjectIds.Server_ServerCapabilities_OperationLimits_MaxNodesPerRead)
-        params = ua.ReadParameters(NodesToRead=[ua.ReadValueId(NodeId=node, AttributeId=ua.AttributeIds.Value)])
-        [dv] = await client.uaclient.read(params)
-        value = dv.Value.Value if dv.Value is not None else None
-        good = dv.StatusCode is None or dv.StatusCode.is_good()
-        return value if good and isinstance(value, int) and value > 0 else 0
+                f"is reinstalled or its certificate renewed - or when another machine impersonates it; {accept}")
 
     def _connect_error(self, exc: Exception, ccert: ClientCertificate | None) -> ReaderError:
         cfg, where = self._cfg, self._where
         if isinstance(exc, ConnectionRefusedError):
             return ReaderError(f"connection refused by {where} - is the OPC-UA server running?")
         if isinstance(exc, TimeoutError):
-            return ReaderError(
-                f"no answer from {where} within {cfg.timeout_seconds:g}s - is this the address of an "
-                "OPC-UA server, and is it reachable?"
-            )
-        if isinstance(exc, socket.gaierror):
-            return ReaderError(f"cannot resolve host {self._host!r}: {exc.strerror}")
+            return ReaderError(f"no answer from {where} within {cfg.timeout_seconds:g}s - is this the address "
+                               "of an OPC-UA server, and is it reachable?")
         if isinstance(exc, OSError):
             return ReaderError(f"cannot connect to {where}: {exc.strerror or exc}")
         if not isinstance(exc, ua.UaStatusCodeError):
             return ReaderError(f"connecting to the OPC-UA server at {where} failed: {type(exc).__name__}: {exc}")
-        name = _status_name(exc)
+        name = ua.StatusCode(exc.code).name
+        if name in _IDENTITY_ERRORS and cfg.username is not None:
+            return ReaderError(f"the server rejected user {cfg.username!r}: wrong username or password ({name})")
         if name in _IDENTITY_ERRORS:
-            if cfg.username is not None:
-                return ReaderError(f"the server rejected user {cfg.username!r}: wrong username or password ({name})")
-            return ReaderError(
-                f"the server at {where} does not allow anonymous access ({name}); set username and password"
-            )
+            return ReaderError(f"the server at {where} does not allow anonymous access ({name}); "
+                               "set username and password")
         if ccert is not None and (name.startswith("BadCertificate") or name == "BadSecurityChecksFailed"):
-            return ReaderError(
-                f"the server at {where} rejected our client certificate ({name}): the client certificate must be "
-                f"trusted on the server - it is {ccert.cert_path} (SHA-256 {ccert.sha256})"
-            )
+            return ReaderError(f"the server at {where} rejected our client certificate ({name}): the client "
+                               f"certificate must be trusted on the server - it is {ccert.cert_path} "
+                               f"(SHA-256 {ccert.sha256})")
         if name in ("BadSecurityPolicyRejected", "BadSecurityModeRejected"):
-            return ReaderError(
-                f"the server at {where} rejected security mode {cfg.security_mode} with policy "
-                f"{cfg.security_policy} ({name})"
-            )
+            return ReaderError(f"the server at {where} rejected security mode {cfg.security_mode} with policy "
+                               f"{cfg.security_policy} ({name})")
         return ReaderError(f"the OPC-UA server at {where} refused the connection: {name}")
 
     async def read(self) -> ReadResult:
@@ -443,45 +379,36 @@ class OpcuaReader:
         samples: list[Sample] = []
         errors: list[PointError] = []
         points = iter(self._points)
-        # Batches go one after another: not every server accepts several
-        # requests in flight on one session.
+        # One batch after another: not every server takes several requests in flight per session.
         for params in self._batches:
             try:
                 results = await client.uaclient.read(params)
             except Exception as exc:
                 raise self._read_error(exc) from exc
             if len(results) != len(params.NodesToRead):
-                raise ReaderError(
-                    f"the server at {self._where} answered {len(results)} values for {len(params.NodesToRead)} nodes"
-                )
+                raise ReaderError(f"the server at {self._where} answered {len(results)} values "
+                                  f"for {len(params.NodesToRead)} nodes")
             for dv, (node_id, tag, metric, unit) in zip(results, points):
                 status = dv.StatusCode
                 if status is not None and status.value & 0xC0000000:  # Good = top two bits clear
-                    name = status.name
-                    hint = _POINT_HINTS.get(name)
+                    hint = _POINT_HINTS.get(name := status.name)
                     msg = f"node {node_id} {hint} ({name})" if hint else f"the server reported status {name}, not Good"
                     errors.append(PointError(tag, metric, msg))
                     continue
                 variant = dv.Value
                 value = variant.Value if variant is not None else None
-                if not isinstance(value, (int, float)):
-                    type_name = variant.VariantType.name if variant is not None else "Null"
-                    if variant is not None and variant.is_array:
-                        type_name += "[]"
+                if not isinstance(value, (int, float)):  # bool is an int: True -> 1.0
+                    type_name = "Null" if variant is None else variant.VariantType.name + "[]" * variant.is_array
                     errors.append(PointError(tag, metric, f"value of type {type_name} is not numeric"))
                     continue
-                number = float(value)  # bool -> 1.0 / 0.0
+                number = float(value)
                 if not math.isfinite(number):
                     errors.append(PointError(tag, metric, f"value {number} is not a finite number"))
                     continue
                 ts = dv.SourceTimestamp
-                if ts is None:
-                    ts = poll_time
-                else:
-                    ts = ts.replace(tzinfo=_dt.timezone.utc) if ts.tzinfo is None else ts.astimezone(_dt.timezone.utc)
-                    if ts < _NO_TIME:
-                        ts = poll_time
-                samples.append(Sample(metric, unit, tag, number, ts))
+                if ts is not None and ts.tzinfo is not _UTC:
+                    ts = ts.replace(tzinfo=_UTC) if ts.tzinfo is None else ts.astimezone(_UTC)
+                samples.append(Sample(metric, unit, tag, number, poll_time if ts is None or ts < _NO_TIME else ts))
         return ReadResult(samples, errors)
 
     def _read_error(self, exc: Exception) -> ReaderError:
@@ -490,7 +417,7 @@ class OpcuaReader:
         if isinstance(exc, (ConnectionError, OSError)):
             return ReaderError(f"lost the connection to the OPC-UA server at {self._where} ({exc})")
         if isinstance(exc, ua.UaStatusCodeError):
-            return ReaderError(f"the OPC-UA server at {self._where} refused the read: {_status_name(exc)}")
+            return ReaderError(f"the OPC-UA server at {self._where} refused the read: {ua.StatusCode(exc.code).name}")
         return ReaderError(f"reading from {self._where} failed: {type(exc).__name__}: {exc}")
 
     async def close(self) -> None:
@@ -504,6 +431,6 @@ async def _disconnect_quietly(client: Client, timeout: float) -> None:
     try:
         await asyncio.wait_for(client.disconnect(), timeout + 1.0)
     except Exception:
-        pass  # the session dies with the socket or times out server-side
+        pass  # the server drops the session with the socket, or when it times out
     finally:
         client.disconnect_socket()
