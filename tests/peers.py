@@ -68,3 +68,32 @@ class ModbusPeer:
 
     def __exit__(self, *exc):
         self.close()
+
+
+class OpcuaPeer:
+    """The asyncua test server of test_opcua_reader (None, Sign and
+    SignAndEncrypt; one user) on its own loop thread."""
+
+    def __init__(self) -> None:
+        from test_opcua_reader import free_port, make_server_cert
+        self.port = free_port()
+        self.cert = make_server_cert("e2e-server")
+        self.lt = LoopThread()
+        self.server = None
+
+    def start(self) -> "OpcuaPeer":
+        from test_opcua_reader import start_server
+        self.server = self.lt.call(start_server(self.port, self.cert))
+        return self
+
+    def close(self) -> None:
+        if self.server is not None:
+            self.lt.call(self.server.stop())
+            self.server = None
+        self.lt.close()
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc):
+        self.close()

@@ -238,11 +238,17 @@ def spooled_total(tmp_path) -> int:
         db.close()
 
 
-def assert_exactly_once(pg_dsn, tenant, tmp_path):
+def assert_exactly_once(pg_dsn, tenant, tmp_path, timestamps_unique=True):
+    """Everything the agent ever queued is in the database exactly once.
+    (Modbus readings carry the poll time, so a repeated timestamp would mean
+    a batch stored twice; OPC-UA ones carry the server's source timestamp,
+    which repeats while a value does not change.)"""
     total, left = spooled_total(tmp_path)
     assert left == 0
     assert total > 0
     assert tenant.count(pg_dsn) == total
+    if not timestamps_unique:
+        return
     dup = fetchval(pg_dsn, "SELECT count(*) FROM (SELECT metric_name, timestamp FROM readings"
                    " WHERE org_id = $1 GROUP BY 1, 2 HAVING count(*) > 1) d", tenant.org_id)
     assert dup == 0
