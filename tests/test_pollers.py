@@ -169,3 +169,69 @@ def test_two_poller_processes_share_sources_and_survive_a_kill(server, api, pg_d
         gaps = [b - a for a, b in zip(ts, ts[1:])]
         assert min(gaps) > 0.5, f"source {i} polled twice at once: {gaps}"
         assert ts[-1] > killed_at + 1, f"source {i} not polled after the kill"
+
+
+def test_a_dead_device_does_not_delay_the_others(server, api, tenant, pg_dsn, tmp_path):
+    import asyncio
+
+    from peers import LoopThread
+    lt = LoopThread()
+
+    conns = []
+
+    async def black_hole():  # accepts connections, never answers
+        async def handle(reader, writer):
+            conns.append(writer)
+            while await reader.read(1 << 16):
+                pass
+        srv = await asyncio.start_server(handle, "127.0.0.1", 0)
+        return srv, srv.sockets[0].getsockname()[1]
+    hole, hole_port = lt.call(black_hole())
+    good_mid, dead_mid = tenant.machines["CNC-001"], tenant.machines["CNC-002"]
+    try:
+        with ModbusPeer([device(1, {100: 725})]) as peer:
+            for mid, port in ((dead_mid, hole_port), (good_mid, peer.port)):
+                body = {**MODBUS_BODY, "machine_id": str(mid), "port": port,
+                        "poll_interval_seconds": 1}
+                body["config"] = {**body["config"], "timeout_seconds": 2}
+                assert api.post("/api/v1/ingest-sources", body).status_code == 201
+            pollers = Pollers(server, tmp_path / "pollers.log")
+            try:
+                wait_for(lambda: len(series_rows(pg_dsn, good_mid, "temperature")) >= 8, timeout=30,
+                         what="eight polls of the good device")
+            finally:
+                pollers.kill(signal.SIGTERM)
+    finally:
+        lt.call(_close_server(hole, conns))
+        lt.close()
+    ts = [r["timestamp"].timestamp() for r in series_rows(pg_dsn, good_mid, "temperature")]
+    gaps = [b - a for a, b in zip(ts, ts[1:])]
+    assert max(gaps) < 1.5, gaps  # 1 s schedule kept while the other device hangs for 2 s a poll
+    assert series_rows(pg_dsn, dead_mid, "temperature") == []
+    st = fetch(pg_dsn, "SELECT last_error FROM ingest_sources WHERE machine_id = $1", dead_mid)[0]
+    assert st["last_error"] and str(hole_port) in st["last_error"]
+
+
+async def _close_server(srv, conns):
+    srv.close()
+    for w in conns:
+        w.close()
+    await srv.wait_closed()
+
+
+def test_the_address_policy_is_checked_again_at_poll_time(server, api, tenant, pg_dsn, tmp_path):
+    # Created while 127.0.0.0/8 was allowed; a poller whose policy says
+    # otherwise must refuse to connect (a name can also resolve differently later).
+    mid = tenant.machines["PRESS-7"]
+    with ModbusPeer([device(1, {100: 725})]) as peer:
+        body = {**MODBUS_BODY, "machine_id": str(mid), "port": peer.port, "poll_interval_seconds": 1}
+        src = api.post("/api/v1/ingest-sources", body).json()
+        strict = type(server)({**server.env, "HALTLESS_POLL_ALLOW": "10.0.0.0/8"})
+        pollers = Pollers(strict, tmp_path / "pollers.log")
+        try:
+            st = wait_for(lambda: (s := api.get(f"/api/v1/ingest-sources/{src['id']}").json()["status"])
+                          ["last_error"] and s, what="refusal reported")
+        finally:
+            pollers.kill(signal.SIGTERM)
+    assert "outside HALTLESS_POLL_ALLOW" in st["last_error"]
+    assert series_rows(pg_dsn, mid, "temperature") == []
