@@ -43,7 +43,7 @@ from server.wire import Reading, encoder
 from .base import ReadResult
 from .modbus import ModbusConfig, ModbusReader, validate_modbus_config
 from .opcua import FileTrustStore, OpcuaConfig, OpcuaReader, validate_opcua_config
-from .readers import probe_reader
+from .readers import connected, probe_reader
 from .schedule import PollLoop, Stats
 from .spool import Spool
 
@@ -295,13 +295,7 @@ class Agent:
         timeout = float(section.timeout_seconds) * 2 + 1
 
         async def connect():
-            reader = make_reader(src, self.state_dir)
-            try:
-                await reader.connect()
-            except BaseException:
-                await reader.close()
-                raise
-            return reader
+            return await connected(make_reader(src, self.state_dir))
 
         async def sink(res: ReadResult) -> None:
             bodies = [encoder.encode(Reading(src.machine_identifier, s.timestamp, s.metric_name,

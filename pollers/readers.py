@@ -43,6 +43,16 @@ class SourceTrustStore:
             " AND server_cert_sha256 IS NULL", self._id, sha256_hex)
 
 
+async def connected(reader: Reader) -> Reader:
+    """``reader``, connected; closed again if connecting fails."""
+    try:
+        await reader.connect()
+    except BaseException:
+        await reader.close()
+        raise
+    return reader
+
+
 async def probe_reader(reader: Reader, timeout: float) -> tuple[bool, str]:
     """Connect, read every point once, close: (success, a sentence for a person).
     Used by test-connection and by `haltless agent --check`."""

@@ -38,7 +38,7 @@ from server.secretbox import SecretBox
 from server.wire import Reading
 
 from .base import ReaderError
-from .readers import SourceTrustStore, make_reader
+from .readers import SourceTrustStore, connected, make_reader
 from .schedule import PollLoop, Stats
 
 log = logging.getLogger("haltless.pollers")
@@ -80,15 +80,9 @@ class SourceTask:
         except TargetRefused as exc:
             raise ReaderError(str(exc)) from None
         # Connect to the address that was checked, not to a fresh resolution.
-        reader = make_reader(self.protocol, addrs[0], self.port, self.config,
-                             pki_dir=self.proc.pki_dir,
-                             trust_store=SourceTrustStore(self.proc.pool, self.id))
-        try:
-            await reader.connect()
-        except BaseException:
-            await reader.close()
-            raise
-        return reader
+        return await connected(make_reader(
+            self.protocol, addrs[0], self.port, self.config, pki_dir=self.proc.pki_dir,
+            trust_store=SourceTrustStore(self.proc.pool, self.id)))
 
     async def write(self, res) -> None:
         readings = [Reading(self.machine, s.timestamp, s.metric_name, s.value, s.unit, s.raw_tag)
@@ -300,15 +294,7 @@ def run_pollers(settings: Settings, processes: int, lease_seconds: float,
     import multiprocessing
     import signal
 
-    dsn = db.database_url(settings)
-
-    async def prepare():
-        conn = await db.connect(dsn, settings.db_timeout)
-        try:
-            await db.migrate(conn)
-        finally:
-            await conn.close()
-    asyncio.run(prepare())
+    dsn = db.migrated_url(settings)
     SecretBox.load(settings.data_dir)  # create the key once, before the children race for it
     if processes == 1:
         run_process(settings, dsn, lease_seconds, stats_file)

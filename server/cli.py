@@ -53,15 +53,7 @@ def cmd_serve(args) -> None:
     from granian.constants import Interfaces, Loops
 
     s = _settings(args)
-    dsn = db.database_url(s)
-
-    async def prepare():
-        conn = await db.connect(dsn, s.db_timeout)
-        try:
-            await db.migrate(conn)
-        finally:
-            await conn.close()
-    asyncio.run(prepare())
+    dsn = db.migrated_url(s)
     jwt_secret(s.jwt_secret, s.data_dir)  # create it once here, not racing in workers
     os.environ["HALTLESS_DATABASE_URL"] = dsn  # workers join the same database
     os.environ["HALTLESS_DATA_DIR"] = str(s.data_dir)

@@ -118,6 +118,21 @@ def database_url(settings: Settings) -> str:
     return start_embedded(settings.data_dir)
 
 
+def migrated_url(settings: Settings) -> str:
+    """The DSN, with the schema migrated: what every long-running process
+    (server, pollers) does once before it starts its workers."""
+    dsn = database_url(settings)
+
+    async def prepare():
+        conn = await connect(dsn, settings.db_timeout)
+        try:
+            await migrate(conn)
+        finally:
+            await conn.close()
+    asyncio.run(prepare())
+    return dsn
+
+
 # ---------------------------------------------------------------- migrations
 
 def _migrations() -> list[tuple[int, str, str]]:

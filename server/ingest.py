@@ -154,11 +154,12 @@ class Catalog:
             cat = self._orgs[org_id] = OrgCatalog()
         return cat.series
 
-    def forget_machine(self, org_id: uuid.UUID, identifier: str | None = None) -> None:
+    def forget_absent(self, org_id: uuid.UUID, identifier: str) -> None:
+        """A machine was just created: stop answering "not found" for it here
+        (other workers stop within the negative TTL)."""
         cat = self._orgs.get(org_id)
         if cat is not None:
-            cat.series.clear()
-            cat.absent.clear()
+            cat.absent.pop(identifier, None)
 
     async def resolve(self, pool: asyncpg.Pool, org_id: uuid.UUID, readings: list,
                       missing: list[int]) -> dict[int, str]:
@@ -345,16 +346,15 @@ class Ingestor:
         stored = await self._stored(org_id, idempotency_key, digest)
         if stored is not None:
             return stored, True
-        readings, errors, raw = decode_batch(body)
-        holder: list = []
-        await self.ingest(org_id, readings, errors, raw,
-                          idem=(org_id, idempotency_key, digest, holder))
-        if holder[0] is None:  # another request with this key committed first
-            stored = await self._stored(org_id, idempotency_key, digest)
-            if stored is None:
-                raise DatabaseUnavailable("idempotency record vanished; retry")
-            return stored, True
-        return holder[0], False
+        payload, result = await self.prepare(org_id, *decode_batch(body))
+        encoded = encoder.encode(result)
+        if await self.writer.write(payload, (org_id, idempotency_key, digest, encoded)):
+            return encoded, False
+        # Another request with this key committed first: answer as it was answered.
+        stored = await self._stored(org_id, idempotency_key, digest)
+        if stored is None:
+            raise DatabaseUnavailable("idempotency record vanished; retry")
+        return stored, True
 
     async def _stored(self, org_id: uuid.UUID, key: str, digest: bytes) -> bytes | None:
         row = await self.pool.fetchrow(
@@ -368,43 +368,36 @@ class Ingestor:
         return bytes(row["response"])
 
     async def ingest(self, org_id: uuid.UUID, readings: list, errors: dict[int, str] | None = None,
-                     raw: list | None = None, idem: tuple | None = None) -> IngestResult:
-        """Commit the good readings; the result counts and explains the rest.
-        Raises DatabaseUnavailable when nothing could be committed. With
-        ``idem`` = (org_id, key, digest, holder), the encoded result is stored
-        under the key in the same transaction and appended to ``holder``
-        (None there when the key was already taken)."""
+                     raw: list | None = None) -> IngestResult:
+        """Commit the good readings; the result counts and explains the rest."""
+        payload, result = await self.prepare(org_id, readings, errors, raw)
+        await self.writer.write(payload)
+        return result
+
+    async def prepare(self, org_id: uuid.UUID, readings: list, errors: dict[int, str] | None = None,
+                      raw: list | None = None) -> tuple[bytes, IngestResult]:
+        """Validate and encode: the COPY rows of the good readings, and the
+        result to answer once they are committed."""
         errors = dict(errors or {})
         sent = readings
         series = self.catalog.series_of(org_id)
-        try:
+        payload, accepted, kerr, missing = encode_batch(readings, series, time.time_ns() // 1000)
+        if missing:
+            found = await self.catalog.resolve(self.pool, org_id, readings, missing)
+            if found:
+                readings = list(readings)
+                for i, msg in found.items():
+                    readings[i] = None
+                    errors[i] = msg
             payload, accepted, kerr, missing = encode_batch(readings, series, time.time_ns() // 1000)
-            if missing:
-                found = await self.catalog.resolve(self.pool, org_id, readings, missing)
-                if found:
-                    readings = list(readings)
-                    for i, msg in found.items():
-                        readings[i] = None
-                        errors[i] = msg
+            if missing:  # the cache was cleared under us by another request: rare
+                await self.catalog.resolve(self.pool, org_id, readings, missing)
                 payload, accepted, kerr, missing = encode_batch(
                     readings, series, time.time_ns() // 1000)
-                if missing:  # cache cleared under us by another request: rare
-                    await self.catalog.resolve(self.pool, org_id, readings, missing)
-                    payload, accepted, kerr, missing = encode_batch(
-                        readings, series, time.time_ns() // 1000)
-                    if missing:
-                        raise DatabaseUnavailable("series cache is churning; retry")
-            for i, msg in kerr:
-                errors[i] = msg
-            raw = raw or []
-            out = [ReadingError(i, _identifier(sent, raw, i), errors[i]) for i in sorted(errors)]
-            result = IngestResult(accepted, len(out), out)
-            if idem is None:
-                await self.writer.write(payload)
-            else:
-                encoded = encoder.encode(result)
-                fresh = await self.writer.write(payload, (idem[0], idem[1], idem[2], encoded))
-                idem[3].append(encoded if fresh else None)
-        except DB_DOWN as exc:
-            raise DatabaseUnavailable(f"database unavailable: {exc}") from exc
-        return result
+                if missing:
+                    raise DatabaseUnavailable("series cache is churning; retry")
+        for i, msg in kerr:
+            errors[i] = msg
+        raw = raw or []
+        out = [ReadingError(i, _identifier(sent, raw, i), errors[i]) for i in sorted(errors)]
+        return payload, IngestResult(accepted, len(out), out)

@@ -40,7 +40,7 @@ async def create_machine(app, req: Request) -> Response:
     body = sources.decode_body(req.body, MachineCreate)
     async with app.pool.acquire() as conn:
         row = await store.create_machine(conn, org, body.machine_identifier, body.name)
-    app.ingestor.catalog.forget_machine(org, body.machine_identifier)
+    app.ingestor.catalog.forget_absent(org, body.machine_identifier)
     return Response(201, _machine_json(row))
 
 

@@ -333,3 +333,14 @@ def test_check_prints_a_table_of_every_source(server, tmp_path):
     assert lines[1].split()[:3] == ["SOURCE", "RESULT", "LATENCY"]
     assert lines[2].startswith("conveyor-motor") and " ok " in lines[2] and "Connected successfully" in lines[2]
     assert lines[3].startswith("dead-plc") and " failed " in lines[3] and "refused" in lines[3]
+
+
+def test_retry_after_is_read_as_seconds_or_an_http_date():
+    import email.utils
+
+    from pollers.agent import _retry_after
+    assert _retry_after("7") == 7.0
+    assert _retry_after(None) is None and _retry_after("soon") is None
+    later = email.utils.formatdate(time.time() + 30, usegmt=True)
+    assert 25 <= _retry_after(later) <= 31
+    assert _retry_after(email.utils.formatdate(time.time() - 30, usegmt=True)) == 0.0

@@ -11,7 +11,7 @@ import jwt
 import pytest
 import requests
 
-from conftest import fetch, fetchval, make_tenant
+from conftest import fetch, make_tenant
 from peers import ModbusPeer, device
 from server.netpolicy import AddressPolicy, TargetRefused, parse_allow
 

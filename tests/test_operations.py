@@ -2,11 +2,8 @@
 process of one data dir, and recovery when the database goes away."""
 from __future__ import annotations
 
-import asyncio
-import json
 import os
 import subprocess
-import sys
 import time
 import uuid
 
@@ -16,10 +13,10 @@ import psutil
 import pytest
 import requests
 
-from conftest import HALTLESS, ROOT, ServerProcess, fetch, fetchval, make_tenant, run
+from conftest import HALTLESS, ROOT, ServerProcess, fetch, fetchval, run
 from server import db
 from server.errors import SchemaTooNew
-from test_ingest import now_iso, post, reading
+from test_ingest import post, reading
 
 
 def haltless(*args, env=None, check=True, timeout=60):

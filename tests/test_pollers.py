@@ -10,7 +10,7 @@ import uuid
 
 import pytest
 
-from conftest import HALTLESS, ROOT, fetch, fetchval
+from conftest import HALTLESS, ROOT, fetch
 from peers import ModbusPeer, device
 from test_management import MODBUS_BODY, Api
 
