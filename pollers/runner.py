@@ -21,6 +21,7 @@ agent) with its own schedule; a slow or dead device only delays itself.
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import logging
 import math
@@ -80,9 +81,10 @@ class SourceTask:
         except TargetRefused as exc:
             raise ReaderError(str(exc)) from None
         # Connect to the address that was checked, not to a fresh resolution.
-        return await connected(make_reader(
-            self.protocol, addrs[0], self.port, self.config, pki_dir=self.proc.pki_dir,
-            trust_store=SourceTrustStore(self.proc.pool, self.id)))
+        async with self.proc.connect_slots:
+            return await connected(make_reader(
+                self.protocol, addrs[0], self.port, self.config, pki_dir=self.proc.pki_dir,
+                trust_store=SourceTrustStore(self.proc.pool, self.id)))
 
     async def write(self, res) -> None:
         readings = [Reading(self.machine, s.timestamp, s.metric_name, s.value, s.unit, s.raw_tag)
@@ -118,6 +120,9 @@ class PollerProcess:
         self.pki_dir = settings.data_dir / "pki"
         self.pool = None
         self.ingestor = None
+        self._freeze: asyncio.TimerHandle | None = None
+        # Connecting many devices at once must not starve the lease renewal.
+        self.connect_slots = asyncio.Semaphore(100)
 
     def lease_valid(self, now: float) -> bool:
         return now < self.valid_until
@@ -160,6 +165,8 @@ class PollerProcess:
                 except asyncio.TimeoutError:
                     pass
         finally:
+            if self._freeze is not None:
+                self._freeze.cancel()
             await self.stop_tasks(list(self.tasks))
             try:
                 await self.flush()
@@ -228,8 +235,25 @@ class PollerProcess:
             if start:
                 for row in await conn.fetch(SOURCE_SQL, start):
                     self.tasks[row["id"]] = SourceTask(self, row)
+                self.schedule_gc_freeze()
             await conn.execute("DELETE FROM poller_processes WHERE seen_at < now() - interval '1 hour'")
         await self.flush()
+
+    def schedule_gc_freeze(self) -> None:
+        """Once new readers have connected, move the long-lived objects (readers,
+        clients, schedules) out of the collector's reach: a full collection of
+        them paused the loop ~100 ms at 1,000 sources, and every poll due in the
+        pause started late (bench/pollers: p99 lag 129-159 ms at 2,000 sources,
+        22 ms with the freeze)."""
+        if self._freeze is not None:
+            self._freeze.cancel()
+
+        def freeze():
+            self._freeze = None
+            gc.unfreeze()
+            gc.collect()
+            gc.freeze()
+        self._freeze = asyncio.get_running_loop().call_later(3.0, freeze)
 
     async def stop_tasks(self, ids) -> None:
         tasks = [self.tasks.pop(sid) for sid in ids if sid in self.tasks]
