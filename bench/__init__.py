@@ -1,0 +1,1 @@
+"""Ingest benchmark: haltless vs a FastAPI/pydantic/asyncpg baseline. See README.md."""

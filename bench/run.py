@@ -1,0 +1,426 @@
+"""Ingest benchmark: haltless vs the FastAPI baseline, on one embedded PostgreSQL.
+
+    python -m bench.run [--duration 20] [--connections 64] [--workers 2]
+                        [--only haltless|baseline] [--out bench/results/] [--profile]
+
+For each target: start its server (own process tree) on a free 127.0.0.1
+port, create 50 machines and an API key, warm up, then count committed
+readings in PostgreSQL before and after a timed load. readings/s is the
+database count delta over the load duration (after in-flight requests have
+drained), never a number taken from responses. See bench/README.md.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime as dt
+import http.client
+import importlib.metadata
+import json
+import os
+import platform
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+if __package__ in (None, ""):
+    sys.path.insert(0, str(ROOT))
+
+import asyncpg  # noqa: E402
+
+from bench import baseline_app, loadgen  # noqa: E402
+from bench import procstat as ps  # noqa: E402
+from server import db, store  # noqa: E402
+
+MACHINES = 50
+METRICS = 20
+STEPS = 50  # timestamps per body: 20 metrics x 50 = 1,000 readings
+
+
+# ------------------------------------------------------------------ targets
+
+async def _setup_haltless(dsn: str, idents: list[str]) -> str:
+    conn = await db.connect(dsn)
+    try:
+        await db.migrate(conn)
+        org = await store.org_id(conn, None)
+        have = {r["machine_identifier"] for r in await store.list_machines(conn, org)}
+        for ident in idents:
+            if ident not in have:
+                await store.create_machine(conn, org, ident)
+        key, _ = await store.create_key(conn, org, "bench")
+        return key
+    finally:
+        await conn.close()
+
+
+def _haltless_argv(port: int, workers: int) -> list[str]:
+    exe = Path(sys.executable).with_name("haltless")
+    head = [str(exe)] if exe.exists() else [sys.executable, "-m", "server.cli"]
+    return head + ["serve", "--host", "127.0.0.1", "--port", str(port), "--workers", str(workers)]
+
+
+def _baseline_argv(port: int, workers: int) -> list[str]:
+    argv = [sys.executable, "-m", "uvicorn", "bench.baseline_app:app", "--host", "127.0.0.1",
+            "--port", str(port), "--workers", str(workers), "--no-access-log",
+            "--log-level", "warning", "--backlog", "2048"]
+    for mod, flag in (("uvloop", ["--loop", "uvloop"]), ("httptools", ["--http", "httptools"])):
+        try:
+            __import__(mod)
+            argv += flag
+        except ImportError:
+            pass
+    return argv
+
+
+TARGETS = {
+    "baseline": dict(setup=baseline_app.setup, argv=_baseline_argv,
+                     server="FastAPI + pydantic + asyncpg executemany, uvicorn",
+                     count="SELECT count(*) FROM baseline_readings",
+                     vacuum="VACUUM (ANALYZE) baseline_readings"),
+    "haltless": dict(setup=_setup_haltless, argv=_haltless_argv,
+                     server="haltless serve (granian + msgspec + group-commit COPY)",
+                     count="SELECT coalesce(sum(n), 0)::bigint FROM reading_chunks",
+                     vacuum="VACUUM (ANALYZE) reading_chunks"),
+}
+
+
+# ------------------------------------------------------------------ helpers
+
+class DB:
+    """A synchronous handle on one asyncpg connection, for counting."""
+
+    def __init__(self, dsn: str) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.conn = self.loop.run_until_complete(asyncpg.connect(dsn))
+
+    def val(self, sql: str):
+        return self.loop.run_until_complete(self.conn.fetchval(sql))
+
+    def execute(self, sql: str) -> None:
+        self.loop.run_until_complete(self.conn.execute(sql))
+
+    def drained(self, sql: str, settle: float = 0.5, timeout: float = 30.0) -> int:
+        """The count once it stops moving (in-flight requests committed)."""
+        last, end = self.val(sql), time.monotonic() + timeout
+        while time.monotonic() < end:
+            time.sleep(settle)
+            now = self.val(sql)
+            if now == last:
+                return now
+            last = now
+        return last
+
+    def close(self) -> None:
+        self.loop.run_until_complete(self.conn.close())
+        self.loop.close()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_healthy(port: int, proc: subprocess.Popen, log: Path, timeout: float = 90.0) -> None:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
+        try:
+            c = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
+            c.request("GET", "/healthz")
+            if c.getresponse().status == 200:
+                return
+        except OSError:
+            pass
+        time.sleep(0.2)
+    raise RuntimeError(f"server not healthy after {timeout:.0f} s:\n{log.read_text()[-3000:]}")
+
+
+def run_load(url: str, key: str, bodies: Path, duration: float, connections: int,
+             use_wrk: bool | None, outfile: Path) -> tuple[dict, float]:
+    """One load run in its own process; returns (result, its CPU seconds)."""
+    argv, tool = loadgen.load_command(url, key, bodies, duration, connections, use_wrk)
+    with outfile.open("w") as out:
+        proc = subprocess.Popen(argv, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
+        _, status, ru = os.wait4(proc.pid, 0)
+        proc.returncode = os.waitstatus_to_exitcode(status)
+    text = outfile.read_text()
+    if proc.returncode != 0:
+        raise RuntimeError(f"load generator failed ({proc.returncode}):\n{text[-3000:]}")
+    return loadgen.parse_output(tool, text, connections), ru.ru_utime + ru.ru_stime
+
+
+def server_log_problems(text: str) -> list[str]:
+    words = ("error", "traceback", "exception", "503", "warning", "critical")
+    return [ln for ln in text.splitlines() if any(w in ln.lower() for w in words)][:20]
+
+
+def top_snapshot(delay: float, dest: Path) -> threading.Thread:
+    def run():
+        time.sleep(delay)
+        if shutil.which("top") is None:
+            return
+        out = subprocess.run(["top", "-b", "-n", "2", "-d", "1", "-w", "200"],
+                             capture_output=True, text=True).stdout
+        frames = out.split("\ntop - ")  # the 2nd frame: CPU % over the 1 s between them
+        last = "top - " + frames[-1] if len(frames) > 1 else out
+        dest.write_text("\n".join(last.splitlines()[:30]) + "\n")
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    return t
+
+
+def start_profiler(pid: int, duration: float, dest: Path) -> subprocess.Popen | None:
+    exe = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
+    if not Path(exe).exists() and shutil.which(exe) is None:
+        print("  --profile: py-spy is not installed (pip install py-spy); not profiling")
+        return None
+    print(f"  profiling with py-spy -> {dest}")
+    return subprocess.Popen([exe, "record", "--pid", str(pid), "--subprocesses", "--rate", "100",
+                             "--duration", str(max(1, round(duration))), "--nonblocking",
+                             "--format", "flamegraph", "-o", str(dest)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+# ------------------------------------------------------------------ one target
+
+def run_target(name: str, dsn: str, pg_pid: int, args, work: Path, stamp: str) -> dict:
+    t = TARGETS[name]
+    print(f"== {name}: {t['server']}")
+    idents = loadgen.machine_ids(MACHINES)
+    key = asyncio.run(t["setup"](dsn, idents))
+    dbh = DB(dsn)
+    dbh.val("CHECKPOINT")  # same starting point for both targets
+    port = free_port()
+    log = work / f"{name}.log"
+    env = dict(os.environ, HALTLESS_DATABASE_URL=dsn, HALTLESS_DATA_DIR=str(work / "data"),
+               BASELINE_DATABASE_URL=dsn)
+    with log.open("w") as logf:
+        proc = subprocess.Popen(t["argv"](port, args.workers), cwd=ROOT, env=env,
+                                stdout=logf, stderr=subprocess.STDOUT)
+    rss = ps.RssSampler(proc.pid)
+    profile_path = None
+    try:
+        wait_healthy(port, proc, log)
+        rss.start()
+        url = f"http://127.0.0.1:{port}"
+        bodies = work / f"bodies-{name}"
+        loadgen.write_bodies(loadgen.make_bodies(time.time(), args.bodies, MACHINES, METRICS,
+                                                 STEPS), bodies)
+        if args.warmup > 0:
+            print(f"  warm-up {args.warmup:g} s")
+            warm, _ = run_load(url, key, bodies, args.warmup, args.connections, args.use_wrk,
+                               work / f"{name}-warmup.out")
+            if warm["non_207"] or warm["socket_errors"]:
+                print(f"  warm-up: {warm['non_207']} non-207, {warm['socket_errors']} socket errors")
+        before = dbh.drained(t["count"])
+        spy = None
+        if args.profile and name == "haltless":
+            profile_path = args.out / f"profile-haltless-{stamp}.svg"
+            spy = start_profiler(proc.pid, args.duration, profile_path)
+        top = top_snapshot(args.duration / 2, args.out / f"ingest-{stamp}-{name}-top.txt")
+        cpu0 = {"server": ps.cpu_seconds(ps.tree(proc.pid)), "postgres": ps.cpu_seconds(ps.tree(pg_pid)),
+                "machine": ps.machine_busy(), "all": ps.all_ticks(), "self": sum(os.times()[:2])}
+        print(f"  load {args.duration:g} s, {args.connections} connections")
+        res, load_cpu = run_load(url, key, bodies, args.duration, args.connections,
+                                 args.use_wrk, work / f"{name}-load.out")
+        cpu1 = {"server": ps.cpu_seconds(ps.tree(proc.pid)), "postgres": ps.cpu_seconds(ps.tree(pg_pid)),
+                "machine": ps.machine_busy(), "all": ps.all_ticks(), "self": sum(os.times()[:2])}
+        ours = set(ps.tree(proc.pid)) | set(ps.tree(pg_pid)) | {os.getpid()}
+        rss_end, pss_end = rss.current(), ps.pss_kb(ps.tree(proc.pid))
+        after = dbh.drained(t["count"])
+        # now, not in the next target's timed window (autovacuum would do it there)
+        dbh.execute(t["vacuum"])
+        top.join(timeout=5)
+        if spy is not None:
+            try:
+                _, err = spy.communicate(timeout=args.duration + 60)
+                if spy.returncode != 0:
+                    print(f"  py-spy failed: {err.strip()[-500:]}")
+                    profile_path = None
+            except subprocess.TimeoutExpired:
+                ps.stop_process(spy)
+                profile_path = None
+    finally:
+        rss.stop()
+        ps.stop_process(proc)
+        dbh.close()
+    wall = cpu1["machine"][1] - cpu0["machine"][1]
+    pct = lambda secs: round(100 * secs / wall, 1) if wall > 0 else None  # noqa: E731
+    cpu = {"server": pct(cpu1["server"] - cpu0["server"]),
+           "postgres": pct(cpu1["postgres"] - cpu0["postgres"]),
+           "loadgen": pct(load_cpu),
+           "machine_busy": pct(cpu1["machine"][0] - cpu0["machine"][0])}
+    cpu["other"] = round(cpu["machine_busy"] - cpu["server"] - cpu["postgres"] - cpu["loadgen"], 1)
+    # os.times: this process only (its cutime holds the reaped load generator)
+    cpu["this_script"] = pct(cpu1["self"] - cpu0["self"])
+    cpu["busiest_others"] = ps.top_others(cpu0["all"], cpu1["all"], ours, wall)
+    committed = after - before
+    log_text = log.read_text(errors="replace")
+    return {
+        "target": name, "server": t["server"], "tool": res["tool"],
+        "readings_committed": committed,
+        "readings_per_s": round(committed / res["duration_s"], 1),
+        "batches": {k: res[k] for k in ("requests", "requests_per_s", "duration_s", "non_207",
+                                        "socket_errors", "status_counts", "accepted_readings",
+                                        "error_samples")},
+        "latency_ms": res["latency_ms"],
+        "rss_mb": {"peak": round(rss.peak / 1024, 1), "end": round(rss_end / 1024, 1)},
+        "pss_mb_end": round(pss_end / 1024, 1),
+        "cpu_pct_of_one_core": cpu,
+        "server_log_problems": server_log_problems(log_text),
+        "profile": str(profile_path) if profile_path else None,
+    }
+
+
+def stop_postgres(work: Path) -> bool:
+    """Let go of the embedded PostgreSQL (this process is its only user, so it stops)."""
+    try:
+        if hasattr(db, "stop_embedded"):
+            db.stop_embedded(work)
+        elif hasattr(getattr(db, "_embedded", None), "cleanup"):  # older server.db
+            db._embedded.cleanup()
+        return not (work / "pg" / "postmaster.pid").exists()
+    except Exception as exc:  # noqa: BLE001 - keep the data dir; report
+        print(f"could not stop the embedded PostgreSQL in {work}/pg: {exc}")
+        return False
+
+
+# ------------------------------------------------------------------ report
+
+def versions(dsn: str, use_wrk: bool) -> dict:
+    v = {"python": platform.python_version()}
+    for pkg in ("granian", "msgspec", "asyncpg", "uvloop", "fastapi", "uvicorn", "pydantic",
+                "httptools", "haltless"):
+        try:
+            v[pkg] = importlib.metadata.version(pkg)
+        except importlib.metadata.PackageNotFoundError:
+            v[pkg] = None
+    dbh = DB(dsn)
+    v["postgres"] = dbh.val("SHOW server_version")
+    dbh.close()
+    if use_wrk:
+        v["wrk"] = subprocess.run(["wrk", "-v"], capture_output=True, text=True).stdout.split()[1]
+    try:
+        import haltless_fast
+        v["haltless_fast_compiled"] = haltless_fast.COMPILED
+    except ImportError:
+        pass
+    git = lambda *a: subprocess.run(["git", "-C", str(ROOT), *a], capture_output=True,  # noqa: E731
+                                    text=True).stdout.strip()
+    v["git"] = git("rev-parse", "--short", "HEAD") + ("+dirty" if git("status", "--porcelain") else "")
+    return v
+
+
+def markdown(records: list[dict], head: dict) -> str:
+    m, ld, v = head["machine"], head["load"], head["versions"]
+    lines = [
+        f"## Ingest benchmark {head['date']} (run {head['run_id']})", "",
+        f"- machine: {m['nproc']} CPUs ({m['cpu_model']}), {m['mem_gib']} GiB RAM, {m['kernel']}",
+        f"- load: {ld['tool']}, {ld['connections']} connections, {ld['duration_s']:g} s per target "
+        f"after {ld['warmup_s']:g} s warm-up; {ld['readings_per_batch']:,} readings per batch "
+        f"({ld['machines']} machines x {ld['metrics']} metrics, {ld['bodies']} distinct bodies); "
+        f"{ld['workers']} server workers; load generator, servers and PostgreSQL share the machine",
+        f"- CPU busy before the run (idle check, 1 s): {head['busy_before_run']['cpu_pct']}% of one core"
+        + (f" - {'; '.join(head['busy_before_run']['top'])}" if head['busy_before_run']['top'] else ""),
+        "- versions: " + ", ".join(f"{k} {val}" for k, val in v.items() if val is not None),
+        "",
+        "| target | readings/s committed | vs baseline | batches/s | p50 ms | p99 ms | non-207 "
+        "| RSS peak / end MB | CPU % server / postgres / loadgen |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for r in records:
+        c = r["cpu_pct_of_one_core"]
+        ratio = f"{r['ratio_vs_baseline']:.2f}x" if r.get("ratio_vs_baseline") else "n/a"
+        lines.append(
+            f"| {r['target']}{' (profiled)' if r['profile'] else ''} | {r['readings_per_s']:,.0f} "
+            f"| {ratio} | {r['batches']['requests_per_s']:,.1f} | {r['latency_ms']['p50']:,.1f} "
+            f"| {r['latency_ms']['p99']:,.1f} | {r['batches']['non_207']} "
+            f"| {r['rss_mb']['peak']:,.0f} / {r['rss_mb']['end']:,.0f} "
+            f"| {c['server']} / {c['postgres']} / {c['loadgen']} |")
+    lines.append("")
+    for r in records:
+        if r["cpu_pct_of_one_core"]["busiest_others"]:
+            lines.append(f"- other processes busy during {r['target']}: "
+                         + "; ".join(r["cpu_pct_of_one_core"]["busiest_others"]))
+    lines.append(f"CPU % is of one core (the machine has {m['nproc']}: 100 = one core busy).")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--duration", type=float, default=20.0, help="timed load per target (s)")
+    p.add_argument("--connections", type=int, default=64)
+    p.add_argument("--workers", type=int, default=2, help="server worker processes (both targets)")
+    p.add_argument("--only", choices=sorted(TARGETS))
+    p.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
+    p.add_argument("--warmup", type=float, default=3.0, help="warm-up load per target (s)")
+    p.add_argument("--bodies", type=int, default=100, help="distinct request bodies to rotate")
+    p.add_argument("--loadgen", choices=["auto", "wrk", "builtin"], default="auto")
+    p.add_argument("--profile", action="store_true",
+                   help="record our server with py-spy (flamegraph SVG in --out)")
+    args = p.parse_args(argv)
+    if args.loadgen == "wrk" and shutil.which("wrk") is None:
+        p.error("--loadgen wrk: wrk is not on PATH")
+    args.use_wrk = {"auto": shutil.which("wrk") is not None, "wrk": True, "builtin": False}[args.loadgen]
+    args.out = args.out.resolve()
+    args.out.mkdir(parents=True, exist_ok=True)
+    now = dt.datetime.now(dt.timezone.utc)
+    stamp = now.strftime("%Y%m%dT%H%M%SZ")
+    names = [args.only] if args.only else ["baseline", "haltless"]
+
+    work = Path(tempfile.mkdtemp(prefix="haltless-bench-"))
+    records: list[dict] = []
+    try:
+        print(f"starting embedded PostgreSQL in {work}/pg")
+        dsn = db.start_embedded(work)
+        pg_pid = int((work / "pg" / "postmaster.pid").read_text().split()[0])
+        busy, hogs = ps.busy_elsewhere()
+        if busy > 20:
+            print(f"WARNING: the machine is not idle ({busy}% of a core busy before the run): "
+                  + "; ".join(hogs))
+        head = {"run_id": stamp, "date": now.isoformat(timespec="seconds"),
+                "busy_before_run": {"cpu_pct": busy, "top": hogs},
+                "machine": ps.machine_info(), "versions": versions(dsn, args.use_wrk),
+                "load": {"tool": "wrk" if args.use_wrk else "builtin",
+                         "duration_s": args.duration, "warmup_s": args.warmup,
+                         "connections": args.connections, "workers": args.workers,
+                         "readings_per_batch": METRICS * STEPS, "machines": MACHINES,
+                         "metrics": METRICS, "timestamps_per_body": STEPS, "spacing_ms": 10,
+                         "bodies": args.bodies}}
+        for name in names:
+            records.append(run_target(name, dsn, pg_pid, args, work, stamp))
+    finally:
+        if stop_postgres(work):
+            shutil.rmtree(work, ignore_errors=True)
+    base = next((r["readings_per_s"] for r in records if r["target"] == "baseline"), None)
+    for r in records:
+        r["ratio_vs_baseline"] = round(r["readings_per_s"] / base, 2) if base else None
+    day = now.strftime("%Y-%m-%d")
+    with (args.out / f"ingest-{day}.jsonl").open("a") as f:
+        for r in records:
+            f.write(json.dumps({**head, **r}) + "\n")
+    md = markdown(records, head)
+    with (args.out / f"ingest-{day}.md").open("a") as f:
+        f.write(md + "\n")
+    print()
+    print(md)
+    for r in records:
+        if r["batches"]["non_207"] or r["batches"]["socket_errors"] or r["server_log_problems"]:
+            print(f"{r['target']}: non-207 {r['batches']['non_207']}, socket errors "
+                  f"{r['batches']['socket_errors']}, samples {r['batches']['error_samples'][:3]}, "
+                  f"server log: {r['server_log_problems'][:5]}")
+    print(f"results: {args.out}/ingest-{day}.jsonl and .md")
+
+
+if __name__ == "__main__":
+    main()
