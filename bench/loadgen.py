@@ -49,12 +49,20 @@ def machine_ids(n: int) -> list[str]:
 
 
 def make_bodies(t0: float, n_bodies: int = 100, machines: int = 50, metrics: int = 20,
-                steps: int = 50, spacing_ms: int = 10, seed: int = 1) -> list[bytes]:
+                steps: int = 50, spacing_ms: int = 10, seed: int = 1,
+                shape: str = "agent") -> list[bytes]:
     """``n_bodies`` JSON bodies of ``metrics * steps`` readings each (1,000 by
     default): one machine's metrics at ``steps`` consecutive timestamps
     ``spacing_ms`` apart, as an edge agent buffers them. Body k is machine
     k % machines; the bodies' time windows are spread over the minute before
-    ``t0`` (Unix seconds), so every timestamp is in the past but recent."""
+    ``t0`` (Unix seconds), so every timestamp is in the past but recent.
+
+    ``shape="wide"`` is the worst case for haltless's chunked storage: every
+    body holds one reading of each of ``machines * metrics`` series (a
+    gateway pushing one snapshot of a whole fleet), so no two readings of a
+    body share a series."""
+    if shape == "wide":
+        return _wide_bodies(t0, n_bodies, machines, metrics, seed)
     rnd = random.Random(seed)
     ids = machine_ids(machines)
     span = 55.0  # seconds before t0 that the first body starts
@@ -73,6 +81,22 @@ def make_bodies(t0: float, n_bodies: int = 100, machines: int = 50, metrics: int
                     "value": round(base * (1 + rnd.gauss(0, 0.02)), 4), "unit": unit,
                     "raw_tag": f"ns2_i{1001 + j}",
                 })
+        bodies.append(json.dumps({"readings": readings}, separators=(",", ":")).encode())
+    return bodies
+
+
+def _wide_bodies(t0: float, n_bodies: int, machines: int, metrics: int, seed: int) -> list[bytes]:
+    rnd = random.Random(seed)
+    bodies = []
+    for k in range(n_bodies):
+        ms = int((t0 - 60.0 + 55.0 * k / max(n_bodies, 1)) * 1000)
+        stamp = dt.datetime.fromtimestamp(ms / 1000, dt.timezone.utc)
+        ts = stamp.strftime("%Y-%m-%dT%H:%M:%S.") + f"{ms % 1000:03d}Z"
+        readings = [{"machine_identifier": ident, "timestamp": ts, "metric_name": name,
+                     "value": round(base * (1 + rnd.gauss(0, 0.02)), 4), "unit": unit,
+                     "raw_tag": f"ns2_i{1001 + j}"}
+                    for ident in machine_ids(machines)
+                    for j, (name, unit, base) in enumerate(METRICS[:metrics])]
         bodies.append(json.dumps({"readings": readings}, separators=(",", ":")).encode())
     return bodies
 

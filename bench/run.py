@@ -214,7 +214,7 @@ def run_target(name: str, dsn: str, pg_pid: int, args, work: Path, stamp: str) -
         url = f"http://127.0.0.1:{port}"
         bodies = work / f"bodies-{name}"
         loadgen.write_bodies(loadgen.make_bodies(time.time(), args.bodies, MACHINES, METRICS,
-                                                 STEPS), bodies)
+                                                 STEPS, shape=args.shape), bodies)
         if args.warmup > 0:
             print(f"  warm-up {args.warmup:g} s")
             warm, _ = run_load(url, key, bodies, args.warmup, args.connections, args.use_wrk,
@@ -327,7 +327,8 @@ def markdown(records: list[dict], head: dict) -> str:
         f"- machine: {m['nproc']} CPUs ({m['cpu_model']}), {m['mem_gib']} GiB RAM, {m['kernel']}",
         f"- load: {ld['tool']}, {ld['connections']} connections, {ld['duration_s']:g} s per target "
         f"after {ld['warmup_s']:g} s warm-up; {ld['readings_per_batch']:,} readings per batch "
-        f"({ld['machines']} machines x {ld['metrics']} metrics, {ld['bodies']} distinct bodies); "
+        f"({ld['machines']} machines x {ld['metrics']} metrics, shape {ld.get('shape', 'agent')}, "
+        f"{ld['bodies']} distinct bodies); "
         f"{ld['workers']} server workers; load generator, servers and PostgreSQL share the machine",
         f"- CPU busy before the run (idle check, 1 s): {head['busy_before_run']['cpu_pct']}% of one core"
         + (f" - {'; '.join(head['busy_before_run']['top'])}" if head['busy_before_run']['top'] else ""),
@@ -366,6 +367,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--warmup", type=float, default=3.0, help="warm-up load per target (s)")
     p.add_argument("--bodies", type=int, default=100, help="distinct request bodies to rotate")
     p.add_argument("--loadgen", choices=["auto", "wrk", "builtin"], default="auto")
+    p.add_argument("--shape", choices=["agent", "wide"], default="agent",
+                   help="agent: one machine's 20 metrics x 50 timestamps per batch; wide: "
+                        "1,000 series x 1 timestamp per batch (worst case for chunked storage)")
     p.add_argument("--profile", action="store_true",
                    help="record our server with py-spy (flamegraph SVG in --out)")
     args = p.parse_args(argv)
@@ -395,6 +399,7 @@ def main(argv: list[str] | None = None) -> None:
                          "duration_s": args.duration, "warmup_s": args.warmup,
                          "connections": args.connections, "workers": args.workers,
                          "readings_per_batch": METRICS * STEPS, "machines": MACHINES,
+                         "shape": args.shape,
                          "metrics": METRICS, "timestamps_per_body": STEPS, "spacing_ms": 10,
                          "bodies": args.bodies}}
         for name in names:
