@@ -33,11 +33,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import datetime as dt
-import importlib.metadata
 import json
 import math
 import os
-import platform
 import shutil
 import signal
 import subprocess
@@ -218,12 +216,6 @@ def _cb(phase, info):
         for v in _sum.values():
             v[0], v[1] = 0, 0.0
 gc.callbacks.append(_cb)
-if os.environ.get("BENCH_GC_FREEZE_AFTER"):  # --experiment-gc-freeze
-    import threading
-    def _freeze():
-        gc.freeze()
-        _f.write(json.dumps({"frozen": gc.get_freeze_count(), "at": time.time()}) + "\n")
-    threading.Timer(float(os.environ["BENCH_GC_FREEZE_AFTER"]), _freeze).start()
 sys.argv[0] = "haltless"
 from server.cli import main
 main()
@@ -270,21 +262,9 @@ def stop_proc(proc: subprocess.Popen, timeout: float = 10.0) -> None:
 
 
 def versions(dbh: DB) -> dict:
-    v = {"python": platform.python_version()}
-    for pkg in ("pymodbus", "asyncua", "asyncpg", "uvloop", "msgspec", "haltless"):
-        try:
-            v[pkg] = importlib.metadata.version(pkg)
-        except importlib.metadata.PackageNotFoundError:
-            v[pkg] = None
-    v["postgres"] = dbh.val("SHOW server_version")
-    try:
-        import haltless_fast
-        v["haltless_fast_compiled"] = haltless_fast.COMPILED
-    except ImportError:
-        pass
-    git = lambda *a: subprocess.run(["git", "-C", str(ROOT), *a], capture_output=True,  # noqa: E731
-                                    text=True).stdout.strip()
-    v["git"] = git("rev-parse", "--short", "HEAD") + ("+dirty" if git("status", "--porcelain") else "")
+    from bench import procstat as ps
+    v = ps.versions(("pymodbus", "asyncua", "asyncpg", "uvloop", "msgspec", "haltless"),
+                    dbh.val("SHOW server_version"))
     v["code_sha256"] = code_digest()
     return v
 
@@ -522,8 +502,6 @@ def run_scenario(kind: str, args, dsn: str, pg_pid: int, work: Path, stamp: str)
         if args.trace_gc:
             gc_trace.unlink(missing_ok=True)
             env["BENCH_GC_TRACE"] = str(gc_trace)
-            if args.experiment_gc_freeze:
-                env["BENCH_GC_FREEZE_AFTER"] = str(args.experiment_gc_freeze)
             argv = [sys.executable, "-c", GC_WRAPPER, *argv[3:]]
         poller = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=poller_log.open("wb"),
                                   stderr=subprocess.STDOUT, start_new_session=True)
@@ -640,8 +618,7 @@ def run_scenario(kind: str, args, dsn: str, pg_pid: int, work: Path, stamp: str)
                        "profiled": profiler is not None,
                        "profile_native": bool(profiler is not None and args.profile_native),
                        "profile_rate": args.profile_rate,
-                       "gc_traced": args.trace_gc,
-                       "gc_freeze_after_s": args.experiment_gc_freeze},
+                       "gc_traced": args.trace_gc},
             "window_s": round(wall, 2),
             "stats_span_s": round(span, 2),
             "sources_polled": measured[-1]["sources"],
@@ -844,13 +821,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--profile-rate", type=int, default=100, help="py-spy samples per second")
     p.add_argument("--trace-gc", action="store_true",
                    help="diagnostic: run the poller under a wrapper that times its garbage collections")
-    p.add_argument("--experiment-gc-freeze", type=float, metavar="S",
-                   help="experiment (changes the poller, implies --trace-gc): gc.freeze() in the "
-                        "poller S seconds after it starts, as a candidate fix for long full collections")
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     args = p.parse_args(argv)
-    if args.experiment_gc_freeze:
-        args.trace_gc = True
     if args.profile_native:
         args.profile = True
     if args.warmup_lines < 1:

@@ -15,10 +15,8 @@ import argparse
 import asyncio
 import datetime as dt
 import http.client
-import importlib.metadata
 import json
 import os
-import platform
 import shutil
 import socket
 import subprocess
@@ -297,26 +295,12 @@ def stop_postgres(work: Path) -> bool:
 # ------------------------------------------------------------------ report
 
 def versions(dsn: str, use_wrk: bool) -> dict:
-    v = {"python": platform.python_version()}
-    for pkg in ("granian", "msgspec", "asyncpg", "uvloop", "fastapi", "uvicorn", "pydantic",
-                "httptools", "haltless"):
-        try:
-            v[pkg] = importlib.metadata.version(pkg)
-        except importlib.metadata.PackageNotFoundError:
-            v[pkg] = None
     dbh = DB(dsn)
-    v["postgres"] = dbh.val("SHOW server_version")
+    v = ps.versions(("granian", "msgspec", "asyncpg", "uvloop", "fastapi", "uvicorn", "pydantic",
+                     "httptools", "haltless"), dbh.val("SHOW server_version"))
     dbh.close()
     if use_wrk:
         v["wrk"] = subprocess.run(["wrk", "-v"], capture_output=True, text=True).stdout.split()[1]
-    try:
-        import haltless_fast
-        v["haltless_fast_compiled"] = haltless_fast.COMPILED
-    except ImportError:
-        pass
-    git = lambda *a: subprocess.run(["git", "-C", str(ROOT), *a], capture_output=True,  # noqa: E731
-                                    text=True).stdout.strip()
-    v["git"] = git("rev-parse", "--short", "HEAD") + ("+dirty" if git("status", "--porcelain") else "")
     return v
 
 
