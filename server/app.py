@@ -10,21 +10,19 @@ import asyncio
 import logging
 import re
 
-
 from . import db, management
 from .auth import ApiKeyCache, jwt_secret
 from .config import Settings
 from .errors import ClientError, DatabaseUnavailable, NotFound, PayloadTooLarge
 from .http import Request, Response
+from .ingest import DB_DOWN, Catalog, GroupCommitWriter, Ingestor
 from .netpolicy import AddressPolicy
 from .secretbox import SecretBox
-from .ingest import DB_DOWN, Catalog, GroupCommitWriter, Ingestor
 from .wire import MAX_BODY_BYTES
 
 log = logging.getLogger("haltless.app")
 
 JSON = [(b"content-type", b"application/json")]
-MAX_MANAGEMENT_BODY = 1024 * 1024
 
 
 # ------------------------------------------------------------------ handlers
@@ -75,11 +73,11 @@ class App:
     def __init__(self, settings: Settings | None = None, routes=None) -> None:
         self.settings = settings
         self._exact, self._patterns = compile_routes(routes if routes is not None else ROUTES)
-        self._paths = {p for (_, p) in self._exact} | {p for (_, p, _, _) in self._patterns}
         self.pool = None
         self.writer = None
         self.ingestor = None
         self.keys = None
+        self._maintenance: asyncio.Task | None = None
         self.extensions: dict = {}  # state owned by route modules (e.g. management secrets)
 
     async def __call__(self, scope, receive, send) -> None:
@@ -173,13 +171,12 @@ class App:
         )
 
     async def shutdown(self) -> None:
-        if getattr(self, "_maintenance", None) is not None:
+        if self._maintenance is not None:
             self._maintenance.cancel()
         if self.writer is not None:
             await self.writer.close()
         if self.pool is not None:
             await self.pool.close()
-
 
 
 async def maintain(pool, every: float = 3600.0) -> None:
@@ -194,6 +191,8 @@ async def maintain(pool, every: float = 3600.0) -> None:
                     "DELETE FROM idempotency_keys WHERE created_at < now() - interval '48 hours'")
         except DB_DOWN as exc:
             log.warning("maintenance skipped: %s", exc)
+        except Exception:  # noqa: BLE001 - retried next hour; never end the loop
+            log.exception("maintenance failed")
         await asyncio.sleep(every)
 
 

@@ -197,9 +197,11 @@ async def connect(dsn: str, timeout: float = 10.0) -> asyncpg.Connection:
 
 
 async def create_pool(dsn: str, settings: Settings) -> asyncpg.Pool:
+    # min_size 0: creating the pool must not need the database, so a worker
+    # started while PostgreSQL is down serves 503s until it is back.
     return await asyncpg.create_pool(
         dsn,
-        min_size=1,
+        min_size=0,
         max_size=settings.pool_size,
         timeout=settings.db_timeout,
         command_timeout=settings.db_timeout * 6,
