@@ -25,8 +25,7 @@ the poller's own stats lines, readings/s as the delta of ``SELECT sum(n) FROM
 reading_chunks``, CPU seconds of the poller, the devices and PostgreSQL from
 /proc. See bench/README.md.
 
-Internal: ``python -m bench.pollers _device modbus|opcua ...`` is one device
-process (started by the benchmark itself).
+The simulated devices are ``bench/devices.py``, one process each.
 """
 from __future__ import annotations
 
@@ -52,105 +51,6 @@ if __package__ in (None, ""):
 
 HOST = "127.0.0.1"
 STATS_EVERY = 10.0  # seconds between the poller's stats lines (pollers/runner.py)
-
-
-# ================================================================== devices
-# Each device process prints "READY <port>" on stdout once it accepts
-# connections, then serves until SIGTERM/SIGINT.
-
-def _device_loop_run(coro) -> None:
-    try:
-        import uvloop
-        uvloop.run(coro)
-    except ImportError:
-        asyncio.run(coro)
-
-
-async def _wait_for_stop() -> None:
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
-
-
-async def _modbus_device(registers: int, port: int) -> None:
-    import logging
-
-    from pymodbus.server import ModbusTcpServer
-    from pymodbus.simulator import DataType, SimData, SimDevice
-
-    logging.getLogger("pymodbus").setLevel(logging.CRITICAL)
-    bits = [SimData(0, values=False, datatype=DataType.BITS)]
-    hr = [SimData(0, values=[(100 + i) % 65536 for i in range(registers)], datatype=DataType.REGISTERS)]
-    ir = [SimData(0, values=0, datatype=DataType.REGISTERS)]
-    device = SimDevice(1, simdata=(bits, list(bits), hr, ir))
-    server = ModbusTcpServer(device, address=(HOST, port))
-    await server.serve_forever(background=True)
-    bound = server.transport.sockets[0].getsockname()[1]
-    print(f"READY {bound}", flush=True)
-    await _wait_for_stop()
-    await server.shutdown()
-
-
-async def _opcua_device(count: int, port: int, max_per_read: int = 0) -> None:
-    import logging
-
-    from asyncua import Server, ua
-
-    logging.getLogger("asyncua").setLevel(logging.ERROR)
-    t0 = time.monotonic()
-    srv = Server()
-    await srv.init()
-    srv.set_endpoint(f"opc.tcp://{HOST}:{port}")
-    await srv.set_application_uri("urn:haltless:bench-device")
-    srv.set_security_policy([ua.SecurityPolicyType.NoSecurity])
-    idx = await srv.register_namespace("urn:haltless:bench")
-    assert idx == 2, idx
-    objects = srv.nodes.objects
-    folder = await objects.add_folder(ua.NodeId("Bench", 2), "Bench")
-    for i in range(1, count + 1):
-        await folder.add_variable(ua.NodeId(i, 2), f"N{i}", float(i))
-    # The Value attributes, updated in place once a second (a real server's
-    # values change and carry a fresh SourceTimestamp; write_attribute_value
-    # per node would cost this process more than the reads it serves).
-    aspace = srv.iserver.aspace
-    attrs = [aspace._nodes[ua.NodeId(i, 2)].attributes[ua.AttributeIds.Value] for i in range(1, count + 1)]
-    if max_per_read:
-        limit = ua.NodeId(ua.ObjectIds.Server_ServerCapabilities_OperationLimits_MaxNodesPerRead)
-        old = (await srv.get_node(limit).read_data_value()).Value
-        await srv.write_attribute_value(limit, ua.DataValue(ua.Variant(max_per_read, old.VariantType)))
-    await srv.start()
-    print(f"READY {port} nodes={count} setup_s={time.monotonic() - t0:.1f}", flush=True)
-
-    async def tick():
-        k = 0
-        while True:
-            k += 1
-            now = dt.datetime.now(dt.timezone.utc)
-            for i, av in enumerate(attrs):
-                av.value = ua.DataValue(ua.Variant(float(i + (k % 100)), ua.VariantType.Double),
-                                        SourceTimestamp=now, ServerTimestamp=now)
-            await asyncio.sleep(1.0 - (time.time() % 1.0))
-
-    ticker = asyncio.create_task(tick())
-    await _wait_for_stop()
-    ticker.cancel()
-    await srv.stop()
-
-
-def device_main(argv: list[str]) -> None:
-    p = argparse.ArgumentParser(prog="python -m bench.pollers _device")
-    p.add_argument("kind", choices=["modbus", "opcua"])
-    p.add_argument("--registers", type=int, default=10)
-    p.add_argument("--nodes", type=int, default=5000)
-    p.add_argument("--port", type=int, default=0)
-    p.add_argument("--max-nodes-per-read", type=int, default=0)
-    a = p.parse_args(argv)
-    if a.kind == "modbus":
-        _device_loop_run(_modbus_device(a.registers, a.port))
-    else:
-        _device_loop_run(_opcua_device(a.nodes, a.port, a.max_nodes_per_read))
 
 
 # ================================================================== helpers
@@ -223,7 +123,7 @@ main()
 
 
 def start_device(kind: str, extra: list[str], log: Path, timeout: float) -> tuple[subprocess.Popen, int, str]:
-    argv = [sys.executable, "-m", "bench.pollers", "_device", kind, *extra]
+    argv = [sys.executable, "-m", "bench.devices", kind, *extra]
     proc = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.PIPE, stderr=log.open("ab"),
                             text=True, start_new_session=True)
     line: list[str] = []
@@ -458,7 +358,7 @@ def run_scenario(kind: str, args, dsn: str, pg_pid: int, work: Path, stamp: str)
             pending = []
             for k, count in enumerate(per_dev):
                 port = free_port()
-                argv = [sys.executable, "-m", "bench.pollers", "_device", "opcua",
+                argv = [sys.executable, "-m", "bench.devices", "opcua",
                         "--nodes", str(count), "--port", str(port),
                         "--max-nodes-per-read", str(args.opcua_max_nodes_per_read)]
                 pending.append((subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.PIPE,
@@ -791,9 +691,6 @@ def markdown(records: list[dict], head: dict) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
-    if argv and argv[0] == "_device":
-        device_main(argv[1:])
-        return
     from bench import procstat as ps
     from server import db
 
