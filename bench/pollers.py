@@ -739,13 +739,7 @@ def main(argv: list[str] | None = None) -> None:
     records: list[dict] = []
     head: dict = {}
     try:
-        print(f"starting embedded PostgreSQL in {work}/pg")
-        dsn = db.start_embedded(work)
-        pg_pid = int((work / "pg" / "postmaster.pid").read_text().split()[0])
-        busy, hogs = ps.busy_elsewhere()
-        if busy > 20:
-            print(f"WARNING: the machine is not idle ({busy}% of a core busy before the run): "
-                  + "; ".join(hogs))
+        dsn, pg_pid, busy, hogs = ps.start_bench_postgres(work)
         dbh = DB(dsn)
         try:
             head = {"run_id": stamp, "date": now.isoformat(timespec="seconds"),

@@ -225,3 +225,18 @@ def versions(packages: tuple[str, ...], postgres: str | None) -> dict:
                               text=True).stdout.strip()
     v["git"] = git("rev-parse", "--short", "HEAD") + ("+dirty" if git("status", "--porcelain") else "")
     return v
+
+
+def start_bench_postgres(work: Path) -> tuple[str, int, float, list[str]]:
+    """Start the embedded PostgreSQL both benchmarks use, in ``work``, and
+    check the machine is idle. Returns (dsn, postmaster pid, busy %, hogs)."""
+    from server import db
+
+    print(f"starting embedded PostgreSQL in {work}/pg")
+    dsn = db.start_embedded(work)
+    pg_pid = int((work / "pg" / "postmaster.pid").read_text().split()[0])
+    busy, hogs = busy_elsewhere()
+    if busy > 20:
+        print(f"WARNING: the machine is not idle ({busy}% of a core busy before the run): "
+              + "; ".join(hogs))
+    return dsn, pg_pid, busy, hogs
