@@ -43,7 +43,7 @@ from server.wire import Reading, encoder
 from .base import ReadResult
 from .modbus import ModbusConfig, ModbusReader, validate_modbus_config
 from .opcua import FileTrustStore, OpcuaConfig, OpcuaReader, validate_opcua_config
-from .readers import connected, probe_reader
+from .readers import connected, outer_timeout, probe_reader
 from .schedule import PollLoop, Stats
 from .spool import Spool
 
@@ -292,7 +292,7 @@ class Agent:
 
     def _loop_for(self, src: AgentSource) -> PollLoop:
         section = getattr(src, src.protocol)
-        timeout = float(section.timeout_seconds) * 2 + 1
+        timeout = outer_timeout(section.timeout_seconds)
 
         async def connect():
             return await connected(make_reader(src, self.state_dir))
@@ -354,7 +354,7 @@ class Agent:
             await self.status_line()
 
     async def status_line(self) -> None:
-        age = await self.spool.oldest_age() if self.spool._db is not None else None
+        age = await self.spool.oldest_age() if self.spool.is_open else None
         log.info("status: read %d, sent %d, rejected %d, queued %d, oldest queued %s, dropped %d%s",
                  self.counts["read"], self.counts["sent"], self.counts["rejected"],
                  self.spool.count, f"{age:.1f}s" if age is not None else "-", self.spool.dropped,
@@ -369,7 +369,7 @@ async def check(cfg: AgentConfig, config_path: Path) -> bool:
         section = getattr(src, src.protocol)
         start = time.monotonic()
         ok, message = await probe_reader(make_reader(src, state_dir),
-                                         float(section.timeout_seconds) * 2 + 1)
+                                         outer_timeout(section.timeout_seconds))
         rows.append((src.name, "ok" if ok else "failed",
                      f"{(time.monotonic() - start) * 1000:.0f} ms", message))
     header = ("SOURCE", "RESULT", "LATENCY", "MESSAGE")

@@ -43,6 +43,12 @@ class SourceTrustStore:
             " AND server_cert_sha256 IS NULL", self._id, sha256_hex)
 
 
+def outer_timeout(timeout_seconds: float | None) -> float:
+    """How long a connect or a read may take in all, given the reader's own
+    per-request timeout (default 5 s): its retries and handshakes fit inside."""
+    return float(timeout_seconds or 5.0) * 2 + 1
+
+
 async def connected(reader: Reader) -> Reader:
     """``reader``, connected; closed again if connecting fails."""
     try:

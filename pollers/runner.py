@@ -36,10 +36,11 @@ from server.config import Settings
 from server.ingest import DB_DOWN, Catalog, GroupCommitWriter, Ingestor
 from server.netpolicy import AddressPolicy, TargetRefused
 from server.secretbox import SecretBox
+from server.sources import full_config
 from server.wire import Reading
 
 from .base import ReaderError
-from .readers import SourceTrustStore, connected, make_reader
+from .readers import SourceTrustStore, connected, make_reader, outer_timeout
 from .schedule import PollLoop, Stats
 
 log = logging.getLogger("haltless.pollers")
@@ -64,11 +65,10 @@ class SourceTask:
         self.protocol = row["protocol"]
         self.host = row["host"]
         self.port = row["port"]
-        cfg = json.loads(row["config"]) if isinstance(row["config"], str) else dict(row["config"])
-        self.config = {**cfg, **proc.box.open(row["secrets"], self.id.bytes)}
+        self.config = full_config(row, proc.box)
         self.loop = PollLoop(
             float(row["poll_interval_seconds"]),
-            float(self.config.get("timeout_seconds") or 5.0) * 2 + 1,
+            outer_timeout(self.config.get("timeout_seconds")),
             self.connect, self.write,
             on_error=lambda msg: proc.report(self.id, error=msg, polled=True),
             on_missed=lambda n: proc.report(self.id, missed=n),

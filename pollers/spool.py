@@ -89,6 +89,10 @@ class Spool:
         self._pool.shutdown(wait=True)
 
     @property
+    def is_open(self) -> bool:
+        return self._db is not None
+
+    @property
     def count(self) -> int:
         return self._count
 

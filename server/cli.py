@@ -226,8 +226,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def cmd_agent(args) -> None:
     from pollers.agent import main as agent_main
-    level = os.environ.get("HALTLESS_LOG_LEVEL", "info")
-    code = agent_main(args.config, args.check, level)
+    code = agent_main(args.config, args.check, Settings.from_env().log_level)
     if code:
         sys.exit(code)
 

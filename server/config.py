@@ -33,15 +33,6 @@ def _float(name: str, raw: str, lo: float, hi: float) -> float:
     return v
 
 
-def _bool(name: str, raw: str) -> bool:
-    low = raw.strip().lower()
-    if low in ("1", "true", "yes", "on"):
-        return True
-    if low in ("0", "false", "no", "off", ""):
-        return False
-    raise ConfigError(f"{name}={raw!r}: expected one of 1/0, true/false, yes/no, on/off")
-
-
 @dataclass(frozen=True)
 class Settings:
     """Every setting, its environment variable and its default.
@@ -119,11 +110,3 @@ class Settings:
         if kw.get("pool_size", cls.pool_size) <= kw.get("writer_connections", cls.writer_connections):
             raise ConfigError("HALTLESS_POOL_SIZE must be larger than HALTLESS_WRITER_CONNECTIONS")
         return cls(**kw)
-
-    @property
-    def embedded(self) -> bool:
-        return self.database_url is None
-
-
-def env_flag(name: str) -> bool:
-    return _bool(name, os.environ.get(name, ""))

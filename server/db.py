@@ -18,7 +18,7 @@ from pathlib import Path
 import asyncpg
 
 from .config import Settings
-from .errors import ConfigError, DatabaseUnavailable, SchemaTooNew
+from .errors import DatabaseUnavailable, SchemaTooNew
 
 log = logging.getLogger("haltless.db")
 
@@ -173,20 +173,6 @@ async def migrate(conn: asyncpg.Connection) -> int:
             current = version
         await conn.execute("SELECT haltless_ensure_partitions(2)")
     return current
-
-
-async def check_schema(conn: asyncpg.Connection) -> None:
-    current = await conn.fetchval(
-        "SELECT coalesce(max(version), 0) FROM haltless_schema") if await conn.fetchval(
-        "SELECT to_regclass('haltless_schema') IS NOT NULL") else 0
-    if current > LATEST_VERSION:
-        raise SchemaTooNew(
-            f"the database schema is at version {current}, newer than this haltless "
-            f"knows (up to {LATEST_VERSION})")
-    if current < LATEST_VERSION:
-        raise ConfigError(
-            f"the database schema is at version {current}; this haltless needs "
-            f"{LATEST_VERSION}: run `haltless migrate` (or `haltless serve`, which migrates)")
 
 
 async def connect(dsn: str, timeout: float = 10.0) -> asyncpg.Connection:

@@ -381,21 +381,21 @@ class Ingestor:
         errors = dict(errors or {})
         sent = readings
         series = self.catalog.series_of(org_id)
-        payload, accepted, kerr, missing = encode_batch(readings, series, time.time_ns() // 1000)
-        if missing:
+        # Good batches pass on the first try. A miss resolves the unseen series
+        # (or finds the machine absent) and tries again; a second miss means the
+        # cache was cleared under us by another request, which is rare.
+        for attempt in range(3):
+            payload, accepted, kerr, missing = encode_batch(readings, series, time.time_ns() // 1000)
+            if not missing:
+                break
+            if attempt == 2:
+                raise DatabaseUnavailable("series cache is churning; retry")
             found = await self.catalog.resolve(self.pool, org_id, readings, missing)
             if found:
                 readings = list(readings)
                 for i, msg in found.items():
                     readings[i] = None
                     errors[i] = msg
-            payload, accepted, kerr, missing = encode_batch(readings, series, time.time_ns() // 1000)
-            if missing:  # the cache was cleared under us by another request: rare
-                await self.catalog.resolve(self.pool, org_id, readings, missing)
-                payload, accepted, kerr, missing = encode_batch(
-                    readings, series, time.time_ns() // 1000)
-                if missing:
-                    raise DatabaseUnavailable("series cache is churning; retry")
         for i, msg in kerr:
             errors[i] = msg
         raw = raw or []

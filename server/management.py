@@ -11,7 +11,7 @@ from typing import Annotated
 import msgspec
 from msgspec import Meta
 
-from pollers.readers import SourceTrustStore, make_reader, probe_reader
+from pollers.readers import SourceTrustStore, make_reader, outer_timeout, probe_reader
 
 from . import sources, store
 from .auth import verify_token
@@ -106,8 +106,7 @@ async def test_connection(app, req: Request) -> Response:
     sid = req.uuid_param("id", "ingest source")
     async with app.pool.acquire() as conn:
         row = await sources.get_row(conn, org, sid)
-    config = {**sources.public_config(row),
-              **app.extensions["secretbox"].open(row["secrets"], sid.bytes)}
+    config = sources.full_config(row, app.extensions["secretbox"])
     start = time.monotonic()
     result = await probe(row["protocol"], row["host"], row["port"], config,
                          policy=app.extensions["policy"], pki_dir=app.extensions["pki_dir"],
@@ -124,7 +123,7 @@ async def probe(protocol: str, host: str, port: int, config: dict, *, policy, pk
     except TargetRefused as exc:
         return {"success": False, "message": str(exc)}
     reader = make_reader(protocol, addrs[0], port, config, pki_dir=pki_dir, trust_store=trust_store)
-    ok, message = await probe_reader(reader, float(config.get("timeout_seconds") or 5.0) * 2 + 1)
+    ok, message = await probe_reader(reader, outer_timeout(config.get("timeout_seconds")))
     return {"success": ok, "message": message}
 
 

@@ -101,6 +101,11 @@ def public_config(row) -> dict:
     return json.loads(row["config"]) if isinstance(row["config"], str) else dict(row["config"])
 
 
+def full_config(row, box: SecretBox) -> dict:
+    """The config a reader needs: the stored config with its secrets opened."""
+    return {**public_config(row), **box.open(row["secrets"], row["id"].bytes)}
+
+
 def to_json(row: asyncpg.Record) -> dict:
     """The API shape of a source; secrets are reported as set/not set only."""
     config = public_config(row)
