@@ -425,6 +425,11 @@ def run_scenario(kind: str, args, dsn: str, pg_pid: int, work: Path, stamp: str)
                 time.sleep(0.05)
             raise RuntimeError(f"no stats line {n} within {timeout:.0f} s:\n{poller_log.read_text()[-3000:]}")
 
+        def cpu_now() -> dict:
+            return {"poller": ps.cpu_seconds(ps.tree(poller.pid)),
+                    "devices": ps.cpu_seconds([q for d in devices for q in ps.tree(d.pid)]),
+                    "postgres": tree_cpu(pg_pid)}
+
         windows = max(1, math.ceil(args.duration / STATS_EVERY))
         dbh = DB(dsn)
         try:
@@ -432,9 +437,7 @@ def run_scenario(kind: str, args, dsn: str, pg_pid: int, work: Path, stamp: str)
             # ---- measured window starts
             w0 = time.monotonic()
             c0 = dbh.val(COUNT_SQL)
-            cpu0 = {"poller": ps.cpu_seconds(ps.tree(poller.pid)),
-                    "devices": ps.cpu_seconds([q for d in devices for q in ps.tree(d.pid)]),
-                    "postgres": tree_cpu(pg_pid)}
+            cpu0 = cpu_now()
             busy0 = ps.machine_busy()
             ticks0 = ps.all_ticks()
             if args.profile:
@@ -456,9 +459,7 @@ def run_scenario(kind: str, args, dsn: str, pg_pid: int, work: Path, stamp: str)
             print(f"  warm-up done; measuring {windows} stats windows (~{windows * STATS_EVERY:.0f} s)")
             w1 = wait_lines(args.warmup_lines + windows, windows * STATS_EVERY + 60)
             c1 = dbh.val(COUNT_SQL)
-            cpu1 = {"poller": ps.cpu_seconds(ps.tree(poller.pid)),
-                    "devices": ps.cpu_seconds([q for d in devices for q in ps.tree(d.pid)]),
-                    "postgres": tree_cpu(pg_pid)}
+            cpu1 = cpu_now()
             busy1 = ps.machine_busy()
             ticks1 = ps.all_ticks()
             rss_end = rss.current()
