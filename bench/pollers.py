@@ -117,7 +117,7 @@ def _cb(phase, info):
             v[0], v[1] = 0, 0.0
 gc.callbacks.append(_cb)
 sys.argv[0] = "haltless"
-from server.cli import main
+from haltless.server.cli import main
 main()
 """
 
@@ -278,7 +278,7 @@ def _module(frame: str) -> str:
 async def _setup_sources(dsn: str, protocol: str, prefix: str, rows: list[dict]) -> None:
     """Machines ``<prefix>-0001...`` (one per source) and their sources, in the
     default organization; previous sources removed, reading tables emptied."""
-    from server import db, store
+    from haltless.server import db, store
     conn = await db.connect(dsn)
     try:
         await db.migrate(conn)
@@ -693,7 +693,7 @@ def markdown(records: list[dict], head: dict) -> str:
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     from bench import procstat as ps
-    from server import db
+    from haltless.server import db
 
     p = argparse.ArgumentParser(prog="python -m bench.pollers", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)

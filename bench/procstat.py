@@ -214,8 +214,8 @@ def versions(packages: tuple[str, ...], postgres: str | None) -> dict:
             v[pkg] = None
     v["postgres"] = postgres
     try:
-        import haltless_fast
-        v["haltless_fast_compiled"] = haltless_fast.COMPILED
+        import haltless.fast
+        v["haltless_fast_compiled"] = haltless.fast.COMPILED
     except ImportError:
         pass
     root = Path(__file__).resolve().parent.parent
@@ -230,7 +230,7 @@ def versions(packages: tuple[str, ...], postgres: str | None) -> dict:
 def start_bench_postgres(work: Path) -> tuple[str, int, float, list[str]]:
     """Start the embedded PostgreSQL both benchmarks use, in ``work``, and
     check the machine is idle. Returns (dsn, postmaster pid, busy %, hogs)."""
-    from server import db
+    from haltless.server import db
 
     print(f"starting embedded PostgreSQL in {work}/pg")
     dsn = db.start_embedded(work)

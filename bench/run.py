@@ -34,7 +34,7 @@ import asyncpg  # noqa: E402
 
 from bench import baseline_app, loadgen  # noqa: E402
 from bench import procstat as ps  # noqa: E402
-from server import db, store  # noqa: E402
+from haltless.server import db, store  # noqa: E402
 
 MACHINES = 50
 METRICS = 20
@@ -60,7 +60,7 @@ async def _setup_haltless(dsn: str, idents: list[str]) -> str:
 
 def _haltless_argv(port: int, workers: int) -> list[str]:
     exe = Path(sys.executable).with_name("haltless")
-    head = [str(exe)] if exe.exists() else [sys.executable, "-m", "server.cli"]
+    head = [str(exe)] if exe.exists() else [sys.executable, "-m", "haltless.server.cli"]
     return head + ["serve", "--host", "127.0.0.1", "--port", str(port), "--workers", str(workers)]
 
 

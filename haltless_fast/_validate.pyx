@@ -1,4 +1,4 @@
-# cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True
+# cython: language_level=3, cdivision=True
 """Validation kernel of the ingest hot path (twin: ``_validate_py.py``).
 
 One pass over a decoded batch: finite values, the timestamp window, series

@@ -39,7 +39,7 @@ def timestamp_us(dt) -> int:
 def encode_batch(readings, series, now_us):
     """Validate a decoded batch and encode the good readings as binary COPY rows.
 
-    ``readings``: list of ``server.wire.Reading`` (or None for a reading the
+    ``readings``: list of ``haltless.server.wire.Reading`` (or None for a reading the
     caller already rejected). ``series``: ``{(machine_identifier, metric_name,
     unit or "", raw_tag or ""): series_id}``. ``now_us``: server clock.
 

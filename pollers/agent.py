@@ -37,8 +37,8 @@ from urllib.parse import urlsplit
 import msgspec
 from msgspec import Meta
 
-from server.errors import ConfigError
-from server.wire import Reading, encoder
+from ..server.errors import ConfigError
+from ..server.wire import Reading, encoder
 
 from .base import ReadResult
 from .modbus import ModbusConfig, ModbusReader, validate_modbus_config

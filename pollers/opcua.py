@@ -31,7 +31,7 @@ from cryptography.hazmat.primitives.serialization import Encoding
 from cryptography.x509.oid import ExtendedKeyUsageOID
 from msgspec import Meta
 
-from pollers.base import PointError, ReaderError, ReadResult, Sample, utcnow
+from .base import PointError, ReaderError, ReadResult, Sample, utcnow
 
 
 class OpcuaNode(msgspec.Struct, forbid_unknown_fields=True):

@@ -1,6 +1,6 @@
 """The cloud poller: separate uvloop processes that poll every active ingest
 source at its poll_interval_seconds and write through the same validation
-and COPY path as HTTP ingest (``server.ingest.Ingestor``), with no HTTP hop.
+and COPY path as HTTP ingest (``haltless.server.ingest.Ingestor``), with no HTTP hop.
 
 Sharing work between processes (on one host or many, against one
 PostgreSQL) uses leases on the ``ingest_sources`` rows:
@@ -31,13 +31,13 @@ import time
 import uuid
 from pathlib import Path
 
-from server import db
-from server.config import Settings
-from server.ingest import DB_DOWN, Catalog, GroupCommitWriter, Ingestor
-from server.netpolicy import AddressPolicy, TargetRefused
-from server.secretbox import SecretBox
-from server.sources import full_config
-from server.wire import Reading
+from ..server import db
+from ..server.config import Settings
+from ..server.ingest import DB_DOWN, Catalog, GroupCommitWriter, Ingestor
+from ..server.netpolicy import AddressPolicy, TargetRefused
+from ..server.secretbox import SecretBox
+from ..server.sources import full_config
+from ..server.wire import Reading
 
 from .base import ReaderError
 from .readers import SourceTrustStore, connected, make_reader, outer_timeout

@@ -2,7 +2,7 @@
 lifespan that owns the database pool. No framework.
 
 Run it with ``haltless serve`` (granian + uvloop), or any ASGI server:
-``granian --interface asgi server.app:app``.
+``granian --interface asgi haltless.server.app:app``.
 """
 from __future__ import annotations
 

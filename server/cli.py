@@ -62,7 +62,7 @@ def cmd_serve(args) -> None:
     workers = args.workers or s.workers
     print(f"haltless: serving on http://{host}:{port} with {workers} worker(s)", flush=True)
     Granian(
-        "server.app:app",
+        "haltless.server.app:app",
         address=host,
         port=port,
         interface=Interfaces.ASGI,
@@ -225,7 +225,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_agent(args) -> None:
-    from pollers.agent import main as agent_main
+    from ..pollers.agent import main as agent_main
     code = agent_main(args.config, args.check, Settings.from_env().log_level)
     if code:
         sys.exit(code)
@@ -234,7 +234,7 @@ def cmd_agent(args) -> None:
 def cmd_pollers(args) -> None:
     from pathlib import Path
 
-    from pollers.runner import run_pollers
+    from ..pollers.runner import run_pollers
     if not 1.0 <= args.lease <= 600:
         raise HaltlessError(f"--lease {args.lease}: expected 1 to 600 seconds")
     run_pollers(_settings(args), args.processes, args.lease,

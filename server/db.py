@@ -137,7 +137,7 @@ def migrated_url(settings: Settings) -> str:
 
 def _migrations() -> list[tuple[int, str, str]]:
     found = []
-    for res in importlib.resources.files("server.migrations").iterdir():
+    for res in importlib.resources.files(__package__ + ".migrations").iterdir():
         m = re.fullmatch(r"(\d{4})_(\w+)\.sql", res.name)
         if m:
             found.append((int(m.group(1)), m.group(2), res.read_text()))

@@ -1,4 +1,4 @@
-"""The ingest path after HTTP: decode, validate (``haltless_fast``), resolve
+"""The ingest path after HTTP: decode, validate (``haltless.fast``), resolve
 series, and commit through one group-commit COPY writer.
 
     body --msgspec--> Reading structs --kernel--> binary COPY rows
@@ -22,7 +22,7 @@ import uuid
 import asyncpg
 import msgspec
 
-from haltless_fast import encode_batch
+from ..fast import encode_batch
 
 from .errors import ClientError, DatabaseUnavailable, Unprocessable
 from .wire import (

@@ -11,7 +11,7 @@ from typing import Annotated
 import msgspec
 from msgspec import Meta
 
-from pollers.readers import SourceTrustStore, make_reader, outer_timeout, probe_reader
+from ..pollers.readers import SourceTrustStore, make_reader, outer_timeout, probe_reader
 
 from . import sources, store
 from .auth import verify_token

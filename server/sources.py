@@ -11,8 +11,8 @@ import asyncpg
 import msgspec
 from msgspec import UNSET, Meta, UnsetType
 
-from pollers.modbus import ModbusConfig, validate_modbus_config
-from pollers.opcua import OpcuaConfig, validate_opcua_config
+from ..pollers.modbus import ModbusConfig, validate_modbus_config
+from ..pollers.opcua import OpcuaConfig, validate_opcua_config
 
 from .errors import NotFound, Unprocessable
 from .netpolicy import AddressPolicy, TargetRefused

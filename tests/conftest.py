@@ -20,10 +20,10 @@ import asyncpg
 import pytest
 import requests
 
-from server import db, store
+from haltless.server import db, store
 
 ROOT = Path(__file__).resolve().parent.parent
-HALTLESS = [sys.executable, "-m", "server.cli"]
+HALTLESS = [sys.executable, "-m", "haltless.server.cli"]
 
 
 def free_port() -> int:
@@ -172,7 +172,7 @@ class ServerProcess:
 
     def token(self, org_id, ttl: int = 600) -> str:
         """A management JWT signed with this server's secret."""
-        from server.auth import issue_token
+        from haltless.server.auth import issue_token
         secret = (Path(self.env["HALTLESS_DATA_DIR"]) / "jwt-secret").read_text().strip()
         return issue_token(secret, org_id, ttl)
 

@@ -9,11 +9,11 @@ import struct
 
 import pytest
 
-from haltless_fast import _validate_py
-from server.wire import Reading
+from haltless.fast import _validate_py
+from haltless.server.wire import Reading
 
 try:
-    from haltless_fast import _validate as _validate_c
+    from haltless.fast import _validate as _validate_c
 except ImportError:  # pragma: no cover - `pip install -e .` builds it
     if os.environ.get("HALTLESS_REQUIRE_EXTENSIONS") == "1":
         raise
@@ -140,7 +140,7 @@ def test_python_twin_and_cython_kernel_give_identical_bytes_on_random_batches():
 def test_the_package_binds_the_compiled_kernel_unless_told_not_to():
     import subprocess
     import sys
-    code = "import haltless_fast; print(haltless_fast.COMPILED)"
+    code = "import haltless.fast; print(haltless.fast.COMPILED)"
     forced = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                             env={"HALTLESS_NO_EXTENSIONS": "1", "PATH": ""}, check=True)
     assert forced.stdout.strip() == "False"

@@ -13,7 +13,7 @@ import requests
 
 from conftest import fetch, make_tenant
 from peers import ModbusPeer, device
-from server.netpolicy import AddressPolicy, TargetRefused, parse_allow
+from haltless.server.netpolicy import AddressPolicy, TargetRefused, parse_allow
 
 MODBUS_BODY = {
     "name": "Conveyor Motor Modbus",

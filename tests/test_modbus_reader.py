@@ -13,8 +13,8 @@ import pytest
 from pymodbus.server import ModbusTcpServer
 from pymodbus.simulator import DataType, SimData, SimDevice
 
-from pollers.base import ReaderError
-from pollers.modbus import (
+from haltless.pollers.base import ReaderError
+from haltless.pollers.modbus import (
     ModbusConfig,
     ModbusReader,
     ModbusRegister,

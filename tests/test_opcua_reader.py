@@ -29,9 +29,9 @@ from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
-from pollers import opcua
-from pollers.base import ReaderError
-from pollers.opcua import (
+from haltless.pollers import opcua
+from haltless.pollers.base import ReaderError
+from haltless.pollers.opcua import (
     FileTrustStore,
     OpcuaConfig,
     OpcuaNode,

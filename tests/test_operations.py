@@ -14,8 +14,8 @@ import pytest
 import requests
 
 from conftest import HALTLESS, ROOT, ServerProcess, fetch, fetchval, run
-from server import db
-from server.errors import SchemaTooNew
+from haltless.server import db
+from haltless.server.errors import SchemaTooNew
 from test_ingest import post, reading
 
 
