@@ -10,7 +10,7 @@ import os
 from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
 
-KERNELS = ["_validate"]
+KERNELS = ["_validate", "_codec"]
 
 
 def compiler_directives(debug: bool) -> dict:

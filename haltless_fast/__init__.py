@@ -1,16 +1,21 @@
-"""The ingest kernel: the compiled ``_validate`` when it imports, else its
-pure-Python twin. ``HALTLESS_NO_EXTENSIONS=1`` forces the twin."""
+"""The native kernels: the compiled ``_validate`` (ingest) and ``_codec``
+(compacted blocks) when they import, else their pure-Python twins.
+``HALTLESS_NO_EXTENSIONS=1`` forces the twins."""
 import os
 
-from . import _validate_py
+from . import _codec_py, _validate_py
 
 if os.environ.get("HALTLESS_NO_EXTENSIONS"):
-    _impl = _validate_py
+    _impl, _codec = _validate_py, _codec_py
 else:
     try:
         from . import _validate as _impl  # type: ignore[no-redef]
     except ImportError:  # not built: the twin gives the same answers, slower
         _impl = _validate_py
+    try:
+        from . import _codec  # type: ignore[no-redef]
+    except ImportError:
+        _codec = _codec_py
 
 encode_batch = _impl.encode_batch
 timestamp_us = _impl.timestamp_us
@@ -19,4 +24,14 @@ ERR_TOO_OLD = _impl.ERR_TOO_OLD
 ERR_TOO_NEW = _impl.ERR_TOO_NEW
 COMPILED = _impl is not _validate_py
 
-__all__ = ["encode_batch", "timestamp_us", "ERR_NOT_FINITE", "ERR_TOO_OLD", "ERR_TOO_NEW", "COMPILED"]
+pack_ints = _codec.pack_ints
+unpack_ints = _codec.unpack_ints
+pack_values = _codec.pack_values
+unpack_values = _codec.unpack_values
+from_pg_arrays = _codec.from_pg_arrays
+sort_by_time = _codec.sort_by_time
+CODEC_COMPILED = _codec is not _codec_py
+
+__all__ = ["encode_batch", "timestamp_us", "ERR_NOT_FINITE", "ERR_TOO_OLD", "ERR_TOO_NEW", "COMPILED",
+           "pack_ints", "unpack_ints", "pack_values", "unpack_values", "from_pg_arrays",
+           "sort_by_time", "CODEC_COMPILED"]

@@ -26,9 +26,7 @@ import email.utils
 import http.client
 import json
 import logging
-import os
 import random
-import signal
 import time
 from pathlib import Path
 from typing import Annotated, Literal
@@ -37,8 +35,10 @@ from urllib.parse import urlsplit
 import msgspec
 from msgspec import Meta
 
+from ..server.config import Settings
 from ..server.errors import ConfigError
-from ..server.wire import Reading, encoder
+from ..server.runtime import run_until_signal
+from ..server.wire import Reading, describe_validation_error, encoder
 
 from .base import ReadResult
 from .modbus import ModbusConfig, ModbusReader, validate_modbus_config
@@ -88,8 +88,10 @@ class AgentConfig(msgspec.Struct, forbid_unknown_fields=True):
 
 
 def load_config(path: Path, env: dict | None = None) -> AgentConfig:
-    """Parse and check the whole file; ConfigError names the file and key."""
-    env = os.environ if env is None else env
+    """Parse and check the whole file; ConfigError names the file and key.
+    api_url / api_key come from the file, else from the settings (``env``,
+    default the process environment)."""
+    settings = Settings.from_env(env)
     try:
         raw = Path(path).read_bytes()
     except OSError as exc:
@@ -97,12 +99,8 @@ def load_config(path: Path, env: dict | None = None) -> AgentConfig:
     try:
         cfg = msgspec.toml.decode(raw, type=AgentConfig)
     except msgspec.ValidationError as exc:
-        msg = str(exc)
-        where = ""
-        if " - at `$" in msg:
-            msg, _, where = msg.rpartition(" - at `$")
-            where = where.rstrip("`").lstrip(".")
-        raise ConfigError(f"{path}: {where or 'top level'}: {msg}") from None
+        msg = describe_validation_error(exc, AgentConfig)
+        raise ConfigError(f"{path}: {msg if not msg.startswith(':') else 'top level' + msg}") from None
     except msgspec.DecodeError as exc:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from None
     names = set()
@@ -123,8 +121,8 @@ def load_config(path: Path, env: dict | None = None) -> AgentConfig:
             reader_config(src)
         except ValueError as exc:
             raise ConfigError(f"{at}.{src.protocol}.{exc}") from None
-    cfg.api_url = cfg.api_url or env.get("HALTLESS_API_URL")
-    cfg.api_key = cfg.api_key or env.get("HALTLESS_API_KEY")
+    cfg.api_url = cfg.api_url or settings.api_url
+    cfg.api_key = cfg.api_key or settings.api_key
     if not cfg.api_url:
         raise ConfigError(f"{path}: api_url: not set; put api_url = \"https://...\" in the file "
                           "or set HALTLESS_API_URL")
@@ -379,24 +377,11 @@ async def check(cfg: AgentConfig, config_path: Path) -> bool:
     return all(r[1] == "ok" for r in rows)
 
 
-def main(config_path: str, check_only: bool, log_level: str = "info") -> int:
-    import uvloop
-
-    logging.basicConfig(level=log_level.upper(),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("pymodbus").setLevel(logging.CRITICAL)
-    logging.getLogger("asyncua").setLevel(logging.ERROR)
+def main(config_path: str, check_only: bool, settings: Settings) -> int:
     cfg = load_config(Path(config_path))
     if check_only:
         print(f"{config_path}: configuration OK ({len(cfg.source)} sources)")
-        return 0 if uvloop.run(check(cfg, Path(config_path))) else 1
-
-    async def run():
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
-        await Agent(cfg, Path(config_path)).run(stop)
-
-    uvloop.run(run())
+        return 0 if run_until_signal(lambda stop: check(cfg, Path(config_path)),
+                                     settings.log_level) else 1
+    run_until_signal(Agent(cfg, Path(config_path)).run, settings.log_level)
     return 0

@@ -1,28 +1,41 @@
-"""The one way to build a reader for a stored source, used by the cloud
-pollers and by test-connection (the edge agent builds the same classes from
-its TOML)."""
+"""The one way from a stored source to a reader, used by the cloud pollers
+and by test-connection (the edge agent builds the same classes from its
+TOML): check the address policy, then build the reader on the address that
+was checked, never on a fresh resolution of the name."""
 from __future__ import annotations
 
 import asyncio
 import uuid
 from pathlib import Path
 
-import msgspec
-
+from ..server import sources
+from ..server.netpolicy import AddressPolicy, TargetRefused
 from .base import Reader, ReaderError
 from .modbus import ModbusConfig, ModbusReader
 from .opcua import OpcuaConfig, OpcuaReader, TrustStore, endpoint_url
 
 
-def make_reader(protocol: str, host: str, port: int, config: dict, *, pki_dir: Path,
-                trust_store: TrustStore) -> Reader:
-    """``config`` is the full source config, secrets included."""
+def make_reader(protocol: str, host: str, port: int, config: ModbusConfig | OpcuaConfig, *,
+                pki_dir: Path, trust_store: TrustStore) -> Reader:
+    """``config`` is the typed source config, secrets included."""
     if protocol == "modbus":
-        return ModbusReader(host, port, msgspec.convert(config, ModbusConfig))
+        return ModbusReader(host, port, config)
     if protocol == "opcua":
-        return OpcuaReader(endpoint_url(host, port), msgspec.convert(config, OpcuaConfig),
-                           pki_dir=pki_dir, trust_store=trust_store)
+        return OpcuaReader(endpoint_url(host, port), config, pki_dir=pki_dir,
+                           trust_store=trust_store)
     raise ValueError(f"unknown protocol {protocol!r}")
+
+
+async def reader_for(source: sources.StoredSource, *, policy: AddressPolicy, pool,
+                     pki_dir: Path) -> Reader:
+    """A (not yet connected) reader for ``source``; ReaderError when the
+    address policy refuses its host."""
+    try:
+        addrs = await asyncio.to_thread(policy.check, source.host, source.port)
+    except TargetRefused as exc:
+        raise ReaderError(str(exc)) from None
+    return make_reader(source.protocol, addrs[0], source.port, source.config, pki_dir=pki_dir,
+                       trust_store=SourceTrustStore(pool, source.id))
 
 
 class SourceTrustStore:
@@ -34,13 +47,10 @@ class SourceTrustStore:
         self._id = source_id
 
     async def get(self, endpoint: str) -> str | None:
-        return await self._pool.fetchval(
-            "SELECT server_cert_sha256 FROM ingest_sources WHERE id = $1", self._id)
+        return await sources.certificate_pin(self._pool, self._id)
 
     async def put(self, endpoint: str, sha256_hex: str) -> None:
-        await self._pool.execute(
-            "UPDATE ingest_sources SET server_cert_sha256 = $2 WHERE id = $1"
-            " AND server_cert_sha256 IS NULL", self._id, sha256_hex)
+        await sources.record_certificate(self._pool, self._id, sha256_hex)
 
 
 def outer_timeout(timeout_seconds: float | None) -> float:

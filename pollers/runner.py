@@ -31,26 +31,17 @@ import time
 import uuid
 from pathlib import Path
 
-from ..server import db
+from ..server import sources
 from ..server.config import Settings
-from ..server.ingest import DB_DOWN, Catalog, GroupCommitWriter, Ingestor
-from ..server.netpolicy import AddressPolicy, TargetRefused
-from ..server.secretbox import SecretBox
-from ..server.sources import full_config
+from ..server.db import DB_DOWN
+from ..server.runtime import Runtime, prepare, run_until_signal
 from ..server.wire import Reading
-
-from .base import ReaderError
-from .readers import SourceTrustStore, connected, make_reader, outer_timeout
+from .readers import connected, outer_timeout, reader_for
 from .schedule import PollLoop, Stats
 
 log = logging.getLogger("haltless.pollers")
 
 TICK = 1.0  # seconds between lease renewals / state flushes
-
-SOURCE_SQL = (
-    "SELECT s.id, s.org_id, s.protocol, s.host, s.port, s.poll_interval_seconds, s.config,"
-    " s.secrets, s.version, m.machine_identifier"
-    " FROM ingest_sources s JOIN machines m ON m.id = s.machine_id WHERE s.id = ANY($1::uuid[])")
 
 
 class SourceTask:
@@ -62,52 +53,63 @@ class SourceTask:
         self.version: int = row["version"]
         self.org_id = row["org_id"]
         self.machine = row["machine_identifier"]
-        self.protocol = row["protocol"]
-        self.host = row["host"]
-        self.port = row["port"]
-        self.config = full_config(row, proc.box)
+        self.source = sources.stored(row, proc.rt.box)  # config validated once, here
+        self.state: str | None = None  # the last error logged; None = healthy
         self.loop = PollLoop(
             float(row["poll_interval_seconds"]),
-            outer_timeout(self.config.get("timeout_seconds")),
+            outer_timeout(self.source.config.timeout_seconds),
             self.connect, self.write,
-            on_error=lambda msg: proc.report(self.id, error=msg, polled=True),
+            on_error=self.failed,
             on_missed=lambda n: proc.report(self.id, missed=n),
             may_poll=proc.lease_valid, stats=proc.stats, name=f"source-{self.id}")
         self.task = self.loop.task
 
+    def describe(self) -> str:
+        return f"source {self.id} ({self.source.protocol} {self.source.host}:{self.source.port})"
+
+    def failed(self, message: str) -> None:
+        self.proc.report(self.id, error=message, polled=True)
+        if message != self.state:  # once per change of state, not every poll
+            log.warning("%s: %s", self.describe(), message)
+            self.state = message
+
+    def healthy(self) -> None:
+        if self.state is not None:
+            log.info("%s: polling again", self.describe())
+            self.state = None
+
     async def connect(self):
-        try:
-            addrs = await asyncio.to_thread(self.proc.policy.check, self.host, self.port)
-        except TargetRefused as exc:
-            raise ReaderError(str(exc)) from None
-        # Connect to the address that was checked, not to a fresh resolution.
+        rt = self.proc.rt
+        reader = await reader_for(self.source, policy=rt.policy, pool=rt.pool, pki_dir=rt.pki_dir)
         async with self.proc.connect_slots:
-            return await connected(make_reader(
-                self.protocol, addrs[0], self.port, self.config, pki_dir=self.proc.pki_dir,
-                trust_store=SourceTrustStore(self.proc.pool, self.id)))
+            return await connected(reader)
 
     async def write(self, res) -> None:
         readings = [Reading(self.machine, s.timestamp, s.metric_name, s.value, s.unit, s.raw_tag)
                     for s in res.samples]
         err = "; ".join(f"{e.raw_tag}: {e.message}" for e in res.errors[:3]) or None
         try:
-            result = await self.proc.ingestor.ingest(self.org_id, readings)
+            result = await self.proc.rt.ingestor.ingest(self.org_id, readings)
         except Exception as exc:  # noqa: BLE001 - database down: reported, the next poll retries
-            self.proc.report(self.id, error=f"write: {exc}", polled=True)
+            self.failed(f"write: {exc}")
             return
         if result.errors and err is None:
             err = "; ".join(f"{readings[e.index].raw_tag}: {e.error}" for e in result.errors[:3])
         self.proc.stats.readings += result.accepted_count
+        if err is None:
+            self.healthy()
+        elif err != self.state:
+            log.warning("%s: %s", self.describe(), err)
+            self.state = err
         self.proc.report(self.id, written=result.accepted_count,
                          failed=len(res.errors) + result.rejected_count, error=err,
                          polled=True, success=True)
 
 
 class PollerProcess:
-    def __init__(self, settings: Settings, dsn: str, lease_seconds: float = 3.0,
+    def __init__(self, settings: Settings, lease_seconds: float = 3.0,
                  stats_file: Path | None = None) -> None:
-        self.settings = settings
-        self.dsn = dsn
+        self.rt = Runtime(settings)
         self.lease = lease_seconds
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
         self.tasks: dict[uuid.UUID, SourceTask] = {}
@@ -115,11 +117,7 @@ class PollerProcess:
         self.pending: dict[uuid.UUID, dict] = {}
         self.stats = Stats()
         self.stats_file = stats_file
-        self.box = SecretBox.load(settings.data_dir)
-        self.policy = AddressPolicy.from_env()
-        self.pki_dir = settings.data_dir / "pki"
         self.pool = None
-        self.ingestor = None
         self._freeze: asyncio.TimerHandle | None = None
         # Connecting many devices at once must not starve the lease renewal.
         self.connect_slots = asyncio.Semaphore(100)
@@ -140,10 +138,8 @@ class PollerProcess:
             p["error"] = error[:1000]
 
     async def run(self, stop: asyncio.Event) -> None:
-        s = self.settings
-        self.pool = await db.create_pool(self.dsn, s)
-        writer = GroupCommitWriter(self.pool, s.writer_connections, timeout=s.db_timeout * 6)
-        self.ingestor = Ingestor(self.pool, writer, Catalog(negative_ttl=s.auth_cache_seconds))
+        await self.rt.start()
+        self.pool = self.rt.pool
         log.info("poller %s started", self.owner)
         last_status = time.monotonic()
         try:
@@ -176,8 +172,7 @@ class PollerProcess:
                 await self.pool.execute("DELETE FROM poller_processes WHERE owner = $1", self.owner)
             except DB_DOWN:
                 pass
-            await writer.close()
-            await self.pool.close()
+            await self.rt.close()
             log.info("poller %s stopped", self.owner)
 
     def status_line(self) -> None:
@@ -233,8 +228,12 @@ class PollerProcess:
                     held.pop(sid, None)
             start = [sid for sid in held if sid not in self.tasks] + claimed
             if start:
-                for row in await conn.fetch(SOURCE_SQL, start):
-                    self.tasks[row["id"]] = SourceTask(self, row)
+                for row in await sources.for_polling(conn, start):
+                    try:
+                        self.tasks[row["id"]] = SourceTask(self, row)
+                    except Exception as exc:  # noqa: BLE001 - one bad row must not stop the rest
+                        log.error("source %s cannot be polled: %s", row["id"], exc)
+                        self.report(row["id"], error=f"cannot be polled: {exc}", polled=True)
                 self.schedule_gc_freeze()
             await conn.execute("DELETE FROM poller_processes WHERE seen_at < now() - interval '1 hour'")
         await self.flush()
@@ -288,26 +287,9 @@ class PollerProcess:
 
 # ------------------------------------------------------------------ processes
 
-def run_process(settings: Settings, dsn: str, lease_seconds: float,
-                stats_file: Path | None = None) -> None:
+def run_process(settings: Settings, lease_seconds: float, stats_file: Path | None = None) -> None:
     """Entry point of one poller process (uvloop)."""
-    import signal
-
-    import uvloop
-
-    logging.basicConfig(level=settings.log_level.upper(),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("pymodbus").setLevel(logging.CRITICAL)  # per-device noise; we report state
-    logging.getLogger("asyncua").setLevel(logging.ERROR)
-
-    async def main():
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
-        await PollerProcess(settings, dsn, lease_seconds, stats_file).run(stop)
-
-    uvloop.run(main())
+    run_until_signal(PollerProcess(settings, lease_seconds, stats_file).run, settings.log_level)
 
 
 def run_pollers(settings: Settings, processes: int, lease_seconds: float,
@@ -318,16 +300,15 @@ def run_pollers(settings: Settings, processes: int, lease_seconds: float,
     import multiprocessing
     import signal
 
-    dsn = db.migrated_url(settings)
-    SecretBox.load(settings.data_dir)  # create the key once, before the children race for it
+    settings = prepare(settings)  # once, before the children
     if processes == 1:
-        run_process(settings, dsn, lease_seconds, stats_file)
+        run_process(settings, lease_seconds, stats_file)
         return
     ctx = multiprocessing.get_context("spawn")
     stopping = False
 
     def start():
-        p = ctx.Process(target=run_process, args=(settings, dsn, lease_seconds, stats_file))
+        p = ctx.Process(target=run_process, args=(settings, lease_seconds, stats_file))
         p.start()
         return p
 

@@ -10,14 +10,12 @@ import asyncio
 import logging
 import re
 
-from . import db, management
-from .auth import ApiKeyCache, jwt_secret
+from . import management
 from .config import Settings
+from .db import DB_DOWN
 from .errors import ClientError, DatabaseUnavailable, NotFound, PayloadTooLarge
 from .http import Request, Response
-from .ingest import DB_DOWN, Catalog, GroupCommitWriter, Ingestor
-from .netpolicy import AddressPolicy
-from .secretbox import SecretBox
+from .runtime import Runtime, configure_logging
 from .wire import MAX_BODY_BYTES
 
 log = logging.getLogger("haltless.app")
@@ -29,11 +27,11 @@ JSON = [(b"content-type", b"application/json")]
 
 async def ingest(app: "App", req: Request) -> Response:
     """POST /api/v1/ingest - the contract's "HTTP Push"."""
-    org = await app.keys.org_for(app.pool, req.header(b"x-api-key"))
+    org = await app.rt.keys.org_for(app.rt.pool, req.header(b"x-api-key"))
     key = req.header(b"idempotency-key")
     if key is not None and not (0 < len(key) <= 255 and key.isascii() and key.isprintable()):
         raise ClientError("Idempotency-Key must be 1 to 255 printable ASCII characters")
-    body, replayed = await app.ingestor.ingest_body(org, req.body, key)
+    body, replayed = await app.rt.ingestor.ingest_body(org, req.body, key)
     return Response(207, body, [(b"idempotency-replayed", b"true")] if replayed else None)
 
 
@@ -42,7 +40,7 @@ async def healthz(app: "App", req: Request) -> Response:
 
 
 async def readyz(app: "App", req: Request) -> Response:
-    async with app.pool.acquire(timeout=2) as conn:
+    async with app.rt.pool.acquire(timeout=2) as conn:
         await conn.fetchval("SELECT 1", timeout=2)
     return Response(200, {"status": "ready"})
 
@@ -73,12 +71,8 @@ class App:
     def __init__(self, settings: Settings | None = None, routes=None) -> None:
         self.settings = settings
         self._exact, self._patterns = compile_routes(routes if routes is not None else ROUTES)
-        self.pool = None
-        self.writer = None
-        self.ingestor = None
-        self.keys = None
+        self.rt: Runtime | None = None
         self._maintenance: asyncio.Task | None = None
-        self.extensions: dict = {}  # state owned by route modules (e.g. management secrets)
 
     async def __call__(self, scope, receive, send) -> None:
         kind = scope["type"]
@@ -145,38 +139,17 @@ class App:
                 return
 
     async def startup(self) -> None:
-        s = self.settings = self.settings or Settings.from_env()
-        logging.basicConfig(level=s.log_level.upper(),
-                            format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-        dsn = s.database_url or await asyncio.to_thread(db.database_url, s)
-        try:
-            conn = await db.connect(dsn, s.db_timeout)
-            try:
-                await db.migrate(conn)
-            finally:
-                await conn.close()
-        except DatabaseUnavailable as exc:
-            # Start anyway: requests answer 503 until the database is back.
-            log.warning("%s; serving 503 until it is reachable", exc)
-        self.pool = await db.create_pool(dsn, s)
-        self.writer = GroupCommitWriter(self.pool, s.writer_connections, timeout=s.db_timeout * 6)
-        self.ingestor = Ingestor(self.pool, self.writer, Catalog(negative_ttl=s.auth_cache_seconds))
-        self.keys = ApiKeyCache(s.auth_cache_seconds)
-        self._maintenance = asyncio.create_task(maintain(self.pool))
-        self.extensions.update(
-            jwt_secret=jwt_secret(s.jwt_secret, s.data_dir),
-            secretbox=SecretBox.load(s.data_dir),
-            policy=AddressPolicy.from_env(),
-            pki_dir=s.data_dir / "pki",
-        )
+        s = self.settings or Settings.from_env()
+        configure_logging(s.log_level)
+        self.rt = await Runtime(s).start()
+        self.settings = self.rt.settings
+        self._maintenance = asyncio.create_task(maintain(self.rt.pool))
 
     async def shutdown(self) -> None:
         if self._maintenance is not None:
             self._maintenance.cancel()
-        if self.writer is not None:
-            await self.writer.close()
-        if self.pool is not None:
-            await self.pool.close()
+        if self.rt is not None:
+            await self.rt.close()
 
 
 async def maintain(pool, every: float = 3600.0) -> None:

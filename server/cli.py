@@ -7,31 +7,30 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import sys
 import uuid
 
 from . import db, store
 from .auth import issue_token, jwt_secret
-from .config import Settings
-from .errors import HaltlessError
+from .config import VARIABLES, Settings
+from .errors import ConfigError, HaltlessError
+from .runtime import prepare
 
 
-def _settings(args) -> Settings:
+def _settings(args, **overrides) -> Settings:
     return Settings.from_env(data_dir=getattr(args, "data_dir", None),
-                             database_url=getattr(args, "database_url", None))
+                             database_url=getattr(args, "database_url", None), **overrides)
 
 
 def _with_db(fn):
-    """Run ``fn(conn, args)`` on a migrated database connection."""
+    """Run ``fn(conn, args, settings)`` on a migrated database connection."""
     def run(args):
         s = _settings(args)
-        dsn = db.database_url(s)
+        dsn = db.migrated_url(s)
 
         async def go():
             conn = await db.connect(dsn, s.db_timeout)
             try:
-                await db.migrate(conn)
                 return await fn(conn, args, s)
             finally:
                 await conn.close()
@@ -49,28 +48,15 @@ def _table(rows: list[list], header: list[str]) -> None:
 # ------------------------------------------------------------------ commands
 
 def cmd_serve(args) -> None:
-    from granian import Granian
-    from granian.constants import Interfaces, Loops
+    from .serve import check_port, supervise
 
-    s = _settings(args)
-    dsn = db.migrated_url(s)
-    jwt_secret(s.jwt_secret, s.data_dir)  # create it once here, not racing in workers
-    os.environ["HALTLESS_DATABASE_URL"] = dsn  # workers join the same database
-    os.environ["HALTLESS_DATA_DIR"] = str(s.data_dir)
-    host = args.host or s.host
-    port = s.port if args.port is None else args.port
-    workers = args.workers or s.workers
-    print(f"haltless: serving on http://{host}:{port} with {workers} worker(s)", flush=True)
-    Granian(
-        "haltless.server.app:app",
-        address=host,
-        port=port,
-        interface=Interfaces.ASGI,
-        workers=workers,
-        loop=Loops.uvloop,
-        log_access=args.access_log,
-        backlog=2048,
-    ).serve()
+    s = _settings(args, host=args.host, port=args.port, workers=args.workers)
+    check_port(s.host, s.port)  # before anything else: a clear error, not a traceback
+    s = prepare(s)  # embedded PostgreSQL, migrations, secrets: once, here
+    print(f"haltless: serving on http://{s.host}:{s.port} with {s.workers} worker(s)", flush=True)
+    code = supervise(s, access_log=args.access_log)
+    if code:
+        sys.exit(code)
 
 
 def cmd_migrate(args) -> None:
@@ -147,23 +133,46 @@ def _positive_int(value: str) -> int:
     return v
 
 
+def _setting(name: str, flag: str):
+    """An argparse type that parses a flag as its setting does (same bounds)."""
+    def parse(raw: str):
+        try:
+            return VARIABLES[name][1](flag, raw)
+        except ConfigError as exc:
+            raise argparse.ArgumentTypeError(str(exc).removeprefix(f"{flag}=")) from None
+    parse.__name__ = flag
+    return parse
+
+
+def _db_flags(parser: argparse.ArgumentParser, *, top: bool) -> None:
+    # On the top parser and on each command, so they go before or after the
+    # command name; SUPPRESS keeps a command's unset flag from hiding the top one.
+    default = None if top else argparse.SUPPRESS
+    parser.add_argument("--data-dir", default=default, metavar="DIR",
+                        help="data directory of the embedded PostgreSQL and the generated "
+                             "secrets (HALTLESS_DATA_DIR, default ./haltless-data)")
+    parser.add_argument("--database-url", default=default, metavar="URL",
+                        type=_setting("database_url", "--database-url"),
+                        help="use this PostgreSQL instead of the embedded one "
+                             "(HALTLESS_DATABASE_URL)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--data-dir", help="data directory of the embedded PostgreSQL and "
-                        "secrets (HALTLESS_DATA_DIR, default ./haltless-data)")
-    common.add_argument("--database-url", help="use this PostgreSQL instead of the embedded one "
-                        "(HALTLESS_DATABASE_URL)")
+    _db_flags(common, top=False)
     org = argparse.ArgumentParser(add_help=False)
     org.add_argument("--org", help="organization name (default: the default organization)")
 
     p = argparse.ArgumentParser(prog="haltless", description="Haltless industrial telemetry ingest")
+    _db_flags(p, top=True)
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     sp = sub.add_parser("serve", parents=[common], help="run the HTTP API (granian + uvloop)")
     sp.add_argument("--host", help="address to bind (HALTLESS_HOST, default 127.0.0.1)")
-    sp.add_argument("--port", type=int, help="port to bind (HALTLESS_PORT, default 8000)")
-    sp.add_argument("--workers", type=_positive_int,
-                    help="worker processes (HALTLESS_WORKERS, default 1)")
+    sp.add_argument("--port", type=_setting("port", "--port"),
+                    help="port to bind, 1-65535 (HALTLESS_PORT, default 8000)")
+    sp.add_argument("--workers", type=_setting("workers", "--workers"),
+                    help="worker processes, 1-256 (HALTLESS_WORKERS, default 1)")
     sp.add_argument("--access-log", action="store_true", help="log every request")
     sp.set_defaults(func=cmd_serve)
 
@@ -216,7 +225,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.set_defaults(func=cmd_pollers)
 
     sp = sub.add_parser("agent", help="edge agent: read devices on site, push over HTTP "
-                        "with store-and-forward")
+                        "with store-and-forward (uses no database: its state lives in the "
+                        "TOML's state_dir)")
     sp.add_argument("--config", required=True, help="agent TOML file (the contract's format)")
     sp.add_argument("--check", action="store_true",
                     help="validate the file, test every source once, print a table, exit")
@@ -226,7 +236,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def cmd_agent(args) -> None:
     from ..pollers.agent import main as agent_main
-    code = agent_main(args.config, args.check, Settings.from_env().log_level)
+    if args.data_dir or args.database_url:
+        raise ConfigError("the agent uses no database: --data-dir/--database-url do not apply; "
+                          "its queue and certificates live in the TOML's state_dir")
+    code = agent_main(args.config, args.check, Settings.from_env())
     if code:
         sys.exit(code)
 
@@ -243,6 +256,8 @@ def cmd_pollers(args) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
+    if args.data_dir == "":
+        build_parser().error("--data-dir: must not be empty")
     try:
         args.func(args)
     except HaltlessError as exc:

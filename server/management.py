@@ -11,12 +11,12 @@ from typing import Annotated
 import msgspec
 from msgspec import Meta
 
-from ..pollers.readers import SourceTrustStore, make_reader, outer_timeout, probe_reader
+from ..pollers.base import ReaderError
+from ..pollers.readers import outer_timeout, probe_reader, reader_for
 
 from . import sources, store
 from .auth import verify_token
 from .http import Request, Response
-from .netpolicy import TargetRefused
 
 
 class MachineCreate(msgspec.Struct, forbid_unknown_fields=True):
@@ -25,7 +25,7 @@ class MachineCreate(msgspec.Struct, forbid_unknown_fields=True):
 
 
 def _org(app, req: Request) -> uuid.UUID:
-    return verify_token(app.extensions["jwt_secret"], req.header(b"authorization"))
+    return verify_token(app.rt.jwt_secret, req.header(b"authorization"))
 
 
 def _machine_json(r) -> dict:
@@ -38,15 +38,15 @@ def _machine_json(r) -> dict:
 async def create_machine(app, req: Request) -> Response:
     org = _org(app, req)
     body = sources.decode_body(req.body, MachineCreate)
-    async with app.pool.acquire() as conn:
+    async with app.rt.pool.acquire() as conn:
         row = await store.create_machine(conn, org, body.machine_identifier, body.name)
-    app.ingestor.catalog.forget_absent(org, body.machine_identifier)
+    app.rt.ingestor.catalog.forget_absent(org, body.machine_identifier)
     return Response(201, _machine_json(row))
 
 
 async def list_machines(app, req: Request) -> Response:
     org = _org(app, req)
-    async with app.pool.acquire() as conn:
+    async with app.rt.pool.acquire() as conn:
         rows = await store.list_machines(conn, org)
     return Response(200, [_machine_json(r) for r in rows])
 
@@ -54,7 +54,7 @@ async def list_machines(app, req: Request) -> Response:
 async def get_machine(app, req: Request) -> Response:
     org = _org(app, req)
     mid = req.uuid_param("id", "machine")
-    async with app.pool.acquire() as conn:
+    async with app.rt.pool.acquire() as conn:
         return Response(200, _machine_json(await store.get_machine(conn, org, mid)))
 
 
@@ -63,22 +63,22 @@ async def get_machine(app, req: Request) -> Response:
 async def create_source(app, req: Request) -> Response:
     org = _org(app, req)
     body = sources.decode_body(req.body, sources.SourceCreate)
-    async with app.pool.acquire() as conn:
-        out = await sources.create(conn, org, body, app.extensions["secretbox"],
-                                   app.extensions["policy"])
+    async with app.rt.pool.acquire() as conn:
+        out = await sources.create(conn, org, body, app.rt.box,
+                                   app.rt.policy)
     return Response(201, out)
 
 
 async def list_sources(app, req: Request) -> Response:
     org = _org(app, req)
-    async with app.pool.acquire() as conn:
+    async with app.rt.pool.acquire() as conn:
         return Response(200, await sources.list_all(conn, org))
 
 
 async def get_source(app, req: Request) -> Response:
     org = _org(app, req)
     sid = req.uuid_param("id", "ingest source")
-    async with app.pool.acquire() as conn:
+    async with app.rt.pool.acquire() as conn:
         return Response(200, sources.to_json(await sources.get_row(conn, org, sid)))
 
 
@@ -86,16 +86,16 @@ async def patch_source(app, req: Request) -> Response:
     org = _org(app, req)
     sid = req.uuid_param("id", "ingest source")
     body = sources.decode_body(req.body, sources.SourcePatch)
-    async with app.pool.acquire() as conn:
-        out = await sources.patch(conn, org, sid, body, app.extensions["secretbox"],
-                                  app.extensions["policy"])
+    async with app.rt.pool.acquire() as conn:
+        out = await sources.patch(conn, org, sid, body, app.rt.box,
+                                  app.rt.policy)
     return Response(200, out)
 
 
 async def delete_source(app, req: Request) -> Response:
     org = _org(app, req)
     sid = req.uuid_param("id", "ingest source")
-    async with app.pool.acquire() as conn:
+    async with app.rt.pool.acquire() as conn:
         await sources.delete(conn, org, sid)
     return Response(204, b"")
 
@@ -104,27 +104,18 @@ async def test_connection(app, req: Request) -> Response:
     """Connect and read the configured points once: {success, message, latency_ms}."""
     org = _org(app, req)
     sid = req.uuid_param("id", "ingest source")
-    async with app.pool.acquire() as conn:
-        row = await sources.get_row(conn, org, sid)
-    config = sources.full_config(row, app.extensions["secretbox"])
+    async with app.rt.pool.acquire() as conn:
+        source = sources.stored(await sources.get_row(conn, org, sid), app.rt.box)
     start = time.monotonic()
-    result = await probe(row["protocol"], row["host"], row["port"], config,
-                         policy=app.extensions["policy"], pki_dir=app.extensions["pki_dir"],
-                         trust_store=SourceTrustStore(app.pool, sid))
-    result["latency_ms"] = round((time.monotonic() - start) * 1000)
-    return Response(200, result)
-
-
-async def probe(protocol: str, host: str, port: int, config: dict, *, policy, pki_dir,
-                trust_store) -> dict:
-    """Check the address policy, then connect, read every point once, close."""
     try:
-        addrs = await asyncio.to_thread(policy.check, host, port)
-    except TargetRefused as exc:
-        return {"success": False, "message": str(exc)}
-    reader = make_reader(protocol, addrs[0], port, config, pki_dir=pki_dir, trust_store=trust_store)
-    ok, message = await probe_reader(reader, outer_timeout(config.get("timeout_seconds")))
-    return {"success": ok, "message": message}
+        reader = await reader_for(source, policy=app.rt.policy, pool=app.rt.pool,
+                                  pki_dir=app.rt.pki_dir)
+    except ReaderError as exc:
+        ok, message = False, str(exc)
+    else:
+        ok, message = await probe_reader(reader, outer_timeout(source.config.timeout_seconds))
+    return Response(200, {"success": ok, "message": message,
+                          "latency_ms": round((time.monotonic() - start) * 1000)})
 
 
 LIMIT = 1024 * 1024

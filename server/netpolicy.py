@@ -13,10 +13,9 @@ differently later).
 from __future__ import annotations
 
 import ipaddress
-import os
 import socket
 
-from .errors import ConfigError
+from .errors import HaltlessError
 
 METADATA = {
     ipaddress.ip_address("169.254.169.254"),   # AWS, GCP, Azure, OpenStack, ...
@@ -27,32 +26,13 @@ METADATA = {
 METADATA_NAMES = {"metadata.google.internal", "metadata", "instance-data"}
 
 
-class TargetRefused(Exception):
+class TargetRefused(HaltlessError):
     """The address policy refuses this host; str() says why and how to allow it."""
 
 
-def parse_allow(value: str | None) -> list[ipaddress._BaseNetwork] | None:
-    if not value:
-        return None
-    nets = []
-    for part in value.split(","):
-        part = part.strip()
-        if not part:
-            continue
-        try:
-            nets.append(ipaddress.ip_network(part, strict=False))
-        except ValueError:
-            raise ConfigError(f"HALTLESS_POLL_ALLOW: {part!r} is not a CIDR like 10.0.0.0/8") from None
-    return nets
-
-
 class AddressPolicy:
-    def __init__(self, allow: list | None = None) -> None:
-        self.allow = allow
-
-    @classmethod
-    def from_env(cls) -> "AddressPolicy":
-        return cls(parse_allow(os.environ.get("HALTLESS_POLL_ALLOW")))
+    def __init__(self, allow: tuple | list | None = None) -> None:
+        self.allow = list(allow) if allow is not None else None
 
     def check_ip(self, ip: ipaddress._BaseAddress, host: str) -> None:
         if self.allow is not None:

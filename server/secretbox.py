@@ -1,7 +1,7 @@
 """Encryption at rest for write-only secrets (e.g. an OPC-UA password).
 
-AES-256-GCM with a key from HALTLESS_ENCRYPTION_KEY (base64 of 32 bytes) or,
-when unset, one generated once into <data_dir>/encryption-key (mode 0600).
+AES-256-GCM with the key of Settings.encryption_key (HALTLESS_ENCRYPTION_KEY)
+or, when unset, one generated once into <data_dir>/encryption-key (mode 0600).
 Every process that reads sources (server, pollers on any host) needs the same
 key: set HALTLESS_ENCRYPTION_KEY when they do not share a data dir.
 """
@@ -27,18 +27,15 @@ class SecretBox:
             raise ConfigError("encryption key must be 32 bytes (base64 of 32 random bytes)")
         self._aead = AESGCM(key)
 
-    @classmethod
-    def load(cls, data_dir: Path, env_value: str | None = None) -> "SecretBox":
-        env_value = env_value if env_value is not None else os.environ.get("HALTLESS_ENCRYPTION_KEY")
-        if env_value:
-            try:
-                return cls(base64.b64decode(env_value, validate=True))
-            except (binascii.Error, ValueError):
-                raise ConfigError("HALTLESS_ENCRYPTION_KEY: expected base64 of 32 bytes, "
-                                  "e.g. from `openssl rand -base64 32`") from None
-        path = data_dir / "encryption-key"
+    @staticmethod
+    def key_for(data_dir: Path, configured: bytes | None = None) -> bytes:
+        """The configured key (HALTLESS_ENCRYPTION_KEY), else the one kept in
+        data_dir/encryption-key, generated there on first use (mode 0600)."""
+        if configured:
+            return configured
+        path = Path(data_dir) / "encryption-key"
         if not path.exists():
-            data_dir.mkdir(parents=True, exist_ok=True)
+            path.parent.mkdir(parents=True, exist_ok=True)
             try:
                 fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             except FileExistsError:
@@ -47,9 +44,12 @@ class SecretBox:
                 with os.fdopen(fd, "wb") as f:
                     f.write(base64.b64encode(os.urandom(32)))
         try:
-            return cls(base64.b64decode(path.read_bytes().strip(), validate=True))
+            key = base64.b64decode(path.read_bytes().strip(), validate=True)
         except (binascii.Error, ValueError):
-            raise ConfigError(f"{path}: not a base64 encryption key") from None
+            key = b""
+        if len(key) != 32:
+            raise ConfigError(f"{path}: not a base64 encryption key of 32 bytes")
+        return key
 
     def seal(self, secrets: dict, context: bytes) -> bytes:
         """``context`` (e.g. the source id) is bound to the ciphertext, so a

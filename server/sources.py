@@ -5,7 +5,7 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import uuid
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, NamedTuple
 
 import asyncpg
 import msgspec
@@ -64,7 +64,7 @@ def check_config(protocol: str, config: dict):
     try:
         cfg = msgspec.convert(config, CONFIG_TYPES[protocol])
     except msgspec.ValidationError as exc:
-        msg = describe_validation_error(exc)
+        msg = describe_validation_error(exc, CONFIG_TYPES[protocol])
         raise Unprocessable(f"config.{msg}" if not msg.startswith(":") else f"config{msg}") from None
     try:
         VALIDATORS[protocol](cfg)
@@ -104,6 +104,45 @@ def public_config(row) -> dict:
 def full_config(row, box: SecretBox) -> dict:
     """The config a reader needs: the stored config with its secrets opened."""
     return {**public_config(row), **box.open(row["secrets"], row["id"].bytes)}
+
+
+class StoredSource(NamedTuple):
+    """A source as a reader needs it: its typed config (secrets opened),
+    validated once when it is loaded, not at every reconnect."""
+
+    id: uuid.UUID
+    protocol: str
+    host: str
+    port: int
+    config: Any  # ModbusConfig | OpcuaConfig
+
+
+def stored(row, box: SecretBox) -> StoredSource:
+    return StoredSource(row["id"], row["protocol"], row["host"], row["port"],
+                        msgspec.convert(full_config(row, box), CONFIG_TYPES[row["protocol"]]))
+
+
+# What a poller needs of the sources it leased.
+POLL_COLUMNS = ("s.id, s.org_id, s.protocol, s.host, s.port, s.poll_interval_seconds, s.config,"
+                " s.secrets, s.version, m.machine_identifier")
+
+
+async def for_polling(conn, ids: list[uuid.UUID]) -> list[asyncpg.Record]:
+    return await conn.fetch(
+        f"SELECT {POLL_COLUMNS} FROM ingest_sources s JOIN machines m ON m.id = s.machine_id"
+        " WHERE s.id = ANY($1::uuid[])", ids)
+
+
+async def certificate_pin(pool, source_id: uuid.UUID) -> str | None:
+    """The OPC-UA server certificate recorded for the source (trust on first use)."""
+    return await pool.fetchval(
+        "SELECT server_cert_sha256 FROM ingest_sources WHERE id = $1", source_id)
+
+
+async def record_certificate(pool, source_id: uuid.UUID, sha256_hex: str) -> None:
+    await pool.execute(
+        "UPDATE ingest_sources SET server_cert_sha256 = $2 WHERE id = $1"
+        " AND server_cert_sha256 IS NULL", source_id, sha256_hex)
 
 
 def to_json(row: asyncpg.Record) -> dict:

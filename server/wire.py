@@ -55,14 +55,41 @@ batch_decoder = msgspec.json.Decoder(IngestBatch)
 encoder = msgspec.json.Encoder()
 
 
-def describe_validation_error(exc: msgspec.ValidationError) -> str:
+def describe_validation_error(exc: msgspec.ValidationError, root: type | None = None) -> str:
     """Turn msgspec's "Expected `float`, got `str` - at `$.value`" into
     "value: expected a number (float), got a string" style text that names
-    the field the way the API document does."""
+    the field the way the API document does. Given the decoded ``root``
+    type, a wrong enum value also lists the allowed ones."""
     msg = str(exc)
     where = ""
     if " - at `$" in msg:
         msg, _, path = msg.rpartition(" - at `$")
         where = path.rstrip("`").lstrip(".")
     msg = msg.replace("Object missing required field", "missing required field")
+    if root is not None and msg.startswith("Invalid enum value"):
+        allowed = _literal_values(root, where)
+        if allowed:
+            msg += f"; expected one of {', '.join(repr(v) for v in allowed)}"
     return f"{where}: {msg}" if where else msg
+
+
+def _literal_values(root: type, path: str) -> tuple | None:
+    """The values of the Literal type found at ``path`` ("source[0].opcua.x") in ``root``."""
+    import re
+
+    from msgspec import inspect
+
+    t = inspect.type_info(root)
+    for name, index in re.findall(r"(\w+)|\[(\d+)\]", path):
+        while isinstance(t, inspect.UnionType):
+            t = next((x for x in t.types if not isinstance(x, inspect.NoneType)), None)
+        if index:
+            t = getattr(t, "item_type", None)
+        else:
+            fields = {f.name: f.type for f in getattr(t, "fields", ())}
+            t = fields.get(name)
+        if t is None:
+            return None
+    while isinstance(t, inspect.UnionType):
+        t = next((x for x in t.types if isinstance(x, inspect.LiteralType)), None)
+    return tuple(t.values) if isinstance(t, inspect.LiteralType) else None

@@ -13,7 +13,8 @@ import requests
 
 from conftest import fetch, make_tenant
 from peers import ModbusPeer, device
-from haltless.server.netpolicy import AddressPolicy, TargetRefused, parse_allow
+from haltless.server.config import Settings
+from haltless.server.netpolicy import AddressPolicy, TargetRefused
 
 MODBUS_BODY = {
     "name": "Conveyor Motor Modbus",
@@ -254,10 +255,10 @@ def test_default_policy_refuses_loopback_link_local_and_metadata():
 
 
 def test_allow_list_replaces_the_default_policy():
-    p = AddressPolicy(parse_allow("127.0.0.0/8, 10.0.0.0/8"))
+    p = AddressPolicy(Settings.from_env({"HALTLESS_POLL_ALLOW": "127.0.0.0/8, 10.0.0.0/8"}).poll_allow)
     assert p.check("127.0.0.1", 502) == ["127.0.0.1"]
     assert p.check("10.9.9.9", 502) == ["10.9.9.9"]
     with pytest.raises(TargetRefused, match="outside HALTLESS_POLL_ALLOW"):
         p.check("192.168.1.1", 502)
     with pytest.raises(Exception, match="not a CIDR"):
-        parse_allow("10.0.0.0/8,banana")
+        Settings.from_env({"HALTLESS_POLL_ALLOW": "10.0.0.0/8,banana"})

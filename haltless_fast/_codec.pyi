@@ -1,0 +1,14 @@
+from array import array
+from collections.abc import Iterable
+from typing import Final
+
+MAX_COUNT: Final[int]
+
+def pack_ints(values: array | Iterable[int]) -> bytes: ...
+def unpack_ints(data: bytes | bytearray | memoryview) -> array: ...  # array('q')
+def pack_values(values: array | Iterable[float]) -> bytes: ...
+def unpack_values(data: bytes | bytearray | memoryview) -> array: ...  # array('d')
+def from_pg_arrays(
+    ts_bin: bytes | bytearray | memoryview, vals_bin: bytes | bytearray | memoryview
+) -> tuple[array, array]: ...  # (array('q') of Unix µs, array('d'))
+def sort_by_time(ts: array, vals: array) -> None: ...

@@ -1,0 +1,107 @@
+"""What a process that ingests holds, started and closed as one object.
+
+An HTTP worker (``server/app.py``) and a poller process (``pollers/runner.py``)
+hold the same things: settings, a pool, the group-commit writer, the
+ingestor, the secret box that opens source secrets, the address policy and
+the OPC-UA PKI dir. ``prepare()`` runs once per process tree, in the parent
+(start or join the embedded PostgreSQL, migrate, generate the secrets), and
+returns settings that its children take as they are; ``Runtime.start()`` in
+each child then only opens a pool.
+
+``run_until_signal`` is the one way a uvloop process of ours (poller, agent)
+sets up logging and stops on SIGTERM/SIGINT.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from pathlib import Path
+
+from . import db
+from .auth import ApiKeyCache, jwt_secret
+from .config import Settings
+from .ingest import Catalog, GroupCommitWriter, Ingestor
+from .netpolicy import AddressPolicy
+from .secretbox import SecretBox
+
+log = logging.getLogger("haltless.runtime")
+
+
+def prepare(settings: Settings) -> Settings:
+    """Once per process tree: the database (embedded started or joined, schema
+    migrated) and the generated secrets. The result names them all, so a
+    child given it (``to_env()`` or pickled) repeats none of this."""
+    if settings.prepared:
+        return settings
+    s = settings.but(data_dir=Path(settings.data_dir).expanduser().resolve())
+    embedded = not s.database_url
+    dsn = db.migrated_url(s)
+    return s.but(database_url=dsn, prepared="embedded" if embedded else "external",
+                 jwt_secret=jwt_secret(s.jwt_secret, s.data_dir),
+                 encryption_key=SecretBox.key_for(s.data_dir, s.encryption_key))
+
+
+class Runtime:
+    """The shared state of one process; ``await Runtime(s).start()``, then
+    ``await rt.close()``."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.pool = None
+        self.writer: GroupCommitWriter | None = None
+        self.ingestor: Ingestor | None = None
+        self.keys = ApiKeyCache(settings.auth_cache_seconds)
+        self.policy = AddressPolicy(settings.poll_allow)
+        self.box: SecretBox | None = None
+        self.jwt_secret: str | None = None
+        self.pki_dir = Path(settings.data_dir) / "pki"
+
+    async def start(self) -> "Runtime":
+        s = self.settings
+        if not s.prepared:  # started on its own (e.g. `granian haltless.server.app:app`)
+            s = self.settings = await asyncio.to_thread(prepare, s)
+        self.box = SecretBox(s.encryption_key)
+        self.jwt_secret = s.jwt_secret
+        self.pool = await db.create_pool(s.database_url, s)
+        alive = None
+        if s.prepared == "embedded":
+            data_dir = s.data_dir
+            alive = lambda: db.embedded_alive(data_dir)  # noqa: E731
+        self.writer = GroupCommitWriter(self.pool, s.writer_connections,
+                                        timeout=s.db_timeout * 6, alive=alive)
+        self.ingestor = Ingestor(self.pool, self.writer,
+                                 Catalog(negative_ttl=s.auth_cache_seconds))
+        return self
+
+    async def close(self) -> None:
+        if self.writer is not None:
+            await self.writer.close()
+        if self.pool is not None:
+            await self.pool.close()
+
+
+def configure_logging(level: str) -> None:
+    logging.basicConfig(level=level.upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # Device libraries log per packet (pymodbus dumps every garbled frame in
+    # hex); we report each source's state changes ourselves, once.
+    logging.getLogger("pymodbus").setLevel(logging.CRITICAL)
+    logging.getLogger("asyncua").setLevel(logging.ERROR)
+
+
+def run_until_signal(main, log_level: str):
+    """Run ``main(stop: asyncio.Event)`` on uvloop with our logging; SIGTERM
+    and SIGINT set ``stop``. Returns what ``main`` returns."""
+    import uvloop
+
+    configure_logging(log_level)
+
+    async def outer():
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        return await main(stop)
+
+    return uvloop.run(outer())
