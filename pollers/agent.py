@@ -36,7 +36,7 @@ import msgspec
 from msgspec import Meta
 
 from ..server.config import Settings
-from ..server.errors import ConfigError
+from ..server.errors import ConfigError, HaltlessError
 from ..server.runtime import run_until_signal
 from ..server.wire import Reading, describe_validation_error, encoder
 
@@ -157,15 +157,15 @@ def make_reader(src: AgentSource, state_dir: Path):
 
 # ------------------------------------------------------------------ sending
 
-class Rejected(Exception):
+class Rejected(HaltlessError):
     """The server will never take this batch (4xx other than 401/429)."""
 
 
-class Unauthorized(Exception):
-    pass
+class Unauthorized(HaltlessError):
+    """The server refused the API key (401): sending stops, the queue stays."""
 
 
-class Retry(Exception):
+class Retry(HaltlessError):
     def __init__(self, message: str, after: float | None = None) -> None:
         super().__init__(message)
         self.after = after

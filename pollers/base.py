@@ -11,6 +11,8 @@ from __future__ import annotations
 import datetime as _dt
 from typing import NamedTuple, Protocol
 
+from ..server.errors import HaltlessError
+
 
 class Sample(NamedTuple):
     """One value read from a device, ready to become a reading."""
@@ -35,7 +37,7 @@ class ReadResult(NamedTuple):
     errors: list[PointError]
 
 
-class ReaderError(Exception):
+class ReaderError(HaltlessError):
     """The device could not be read at all (connect, auth, security, timeout).
 
     ``str(exc)`` is a sentence a person can act on, e.g.

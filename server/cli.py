@@ -139,7 +139,8 @@ def _setting(name: str, flag: str):
         try:
             return VARIABLES[name][1](flag, raw)
         except ConfigError as exc:
-            raise argparse.ArgumentTypeError(str(exc).removeprefix(f"{flag}=")) from None
+            msg = str(exc)
+            raise argparse.ArgumentTypeError(msg.removeprefix(f"{flag}: ").removeprefix(f"{flag}=")) from None
     parse.__name__ = flag
     return parse
 

@@ -22,28 +22,26 @@ from .errors import ConfigError
 MAX_WORKERS = 256
 
 
-def _int(lo: int, hi: int):
-    def parse(name: str, raw: str) -> int:
+def _number(kind: type, lo, hi):
+    what = "a whole number" if kind is int else "a number"
+
+    def parse(name: str, raw: str):
         try:
-            v = int(raw)
+            v = kind(raw)
         except ValueError:
-            raise ConfigError(f"{name}={raw!r}: expected a whole number from {lo} to {hi}") from None
-        if not lo <= v <= hi:
-            raise ConfigError(f"{name}={raw!r}: expected a whole number from {lo} to {hi}")
+            v = None
+        if v is None or not lo <= v <= hi:
+            raise ConfigError(f"{name}={raw!r}: expected {what} from {lo} to {hi}")
         return v
     return parse
+
+
+def _int(lo: int, hi: int):
+    return _number(int, lo, hi)
 
 
 def _float(lo: float, hi: float):
-    def parse(name: str, raw: str) -> float:
-        try:
-            v = float(raw)
-        except ValueError:
-            raise ConfigError(f"{name}={raw!r}: expected a number from {lo} to {hi}") from None
-        if not lo <= v <= hi:
-            raise ConfigError(f"{name}={raw!r}: expected a number from {lo} to {hi}")
-        return v
-    return parse
+    return _number(float, lo, hi)
 
 
 def _text(name: str, raw: str) -> str:

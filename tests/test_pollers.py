@@ -235,3 +235,44 @@ def test_the_address_policy_is_checked_again_at_poll_time(server, api, tenant, p
             pollers.kill(signal.SIGTERM)
     assert "outside HALTLESS_POLL_ALLOW" in st["last_error"]
     assert series_rows(pg_dsn, mid, "temperature") == []
+
+
+def test_a_device_answering_garbage_is_logged_once_by_name_without_hex_dumps(server, api, tenant,
+                                                                             pg_dsn, tmp_path):
+    import asyncio
+
+    from peers import LoopThread
+    lt = LoopThread()
+
+    conns = []
+
+    async def garbage():  # answers every request with bytes that are not Modbus
+        async def handle(reader, writer):
+            conns.append(writer)
+            while await reader.read(1 << 16):
+                writer.write(b"\x00\x01\xde\xad\xbe\xef garbage \xff" * 3)
+        srv = await asyncio.start_server(handle, "127.0.0.1", 0)
+        return srv, srv.sockets[0].getsockname()[1]
+    srv, port = lt.call(garbage())
+    mid = tenant.machines["CNC-002"]
+    try:
+        body = {**MODBUS_BODY, "machine_id": str(mid), "port": port, "poll_interval_seconds": 1}
+        body["config"] = {**body["config"], "timeout_seconds": 0.5}
+        src = api.post("/api/v1/ingest-sources", body).json()
+        res = api.post(f"/api/v1/ingest-sources/{src['id']}/test-connection", {}).json()
+        assert res["success"] is False
+        pollers = Pollers(server, tmp_path / "pollers.log")
+        try:
+            wait_for(lambda: src["id"] in pollers.log(), what="the source's failure logged")
+            time.sleep(4)  # several more failed polls
+        finally:
+            pollers.kill(signal.SIGTERM)
+    finally:
+        lt.call(_close_server(srv, conns))
+        lt.close()
+    log = pollers.log()
+    named = [ln for ln in log.splitlines() if src["id"] in ln and "WARNING" in ln]
+    assert len(named) == 1, log  # once per change of state, not once per poll
+    assert f"127.0.0.1:{port}" in named[0]
+    for noise in ("pymodbus", "0xde", "0xad", "Processing:"):
+        assert noise not in log and noise not in server.log(), noise

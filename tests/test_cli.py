@@ -1,0 +1,270 @@
+"""The command line as a new user meets it: flags where they type them, one
+clear line for each mistake, a server that stops when told and that never
+acknowledges a write it could lose."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import requests
+
+from conftest import HALTLESS, ROOT, ServerProcess, free_port, run
+from haltless.server import db
+from test_ingest import post, reading
+from test_operations import _postmasters, haltless
+
+
+def one_line_error(p: subprocess.CompletedProcess) -> str:
+    assert p.returncode == 2, (p.returncode, p.stderr)
+    # argparse puts its usage line first; the error itself is one line
+    lines = [ln for ln in p.stderr.strip().splitlines() if not ln.startswith("usage: ")]
+    assert len(lines) == 1, p.stderr
+    assert "Traceback" not in p.stderr
+    return lines[0]
+
+
+# ------------------------------------------------------------------ flags
+
+def test_data_dir_works_before_and_after_the_command(public_tmp):
+    env = {"HALTLESS_DATABASE_URL": None, "HALTLESS_DATA_DIR": None}
+    data = public_tmp / "d"
+    for args in (["--data-dir", str(data), "orgs", "list"], ["orgs", "list", "--data-dir", str(data)],
+                 ["machines", "add", "CNC-9", "--data-dir", str(data)],
+                 ["--data-dir", str(data), "machines", "list"]):
+        p = haltless(*args, env=env)
+        assert "Traceback" not in p.stderr
+    assert "CNC-9" in p.stdout
+    assert (data / "pg" / "PG_VERSION").exists()
+    assert not _postmasters((data / "pg").resolve())  # the last command stopped it
+
+
+def test_the_agent_says_it_takes_no_database_flags(tmp_path):
+    line = one_line_error(haltless("--data-dir", str(tmp_path), "agent", "--config", "x.toml",
+                                   check=False))
+    assert "agent uses no database" in line and "state_dir" in line
+
+
+def test_workers_and_port_flags_are_bounded_like_their_variables():
+    p = haltless("serve", "--workers", "999", check=False)
+    assert p.returncode == 2 and "--workers" in p.stderr and "1 to 256" in p.stderr
+    p = haltless("serve", "--port", "70000", check=False)
+    assert p.returncode == 2 and "--port" in p.stderr and "1 to 65535" in p.stderr
+    assert "Traceback" not in p.stderr
+
+
+def test_a_port_already_in_use_is_one_clear_line(tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        line = one_line_error(haltless("serve", "--port", str(port), "--data-dir", str(tmp_path),
+                                       check=False))
+    assert f"port {port} is already in use" in line
+    assert not (tmp_path / "pg").exists()  # checked before PostgreSQL was started
+
+
+def test_two_servers_cannot_share_a_port(server, tmp_path):
+    p = haltless("serve", "--host", "127.0.0.1", "--port", str(server.port),
+                 "--data-dir", str(tmp_path), check=False, timeout=30)
+    assert f"port {server.port} is already in use" in one_line_error(p)
+    assert requests.get(server.url + "/healthz", timeout=5).status_code == 200
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to become an ordinary user")
+def test_a_privileged_port_as_an_ordinary_user_names_the_port():
+    floor = int(Path("/proc/sys/net/ipv4/ip_unprivileged_port_start").read_text())
+    if floor <= 80:
+        pytest.skip(f"this kernel lets every user bind ports from {floor}")
+    from haltless.server.serve import check_port
+    import pwd
+    nobody = pwd.getpwnam("nobody")
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child becomes an ordinary user and runs the real check
+        os.close(r)
+        try:
+            os.setgid(nobody.pw_gid)
+            os.setuid(nobody.pw_uid)
+            check_port("127.0.0.1", 80)
+            os.write(w, b"no error")
+        except Exception as exc:  # noqa: BLE001 - reported to the parent
+            os.write(w, str(exc).encode())
+        os._exit(0)
+    os.close(w)
+    with os.fdopen(r) as f:
+        line = f.read()
+    os.waitpid(pid, 0)
+    assert "port 80" in line and "permission denied" in line and "--port 8000" in line
+
+
+# ------------------------------------------------------------------ bad database URLs
+
+@pytest.mark.parametrize("url, says", [
+    ("postgresql://u@127.0.0.1:5432:99/haltless", "port '99'"),
+    ("mysql://u:secret@db.example/haltless", "the scheme is mysql://"),
+    ("postgresql://u@127.0.0.1:99999/haltless", "port"),
+    ("postgresql://u@127.0.0.1:5432", "no database name"),
+])
+def test_a_malformed_database_url_is_one_line_naming_the_part(url, says):
+    line = one_line_error(haltless("orgs", "list", "--database-url", url, check=False))
+    assert says in line and "secret" not in line
+
+
+def test_a_missing_database_or_role_is_one_line(pg_dsn):
+    base, _, query = pg_dsn.partition("?")
+    missing_db = base.rsplit("/", 1)[0] + "/no_such_db" + ("?" + query if query else "")
+    line = one_line_error(haltless("orgs", "list", env={"HALTLESS_DATABASE_URL": missing_db},
+                                   check=False))
+    assert 'database "no_such_db" does not exist' in line
+    missing_role = missing_db.replace("/no_such_db", "/haltless").replace("//postgres:@", "//nosuchrole:@", 1)
+    if "nosuchrole" not in missing_role:
+        pytest.skip("HALTLESS_DATABASE_URL has another user; the role case needs the embedded one")
+    line = one_line_error(haltless("orgs", "list", env={"HALTLESS_DATABASE_URL": missing_role},
+                                   check=False))
+    assert 'role "nosuchrole" does not exist' in line
+
+
+def test_an_unreachable_database_is_one_line():
+    port = free_port()
+    line = one_line_error(haltless("orgs", "list", "--database-url",
+                                   f"postgresql://u@127.0.0.1:{port}/x", check=False))
+    assert f"cannot reach PostgreSQL at 127.0.0.1:{port}/x" in line
+
+
+# ------------------------------------------------------------------ stopping
+
+def _descendants(pid: int) -> list[psutil.Process]:
+    try:
+        return psutil.Process(pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        return []
+
+
+@pytest.mark.parametrize("after", [0.5, 2.0, "ready"])
+def test_sigterm_stops_the_server_within_seconds_at_any_moment(pg_dsn, tmp_path, after):
+    srv = ServerProcess({"HALTLESS_DATABASE_URL": pg_dsn}, workers=2, data_dir=tmp_path)
+    if after == "ready":
+        srv.start(tmp_path / "serve.log")
+        proc = srv.proc
+    else:
+        with open(tmp_path / "serve.log", "wb") as log:
+            proc = subprocess.Popen(HALTLESS + ["serve", "--port", str(srv.port), "--workers", "2"],
+                                    env=srv.env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+                                    start_new_session=True)
+        time.sleep(after)
+    family = [proc.pid] + [p.pid for p in _descendants(proc.pid)]
+    start = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(15)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        raise AssertionError("haltless serve ignored SIGTERM for 15 s")
+    assert time.monotonic() - start < 12
+    time.sleep(0.5)
+    left = [p for p in family if psutil.pid_exists(p) and psutil.Process(p).status() != "zombie"]
+    assert not left, f"processes left running: {left}"
+    srv.stop()
+    with socket.socket() as s:  # the port is free again
+        s.bind(("127.0.0.1", srv.port))
+
+
+def test_a_sigkilled_server_does_not_leave_postgres_running_forever(public_tmp, tmp_path):
+    data = public_tmp / "data"
+    srv = ServerProcess({}, data_dir=data)
+    srv.env.pop("HALTLESS_DATABASE_URL", None)
+    srv.start(tmp_path / "serve.log")
+    pgdata = (data / "pg").resolve()
+    for p in [srv.proc.pid] + [c.pid for c in _descendants(srv.proc.pid)]:
+        try:
+            os.kill(p, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    srv.proc.wait(10)
+    srv.stop()
+    time.sleep(0.5)
+    assert _postmasters(pgdata), "the postmaster should have outlived the killed server"
+    dead = json.loads((pgdata / ".handle_pids.json").read_text())
+    assert dead and not any(psutil.pid_exists(p) for p in dead)
+    env = {"HALTLESS_DATABASE_URL": None, "HALTLESS_DATA_DIR": str(data)}
+    haltless("orgs", "list", env=env)  # joins the orphan, and as its last live holder stops it
+    deadline = time.monotonic() + 10
+    while _postmasters(pgdata) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not _postmasters(pgdata)
+    haltless("orgs", "list", env=env)  # and the next command starts and stops its own
+    assert not _postmasters(pgdata)
+
+
+def test_a_deleted_data_dir_answers_503_at_once(public_tmp, tmp_path):
+    data = public_tmp / "data"
+    srv = ServerProcess({"HALTLESS_AUTH_CACHE_SECONDS": "60"}, data_dir=data)
+    srv.env.pop("HALTLESS_DATABASE_URL", None)
+    srv.start(tmp_path / "serve.log")
+    try:
+        env = {"HALTLESS_DATABASE_URL": None, "HALTLESS_DATA_DIR": str(data)}
+        haltless("machines", "add", "CNC-001", env=env)
+        key = haltless("keys", "create", env=env).stdout.strip()
+        assert post(srv, key, {"readings": [reading()]}).status_code == 207
+        import shutil
+        shutil.rmtree(data / "pg")
+        statuses = [post(srv, key, {"readings": [reading()]}).status_code for _ in range(5)]
+        assert statuses == [503] * 5
+    finally:
+        srv.stop()
+        for p in _postmasters((data / "pg").resolve()):
+            p.kill()
+
+
+# ------------------------------------------------------------------ installing
+
+@pytest.mark.slow
+def test_no_c_compiler_names_the_pure_python_way_and_that_way_works(tmp_path):
+    env = {**os.environ, "CC": "/nonexistent-cc", "LDSHARED": "/nonexistent-cc -shared"}
+    p = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-w", str(tmp_path),
+                        str(ROOT)], env=env, capture_output=True, text=True, timeout=600)
+    assert p.returncode != 0
+    assert "HALTLESS_NO_EXTENSIONS=1" in p.stdout + p.stderr
+    p = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(tmp_path),
+                        str(ROOT)], env={**env, "HALTLESS_NO_EXTENSIONS": "1"},
+                       capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr
+    (wheel,) = tmp_path.glob("haltless-*.whl")
+    import zipfile
+    names = zipfile.ZipFile(wheel).namelist()
+    assert "haltless/fast/_validate_py.py" in names and not [n for n in names if n.endswith(".so")]
+
+
+def test_the_readme_needs_nothing_outside_the_clone():
+    readme = (ROOT / "README.md").read_text()
+    assert "../shared" not in readme
+    contract = (ROOT / "docs" / "contract.md").read_text()
+    for must in ("POST /api/v1/ingest", "X-API-Key", "207", "1,000", "10 MB", "3,650 days",
+                 "Machine not found", "Value must be finite", "test-connection",
+                 "ns=2;g=", "register_type"):
+        assert must in contract, must
+
+
+# ------------------------------------------------------------------ agent config
+
+def test_a_typo_in_an_agent_enum_lists_the_allowed_values(tmp_path):
+    from haltless.pollers.agent import load_config
+    from haltless.server.errors import ConfigError
+    f = tmp_path / "agent.toml"
+    f.write_text('api_url = "http://127.0.0.1:9"\napi_key = "hk_x"\n[[source]]\nname = "a"\n'
+                 'machine_identifier = "M"\nprotocol = "opcua"\n[source.opcua]\n'
+                 'endpoint = "opc.tcp://127.0.0.1:4840"\nsecurity_mode = "SignAndEncript"\n'
+                 '[[source.opcua.nodes]]\nnode_id = "ns=2;i=1"\nmetric_name = "t"\n')
+    with pytest.raises(ConfigError) as e:
+        load_config(f, env={})
+    msg = str(e.value)
+    assert "source[0].opcua.security_mode" in msg and "'SignAndEncript'" in msg
+    assert "'None', 'Sign', 'SignAndEncrypt'" in msg
