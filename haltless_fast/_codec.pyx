@@ -73,6 +73,7 @@ cdef inline uint64_t _magnitude(uint64_t r) noexcept nogil:
 
 
 cdef inline int _signed_width(uint64_t mag, bint nonzero) noexcept nogil:
+    # mag is the OR of the residuals' magnitudes: below a power of two iff each is.
     if not nonzero:
         return 0
     if mag < 0x80:
@@ -116,6 +117,7 @@ cdef array.array _as_array(object values, array.array template):
 cdef const unsigned char[::1] _bytes(object data, str what):
     if not isinstance(data, (bytes, bytearray, memoryview)):
         raise TypeError(f"{what}: expected bytes, got {type(data).__name__}")
+    # A memoryview may be strided or of another item format: bytes() flattens it.
     return bytes(data) if isinstance(data, memoryview) else data
 
 
@@ -174,9 +176,8 @@ cdef void _write_ints(const int64_t* v, Py_ssize_t n, IntPlan plan,
         prev = d
 
 
-cdef bytes _pack_int64s(const int64_t* v, Py_ssize_t n, const unsigned char* prefix, int np):
-    _check_count(n)
-    cdef IntPlan plan = _plan_ints(v, n)
+cdef bytes _pack_int64s(const int64_t* v, Py_ssize_t n, IntPlan plan,
+                        const unsigned char* prefix, int np):
     out = PyBytes_FromStringAndSize(NULL, np + plan.size)
     cdef unsigned char* p = <unsigned char*>PyBytes_AS_STRING(out)
     if np:
@@ -188,7 +189,10 @@ cdef bytes _pack_int64s(const int64_t* v, Py_ssize_t n, const unsigned char* pre
 def pack_ints(values):
     """Encode int64s (``array('q')`` or any sequence of ints) as packed ints."""
     cdef array.array a = _as_array(values, _Q)
-    return _pack_int64s(<int64_t*>a.data.as_longlongs, len(a), NULL, 0)
+    cdef const int64_t* v = <int64_t*>a.data.as_longlongs
+    cdef Py_ssize_t n = len(a)
+    _check_count(n)
+    return _pack_int64s(v, n, _plan_ints(v, n), NULL, 0)
 
 
 cdef Py_ssize_t _check_ints(const unsigned char* p, Py_ssize_t size, str what) except -1:
@@ -290,6 +294,7 @@ def pack_values(values):
     cdef const double* v = a.data.as_doubles
     cdef uint64_t acc = 0
     cdef int wx = 0, d
+    cdef IntPlan plan
     cdef int64_t* k
     cdef unsigned char head[2]
     cdef unsigned char* p
@@ -305,9 +310,11 @@ def pack_values(values):
         raise MemoryError()
     try:
         d = _decimal_exponent(v, n, k)
-        if d >= 0 and 2 + _plan_ints(k, n).size <= x_size:
-            head[0], head[1] = 0x44, d
-            return _pack_int64s(k, n, head, 2)
+        if d >= 0:
+            plan = _plan_ints(k, n)
+            if 2 + plan.size <= x_size:
+                head[0], head[1] = 0x44, d
+                return _pack_int64s(k, n, plan, head, 2)
     finally:
         free(k)
     out = PyBytes_FromStringAndSize(NULL, x_size)

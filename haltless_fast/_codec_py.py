@@ -17,8 +17,9 @@ Packed ints (timestamps; the decimal mantissas of mode D)::
 All differences are taken modulo 2**64 (and summed back modulo 2**64), so any
 int64 sequence round-trips, even when a true difference would overflow. The
 encoder takes the smaller of the two orders (a tie goes to order 1) with the
-smallest w that holds every residual. Timestamps at a steady 1 s with jitter
-of ±500 µs need w = 2 (order 1: deltas of ~1e6 µs need w = 4).
+smallest w that holds every residual: timestamps at 1 s with ±500 µs of
+jitter take order 2 at w = 2 (2.0 bytes each), where their deltas of ~1e6 µs
+would need w = 4.
 
 Values::
 
@@ -52,7 +53,7 @@ _INT64_MIN = -(1 << 63)
 _INT64_MAX = (1 << 63) - 1
 _MASK64 = (1 << 64) - 1
 _TWO53 = float(1 << 53)
-_P10 = [float(10 ** d) for d in range(18)]  # exact: 10**d < 2**53 * 2**d
+_P10 = [float(10 ** d) for d in range(18)]  # exact: 10**d = 5**d * 2**d, 5**d < 2**53
 _SIGNED = {1: "b", 2: "h", 4: "i", 8: "q"}
 _LITTLE = sys.byteorder == "little"
 assert all(array(c).itemsize == w for w, c in _SIGNED.items()) and array("Q").itemsize == 8

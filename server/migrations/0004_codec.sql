@@ -9,18 +9,36 @@
 --   SELECT * FROM haltless_unpack_values(vals_block);  -- (i, value float8)
 
 -- w bytes of data at 0-based offset pos as a bigint, big-endian; signed:
--- two's complement sign-extended (lpad with 'f'), else zero-extended.
+-- two's complement, sign-extended ((x # 2^(k-1)) - 2^(k-1) for k bits, or
+-- lpad with 'f' for 8 bytes), else zero-extended. get_byte arithmetic for
+-- 1, 2 and 4 bytes is ~10x faster than the hex round trip that 8 needs.
+-- The helpers are not STRICT so that the planner inlines them (it does not
+-- inline a STRICT function whose body is a CASE); the decoders that call
+-- them are STRICT.
 CREATE FUNCTION haltless_codec_be(data bytea, pos integer, w integer, signed boolean)
-RETURNS bigint LANGUAGE sql IMMUTABLE STRICT PARALLEL SAFE
-RETURN CASE WHEN w = 0 THEN 0 ELSE
-    ('x' || lpad(encode(substring(data FROM pos + 1 FOR w), 'hex'), 16,
-                 CASE WHEN signed AND get_byte(data, pos) >= 128 THEN 'f' ELSE '0' END)
-    )::bit(64)::bigint END;
+RETURNS bigint LANGUAGE sql IMMUTABLE PARALLEL SAFE
+RETURN CASE w
+    WHEN 0 THEN 0
+    WHEN 1 THEN CASE WHEN signed THEN (get_byte(data, pos) # 128) - 128
+                ELSE get_byte(data, pos) END
+    WHEN 2 THEN CASE WHEN signed
+                THEN ((get_byte(data, pos) * 256 + get_byte(data, pos + 1)) # 32768) - 32768
+                ELSE get_byte(data, pos) * 256 + get_byte(data, pos + 1) END
+    WHEN 4 THEN CASE WHEN signed
+                THEN (((get_byte(data, pos)::bigint << 24) | (get_byte(data, pos + 1) << 16)
+                       | (get_byte(data, pos + 2) << 8) | get_byte(data, pos + 3)) # 2147483648)
+                     - 2147483648
+                ELSE (get_byte(data, pos)::bigint << 24) | (get_byte(data, pos + 1) << 16)
+                     | (get_byte(data, pos + 2) << 8) | get_byte(data, pos + 3) END
+    ELSE ('x' || lpad(encode(substring(data FROM pos + 1 FOR w), 'hex'), 16,
+                      CASE WHEN signed AND get_byte(data, pos) >= 128 THEN 'f' ELSE '0' END)
+         )::bit(64)::bigint
+END;
 
 -- The encoder's differences wrap modulo 2**64; the sums here are numeric
 -- (exact, no overflow error), so reduce them back to int64 the same way.
 CREATE FUNCTION haltless_codec_wrap(x numeric) RETURNS bigint
-LANGUAGE sql IMMUTABLE STRICT PARALLEL SAFE
+LANGUAGE sql IMMUTABLE PARALLEL SAFE
 RETURN (CASE WHEN x BETWEEN -9223372036854775808 AND 9223372036854775807 THEN x
         ELSE mod(mod(x + 9223372036854775808, 18446744073709551616) + 18446744073709551616,
                  18446744073709551616) - 9223372036854775808 END)::bigint;
@@ -33,7 +51,7 @@ RETURN (CASE WHEN x BETWEEN -9223372036854775808 AND 9223372036854775807 THEN x
 -- multiplication by -1 so that the zero with the sign bit gives -0.0.
 -- NaN payloads are not kept (NaN is not a reading).
 CREATE FUNCTION haltless_codec_float8(bits bigint) RETURNS float8
-LANGUAGE sql IMMUTABLE STRICT PARALLEL SAFE
+LANGUAGE sql IMMUTABLE PARALLEL SAFE
 RETURN CASE WHEN bits < 0 THEN -1::float8 ELSE 1::float8 END * CASE (bits >> 52) & 2047
     WHEN 2047 THEN CASE WHEN bits & 4503599627370495 = 0 THEN 'Infinity' ELSE 'NaN' END::float8
     WHEN 0 THEN ((bits & 4503599627370495)::float8 / 4503599627370496::float8)
@@ -57,6 +75,8 @@ DECLARE
     n     bigint;
     head  integer;
     need  bigint;
+    v1    bigint;
+    d     bigint;
 BEGIN
     IF size < 14 THEN
         RAISE EXCEPTION 'packed ints: % bytes is shorter than the 14-byte header; the block is truncated', size;
@@ -82,6 +102,8 @@ BEGIN
         RAISE EXCEPTION 'packed ints: % bytes where the header (n=%, order=%, width=%) needs %; the block is truncated or corrupt',
             size, n, ord, w, need;
     END IF;
+    v1 := haltless_codec_be(data, 6, 8, true);
+    d := CASE ord WHEN 2 THEN haltless_codec_be(data, 14, 8, true) ELSE 0 END;
     RETURN QUERY
     WITH r AS (
         SELECT g.i, CASE WHEN g.i <= ord THEN 0
@@ -92,10 +114,8 @@ BEGIN
                CASE WHEN ord = 2 THEN sum(r.i::numeric * r.r) OVER (ORDER BY r.i) END AS s2
         FROM r
     )
-    SELECT s.i, haltless_codec_wrap(haltless_codec_be(data, 6, 8, true) + CASE ord
-               WHEN 1 THEN s.s1
-               ELSE (s.i - 1)::numeric * haltless_codec_be(data, 14, 8, true)
-                    + (s.i + 1) * s.s1 - s.s2 END)
+    SELECT s.i, haltless_codec_wrap(v1 + CASE ord WHEN 1 THEN s.s1
+                                     ELSE (s.i - 1)::numeric * d + (s.i + 1) * s.s1 - s.s2 END)
     FROM s ORDER BY s.i;
 END
 $$;

@@ -1,0 +1,474 @@
+"""The block codec: the Cython kernel and its pure-Python twin on the same
+cases, PostgreSQL's array_send bytes into it, and the SQL decoders of
+migration 0004_codec.sql on what it wrote."""
+from __future__ import annotations
+
+import datetime as dt
+import math
+import os
+import random
+import struct
+import subprocess
+import sys
+from array import array
+
+import asyncpg
+import pytest
+
+from conftest import run
+from haltless.fast import _codec_py
+
+try:
+    from haltless.fast import _codec as _codec_c
+except ImportError:  # pragma: no cover - `pip install -e .` builds it
+    if os.environ.get("HALTLESS_REQUIRE_EXTENSIONS") == "1":
+        raise
+    _codec_c = None
+
+IMPLS = [pytest.param(_codec_py, id="python")]
+IMPLS.append(pytest.param(_codec_c, id="cython", marks=pytest.mark.skipif(
+    _codec_c is None, reason="extension not built (pip install -e . builds it)")))
+needs_c = pytest.mark.skipif(_codec_c is None, reason="extension not built")
+
+INT64_MIN, INT64_MAX = -(1 << 63), (1 << 63) - 1
+TINY = 5e-324  # the smallest subnormal
+MIN_NORMAL = 2.2250738585072014e-308
+MAX = 1.7976931348623157e308
+HARD_FLOATS = [
+    0.0, -0.0, TINY, -TINY, 2 * TINY, math.nextafter(MIN_NORMAL, 0), MIN_NORMAL,
+    math.nextafter(MIN_NORMAL, 1), -MIN_NORMAL, MAX, -MAX, math.nextafter(MAX, 0),
+    1.0, -1.0, 0.1, 1 / 3, 72.5, 1.15, 2.0 ** 53, 2.0 ** 53 + 2, 1e-300, 123456.789,
+]
+T0 = 1_795_780_800_000_000  # 2026-11-27T12:00:00Z in Unix µs
+
+
+@pytest.fixture(params=IMPLS)
+def codec(request):
+    return request.param
+
+
+def same_bits(a, b) -> bool:
+    return array("d", a).tobytes() == array("d", b).tobytes()
+
+
+def finite_random_float(rnd: random.Random) -> float:
+    while True:
+        x = struct.unpack("<d", rnd.getrandbits(64).to_bytes(8, "little"))[0]
+        if math.isfinite(x):
+            return x
+
+
+def jittered_timestamps(rnd: random.Random, n: int, gaps: bool = True) -> list[int]:
+    ts, t = [], T0
+    for i in range(n):
+        t += 1_000_000 + (rnd.choice([0, 0, 60_000_000, 1_000]) if gaps and i % 500 == 499 else 0)
+        ts.append(t + rnd.randint(-500, 500))
+    return ts
+
+
+def wrapping(n: int) -> list[int]:
+    """Steps of 2**62 that leave the int64 range and wrap (order 2, w = 0)."""
+    return [((i << 62) + (1 << 63)) % (1 << 64) - (1 << 63) for i in range(n)]
+
+
+INT_CASES = {
+    "empty": [], "one": [42], "two": [7, -7], "constant": [5] * 100,
+    "extremes": [INT64_MIN, INT64_MAX, INT64_MIN, 0, -1, INT64_MAX],
+    "wrapping": wrapping(12), "steady": list(range(0, 10 ** 8, 10 ** 6)),
+    "negative_walk": [-(i * i) for i in range(300)],
+}
+
+
+# ------------------------------------------------------------- packed ints
+
+@pytest.mark.parametrize("name", INT_CASES)
+def test_ints_round_trip_exactly_including_int64_extremes_and_wrapping(codec, name):
+    v = INT_CASES[name]
+    packed = codec.pack_ints(array("q", v))
+    out = codec.unpack_ints(packed)
+    assert type(out) is array and out.typecode == "q" and out.tolist() == v
+
+
+def test_ints_header_layout_for_both_orders(codec):
+    assert codec.pack_ints([10, 20, 25]) == bytes([1, 1, 0, 0, 0, 3]) + (10).to_bytes(8, "big") \
+        + bytes([10, 5])
+    assert codec.pack_ints([]) == bytes([1, 0, 0, 0, 0, 0]) + bytes(8)
+    steady = codec.pack_ints(range(0, 10 ** 7, 10 ** 6))  # constant step: no residuals
+    assert steady == bytes([2, 0, 0, 0, 0, 10]) + bytes(8) + (10 ** 6).to_bytes(8, "big")
+    assert codec.pack_ints([-1, -2])[14:] == b"\xff"  # two's complement, one byte
+
+
+def test_ints_equal_sizes_go_to_order_1(codec):
+    # order 1: 14 + 4 deltas x 2 bytes = 22; order 2: 22 + 3 x 0 = 22
+    assert codec.pack_ints([0, 1000, 2000, 3000, 4000])[:2] == bytes([1, 2])
+    assert codec.pack_ints([0, 1000, 2000, 3000, 4000, 5000])[:2] == bytes([2, 0])
+
+
+def test_ints_width_is_the_smallest_that_holds_every_residual(codec):
+    for delta, w in [(0, 0), (127, 1), (-128, 1), (128, 2), (-129, 2), (32767, 2), (-32768, 2),
+                     (32768, 4), (-(1 << 31), 4), (1 << 31, 8), (INT64_MIN, 8)]:
+        packed = codec.pack_ints([0, delta])
+        assert packed[:2] == bytes([1, w]), delta
+        assert codec.unpack_ints(packed).tolist() == [0, delta]
+
+
+def test_timestamps_at_1s_with_jitter_and_gaps_round_trip(codec):
+    rnd = random.Random(11)
+    ts = jittered_timestamps(rnd, 3600)
+    packed = codec.pack_ints(ts)
+    assert packed[0] == 2 and codec.unpack_ints(packed).tolist() == ts
+    steady = jittered_timestamps(rnd, 3600, gaps=False)
+    assert codec.pack_ints(steady)[:2] == bytes([2, 2])  # jitter differences < 2**15
+
+
+def test_pack_ints_takes_sequences_and_refuses_what_is_not_int64(codec):
+    want = codec.pack_ints(array("q", [1, 5, 9]))
+    assert codec.pack_ints([1, 5, 9]) == codec.pack_ints((1, 5, 9)) == want
+    assert codec.pack_ints(range(1, 10, 4)) == want
+    with pytest.raises(ValueError, match="does not fit int64"):
+        codec.pack_ints([0, 1 << 63])
+    with pytest.raises(TypeError):
+        codec.pack_ints([1.5])
+
+
+# ------------------------------------------------------------------ values
+
+def test_hard_floats_round_trip_bit_exactly_alone_and_together(codec):
+    for x in HARD_FLOATS:
+        for block in ([x], [x, x], [x, -x, x], [1.0, x, 0.5]):
+            out = codec.unpack_values(codec.pack_values(block))
+            assert same_bits(out, block), (x, block)
+    assert same_bits(codec.unpack_values(codec.pack_values(HARD_FLOATS)), HARD_FLOATS)
+
+
+def test_random_finite_bit_patterns_round_trip(codec):
+    rnd = random.Random(5)
+    for n in (0, 1, 2, 3, 17, 1000):
+        v = [finite_random_float(rnd) for _ in range(n)]
+        packed = codec.pack_values(array("d", v))
+        assert packed[0] == 0x58 or n < 2
+        assert same_bits(codec.unpack_values(packed), v)
+
+
+def test_decimal_mode_takes_the_smallest_exponent_and_small_ints(codec):
+    walk = codec.pack_values([72.5, 72.6, 72.4, 72.5])
+    assert walk[:2] == b"D\x01" and walk[2:4] == bytes([1, 1])
+    assert codec.unpack_ints(walk[2:]).tolist() == [725, 726, 724, 725]
+    assert codec.pack_values([1.15, 1.2, 1.25])[:2] == b"D\x02"
+    assert codec.pack_values([3.0, 4.0, 5.0, 7.0])[:2] == b"D\x00"
+    assert codec.pack_values([0.001, 0.002, 0.004])[:2] == b"D\x03"
+    # -0.0 is never decimal: k = 0 decodes to +0.0
+    assert codec.pack_values([-0.0, 1.5, 2.5])[0] == 0x58
+    assert codec.pack_values([0.0, 1.5, 2.5])[:2] == b"D\x01"
+    # 0.1 * 3 == 0.30000000000000004 is no 1-digit decimal (its 17 digits are)
+    assert codec.pack_values([0.1 * i for i in range(3600)])[0] == 0x58
+
+
+def test_decimal_series_round_trip_with_small_widths(codec):
+    rnd = random.Random(3)
+    walk, x = [], 1.0
+    for _ in range(500):
+        x = round(x + rnd.choice([-0.01, 0.0, 0.01]), 2)
+        walk.append(x)
+    cases = {  # values, then the head: mode, d, order and width of the packed ints
+        "0.1 steps": ([round(20 + 0.1 * i, 1) for i in range(500)], b"D\x01\x02\x00"),
+        "0.01 walk": (walk, b"D\x02\x01\x01"),
+        "counter": ([float(1_000_000 + 7 * i) for i in range(500)], b"D\x00\x02\x00"),
+        "constant": ([21.5] * 3600, b"X\x00"),  # X with w = 0 beats D by 2 bytes
+        "1e-17 steps": ([1e-17, 2e-17, -3e-17, 4e-17], b"D\x11\x01\x01"),
+    }
+    for name, (v, head) in cases.items():
+        packed = codec.pack_values(v)
+        assert packed.startswith(head), name
+        assert same_bits(codec.unpack_values(packed), v), name
+
+
+def test_empty_one_and_two_values(codec):
+    for v in ([], [1.5], [1.5, -0.0], [TINY, MAX]):
+        packed = codec.pack_values(v)
+        assert same_bits(codec.unpack_values(packed), v)
+    assert codec.pack_values([]) == b"X\x00" + bytes(12)
+    out = codec.unpack_values(codec.pack_values([]))
+    assert type(out) is array and out.typecode == "d" and len(out) == 0
+
+
+@needs_c
+def test_cython_and_python_emit_identical_bytes_on_random_blocks():
+    rnd = random.Random(7)
+    for _ in range(300):
+        n = rnd.choice([0, 1, 2, 3, 5, 64, 1000])
+        kind = rnd.randrange(5)
+        ints = {0: lambda: [rnd.randint(INT64_MIN, INT64_MAX) for _ in range(n)],
+                1: lambda: jittered_timestamps(rnd, n),
+                2: lambda: [rnd.randint(-(1 << rnd.randrange(63)), 1 << rnd.randrange(62))
+                            for _ in range(n)],
+                3: lambda: wrapping(n),
+                4: lambda: [i * i * rnd.choice([1, 3, 1000]) for i in range(n)]}[kind]()
+        assert _codec_c.pack_ints(ints) == _codec_py.pack_ints(ints)
+        vals = {0: lambda: [finite_random_float(rnd) for _ in range(n)],
+                1: lambda: [round(rnd.uniform(-100, 100), rnd.randrange(8)) for _ in range(n)],
+                2: lambda: [rnd.choice(HARD_FLOATS + [math.nan, -math.inf]) for _ in range(n)],
+                3: lambda: [rnd.gauss(0, 1) for _ in range(n)],
+                4: lambda: [round(rnd.uniform(-1e6, 1e6)) / 10 ** rnd.randrange(18)
+                            for _ in range(n)]}[kind]()
+        packed = _codec_c.pack_values(vals)
+        assert packed == _codec_py.pack_values(vals)
+        assert _codec_c.unpack_values(packed).tobytes() == _codec_py.unpack_values(packed).tobytes()
+
+
+# --------------------------------------------------------- corrupt input
+
+def _valid_blocks(codec):
+    rnd = random.Random(2)
+    return [("ints", codec.pack_ints(v)) for v in ([], [1], [1, 300, 70000], wrapping(6),
+                                                   jittered_timestamps(rnd, 40))] + \
+           [("values", codec.pack_values(v)) for v in ([], [1.5], [72.5, 72.6, 72.4],
+                                                       HARD_FLOATS, [0.1 * i for i in range(9)])]
+
+
+def _unpack(codec, kind, data):
+    return (codec.unpack_ints if kind == "ints" else codec.unpack_values)(data)
+
+
+def _corrupt_blocks():
+    big = (1 << 24) + 1
+    return [
+        ("ints", bytes([3, 0]) + bytes(12), "order 3"),
+        ("ints", bytes([1, 3]) + bytes(12), "width 3"),
+        ("ints", bytes([2, 0, 0, 0, 0, 1]) + bytes(16), "order 2 needs"),
+        ("ints", bytes([1, 0]) + big.to_bytes(4, "big") + bytes(8), "at most 16,777,216"),
+        ("ints", bytes([1, 8, 0, 0, 0, 3]) + bytes(8 + 15), "needs 30"),
+        ("values", b"Z\x00" + bytes(12), "mode byte 0x5a"),
+        ("values", b"D\x12" + bytes(14), "exponent 18"),
+        ("values", b"X\x09" + bytes(12), "width 9"),
+        ("values", b"X\x00" + big.to_bytes(4, "big") + bytes(8), "at most 16,777,216"),
+        ("values", b"X", "shorter than the 2-byte header"),
+        ("values", b"D\x01\x01\x01\x00\x00\x00\x03" + bytes(8) + b"\x01", "15 bytes where"),
+    ]
+
+
+def test_truncated_extended_and_corrupt_blocks_raise_value_error(codec):
+    for kind, data in _valid_blocks(codec):
+        for cut in range(len(data)):
+            with pytest.raises(ValueError, match="truncated"):
+                _unpack(codec, kind, data[:cut])
+        with pytest.raises(ValueError, match="truncated or corrupt"):
+            _unpack(codec, kind, data + b"\x00")
+    for kind, data, what in _corrupt_blocks():
+        with pytest.raises(ValueError, match=what):
+            _unpack(codec, kind, data)
+    with pytest.raises(TypeError):
+        codec.unpack_values("X")
+
+
+def test_random_byte_flips_never_crash(codec):
+    rnd = random.Random(9)
+    # Not the blocks of w = 0, where a flipped count is a valid block of up to
+    # 16 M readings: slow to decode here and no test of robustness.
+    for kind, data in _valid_blocks(codec):
+        if (data[3] if data[0] == 0x44 else data[1]) == 0:
+            continue
+        for _ in range(200):
+            b = bytearray(data)
+            b[rnd.randrange(len(b))] = rnd.randrange(256)
+            try:
+                _unpack(codec, kind, bytes(b))
+            except ValueError:
+                pass
+
+
+@needs_c
+def test_both_implementations_give_the_same_error_messages():
+    for kind, data, _ in _corrupt_blocks():
+        msgs = []
+        for codec in (_codec_py, _codec_c):
+            with pytest.raises(ValueError) as info:
+                _unpack(codec, kind, data)
+            msgs.append(str(info.value))
+        assert msgs[0] == msgs[1]
+
+
+# ----------------------------------------------------------------- sorting
+
+def test_sort_by_time_orders_by_timestamp_then_value_bits(codec):
+    rnd = random.Random(4)
+    ts = array("q", [rnd.choice([T0, T0 + 1, T0 - 5, rnd.randint(0, 1 << 60)]) for _ in range(2000)])
+    vals = array("d", [rnd.choice([0.0, -0.0, 1.5, -1.5, math.inf, rnd.random()])
+                       for _ in range(2000)])
+    bits = array("Q", vals.tobytes())
+    want = sorted(zip(ts, bits))
+    codec.sort_by_time(ts, vals)
+    assert list(zip(ts, array("Q", vals.tobytes()))) == want
+    empty_t, empty_v = array("q"), array("d")
+    codec.sort_by_time(empty_t, empty_v)
+    assert len(empty_t) == len(empty_v) == 0
+
+
+def test_sort_by_time_refuses_mismatched_arrays(codec):
+    with pytest.raises(ValueError, match="2 timestamps but 1 values"):
+        codec.sort_by_time(array("q", [2, 1]), array("d", [1.0]))
+    with pytest.raises(TypeError, match="ts must be an array"):
+        codec.sort_by_time([2, 1], array("d", [1.0, 2.0]))
+    with pytest.raises(TypeError, match="vals must be an array"):
+        codec.sort_by_time(array("q", [2, 1]), array("f", [1.0, 2.0]))
+
+
+# ------------------------------------------------------ PostgreSQL arrays
+
+def pg(dsn, sql, *args):
+    async def go():
+        c = await asyncpg.connect(dsn)
+        try:
+            return await c.fetchrow(sql, *args)
+        finally:
+            await c.close()
+    return run(go())
+
+
+def test_from_pg_arrays_reads_array_send_of_real_postgres(codec, pg_dsn):
+    utc = dt.timezone.utc
+    stamps = [dt.datetime(2026, 11, 27, 12, 0, 0, 123456, utc), dt.datetime(1999, 12, 31, 23, 59,
+              59, 999999, utc), dt.datetime(1970, 1, 1, tzinfo=utc), dt.datetime(1900, 5, 1, tzinfo=utc)]
+    vals = HARD_FLOATS[:4]
+    row = pg(pg_dsn, "SELECT array_send($1::timestamptz[]), array_send($2::float8[])", stamps, vals)
+    ts, out = codec.from_pg_arrays(row[0], row[1])
+    epoch = dt.datetime(1970, 1, 1, tzinfo=utc)
+    assert ts.tolist() == [(s - epoch) // dt.timedelta(microseconds=1) for s in stamps]
+    assert ts.typecode == "q" and out.typecode == "d" and same_bits(out, vals)
+    empty = pg(pg_dsn, "SELECT array_send('{}'::timestamptz[]), array_send('{}'::float8[])")
+    assert [len(a) for a in codec.from_pg_arrays(empty[0], empty[1])] == [0, 0]
+
+
+def test_from_pg_arrays_refuses_what_is_not_a_block(codec, pg_dsn):
+    good_ts, good_vals = pg(pg_dsn, "SELECT array_send(ARRAY[now(), now()]),"
+                                    " array_send(ARRAY[1.0, 2.0]::float8[])")
+    bad = pg(pg_dsn, "SELECT array_send(ARRAY[1, 2]::int8[]),"
+                     " array_send(ARRAY[1.0, NULL]::float8[]),"
+                     " array_send(ARRAY[[1.0], [2.0]]::float8[]),"
+                     " array_send(ARRAY['infinity', now()]::timestamptz[]),"
+                     " array_send(ARRAY['-infinity', now()]::timestamptz[]),"
+                     " array_send(ARRAY[1.0]::float8[])")
+    for ts_bin, vals_bin, what in [
+        (bad[0], good_vals, "oid 20, expected 1184"),
+        (good_ts, bad[1], "NULLs"),
+        (good_ts, bad[2], "2 dimensions"),
+        (bad[3], good_vals, "element 0 is infinity"),
+        (bad[4], good_vals, "element 0 is -infinity"),
+        (good_ts, bad[5], "2 timestamps but 1 values"),
+        (good_ts[:-1], good_vals, "truncated"),
+        (good_ts, good_vals[:10], "shorter than an array header"),
+    ]:
+        with pytest.raises(ValueError, match=what):
+            codec.from_pg_arrays(ts_bin, vals_bin)
+
+
+# ----------------------------------------------------------- SQL decoders
+
+def sql_decode(dsn, int_blocks, value_blocks):
+    """Each block decoded by the migration's functions: ints as Python ints,
+    values as their float8send bytes (bit-exact)."""
+    async def go():
+        c = await asyncpg.connect(dsn)
+        try:
+            ints = [[r["v"] for r in await c.fetch(
+                "SELECT i, v FROM haltless_unpack_ints($1) ORDER BY i", b)] for b in int_blocks]
+            vals = [b"".join(r["b"] for r in await c.fetch(
+                "SELECT i, float8send(value) AS b FROM haltless_unpack_values($1) ORDER BY i", b))
+                for b in value_blocks]
+            return ints, vals
+        finally:
+            await c.close()
+    return run(go())
+
+
+def test_sql_decoders_match_the_encoder_in_both_orders_and_both_modes(codec, pg_dsn):
+    rnd = random.Random(8)
+    ints = list(INT_CASES.values()) + [jittered_timestamps(rnd, 3600)]
+    for bits in (5, 13, 29, 61):  # every width in order 1 ([0, x, 0]) and order 2 (a trend)
+        ints.append([0, 1 << bits, 0])
+        noise = 1 << (bits - 2)
+        ints.append([(i << 50) + rnd.randint(-noise, noise) for i in range(30)])
+    int_blocks = [codec.pack_ints(v) for v in ints]
+    assert {b[:2] for b in int_blocks} >= {bytes([o, w]) for o, w in [
+        (1, 0), (1, 1), (1, 2), (1, 4), (1, 8), (2, 0), (2, 1), (2, 2), (2, 4)]}
+    vals = [[x] for x in HARD_FLOATS] + [HARD_FLOATS, [], [72.5, 72.6, 72.4],
+                                         [round(20 + 0.1 * i, 1) for i in range(200)],
+                                         [1e-17, 2e-17, -3e-17, 4e-17], [21.5] * 50,
+                                         [float(10 ** 6 - 7 * i) for i in range(100)],
+                                         [-1.5, -2.25, 3.75, -0.0625],
+                                         [finite_random_float(rnd) for _ in range(300)],
+                                         [-math.inf, math.inf, 0.0]]
+    value_blocks = [codec.pack_values(v) for v in vals]
+    assert {b[:2] for b in value_blocks} >= {b"D\x00", b"D\x01", b"D\x11", b"X\x00", b"X\x08"}
+    got_ints, got_vals = sql_decode(pg_dsn, int_blocks, value_blocks)
+    assert got_ints == ints
+    for v, got in zip(vals, got_vals):
+        assert got == struct.pack(f">{len(v)}d", *v), v
+
+
+def test_sql_rebuilds_every_exponent_and_subnormal_exactly(pg_dsn):
+    rnd = random.Random(12)
+    bits = []
+    for e in range(2047):  # every finite exponent, with both signs
+        for m in (0, 1, (1 << 52) - 1, rnd.getrandbits(52)):
+            bits += [e << 52 | m, 1 << 63 | e << 52 | m]
+    vals = list(struct.unpack(f"<{len(bits)}d", struct.pack(f"<{len(bits)}Q", *bits)))
+    _, (got,) = sql_decode(pg_dsn, [], [_codec_py.pack_values(vals)])
+    assert got == struct.pack(f">{len(vals)}d", *vals)
+
+
+def test_sql_decoders_reject_corrupt_blocks(pg_dsn):
+    async def go():
+        c = await asyncpg.connect(pg_dsn)
+        try:
+            for kind, data, what in _corrupt_blocks() + [
+                    ("ints", _codec_py.pack_ints([1, 2, 3])[:-1], "truncated"),
+                    ("values", _codec_py.pack_values(HARD_FLOATS) + b"\x00", "truncated")]:
+                fn = "haltless_unpack_ints" if kind == "ints" else "haltless_unpack_values"
+                with pytest.raises(asyncpg.RaiseError, match=what.replace("0x5a", "90")):
+                    await c.fetch(f"SELECT * FROM {fn}($1)", data)
+        finally:
+            await c.close()
+    run(go())
+
+
+# ------------------------------------------------------------------- size
+
+def test_a_realistic_hour_compresses_to_well_under_4_bytes_per_reading(codec, capsys):
+    rnd = random.Random(2026)
+    n = 3600
+    ts = jittered_timestamps(rnd, n, gaps=False)
+    temp, t = [], 65.0
+    for _ in range(n):
+        t = round(t + rnd.choice([-0.1, 0.0, 0.0, 0.1]), 1)
+        temp.append(t)
+    counter = [float(10_000 + i // 7) for i in range(n)]
+    setpoint = [72.5] * n
+    vibration = [rnd.gauss(0.0, 0.02) + 0.5 for _ in range(n)]
+    sizes = {name: len(block) / n for name, block in [
+        ("timestamps (1 s, +-500 us jitter)", codec.pack_ints(ts)),
+        ("temperature (0.1 walk)", codec.pack_values(temp)),
+        ("counter", codec.pack_values(counter)),
+        ("setpoint (constant)", codec.pack_values(setpoint)),
+        ("vibration (noisy float)", codec.pack_values(vibration)),
+    ]}
+    with capsys.disabled():
+        print("\n" + "\n".join(f"  {v:6.3f} B/value  {k}" for k, v in sizes.items()))
+    assert sizes["setpoint (constant)"] <= 0.01
+    assert sizes["temperature (0.1 walk)"] <= 1.1
+    assert sizes["counter"] <= 1.1
+    assert sizes["timestamps (1 s, +-500 us jitter)"] <= 2.1
+    assert sizes["vibration (noisy float)"] <= 8.1
+    # a reading of a slow decimal sensor: timestamp + value
+    assert sizes["timestamps (1 s, +-500 us jitter)"] + sizes["temperature (0.1 walk)"] < 4
+
+
+def test_the_package_binds_the_compiled_codec_unless_told_not_to():
+    code = "import haltless.fast as f; print(f.CODEC_COMPILED, f.pack_ints.__module__)"
+    forced = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            env={"HALTLESS_NO_EXTENSIONS": "1", "PATH": ""}, check=True)
+    assert forced.stdout.split() == ["False", "haltless.fast._codec_py"]
+    if _codec_c is not None:
+        normal = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                                env={"PATH": ""}, check=True)
+        assert normal.stdout.split()[0] == "True"
