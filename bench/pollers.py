@@ -87,7 +87,8 @@ class DB:
         self.loop.close()
 
 
-COUNT_SQL = "SELECT coalesce(sum(n), 0)::bigint FROM reading_chunks"
+COUNT_SQL = ("SELECT (SELECT coalesce(sum(n), 0) FROM reading_chunks)"
+             " + (SELECT coalesce(sum(n), 0) FROM reading_blocks)")
 
 # --trace-gc: the poller runs under this wrapper, which times every garbage
 # collection (gc.callbacks) and appends the ones of >= 1 ms, and every gen-2
@@ -285,7 +286,7 @@ async def _setup_sources(dsn: str, protocol: str, prefix: str, rows: list[dict])
         org = await store.org_id(conn, None)
         await conn.execute("DELETE FROM ingest_sources")
         await conn.execute("DELETE FROM poller_processes")
-        await conn.execute("TRUNCATE reading_chunks")
+        await conn.execute("TRUNCATE reading_chunks, reading_blocks, reading_timelines")
         idents = [f"{prefix}-{i + 1:04d}" for i in range(len(rows))]
         await conn.execute(
             "INSERT INTO machines (org_id, machine_identifier)"

@@ -84,8 +84,9 @@ TARGETS = {
                      vacuum="VACUUM (ANALYZE) baseline_readings"),
     "haltless": dict(setup=_setup_haltless, argv=_haltless_argv,
                      server="haltless serve (granian + msgspec + group-commit COPY)",
-                     count="SELECT coalesce(sum(n), 0)::bigint FROM reading_chunks",
-                     vacuum="VACUUM (ANALYZE) reading_chunks"),
+                     count=("SELECT (SELECT coalesce(sum(n), 0) FROM reading_chunks)"
+                     " + (SELECT coalesce(sum(n), 0) FROM reading_blocks)"),
+                     vacuum="VACUUM (ANALYZE) reading_chunks, reading_blocks"),
 }
 
 

@@ -18,6 +18,8 @@ else:
         _codec = _codec_py
 
 encode_batch = _impl.encode_batch
+encode_chunks = _impl.encode_chunks
+RECORD_SIZE = _impl.RECORD_SIZE
 timestamp_us = _impl.timestamp_us
 ERR_NOT_FINITE = _impl.ERR_NOT_FINITE
 ERR_TOO_OLD = _impl.ERR_TOO_OLD
@@ -30,8 +32,9 @@ pack_values = _codec.pack_values
 unpack_values = _codec.unpack_values
 from_pg_arrays = _codec.from_pg_arrays
 sort_by_time = _codec.sort_by_time
+group_chunks = _codec.group_chunks
 CODEC_COMPILED = _codec is not _codec_py
 
-__all__ = ["encode_batch", "timestamp_us", "ERR_NOT_FINITE", "ERR_TOO_OLD", "ERR_TOO_NEW", "COMPILED",
+__all__ = ["encode_batch", "encode_chunks", "RECORD_SIZE", "group_chunks", "timestamp_us", "ERR_NOT_FINITE", "ERR_TOO_OLD", "ERR_TOO_NEW", "COMPILED",
            "pack_ints", "unpack_ints", "pack_values", "unpack_values", "from_pg_arrays",
            "sort_by_time", "CODEC_COMPILED"]

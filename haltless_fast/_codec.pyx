@@ -10,7 +10,7 @@ why the arithmetic below is on uint64_t.
 from cpython cimport array
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize
 from libc.math cimport fabs, rint
-from libc.stdint cimport int64_t, uint64_t
+from libc.stdint cimport int16_t, int32_t, int64_t, uint64_t
 from libc.stdlib cimport free, malloc, qsort
 from libc.string cimport memcpy
 
@@ -485,3 +485,75 @@ def sort_by_time(ts, vals):
             (<int64_t*>t.data.as_longlongs)[i] = r[i].ts
             v.data.as_doubles[i] = _double(r[i].bits)
     free(r)
+
+
+# ------------------------------------------------- reading_chunks, as COPY out
+
+cdef Py_ssize_t _extend_from_pg(const unsigned char[::1] b, Py_ssize_t off, Py_ssize_t size,
+                                int oid, str what, array.array dest, bint stamps) except -1:
+    """Append the elements of the array_send bytes at b[off:off+size] to dest."""
+    cdef Py_ssize_t head, n, i, base = len(dest)
+    n = _pg_array(b[off:off + size], oid, what, &head)
+    _check_count(base + n)
+    array.resize(dest, base + n)
+    cdef const unsigned char* p = &b[off + head] if n else NULL
+    cdef int64_t t
+    for i in range(n):
+        if stamps:
+            t = <int64_t>_get_be(p + 12 * i + 4, 8)
+            if t > INT64_MAX - PG_EPOCH_US or t == INT64_MIN:
+                raise ValueError(f"{what}: element {i} is infinity or beyond the int64 "
+                                 "range of Unix microseconds")
+            (<int64_t*>dest.data.as_longlongs)[base + i] = t + PG_EPOCH_US
+        else:
+            dest.data.as_doubles[base + i] = _double(_get_be(p + 12 * i + 4, 8))
+    return n
+
+
+def group_chunks(data):
+    """See ``_codec_py.group_chunks``: same contract, same results."""
+    cdef const unsigned char[::1] b = _bytes(data, "COPY data")
+    cdef Py_ssize_t size = b.shape[0], p, k, flen[4], foff[4]
+    cdef int nf
+    cdef int32_t sid, cur_sid = 0
+    cdef int64_t bucket, cur_bucket = 0
+    cdef bint have = False
+    cdef array.array ts = None, vals = None
+    if size < 19 or bytes(b[:11]) != b"PGCOPY\n\xff\r\n\x00":
+        raise ValueError("COPY data: not PostgreSQL's binary COPY format (bad signature)")
+    p = 19 + <Py_ssize_t>_get_be(&b[15], 4)
+    out = []
+    while True:
+        if p + 2 > size:
+            raise ValueError("COPY data: truncated (no trailer)")
+        nf = <int16_t>_get_be(&b[p], 2)
+        p += 2
+        if nf == -1:
+            break
+        if nf != 4:
+            raise ValueError(f"COPY data: a row of {nf} fields, expected 4 "
+                             "(series_id, bucket, ts, vals)")
+        for k in range(4):
+            if p + 4 > size:
+                raise ValueError("COPY data: truncated inside a row")
+            flen[k] = <int32_t>_get_be(&b[p], 4)
+            if flen[k] < 0 or p + 4 + flen[k] > size:
+                raise ValueError("COPY data: a NULL or truncated field")
+            foff[k] = p + 4
+            p += 4 + flen[k]
+        if flen[0] != 4 or flen[1] != 8:
+            raise ValueError("COPY data: series_id must be int4 and bucket timestamptz")
+        sid = <int32_t>_get_be(&b[foff[0]], 4)
+        bucket = <int64_t>_get_be(&b[foff[1]], 8) + PG_EPOCH_US
+        if not have or sid != cur_sid or bucket != cur_bucket:
+            have, cur_sid, cur_bucket = True, sid, bucket
+            ts = array.clone(_Q, 0, False)
+            vals = array.clone(_D, 0, False)
+            out.append((sid, bucket, ts, vals))
+        nt = _extend_from_pg(b, foff[2], flen[2], 1184, "timestamptz[]", ts, True)
+        nv = _extend_from_pg(b, foff[3], flen[3], 701, "float8[]", vals, False)
+        if nt != nv:
+            raise ValueError(f"{nt} timestamps but {nv} values; a block pairs them one to one")
+    if p != size:
+        raise ValueError("COPY data: bytes after the trailer")
+    return out

@@ -329,3 +329,56 @@ def sort_by_time(ts: array, vals: array) -> None:
     pairs = sorted(zip(ts, array("Q", vals.tobytes())))
     ts[:] = array("q", [t for t, _ in pairs])
     vals[:] = array("d", array("Q", [b for _, b in pairs]).tobytes())
+
+
+# ------------------------------------------------- reading_chunks, as COPY out
+
+COPY_SIGNATURE = b"PGCOPY\n\xff\r\n\x00"
+
+
+def group_chunks(data) -> list:
+    """Parse the binary COPY output of ``(series_id int4, bucket timestamptz,
+    ts timestamptz[], vals float8[])`` ordered by (series_id, bucket), and merge
+    consecutive rows of one (series_id, bucket): a list of ``(series_id,
+    bucket in Unix µs, ts array('q'), vals array('d'))``, readings in the
+    order the rows held them (``sort_by_time`` orders them)."""
+    data = _bytes(data, "COPY data")
+    if data[:11] != COPY_SIGNATURE or len(data) < 19:
+        raise ValueError("COPY data: not PostgreSQL's binary COPY format (bad signature)")
+    p = 19 + int.from_bytes(data[15:19], "big")
+    out: list = []
+    key = None
+    while True:
+        if p + 2 > len(data):
+            raise ValueError("COPY data: truncated (no trailer)")
+        nf = int.from_bytes(data[p:p + 2], "big", signed=True)
+        p += 2
+        if nf == -1:
+            break
+        if nf != 4:
+            raise ValueError(f"COPY data: a row of {nf} fields, expected 4 "
+                             "(series_id, bucket, ts, vals)")
+        fields = []
+        for _ in range(4):
+            if p + 4 > len(data):
+                raise ValueError("COPY data: truncated inside a row")
+            n = int.from_bytes(data[p:p + 4], "big", signed=True)
+            if n < 0 or p + 4 + n > len(data):
+                raise ValueError("COPY data: a NULL or truncated field")
+            fields.append(data[p + 4:p + 4 + n])
+            p += 4 + n
+        if len(fields[0]) != 4 or len(fields[1]) != 8:
+            raise ValueError("COPY data: series_id must be int4 and bucket timestamptz")
+        sid = int.from_bytes(fields[0], "big", signed=True)
+        bucket = int.from_bytes(fields[1], "big", signed=True) + PG_EPOCH_US
+        ts, vals = from_pg_arrays(fields[2], fields[3])
+        if (sid, bucket) != key:
+            key = (sid, bucket)
+            out.append((sid, bucket, ts, vals))
+        else:
+            out[-1][2].extend(ts)
+            out[-1][3].extend(vals)
+            _check_count(len(out[-1][2]))
+    if p != len(data):
+        raise ValueError("COPY data: bytes after the trailer")
+    return out

@@ -1,9 +1,13 @@
 # cython: language_level=3, cdivision=True
 """Validation kernel of the ingest hot path (twin: ``_validate_py.py``).
 
-One pass over a decoded batch: finite values, the timestamp window, series
-lookup, and the binary COPY rows of ``reading_chunks`` for the good readings,
-grouped per (series, hour) and sorted by time. See ``encode_batch``.
+One pass over a decoded batch (``encode_batch``): finite values, the timestamp
+window, series lookup; the good readings come out as packed (series, time,
+value) records. ``encode_chunks`` turns the records of many requests at once
+(the group-commit writer concatenates them) into the binary COPY rows of
+``reading_chunks``: one row per (series, hour), sorted by time, so that a
+group of requests that each carry one reading of 1,000 series still writes
+one row per series, not one per reading.
 """
 from cpython.bytes cimport PyBytes_FromStringAndSize
 from cpython.datetime cimport (
@@ -34,6 +38,11 @@ ctypedef struct Good:
     int32_t sid
     int64_t ts
     double value
+
+# A packed record: int32 series id, int64 Unix microseconds, float64 value,
+# little-endian, no padding (the twin writes the same with struct "<iqd").
+DEF RECORD = 20
+RECORD_SIZE = RECORD
 
 
 cdef int _cmp_good(const void* a, const void* b) noexcept nogil:
@@ -140,19 +149,26 @@ cdef Py_ssize_t _encode_chunks(Good* good, Py_ssize_t n, unsigned char* out) noe
     return p - out
 
 
-def encode_batch(list readings, dict series, int64_t now_us):
+cdef inline void _put_record(unsigned char* p, int32_t sid, int64_t ts, double v) noexcept nogil:
+    memcpy(p, &sid, 4)
+    memcpy(p + 4, &ts, 8)
+    memcpy(p + 12, &v, 8)
+
+
+def encode_batch(list readings, dict series, int64_t now_us, oldest_us=None, too_old=None):
     """See ``_validate_py.encode_batch``: same contract, same output bytes."""
-    cdef Py_ssize_t n = len(readings), i, ngood = 0, size
-    cdef int64_t lo = now_us - PAST_LIMIT_US, hi = now_us + FUTURE_LIMIT_US, ts
+    cdef Py_ssize_t n = len(readings), i, ngood = 0
+    cdef int64_t hi = now_us + FUTURE_LIMIT_US, ts
+    cdef int64_t lo = now_us - PAST_LIMIT_US if oldest_us is None else <int64_t>oldest_us
     cdef double v
-    cdef Good* good
     cdef unsigned char* out
+    old_error = ERR_TOO_OLD if too_old is None else too_old
     errors = []
     missing = []
     if n == 0:
         return b"", 0, errors, missing
-    good = <Good*>malloc(n * sizeof(Good))
-    if good == NULL:
+    out = <unsigned char*>malloc(n * RECORD)
+    if out == NULL:
         raise MemoryError()
     try:
         for i in range(n):
@@ -165,7 +181,7 @@ def encode_batch(list readings, dict series, int64_t now_us):
                 continue
             ts = _timestamp_us(r.timestamp)
             if ts < lo:
-                errors.append((i, ERR_TOO_OLD))
+                errors.append((i, old_error))
                 continue
             if ts > hi:
                 errors.append((i, ERR_TOO_NEW))
@@ -177,21 +193,43 @@ def encode_batch(list readings, dict series, int64_t now_us):
             if sid is None:
                 missing.append(i)
                 continue
-            good[ngood].sid = sid
-            good[ngood].ts = ts
-            good[ngood].value = v
+            _put_record(out + ngood * RECORD, <int32_t>sid, ts, v)
             ngood += 1
         if missing:
             return None, 0, errors, missing
-        qsort(good, ngood, sizeof(Good), _cmp_good)
+        return PyBytes_FromStringAndSize(<char*>out, ngood * RECORD), ngood, errors, missing
+    finally:
+        free(out)
+
+
+def encode_chunks(const unsigned char[::1] records):
+    """See ``_validate_py.encode_chunks``: same contract, same output bytes."""
+    cdef Py_ssize_t n = records.shape[0] // RECORD, i, size
+    cdef Good* good
+    cdef unsigned char* out
+    cdef const unsigned char* p
+    if records.shape[0] % RECORD:
+        raise ValueError(f"records: {records.shape[0]} bytes is not a multiple of {RECORD}")
+    if n == 0:
+        return b""
+    good = <Good*>malloc(n * sizeof(Good))
+    if good == NULL:
+        raise MemoryError()
+    try:
+        p = &records[0]
+        for i in range(n):
+            memcpy(&good[i].sid, p + i * RECORD, 4)
+            memcpy(&good[i].ts, p + i * RECORD + 4, 8)
+            memcpy(&good[i].value, p + i * RECORD + 12, 8)
+        qsort(good, n, sizeof(Good), _cmp_good)
         # Upper bound: a row per reading, 78 bytes of row and array heads + 24 per reading.
-        size = ngood * (78 + 24)
-        out = <unsigned char*>malloc(size if size > 0 else 1)
+        size = n * (78 + 24)
+        out = <unsigned char*>malloc(size)
         if out == NULL:
             raise MemoryError()
         try:
-            size = _encode_chunks(good, ngood, out)
-            return PyBytes_FromStringAndSize(<char*>out, size), ngood, errors, missing
+            size = _encode_chunks(good, n, out)
+            return PyBytes_FromStringAndSize(<char*>out, size)
         finally:
             free(out)
     finally:

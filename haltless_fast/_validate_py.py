@@ -36,24 +36,32 @@ def timestamp_us(dt) -> int:
     return us
 
 
-def encode_batch(readings, series, now_us):
-    """Validate a decoded batch and encode the good readings as binary COPY rows.
+_record = struct.Struct("<iqd")  # series id, Unix microseconds, value: 20 bytes
+RECORD_SIZE = _record.size
+
+
+def encode_batch(readings, series, now_us, oldest_us=None, too_old=None):
+    """Validate a decoded batch; pack the good readings as records.
 
     ``readings``: list of ``haltless.server.wire.Reading`` (or None for a reading the
     caller already rejected). ``series``: ``{(machine_identifier, metric_name,
     unit or "", raw_tag or ""): series_id}``. ``now_us``: server clock.
+    ``oldest_us`` (default: 3,650 days before ``now_us``) is the oldest
+    timestamp accepted, and ``too_old`` the error for one older than that
+    (a retention shorter than the contract's window has its own message).
 
-    Returns ``(payload, accepted, errors, missing)``: ``errors`` is a list of
+    Returns ``(records, accepted, errors, missing)``: ``errors`` is a list of
     ``(index, message)``; ``missing`` the indices of otherwise valid readings
-    whose series is not in ``series``. ``payload`` holds one ``reading_chunks``
-    row per (series, hour) with the readings sorted by time, and no COPY
-    header or trailer; it is None when anything is missing, because the
-    caller resolves those and calls again.
+    whose series is not in ``series``. ``records`` holds one 20-byte record
+    (``RECORD_SIZE``) per good reading, in input order, for ``encode_chunks``;
+    it is None when anything is missing, because the caller resolves those
+    and calls again.
     """
     errors = []
     missing = []
     good = []
-    lo = now_us - PAST_LIMIT_US
+    lo = now_us - PAST_LIMIT_US if oldest_us is None else oldest_us
+    old_error = ERR_TOO_OLD if too_old is None else too_old
     hi = now_us + FUTURE_LIMIT_US
     for i, r in enumerate(readings):
         if r is None:
@@ -64,7 +72,7 @@ def encode_batch(readings, series, now_us):
             continue
         ts = timestamp_us(r.timestamp)
         if ts < lo:
-            errors.append((i, ERR_TOO_OLD))
+            errors.append((i, old_error))
             continue
         if ts > hi:
             errors.append((i, ERR_TOO_NEW))
@@ -73,11 +81,20 @@ def encode_batch(readings, series, now_us):
         if sid is None:
             missing.append(i)
             continue
-        good.append((sid, ts, v))
+        good.append(_record.pack(sid, ts, v))
     if missing:
         return None, 0, errors, missing
-    good.sort()
-    return _encode_chunks(good), len(good), errors, missing
+    return b"".join(good), len(good), errors, missing
+
+
+def encode_chunks(records) -> bytes:
+    """The binary COPY rows of ``reading_chunks`` for packed records (of one
+    request or of many concatenated): one row per (series, hour) with the
+    readings sorted by time, and no COPY header or trailer."""
+    if len(records) % RECORD_SIZE:
+        raise ValueError(f"records: {len(records)} bytes is not a multiple of {RECORD_SIZE}")
+    good = sorted(_record.iter_unpack(records))
+    return _encode_chunks(good)
 
 
 def _encode_chunks(good):

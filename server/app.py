@@ -11,7 +11,9 @@ import logging
 import re
 
 from . import management
+from .compact import compact_forever
 from .config import Settings
+from . import db
 from .db import DB_DOWN
 from .errors import ClientError, DatabaseUnavailable, NotFound, PayloadTooLarge
 from .http import Request, Response
@@ -73,6 +75,7 @@ class App:
         self._exact, self._patterns = compile_routes(routes if routes is not None else ROUTES)
         self.rt: Runtime | None = None
         self._maintenance: asyncio.Task | None = None
+        self._compaction: asyncio.Task | None = None
 
     async def __call__(self, scope, receive, send) -> None:
         kind = scope["type"]
@@ -144,10 +147,12 @@ class App:
         self.rt = await Runtime(s).start()
         self.settings = self.rt.settings
         self._maintenance = asyncio.create_task(maintain(self.rt.pool))
+        self._compaction = asyncio.create_task(compact_forever(self.rt.pool, s.retention_days))
 
     async def shutdown(self) -> None:
-        if self._maintenance is not None:
-            self._maintenance.cancel()
+        for task in (self._maintenance, self._compaction):
+            if task is not None:
+                task.cancel()
         if self.rt is not None:
             await self.rt.close()
 
@@ -159,7 +164,7 @@ async def maintain(pool, every: float = 3600.0) -> None:
     while True:
         try:
             async with pool.acquire() as conn:
-                await conn.execute("SELECT haltless_ensure_partitions(2)")
+                await conn.execute(db.ENSURE_PARTITIONS)
                 await conn.execute(
                     "DELETE FROM idempotency_keys WHERE created_at < now() - interval '48 hours'")
         except DB_DOWN as exc:

@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import time
 import sys
 import uuid
 
 from . import db, store
 from .auth import issue_token, jwt_secret
+from .compact import CRASH_POINTS
 from .config import VARIABLES, Settings
 from .errors import ConfigError, HaltlessError
 from .runtime import prepare
@@ -57,6 +59,30 @@ def cmd_serve(args) -> None:
     code = supervise(s, access_log=args.access_log)
     if code:
         sys.exit(code)
+
+
+def cmd_compact(args) -> None:
+    from .compact import COMPACT_LOCK, compact_all
+
+    @_with_db
+    async def run(conn, args, s):
+        started = time.monotonic()
+        await conn.execute("SELECT pg_advisory_lock($1)", COMPACT_LOCK)  # waits for serve's
+        try:
+            readings, blocks = await compact_all(conn, include_current=True,
+                                                 retention_days=s.retention_days,
+                                                 crash_at=args.crash_at)
+            dropped = 0
+            if s.retention_days is not None:
+                dropped = await conn.fetchval(
+                    "SELECT haltless_drop_blocks_before(now() - $1 * interval '1 day')",
+                    s.retention_days)
+        finally:
+            await conn.execute("SELECT pg_advisory_unlock($1)", COMPACT_LOCK)
+        print(f"compacted {readings} readings into {blocks} blocks in "
+              f"{time.monotonic() - started:.1f} s" +
+              (f"; dropped {dropped} block partitions past the retention" if dropped else ""))
+    run(args)
 
 
 def cmd_migrate(args) -> None:
@@ -176,6 +202,11 @@ def build_parser() -> argparse.ArgumentParser:
                     help="worker processes, 1-256 (HALTLESS_WORKERS, default 1)")
     sp.add_argument("--access-log", action="store_true", help="log every request")
     sp.set_defaults(func=cmd_serve)
+
+    sp = sub.add_parser("compact", parents=[common],
+                        help="compact every committed reading into blocks now, then exit")
+    sp.add_argument("--crash-at", choices=CRASH_POINTS, help=argparse.SUPPRESS)  # tests
+    sp.set_defaults(func=cmd_compact)
 
     sp = sub.add_parser("migrate", parents=[common], help="apply pending database migrations")
     sp.set_defaults(func=cmd_migrate)

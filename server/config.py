@@ -127,6 +127,7 @@ VARIABLES = {
     "encryption_key": ("HALTLESS_ENCRYPTION_KEY", encryption_key),
     "poll_allow": ("HALTLESS_POLL_ALLOW", poll_allow),
     "db_timeout": ("HALTLESS_DB_TIMEOUT", _float(0.1, 600)),
+    "retention_days": ("HALTLESS_RETENTION_DAYS", _int(1, 36500)),
     "log_level": ("HALTLESS_LOG_LEVEL", _choice("debug", "info", "warning", "error")),
     "api_url": ("HALTLESS_API_URL", _text),
     "api_key": ("HALTLESS_API_KEY", _text),
@@ -153,6 +154,8 @@ class Settings:
     poll_allow         unset: every address but loopback, link-local, metadata,
                        this host's own and non-unicast; else only these CIDRs
     db_timeout         10 s to connect / run a statement
+    retention_days     unset: keep everything; else readings older than this
+                       are refused and whole block partitions past it dropped
     log_level          info
     api_url, api_key   the edge agent's server and key (override its TOML)
     prepared           set by a parent process that already did runtime.prepare()
@@ -170,6 +173,7 @@ class Settings:
     encryption_key: bytes | None = field(default=None, repr=False)
     poll_allow: tuple | None = None
     db_timeout: float = 10.0
+    retention_days: int | None = None
     log_level: str = "info"
     api_url: str | None = None
     api_key: str | None = field(default=None, repr=False)

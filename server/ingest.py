@@ -1,9 +1,11 @@
 """The ingest path after HTTP: decode, validate (``haltless.fast``), resolve
 series, and commit through one group-commit COPY writer.
 
-    body --msgspec--> Reading structs --kernel--> binary COPY rows
-         --GroupCommitWriter--> one COPY transaction for every request queued
-         while the previous one committed --> futures resolved --> 207
+    body --msgspec--> Reading structs --kernel--> packed records
+         --GroupCommitWriter--> the records of every request queued while the
+         previous group committed, sorted into one reading_chunks row per
+         (series, hour) by the kernel --> one COPY transaction into the hot
+         slot of the current hour --> futures resolved --> 207
 
 Good batches take the fast path (one msgspec decode, one kernel pass, one
 dict lookup per reading). A batch with a bad reading, a ``NaN`` literal or a
@@ -22,7 +24,7 @@ import uuid
 import asyncpg
 import msgspec
 
-from ..fast import encode_batch
+from ..fast import encode_batch, encode_chunks
 
 from .db import DB_DOWN
 from .errors import ClientError, DatabaseUnavailable, Unprocessable
@@ -42,6 +44,12 @@ ERR_MACHINE_NOT_FOUND = "Machine not found"
 COPY_HEADER = b"PGCOPY\n\xff\r\n\x00" + struct.pack("!ii", 0, 0)
 COPY_TRAILER = b"\xff\xff"
 COPY_COLUMNS = ["series_id", "bucket", "n", "ts", "vals"]
+
+
+def hot_slot(now: float | None = None) -> int:
+    """The reading_chunks slot writers fill now: the arrival hour modulo 2.
+    Compaction empties the other one (server/compact.py)."""
+    return int((time.time() if now is None else now) // 3600) % 2
 SERIES_CACHE_LIMIT = 1_000_000  # per organization; cleared (not evicted) past this
 
 
@@ -301,12 +309,13 @@ class GroupCommitWriter:
                         *map(list, zip(*rows)), timeout=self._timeout)
                     fresh = {(r[0], r[1]) for r in taken}
                     dups.update(i for k, i in first.items() if k not in fresh)
-                payloads = [p for i, (p, _) in enumerate(items) if p and i not in dups]
-                if payloads:
-                    data = b"".join([COPY_HEADER, *payloads, COPY_TRAILER])
-                    await conn.copy_to_table("reading_chunks", source=memoryview(data),
-                                             columns=COPY_COLUMNS, format="binary",
-                                             timeout=self._timeout)
+                records = [p for i, (p, _) in enumerate(items) if p and i not in dups]
+                if records:
+                    # All requests of the group merge: one row per (series, hour).
+                    data = b"".join([COPY_HEADER, encode_chunks(b"".join(records)), COPY_TRAILER])
+                    await conn.copy_to_table(f"reading_chunks_{hot_slot()}",
+                                             source=memoryview(data), columns=COPY_COLUMNS,
+                                             format="binary", timeout=self._timeout)
         return dups
 
     def _check_alive(self) -> None:
@@ -333,10 +342,16 @@ class Ingestor:
     """Validates readings of one organization and commits the good ones."""
 
     def __init__(self, pool: asyncpg.Pool, writer: GroupCommitWriter,
-                 catalog: Catalog | None = None) -> None:
+                 catalog: Catalog | None = None, retention_days: int | None = None) -> None:
         self.pool = pool
         self.writer = writer
         self.catalog = catalog or Catalog()
+        # A retention shorter than the contract's 3,650 days refuses older
+        # readings with a message that says why (they would be dropped anyway).
+        self.retention_us = (retention_days * 86_400_000_000
+                             if retention_days is not None and retention_days < 3650 else None)
+        self.too_old = (f"Timestamp is older than the retention period ({retention_days} days)"
+                        if self.retention_us is not None else None)
 
     async def ingest_body(self, org_id: uuid.UUID, body: bytes,
                           idempotency_key: str | None = None) -> tuple[bytes, bool]:
@@ -388,7 +403,10 @@ class Ingestor:
         # (or finds the machine absent) and tries again; a second miss means the
         # cache was cleared under us by another request, which is rare.
         for attempt in range(3):
-            payload, accepted, kerr, missing = encode_batch(readings, series, time.time_ns() // 1000)
+            now_us = time.time_ns() // 1000
+            payload, accepted, kerr, missing = encode_batch(
+                readings, series, now_us,
+                None if self.retention_us is None else now_us - self.retention_us, self.too_old)
             if not missing:
                 break
             if attempt == 2:

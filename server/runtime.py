@@ -71,7 +71,7 @@ class Runtime:
         self.writer = GroupCommitWriter(self.pool, s.writer_connections,
                                         timeout=s.db_timeout * 6, alive=alive)
         self.ingestor = Ingestor(self.pool, self.writer,
-                                 Catalog(negative_ttl=s.auth_cache_seconds))
+                                 Catalog(negative_ttl=s.auth_cache_seconds), s.retention_days)
         return self
 
     async def close(self) -> None:

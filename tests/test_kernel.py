@@ -65,13 +65,41 @@ def test_good_readings_become_one_chunk_per_series_and_hour_sorted_by_time(k):
           R(t0 - dt.timedelta(hours=1), 0.5), R(t0, 3.0, metric="u", unit="c", raw_tag="ns2_i1")]
     payload, accepted, errors, missing = k.encode_batch(rs, SERIES, NOW_US)
     assert (accepted, errors, missing) == (5, [], [])
-    rows = parse_rows(payload)
+    rows = parse_rows(k.encode_chunks(payload))
     assert rows == [
         (1, t0.replace(minute=0) - dt.timedelta(hours=1), [(t0 - dt.timedelta(hours=1), 0.5)]),
         (1, t0.replace(minute=0), [(t0, 1.0), (t0 + dt.timedelta(seconds=5), 2.0)]),
         (2, t0.replace(minute=0), [(t0, 3.0)]),
         (3, t0.replace(minute=0), [(t0, 9.0)]),
     ]
+
+
+def test_records_of_many_requests_merge_into_one_chunk_per_series_and_hour(k):
+    """The live shape: each request carries one reading of many series; the
+    group-commit writer concatenates their records and writes one row per
+    series, not one per reading."""
+    t0 = NOW.replace(hour=11, minute=10)
+    requests = [[R(t0 + dt.timedelta(seconds=s), float(s)),
+                 R(t0 + dt.timedelta(seconds=s), -float(s), machine="N")] for s in (2, 0, 1)]
+    records = b"".join(k.encode_batch(rs, SERIES, NOW_US)[0] for rs in requests)
+    assert len(records) == 6 * k.RECORD_SIZE
+    rows = parse_rows(k.encode_chunks(records))
+    assert [(sid, len(readings)) for sid, _, readings in rows] == [(1, 3), (3, 3)]
+    assert [v for _, v in rows[0][2]] == [0.0, 1.0, 2.0]
+
+
+def test_a_retention_cutoff_rejects_older_readings_with_its_own_message(k):
+    cutoff = NOW - dt.timedelta(days=30)
+    msg = "Timestamp is older than the retention period (30 days)"
+    rs = [R(cutoff), R(cutoff - dt.timedelta(microseconds=1))]
+    _, accepted, errors, _ = k.encode_batch(rs, SERIES, NOW_US, k.timestamp_us(cutoff), msg)
+    assert accepted == 1 and errors == [(1, msg)]
+
+
+def test_chunks_refuse_a_torn_record(k):
+    with pytest.raises(ValueError, match="multiple of 20"):
+        k.encode_chunks(b"x" * 21)
+    assert k.encode_chunks(b"") == b""
 
 
 def test_non_finite_values_are_rejected(k):
@@ -100,7 +128,7 @@ def test_offsets_and_naive_timestamps_are_converted_to_utc(k):
         want = t if t.tzinfo else t.replace(tzinfo=UTC)
         assert k.timestamp_us(t) == round(want.timestamp() * 1_000_000)
         payload, *_ = k.encode_batch([R(t)], SERIES, NOW_US)
-        assert parse_rows(payload)[0][2][0][0] == want
+        assert parse_rows(k.encode_chunks(payload))[0][2][0][0] == want
 
 
 def test_unknown_series_are_reported_as_missing_without_a_payload(k):
@@ -133,8 +161,10 @@ def test_python_twin_and_cython_kernel_give_identical_bytes_on_random_batches():
             v = rnd.choice([rnd.uniform(-1e6, 1e6), math.nan, math.inf, 0.0, 1.0])
             rs.append(None if rnd.random() < 0.05 else
                       R(ts, v, machine=f"M{rnd.randint(0, 5)}", metric=f"x{rnd.randint(0, 6)}"))
-        assert _validate_c.encode_batch(rs, series, NOW_US) == _validate_py.encode_batch(
-            rs, series, NOW_US)
+        c = _validate_c.encode_batch(rs, series, NOW_US)
+        assert c == _validate_py.encode_batch(rs, series, NOW_US)
+        if c[0]:
+            assert _validate_c.encode_chunks(c[0]) == _validate_py.encode_chunks(c[0])
 
 
 def test_the_package_binds_the_compiled_kernel_unless_told_not_to():

@@ -1,0 +1,236 @@
+"""Compaction: hot ``reading_chunks`` into compressed ``reading_blocks``.
+
+Writers fill the hot slot of the current arrival hour (``ingest.hot_slot``).
+Once that hour has ended (plus ``GRACE`` for writes still in flight), the
+other slot is compacted, in ONE transaction:
+
+    LOCK the slot's table (a late writer of that slot waits, then writes
+    into the emptied slot: compacted next time, never lost)
+    per batch of series: COPY the chunks out (binary) --kernel: group_chunks-->
+    one group per (series, hour) --merge with the block already stored for
+    that (series, hour), if any (late data)--> sort_by_time --> pack_ints /
+    pack_values --> timelines shared by series with identical timestamps
+    --> replace the blocks, COPY the new ones in
+    TRUNCATE the slot, COMMIT
+
+A kill at any point rolls the whole transaction back: nothing is lost or
+written twice, and the next run does the same work again (idempotent). Hot
+data is never deleted row by row; a block is replaced only when late data
+joins it. One process at a time (a session advisory lock) across workers
+and hosts. ``haltless compact`` also compacts the slot still being written
+(its writers wait meanwhile): what arrives later for that hour is late data.
+
+Retention (``HALTLESS_RETENTION_DAYS``): readings older than the cutoff are
+not carried into blocks, and block partitions (months) that ended before it
+are dropped whole.
+"""
+from __future__ import annotations
+
+import asyncio
+import bisect
+import datetime as _dt
+import hashlib
+import logging
+import os
+import time
+
+from ..fast import group_chunks, pack_ints, pack_values, sort_by_time, unpack_ints, unpack_values
+from .db import DB_DOWN
+from .ingest import hot_slot
+
+log = logging.getLogger("haltless.compact")
+
+COMPACT_LOCK = 7_291_845_002  # pg_advisory_lock key: one compactor at a time
+GRACE = 120.0       # seconds after its hour ends before a slot is compacted
+EVERY = 30.0        # seconds between checks in haltless serve
+SERIES_PER_BATCH = 256  # series ids per COPY out: bounds the memory of one batch
+EPOCH = _dt.datetime(1970, 1, 1, tzinfo=_dt.timezone.utc)
+BLOCK_COLUMNS = ["series_id", "block_start", "n", "t_first", "t_last", "timeline", "vals"]
+TIMELINE_COLUMNS = ["block_start", "id", "n", "ts"]
+CRASH_POINTS = ("after-copy-out", "after-blocks", "before-truncate", "before-commit")
+
+
+def _dt_us(us: int) -> _dt.datetime:
+    return EPOCH + _dt.timedelta(microseconds=us)
+
+
+class Compactor:
+    """Compacts whole slots on one connection; ``crash_at`` (tests only) kills
+    the process at a named point, as kill -9 would."""
+
+    def __init__(self, conn, retention_days: int | None = None, crash_at: str | None = None,
+                 lock_timeout: float = 10.0) -> None:
+        self.conn = conn
+        self.retention_days = retention_days
+        self.crash_at = crash_at
+        self.lock_timeout = lock_timeout
+        self.readings = 0
+        self.blocks = 0
+
+    def _crash(self, point: str) -> None:
+        if self.crash_at == point:
+            os._exit(137)
+
+    def cutoff_us(self) -> int | None:
+        if self.retention_days is None:
+            return None
+        return (time.time_ns() // 1000) - self.retention_days * 86_400_000_000
+
+    async def slot_has_rows(self, slot: int) -> bool:
+        return await self.conn.fetchval(f"SELECT EXISTS (SELECT 1 FROM reading_chunks_{slot})")
+
+    async def compact_slot(self, slot: int) -> int:
+        """Compact every row of ``slot``; returns the readings moved."""
+        conn = self.conn
+        table = f"reading_chunks_{slot}"
+        before = self.readings
+        async with conn.transaction():
+            await conn.execute(f"SET LOCAL lock_timeout = '{int(self.lock_timeout * 1000)}ms'")
+            await conn.execute(f"LOCK TABLE {table} IN EXCLUSIVE MODE")
+            lo, hi = await conn.fetchrow(f"SELECT min(series_id), max(series_id) FROM {table}")
+            timelines: dict[tuple[int, bytes], int] = {}
+            start = lo
+            while start is not None and start <= hi:
+                end = start + SERIES_PER_BATCH
+                buf = bytearray()
+
+                async def sink(data: bytes) -> None:
+                    buf.extend(data)
+                await conn.copy_from_query(
+                    f"SELECT series_id, bucket, ts, vals FROM {table}"
+                    f" WHERE series_id >= {int(start)} AND series_id < {int(end)}"
+                    " ORDER BY series_id, bucket", output=sink, format="binary")
+                self._crash("after-copy-out")
+                groups = group_chunks(bytes(buf))
+                del buf
+                if groups:
+                    await self._write(groups, timelines)
+                    self._crash("after-blocks")
+                start = end
+            self._crash("before-truncate")
+            await conn.execute(f"TRUNCATE {table}")
+            await conn.execute(
+                "UPDATE compaction_state SET last_run_at = now(), last_readings = $1,"
+                " last_blocks = $2", self.readings - before, self.blocks)
+            self._crash("before-commit")
+        return self.readings - before
+
+    async def _write(self, groups: list, timelines: dict) -> None:
+        conn = self.conn
+        keys_sid = [g[0] for g in groups]
+        keys_start = [_dt_us(g[1]) for g in groups]
+        # Late data: the blocks already stored for these (series, hour) join in.
+        old = await conn.fetch(
+            "DELETE FROM reading_blocks b USING unnest($1::int[], $2::timestamptz[]) AS k (sid, bs)"
+            " WHERE b.series_id = k.sid AND b.block_start = k.bs"
+            " RETURNING b.series_id, b.block_start, b.timeline, b.vals", keys_sid, keys_start)
+        stored = {}
+        if old:
+            tl = await conn.fetch(
+                "SELECT block_start, id, ts FROM reading_timelines t"
+                " WHERE (block_start, id) IN (SELECT * FROM unnest($1::timestamptz[], $2::bigint[]))",
+                [r["block_start"] for r in old], [r["timeline"] for r in old])
+            tl_ts = {(r["block_start"], r["id"]): r["ts"] for r in tl}
+            for r in old:
+                stored[(r["series_id"], r["block_start"])] = (
+                    tl_ts[(r["block_start"], r["timeline"])], r["vals"])
+        cutoff = self.cutoff_us()
+        packed = []  # (sid, start, ts, values bytes, timeline bytes, timeline key)
+        for sid, bucket_us, ts, vals in groups:
+            start = _dt_us(bucket_us)
+            prior = stored.get((sid, start))
+            merged_before = 0
+            if prior is not None:
+                prior_ts = unpack_ints(prior[0])
+                merged_before = len(prior_ts)
+                ts.extend(prior_ts)
+                vals.extend(unpack_values(prior[1]))
+            sort_by_time(ts, vals)
+            if cutoff is not None and ts and ts[0] < cutoff:  # past the retention: not kept
+                keep = bisect.bisect_left(ts, cutoff)
+                del ts[:keep]
+                del vals[:keep]
+            self.readings += len(ts) - merged_before
+            if not ts:
+                continue
+            tsb = pack_ints(ts)
+            key = (bucket_us, hashlib.blake2b(tsb, digest_size=16).digest())
+            packed.append((sid, start, ts, pack_values(vals), tsb, key))
+        # One timeline per distinct (hour, timestamps) in this run: a machine's
+        # metrics polled together share theirs.
+        new = {}
+        for sid, start, ts, vb, tsb, key in packed:
+            if key not in timelines and key not in new:
+                new[key] = (start, len(ts), tsb)
+        if new:
+            ids = [r[0] for r in await conn.fetch(
+                "SELECT nextval('reading_timelines_id') FROM generate_series(1, $1)", len(new))]
+            timelines.update(zip(new, ids))
+        if packed:
+            starts = [p[1] for p in packed]
+            await conn.execute("SELECT haltless_block_partitions($1, $2)", min(starts), max(starts))
+        if new:
+            await conn.copy_records_to_table(
+                "reading_timelines", columns=TIMELINE_COLUMNS,
+                records=[(start, timelines[key], n, tsb) for key, (start, n, tsb) in new.items()])
+        if packed:
+            await conn.copy_records_to_table(
+                "reading_blocks", columns=BLOCK_COLUMNS,
+                records=[(sid, start, len(ts), _dt_us(ts[0]), _dt_us(ts[-1]), timelines[key], vb)
+                         for sid, start, ts, vb, tsb, key in packed])
+        self.blocks += len(packed)
+        if old:  # timelines no block uses any more
+            await conn.execute(
+                "DELETE FROM reading_timelines t"
+                " USING unnest($1::timestamptz[], $2::bigint[]) AS o (bs, id)"
+                " WHERE t.block_start = o.bs AND t.id = o.id AND NOT EXISTS ("
+                "  SELECT 1 FROM reading_blocks b WHERE b.block_start = t.block_start"
+                "  AND b.timeline = t.id)",
+                [r["block_start"] for r in old], [r["timeline"] for r in old])
+
+
+async def compact_all(conn, *, include_current: bool, retention_days: int | None = None,
+                      crash_at: str | None = None, now: float | None = None) -> tuple[int, int]:
+    """Compact the closed slot (when it has rows), and with ``include_current``
+    the slot being written as well. Returns (readings, blocks) written."""
+    c = Compactor(conn, retention_days, crash_at)
+    current = hot_slot(now)
+    for slot in (1 - current, current) if include_current else (1 - current,):
+        if await c.slot_has_rows(slot):
+            await c.compact_slot(slot)
+    return c.readings, c.blocks
+
+
+async def compact_forever(pool, retention_days: int | None = None, every: float = EVERY) -> None:
+    """Inside every `haltless serve` worker: whoever holds the advisory lock
+    compacts the closed slot once its hour has ended (plus GRACE), and drops
+    block partitions past the retention."""
+    while True:
+        await asyncio.sleep(every)
+        if time.time() % 3600 < GRACE:
+            continue  # writes stamped with the last hour may still be in flight
+        try:
+            async with pool.acquire() as conn:
+                if not await conn.fetchval("SELECT pg_try_advisory_lock($1)", COMPACT_LOCK):
+                    continue
+                try:
+                    started = time.monotonic()
+                    readings, blocks = await compact_all(conn, include_current=False,
+                                                         retention_days=retention_days)
+                    if blocks:
+                        log.info("compacted %d readings into %d blocks in %.1f s", readings,
+                                 blocks, time.monotonic() - started)
+                    if retention_days is not None:
+                        dropped = await conn.fetchval(
+                            "SELECT haltless_drop_blocks_before(now() - $1 * interval '1 day')",
+                            retention_days)
+                        if dropped:
+                            log.info("retention: dropped %d block partitions", dropped)
+                finally:
+                    await conn.execute("SELECT pg_advisory_unlock($1)", COMPACT_LOCK)
+        except DB_DOWN as exc:
+            log.warning("compaction skipped: %s", exc)
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # noqa: BLE001 - retried at the next check; never end the loop
+            log.exception("compaction failed; retrying later")

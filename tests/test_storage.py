@@ -1,0 +1,190 @@
+"""Compaction of hot chunks into compressed blocks: every reading kept bit for
+bit, crash-safe at each step, late data merged, retention by whole ranges,
+and plain SQL (the view, readings_between, readings_in) over both."""
+from __future__ import annotations
+
+import datetime as dt
+import math
+import struct
+
+import pytest
+
+from conftest import ServerProcess, fetch, fetchval, make_tenant
+from test_ingest import post
+from test_operations import haltless
+
+UTC = dt.timezone.utc
+HARD = [-0.0, 0.0, 5e-324, 2.2250738585072014e-308, 2.225073858507201e-308,
+        1.7976931348623157e308, -1.7976931348623157e308, 72.5, 0.1, 1e-300, 123.456789012345]
+
+
+def bits(v: float) -> bytes:
+    return struct.pack(">d", v)
+
+
+def iso(t: dt.datetime) -> str:
+    return t.isoformat().replace("+00:00", "Z")
+
+
+def snapshot(dsn, org_id):
+    """Every reading of the organization, as (series, time, value bits), sorted."""
+    rows = fetch(dsn, 'SELECT series_id, "timestamp", value FROM readings WHERE org_id = $1',
+                 org_id)
+    return sorted((r[0], r[1], bits(r[2])) for r in rows)
+
+
+def hot_count(dsn) -> int:
+    return fetchval(dsn, "SELECT coalesce(sum(n), 0) FROM reading_chunks")
+
+
+def compact(dsn, *extra, check=True, env=None):
+    return haltless("compact", *extra, env={"HALTLESS_DATABASE_URL": dsn, **(env or {})},
+                    check=check, timeout=120)
+
+
+def send(server, tenant, start: dt.datetime, seconds: int, metrics=4, machine="CNC-001",
+         values=None):
+    """`seconds` ticks of `metrics` series sharing one timestamp per tick."""
+    rs = []
+    for s in range(seconds):
+        t = iso(start + dt.timedelta(seconds=s, microseconds=(s * 7919) % 1000))
+        for m in range(metrics):
+            v = values[(s + m) % len(values)] if values else round(20 + 0.1 * ((s * 3 + m) % 50), 1)
+            rs.append({"machine_identifier": machine, "timestamp": t, "metric_name": f"m{m}",
+                       "value": v, "unit": "celsius"})
+    for i in range(0, len(rs), 1000):
+        r = post(server, tenant.key, {"readings": rs[i:i + 1000]})
+        assert r.status_code == 207 and r.json()["rejected_count"] == 0, r.text
+    return len(rs)
+
+
+@pytest.fixture
+def fresh(pg_dsn, server):
+    tenant = make_tenant(pg_dsn, machines=("CNC-001", "CNC-002"))
+    compact(pg_dsn)  # start from an empty hot store
+    return tenant
+
+
+def test_compaction_keeps_every_reading_bit_for_bit_and_empties_the_hot_store(server, pg_dsn, fresh):
+    now = dt.datetime.now(UTC).replace(microsecond=0)
+    n = send(server, fresh, now - dt.timedelta(minutes=3), 120, metrics=5, values=HARD)
+    n += send(server, fresh, now - dt.timedelta(minutes=3), 120, machine="CNC-002")
+    before = snapshot(pg_dsn, fresh.org_id)
+    assert len(before) == n and hot_count(pg_dsn) >= n
+    out = compact(pg_dsn).stdout
+    assert f"compacted {n} readings" in out
+    assert hot_count(pg_dsn) == 0
+    assert snapshot(pg_dsn, fresh.org_id) == before
+    assert {b for _, _, b in before} >= {bits(v) for v in HARD}  # -0.0, subnormals, extremes
+    # Series polled together share one timeline per hour and machine.
+    timelines = fetchval(pg_dsn, "SELECT count(DISTINCT (b.block_start, b.timeline))"
+                         " FROM reading_blocks b JOIN series s ON s.id = b.series_id"
+                         " JOIN machines m ON m.id = s.machine_id WHERE m.org_id = $1",
+                         fresh.org_id)
+    hours = fetchval(pg_dsn, "SELECT count(DISTINCT date_trunc('hour', \"timestamp\"))"
+                     " FROM readings WHERE org_id = $1", fresh.org_id)
+    assert timelines <= 2 * hours
+    assert compact(pg_dsn).stdout.startswith("compacted 0 readings")  # idempotent
+
+
+@pytest.mark.parametrize("point", ["after-copy-out", "after-blocks", "before-truncate",
+                                   "before-commit"])
+def test_a_kill_at_any_step_loses_and_duplicates_nothing(server, pg_dsn, fresh, point):
+    now = dt.datetime.now(UTC).replace(microsecond=0)
+    send(server, fresh, now - dt.timedelta(minutes=2), 60, metrics=3)
+    compact(pg_dsn)  # some data already in blocks: the late data below merges into them
+    send(server, fresh, now - dt.timedelta(minutes=2, seconds=30), 60, metrics=3)
+    before = snapshot(pg_dsn, fresh.org_id)
+    killed = compact(pg_dsn, "--crash-at", point, check=False)
+    assert killed.returncode == 137, killed.stderr
+    assert snapshot(pg_dsn, fresh.org_id) == before
+    compact(pg_dsn)
+    assert snapshot(pg_dsn, fresh.org_id) == before
+    assert hot_count(pg_dsn) == 0
+
+
+def test_late_data_for_a_compacted_hour_joins_its_block(server, pg_dsn, fresh):
+    hour = dt.datetime.now(UTC).replace(minute=0, second=0, microsecond=0) - dt.timedelta(hours=5)
+    send(server, fresh, hour + dt.timedelta(minutes=30), 30, metrics=2)
+    compact(pg_dsn)
+    send(server, fresh, hour + dt.timedelta(minutes=10), 30, metrics=2)  # earlier, same hour
+    send(server, fresh, hour - dt.timedelta(days=400), 5, metrics=2)     # over a year late
+    before = snapshot(pg_dsn, fresh.org_id)
+    compact(pg_dsn)
+    assert snapshot(pg_dsn, fresh.org_id) == before
+    blocks = fetch(pg_dsn, "SELECT b.series_id, b.block_start, b.n FROM reading_blocks b"
+                   " JOIN series s ON s.id = b.series_id JOIN machines m ON m.id = s.machine_id"
+                   " WHERE m.org_id = $1 ORDER BY 1, 2", fresh.org_id)
+    assert [(r["block_start"], r["n"]) for r in blocks if r["block_start"] == hour] == [(hour, 60)] * 2
+    rows = fetch(pg_dsn, "SELECT * FROM readings_between($1, $2, $3)", blocks[0]["series_id"],
+                 hour, hour + dt.timedelta(hours=1))
+    assert len(rows) == 60 and [r["ts"] for r in rows] == sorted(r["ts"] for r in rows)
+    # No timeline is left that no block uses.
+    assert fetchval(pg_dsn, "SELECT count(*) FROM reading_timelines t WHERE NOT EXISTS ("
+                    "SELECT 1 FROM reading_blocks b WHERE b.block_start = t.block_start"
+                    " AND b.timeline = t.id)") == 0
+
+
+def test_compacted_blocks_are_small(server, pg_dsn, fresh):
+    start = dt.datetime.now(UTC).replace(microsecond=0) - dt.timedelta(minutes=4)
+    n = send(server, fresh, start, 200, metrics=10)
+    compact(pg_dsn)
+    size = fetchval(pg_dsn, "SELECT sum(length(b.vals)) + (SELECT sum(length(t.ts))"
+                    " FROM reading_timelines t WHERE (t.block_start, t.id) IN"
+                    "  (SELECT block_start, timeline FROM reading_blocks b2"
+                    "   JOIN series s2 ON s2.id = b2.series_id JOIN machines m2 ON m2.id = s2.machine_id"
+                    "   WHERE m2.org_id = $1))"
+                    " FROM reading_blocks b JOIN series s ON s.id = b.series_id"
+                    " JOIN machines m ON m.id = s.machine_id WHERE m.org_id = $1", fresh.org_id)
+    assert size / n < 1.5, size / n  # 0.1-step values: ~1 byte each, timestamps shared
+
+
+def test_a_time_range_on_the_view_prunes_partitions_and_uses_the_indexes(server, pg_dsn, fresh):
+    fetch(pg_dsn, "SELECT haltless_block_partitions(now() - interval '14 months', now())")
+    q = ("EXPLAIN SELECT * FROM readings WHERE \"timestamp\" >= now() - interval '1 hour'"
+         " AND bucket >= date_trunc('hour', now() - interval '1 hour') AND series_id = 7")
+    plan = "\n".join(r[0] for r in fetch(pg_dsn, q))
+    old = (dt.datetime.now(UTC) - dt.timedelta(days=200)).strftime("%Y%m")
+    assert f"reading_blocks_{old}" not in plan, plan  # pruned
+    assert "Index" in plan, plan
+    plan = "\n".join(r[0] for r in fetch(
+        pg_dsn, "EXPLAIN SELECT * FROM readings_in(now() - interval '1 hour', now())"))
+    assert f"reading_blocks_{old}" not in plan, plan
+
+
+def test_retention_refuses_old_readings_and_drops_whole_months(pg_dsn, tmp_path):
+    tenant = make_tenant(pg_dsn, machines=("CNC-001",))
+    srv = ServerProcess({"HALTLESS_DATABASE_URL": pg_dsn, "HALTLESS_RETENTION_DAYS": "30"},
+                        data_dir=tmp_path)
+    srv.start(tmp_path / "serve.log")
+    try:
+        now = dt.datetime.now(UTC).replace(microsecond=0)
+        body = {"readings": [
+            {"machine_identifier": "CNC-001", "timestamp": iso(now - dt.timedelta(days=d)),
+             "metric_name": "t", "value": 1.0} for d in (1, 29, 31, 400)]}
+        r = post(srv, tenant.key, body).json()
+        assert r["accepted_count"] == 2
+        assert [e["index"] for e in r["errors"]] == [2, 3]
+        assert all(e["error"] == "Timestamp is older than the retention period (30 days)"
+                   for e in r["errors"])
+    finally:
+        srv.stop()
+    old = now - dt.timedelta(days=90)
+    fetch(pg_dsn, "SELECT haltless_block_partitions($1, $1)", old)
+    name = f"reading_blocks_{old.strftime('%Y%m')}"
+    assert fetchval(pg_dsn, "SELECT to_regclass($1)::text", name) == name
+    out = compact(pg_dsn, env={"HALTLESS_RETENTION_DAYS": "30"}).stdout
+    assert "dropped" in out
+    assert fetchval(pg_dsn, "SELECT to_regclass($1)::text", name) is None
+    assert fetchval(pg_dsn, "SELECT count(*) FROM readings WHERE org_id = $1", tenant.org_id) == 2
+
+
+def test_sql_decoders_agree_with_the_kernel_on_hard_values(pg_dsn):
+    from haltless.fast import pack_ints, pack_values
+    ts = [0, 1, 1_000_000, 1_000_500, 3_600_000_000]
+    vals = [-0.0, 5e-324, 1.7976931348623157e308, 0.1, math.ulp(0.0)]
+    rows = fetch(pg_dsn, "SELECT ts, float8send(value) AS b FROM haltless_block_readings($1, $2)",
+                 pack_ints(ts), pack_values(vals))
+    epoch = dt.datetime(1970, 1, 1, tzinfo=UTC)
+    assert [r["ts"] for r in rows] == [epoch + dt.timedelta(microseconds=t) for t in ts]
+    assert [bytes(r["b"]) for r in rows] == [bits(v) for v in vals]
