@@ -165,6 +165,7 @@ def run_narrow(data: mix.Mix, admin_dsn: str, pg_pid: int, args, work: Path) -> 
         h.close()
     return {
         "target": "narrow", "readings_expected": data.readings, "readings_committed": count,
+        "exact": count == data.readings == res["rows"],
         "readings_per_s": round(count / res["duration_s"], 1), "load": res,
         "connections": args.narrow_connections,
         "ingest": {"wal_bytes": wal, "wal_bytes_per_reading": per_reading(wal, count),
