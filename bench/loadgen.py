@@ -9,6 +9,7 @@ number of non-207 answers and the sum of ``accepted_count`` over the 207s.
 
 Standalone:
     python -m bench.loadgen --url http://127.0.0.1:8000 --key hk_... --duration 10
+    python -m bench.loadgen --url ... --key hk_... --once bodies.jsonl   # each body once
 """
 from __future__ import annotations
 
@@ -196,20 +197,15 @@ async def _connection(host: str, port: int, reqs: list[bytes], first: int, deadl
         writer.close()
 
 
-async def _builtin(url: str, key: str, bodies: list[bytes], duration: float,
-                   connections: int, timeout: float = 60.0) -> dict:
+def _request_bytes(url: str, key: str, bodies: list[bytes]) -> tuple[str, int, list[bytes]]:
     u = urlsplit(url)
     host, port = u.hostname or "127.0.0.1", u.port or 80
     head = (f"POST {PATH} HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Type: application/json\r\n"
             f"X-API-Key: {key}\r\n").encode()
-    reqs = [head + b"Content-Length: %d\r\n\r\n" % len(b) + b for b in bodies]
-    stats = _Stats()
-    start = time.perf_counter()
-    deadline = start + duration
-    await asyncio.gather(*[
-        _connection(host, port, reqs, (c * 7) % len(reqs), deadline, stats, timeout)
-        for c in range(connections)])
-    elapsed = time.perf_counter() - start
+    return host, port, [head + b"Content-Length: %d\r\n\r\n" % len(b) + b for b in bodies]
+
+
+def _summary(stats: _Stats, elapsed: float, connections: int) -> dict:
     lat = sorted(stats.latencies)
     n = len(lat)
     return {
@@ -227,12 +223,98 @@ async def _builtin(url: str, key: str, bodies: list[bytes], duration: float,
     }
 
 
-def run_builtin(url: str, key: str, bodies: list[bytes], duration: float, connections: int) -> dict:
+async def _builtin(url: str, key: str, bodies: list[bytes], duration: float,
+                   connections: int, timeout: float = 60.0) -> dict:
+    host, port, reqs = _request_bytes(url, key, bodies)
+    stats = _Stats()
+    start = time.perf_counter()
+    deadline = start + duration
+    await asyncio.gather(*[
+        _connection(host, port, reqs, (c * 7) % len(reqs), deadline, stats, timeout)
+        for c in range(connections)])
+    return _summary(stats, time.perf_counter() - start, connections)
+
+
+async def _connection_once(host: str, port: int, reqs: list[bytes], todo, stats: _Stats,
+                           timeout: float) -> None:
+    """Send requests from the shared iterator ``todo`` until it is empty. A
+    request whose answer is lost is counted, never retried: it may have
+    been committed, and a resend would store its readings twice."""
+    clock = time.perf_counter
+    reader = writer = None
+    for i in todo:
+        try:
+            if writer is None:
+                reader, writer = await asyncio.open_connection(host, port)
+            t = clock()
+            writer.write(reqs[i])
+            status, body, close = await asyncio.wait_for(_read_response(reader), timeout)
+            stats.latencies.append(clock() - t)
+            stats.status[status] = stats.status.get(status, 0) + 1
+            if status == 207:
+                m = _ACCEPTED.search(body)
+                stats.accepted += int(m.group(1)) if m else 0
+            elif len(stats.error_samples) < 5:
+                stats.error_samples.append(f"body {i}: {status}: "
+                                           f"{body[:300].decode('utf-8', 'replace')}")
+            if close:
+                writer.close()
+                writer = None
+        except (OSError, asyncio.IncompleteReadError, asyncio.TimeoutError, ValueError) as exc:
+            stats.errors += 1
+            if len(stats.error_samples) < 5:
+                stats.error_samples.append(f"body {i}: socket: {exc!r}")
+            if writer is not None:
+                writer.close()
+                writer = None
+    if writer is not None:
+        writer.close()
+
+
+async def _builtin_once(url: str, key: str, bodies: list[bytes], connections: int,
+                        timeout: float = 60.0) -> dict:
+    """Every body exactly once, in order, over ``connections`` keep-alive
+    connections; done when the last answer is in."""
+    host, port, reqs = _request_bytes(url, key, bodies)
+    stats = _Stats()
+    todo = iter(range(len(reqs)))  # shared: each index is taken by one connection
+    start = time.perf_counter()
+    await asyncio.gather(*[_connection_once(host, port, reqs, todo, stats, timeout)
+                           for _ in range(min(connections, len(reqs)))])
+    out = _summary(stats, time.perf_counter() - start, connections)
+    out["bodies"] = len(reqs)
+    return out
+
+
+def _run(coro):
     try:
         import uvloop
-        return uvloop.run(_builtin(url, key, bodies, duration, connections))
+        return uvloop.run(coro)
     except ImportError:
-        return asyncio.run(_builtin(url, key, bodies, duration, connections))
+        return asyncio.run(coro)
+
+
+def send_all(url: str, key: str, bodies: list[bytes], connections: int) -> dict:
+    """Send every body exactly once (see ``_builtin_once``); the same JSON as a timed run."""
+    return _run(_builtin_once(url, key, bodies, connections))
+
+
+def read_bodies_file(path: Path) -> list[bytes]:
+    """Bodies stored one per line (compact JSON has no raw newline)."""
+    return path.read_bytes().split(b"\n")[:-1]
+
+
+def write_bodies_file(bodies, path: Path) -> int:
+    n = 0
+    with path.open("wb") as f:
+        for b in bodies:
+            f.write(b + b"\n")
+            n += 1
+    return n
+
+
+def run_builtin(url: str, key: str, bodies: list[bytes], duration: float, connections: int) -> dict:
+    return _run(_builtin(url, key, bodies, duration, connections))
 
 
 # ------------------------------------------------------------------ wrk
@@ -356,9 +438,15 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--bodies-dir", type=Path, help="pre-generated body-NNNN.json files "
                    "(default: generate 100 bodies now)")
     p.add_argument("--builtin", action="store_true", help="do not use wrk even if installed")
+    p.add_argument("--once", type=Path, metavar="BODIES_FILE",
+                   help="send every body of this file (one per line) exactly once, then stop "
+                        "(built-in client; --duration is ignored)")
     a = p.parse_args(argv)
     if not a.key:
         p.error("--key (or BENCH_API_KEY) is required")
+    if a.once:
+        print(json.dumps(send_all(a.url, a.key, read_bodies_file(a.once), a.connections)))
+        return
     with tempfile.TemporaryDirectory(prefix="bench-bodies-") as tmp:
         bodies_dir = a.bodies_dir
         if bodies_dir is None:
