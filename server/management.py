@@ -3,7 +3,6 @@ sources and test-connection, as in the contract's "Direct ingestion" and
 "Testing connections". Every query is scoped to the token's organization."""
 from __future__ import annotations
 
-import asyncio
 import time
 import uuid
 from typing import Annotated

@@ -26,6 +26,21 @@ ROOT = Path(__file__).resolve().parent.parent
 HALTLESS = [sys.executable, "-m", "haltless.server.cli"]
 
 
+def twins(kernel: str):
+    """(pure-Python twin, compiled kernel or None, pytest params over both) of
+    haltless.fast.<kernel>: one test body runs against both."""
+    import importlib
+    py = importlib.import_module(f"haltless.fast.{kernel}_py")
+    try:
+        c = importlib.import_module(f"haltless.fast.{kernel}")
+    except ImportError:  # pragma: no cover - `pip install -e .` builds it
+        if os.environ.get("HALTLESS_REQUIRE_EXTENSIONS") == "1":
+            raise
+        c = None
+    return py, c, [pytest.param(py, id="python"), pytest.param(c, id="cython", marks=pytest.mark.skipif(
+        c is None, reason="extension not built (pip install -e . builds it)"))]
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -16,8 +16,7 @@ import psutil
 import pytest
 import requests
 
-from conftest import HALTLESS, ROOT, ServerProcess, free_port, run
-from haltless.server import db
+from conftest import HALTLESS, ROOT, ServerProcess, free_port
 from test_ingest import post, reading
 from test_operations import _postmasters, haltless
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import datetime as dt
 import math
-import os
 import random
 import struct
 import subprocess
@@ -15,19 +14,8 @@ from array import array
 import asyncpg
 import pytest
 
-from conftest import run
-from haltless.fast import _codec_py
-
-try:
-    from haltless.fast import _codec as _codec_c
-except ImportError:  # pragma: no cover - `pip install -e .` builds it
-    if os.environ.get("HALTLESS_REQUIRE_EXTENSIONS") == "1":
-        raise
-    _codec_c = None
-
-IMPLS = [pytest.param(_codec_py, id="python")]
-IMPLS.append(pytest.param(_codec_c, id="cython", marks=pytest.mark.skipif(
-    _codec_c is None, reason="extension not built (pip install -e . builds it)")))
+from conftest import run, twins
+_codec_py, _codec_c, IMPLS = twins("_codec")
 needs_c = pytest.mark.skipif(_codec_c is None, reason="extension not built")
 
 INT64_MIN, INT64_MAX = -(1 << 63), (1 << 63) - 1

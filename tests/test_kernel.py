@@ -3,25 +3,15 @@ from __future__ import annotations
 
 import datetime as dt
 import math
-import os
 import random
 import struct
 
 import pytest
 
-from haltless.fast import _validate_py
+from conftest import twins
 from haltless.server.wire import Reading
 
-try:
-    from haltless.fast import _validate as _validate_c
-except ImportError:  # pragma: no cover - `pip install -e .` builds it
-    if os.environ.get("HALTLESS_REQUIRE_EXTENSIONS") == "1":
-        raise
-    _validate_c = None
-
-IMPLS = [pytest.param(_validate_py, id="python")]
-IMPLS.append(pytest.param(_validate_c, id="cython", marks=pytest.mark.skipif(
-    _validate_c is None, reason="extension not built (pip install -e . builds it)")))
+_validate_py, _validate_c, IMPLS = twins("_validate")
 
 UTC = dt.timezone.utc
 NOW = dt.datetime(2026, 11, 27, 12, 0, 0, tzinfo=UTC)
