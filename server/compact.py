@@ -201,13 +201,15 @@ async def compact_all(conn, *, include_current: bool, retention_days: int | None
     return c.readings, c.blocks
 
 
-async def compact_forever(pool, retention_days: int | None = None, every: float = EVERY) -> None:
+async def compact_forever(pool, retention_days: int | None = None, every: float = EVERY,
+                          clock=time.time) -> None:
     """Inside every `haltless serve` worker: whoever holds the advisory lock
     compacts the closed slot once its hour has ended (plus GRACE), and drops
     block partitions past the retention."""
     while True:
         await asyncio.sleep(every)
-        if time.time() % 3600 < GRACE:
+        now = clock()
+        if now % 3600 < GRACE:
             continue  # writes stamped with the last hour may still be in flight
         try:
             async with pool.acquire() as conn:
@@ -216,7 +218,7 @@ async def compact_forever(pool, retention_days: int | None = None, every: float 
                 try:
                     started = time.monotonic()
                     readings, blocks = await compact_all(conn, include_current=False,
-                                                         retention_days=retention_days)
+                                                         retention_days=retention_days, now=now)
                     if blocks:
                         log.info("compacted %d readings into %d blocks in %.1f s", readings,
                                  blocks, time.monotonic() - started)

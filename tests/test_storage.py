@@ -10,6 +10,7 @@ import struct
 import pytest
 
 from conftest import ServerProcess, fetch, fetchval, make_tenant
+from conftest import run as run_async
 from test_ingest import post
 from test_operations import haltless
 
@@ -188,3 +189,41 @@ def test_sql_decoders_agree_with_the_kernel_on_hard_values(pg_dsn):
     epoch = dt.datetime(1970, 1, 1, tzinfo=UTC)
     assert [r["ts"] for r in rows] == [epoch + dt.timedelta(microseconds=t) for t in ts]
     assert [bytes(r["b"]) for r in rows] == [bits(v) for v in vals]
+
+
+def test_workers_compact_the_closed_slot_by_themselves_one_at_a_time(pg_dsn, fresh):
+    """Every worker runs compact_forever; the advisory lock lets one at a time
+    in, and only the slot of an hour that has ended (plus the grace) is touched."""
+    import asyncio
+
+    import asyncpg
+
+    from haltless.server.compact import GRACE, compact_forever
+    from haltless.server.ingest import hot_slot
+
+    t = 1_800_000_000.0 + GRACE + 60  # a while after an hour began
+    closed, current = 1 - hot_slot(t), hot_slot(t)
+    sid = fetchval(pg_dsn, "INSERT INTO series (machine_id, metric_name) VALUES ($1, 'x')"
+                   " RETURNING id", fresh.machines["CNC-001"])
+    hour = dt.datetime.now(UTC).replace(minute=0, second=0, microsecond=0)
+    for slot in (closed, current):
+        fetch(pg_dsn, f"INSERT INTO reading_chunks_{slot} (series_id, bucket, n, ts, vals)"
+              " VALUES ($1, $2::timestamptz, 2, ARRAY[$2::timestamptz, $2::timestamptz + interval '1 s'],"
+              " ARRAY[1.5, 2.5])", sid, hour)
+
+    async def two_workers():
+        pools = [await asyncpg.create_pool(pg_dsn, min_size=1, max_size=2) for _ in range(2)]
+        tasks = [asyncio.create_task(compact_forever(p, every=0.05, clock=lambda: t)) for p in pools]
+        await asyncio.sleep(1.5)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        for p in pools:
+            await p.close()
+    run_async(two_workers())
+    assert fetchval(pg_dsn, f"SELECT count(*) FROM reading_chunks_{closed}") == 0
+    assert fetchval(pg_dsn, f"SELECT count(*) FROM reading_chunks_{current} WHERE series_id = $1",
+                    sid) == 1  # the hour still being written is left alone
+    assert [r["n"] for r in fetch(pg_dsn, "SELECT n FROM reading_blocks WHERE series_id = $1",
+                                  sid)] == [2]
+    assert fetchval(pg_dsn, 'SELECT count(*) FROM readings WHERE series_id = $1', sid) == 4
