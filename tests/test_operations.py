@@ -165,8 +165,10 @@ def test_embedded_postgres_is_shared_by_server_and_cli_and_outages_answer_503(pu
         assert post(srv, key, body).json()["accepted_count"] == 1
 
         _pg_ctl(pgdata, "-w", "stop", "-m", "fast")
-        r = post(srv, key, body)
-        assert r.status_code == 503 and r.headers["retry-after"] == "5"
+        mark = len(srv.log())
+        for _ in range(30):
+            r = post(srv, key, body)
+            assert r.status_code == 503 and r.headers["retry-after"] == "5"
         assert "nothing was stored" in r.json()["detail"]
         assert requests.get(srv.url + "/readyz", timeout=10).status_code == 503
         assert requests.get(srv.url + "/healthz", timeout=10).status_code == 200
@@ -179,6 +181,10 @@ def test_embedded_postgres_is_shared_by_server_and_cli_and_outages_answer_503(pu
                 break
             time.sleep(0.2)
         assert r.json() == {"accepted_count": 1, "rejected_count": 0, "errors": []}
+        # The outage is logged as a change of state, twice, not once per request.
+        lines = [ln for ln in srv.log()[mark:].splitlines() if "WARNING" in ln or "ERROR" in ln]
+        assert len(lines) == 2, lines
+        assert "database unavailable" in lines[0] and "requests were answered 503" in lines[1]
         assert _postmasters(pgdata)[0].pid != pid
         assert fetchval(dsn, "SELECT count(*) FROM readings") == 2  # the 503'd one was not stored
     finally:
