@@ -61,13 +61,13 @@ class RateLimiter:
 
     def _take(self, key: bytes, n: int, now: float) -> float | None:
         start = int.from_bytes(key[:4], "little") % SLOTS
-        slot = None
+        slot, tokens = None, 0.0
         for i in range(PROBE):
             off = ((start + i) % SLOTS) * _REC.size
-            k, tokens, updated = _REC.unpack_from(self._mem, off)
+            k, left, updated = _REC.unpack_from(self._mem, off)
             if k == key:
                 slot = off
-                tokens = min(self.capacity, tokens + (now - updated) * self.rate)
+                tokens = min(self.capacity, left + (now - updated) * self.rate)
                 break
             if slot is None and (updated == 0.0 or now - updated > STALE):
                 slot, tokens = off, self.capacity  # a free (or forgotten) slot
