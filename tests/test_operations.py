@@ -2,10 +2,14 @@
 process of one data dir, and recovery when the database goes away."""
 from __future__ import annotations
 
+import asyncio
+import errno
 import os
+import re
 import subprocess
 import time
 import uuid
+from pathlib import Path
 
 import asyncpg
 import jwt
@@ -189,4 +193,49 @@ def test_embedded_postgres_is_shared_by_server_and_cli_and_outages_answer_503(pu
         assert fetchval(dsn, "SELECT count(*) FROM readings") == 2  # the 503'd one was not stored
     finally:
         srv.stop()
+        db.stop_embedded(data)
+
+
+@pytest.mark.parametrize("long_path", [False, True], ids=["short-path", "long-path"])
+def test_another_local_user_cannot_connect_to_the_embedded_postgres(public_tmp, long_path):
+    """With a data-dir path too long for a socket, embedded-postgres puts the
+    socket in a shared runtime folder (mode 0777) and trusts local
+    connections: any local user connected as superuser. A child process that
+    becomes `nobody` must be refused whatever the path."""
+    import pwd
+    if os.geteuid() != 0:
+        pytest.skip("needs root to become another user (setuid)")
+    nobody = pwd.getpwnam("nobody").pw_uid
+    data = public_tmp / ("d" * 60 if long_path else "d") / ("e" * 60 if long_path else "e")
+    data.mkdir(parents=True)
+    for p in (data.parent, data):
+        p.chmod(0o755)
+    dsn = db.start_embedded(data)
+    try:
+        sock_dir = re.search(r"host=([^&]+)", dsn).group(1)
+        assert (Path(sock_dir) == (data / "pg").resolve()) is (not long_path), sock_dir
+        assert fetchval(dsn, "SELECT 1") == 1  # we (root) still can
+        pid = os.fork()
+        if pid == 0:  # the other local user
+            code = 3
+            try:
+                os.setgid(nobody)
+                os.setuid(nobody)
+
+                async def attempt():
+                    c = await asyncpg.connect(dsn, timeout=5)
+                    await c.close()
+                try:
+                    asyncio.run(attempt())
+                    code = 1  # connected: the hole
+                except (PermissionError, asyncpg.InvalidAuthorizationSpecificationError,
+                        asyncpg.InvalidPasswordError):
+                    code = 0
+                except OSError as exc:
+                    code = 0 if exc.errno in (errno.EACCES, errno.EPERM) else 2
+            finally:
+                os._exit(code)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0, "another local user connected"
+    finally:
         db.stop_embedded(data)
