@@ -14,7 +14,7 @@ import time
 import msgspec
 
 from . import management, metrics
-from .bodies import BodyBudget, Trimmer, read_body
+from .bodies import BodyBudget, read_body
 from .config import Settings
 from .db import DB_DOWN
 from .errors import (ClientError, ClientGone, DatabaseUnavailable, NotFound, Overloaded,
@@ -109,7 +109,6 @@ class App:
         self.rt: Runtime | None = None
         self.limiter: RateLimiter | None = None
         self.budget = BodyBudget(64 * 1024 * 1024)
-        self.trimmer = Trimmer()
         self.outage = Outage()
         self._maintenance: asyncio.Task | None = None
 
@@ -156,14 +155,14 @@ class App:
             elif auth == "jwt":
                 req.org = await management.authorize(self, req)
             s = self.settings
-            req.body = await read_body(req.headers, receive, limit, self.budget,
-                                       s.body_timeout, s.body_timeout * 6)
+            req.body, held = await read_body(req.headers, receive, limit, self.budget,
+                                             s.body_timeout, s.body_timeout * 6)
             try:
                 resp = await handler(self, req)
             finally:
-                if len(req.body) > 1024 * 1024:
-                    self.trimmer.released_body(len(req.body))
                 req.body = b""
+                self.budget.give(held)  # counted until the handler is done with it
+                metrics.BODIES.set(self.budget.used)
             if resp.status < 300 and auth is not None:
                 self.outage.up()
         except ClientError as exc:

@@ -31,11 +31,14 @@ from .errors import (ClientError, ClientGone, Overloaded, PayloadTooLarge, Reque
 
 
 class BodyBudget:
-    """Bytes of request bodies this worker holds at once, across requests."""
+    """Bytes of request bodies this worker holds at once, across requests.
+    Big bodies given back are handed to a ``Trimmer``, whatever became of
+    their request (answered, refused, timed out or abandoned)."""
 
     def __init__(self, limit: int) -> None:
         self.limit = limit
         self.used = 0
+        self.trimmer = Trimmer()
 
     def take(self, n: int) -> None:
         if self.used + n > self.limit:
@@ -46,6 +49,8 @@ class BodyBudget:
 
     def give(self, n: int) -> None:
         self.used -= n
+        if n >= 1024 * 1024:
+            self.trimmer.released_body(n)
 
 
 def too_large(limit: int, n: int | None = None, decompressed: bool = False) -> PayloadTooLarge:
@@ -58,8 +63,10 @@ def too_large(limit: int, n: int | None = None, decompressed: bool = False) -> P
 
 
 async def read_body(headers: dict, receive, limit: int, budget: BodyBudget,
-                    stall: float, total: float) -> bytes:
-    """The whole (decompressed) body, bounded as the module says."""
+                    stall: float, total: float) -> tuple[bytes, int]:
+    """The whole (decompressed) body, bounded as the module says, and the
+    bytes of ``budget`` it holds: the caller gives them back once it is done
+    with the body (they are given back here if reading fails)."""
     declared = headers.get(b"content-length")
     n = None
     if declared is not None:
@@ -120,9 +127,11 @@ async def read_body(headers: dict, receive, limit: int, budget: BodyBudget,
                 raise ClientError("the gzip body is truncated: it ends before the gzip stream does")
             if gunzip.unused_data:
                 raise ClientError("the gzip body has data after the end of the gzip stream")
-        return chunks[0] if len(chunks) == 1 else b"".join(chunks)
-    finally:
+        body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+    except BaseException:
         budget.give(held)
+        raise
+    return body, held
 
 
 def _inflate(gunzip, data: bytes, room: int) -> bytes:
