@@ -121,6 +121,8 @@ def _decode_slow(body: bytes) -> tuple[list, dict[int, str], list]:
                 r = msgspec.convert(item, Reading)
             except msgspec.ValidationError as exc:
                 errors[i] = describe_validation_error(exc)
+            except UnicodeEncodeError:  # msgspec met a lone surrogate (a key, a timestamp)
+                errors[i] = _unencodable(item)
             else:
                 bad = _text_error(r)
                 if bad:
@@ -145,6 +147,17 @@ def _text_error(r: Reading) -> str | None:
             return (f"{name}: is not valid UTF-8 (invalid bytes, or a lone surrogate escape "
                     "such as \\ud800); send UTF-8 text")
     return None
+
+
+def _unencodable(item: dict) -> str:
+    for k, v in item.items():
+        if not _utf8(k):
+            return ("a field name is not valid UTF-8 (invalid bytes, or a lone surrogate escape "
+                    "such as \\ud800); send UTF-8 text")
+        if isinstance(v, str) and not _utf8(v):
+            return (f"{k[:100]}: is not valid UTF-8 (invalid bytes, or a lone surrogate escape such "
+                    "as \\ud800); send UTF-8 text")
+    return "reading is not valid UTF-8 text; send UTF-8 text"
 
 
 def _utf8(v: str) -> bool:
