@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import json
 import os
 import re
 import subprocess
@@ -239,3 +240,56 @@ def test_another_local_user_cannot_connect_to_the_embedded_postgres(public_tmp, 
         assert os.waitstatus_to_exitcode(status) == 0, "another local user connected"
     finally:
         db.stop_embedded(data)
+
+
+@pytest.mark.slow
+def test_kill_9_of_the_postmaster_under_load_gives_503s_never_a_500(public_tmp, tmp_path):
+    """asyncpg raises several kinds of errors while its server dies under it
+    (InternalClientError among them); every request in flight or arriving
+    gets 503 with Retry-After, and the server serves again once PostgreSQL
+    is back."""
+    import threading
+    data = public_tmp / "data"
+    env = {"HALTLESS_DATABASE_URL": None, "HALTLESS_DATA_DIR": str(data)}
+    srv = ServerProcess({"HALTLESS_AUTH_CACHE_SECONDS": "60"}, workers=2, data_dir=data)
+    srv.env.pop("HALTLESS_DATABASE_URL", None)
+    srv.start(tmp_path / "server.log")
+    statuses: dict = {}
+    stop = threading.Event()
+
+    def load():
+        s = requests.Session()
+        body = json.dumps({"readings": [reading(metric=f"m{i}") for i in range(200)]})
+        while not stop.is_set():
+            try:
+                r = s.post(srv.url + "/api/v1/ingest", data=body, timeout=30,
+                           headers={"X-API-Key": key, "Content-Type": "application/json"})
+                statuses[r.status_code] = statuses.get(r.status_code, 0) + 1
+            except requests.RequestException as exc:
+                statuses[type(exc).__name__] = statuses.get(type(exc).__name__, 0) + 1
+    try:
+        pgdata = (data / "pg").resolve()
+        haltless("machines", "add", "CNC-001", env=env)
+        key = haltless("keys", "create", env=env).stdout.strip()
+        threads = [threading.Thread(target=load) for _ in range(4)]
+        for t in threads:
+            t.start()
+        time.sleep(2)
+        _postmasters(pgdata)[0].kill()
+        time.sleep(4)
+        down = statuses.get(207, 0)
+        db.start_embedded(data)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and statuses.get(207, 0) < down + 20:
+            time.sleep(0.2)
+        stop.set()
+        for t in threads:
+            t.join(30)
+    finally:
+        stop.set()
+        srv.stop()
+        db.stop_embedded(data)
+    assert statuses.get(503, 0) > 0, statuses  # the outage was seen
+    assert set(statuses) <= {207, 503}, statuses
+    assert statuses[207] >= down + 20, statuses  # and served again after it
+    assert "Traceback" not in srv.log() and "unhandled" not in srv.log(), srv.log()[-4000:]
