@@ -265,8 +265,13 @@ def test_agent_survives_a_server_outage_and_delivers_every_reading_once(pg_dsn, 
             while t.count(pg_dsn) < 10 and time.monotonic() < deadline:
                 time.sleep(0.2)
             srv.stop()
-            time.sleep(3)  # readings pile up on disk meanwhile
+            time.sleep(6)  # readings pile up on disk meanwhile
             assert spooled_total(tmp_path)[1] > 0
+            prom = (tmp_path / "state" / "metrics.prom").read_text()  # the agent's own textfile
+            queued = int(re.search(r"^haltless_agent_queue_readings (\d+)$", prom, re.M).group(1))
+            age = float(re.search(r"^haltless_agent_oldest_queued_reading_age_seconds (\S+)$",
+                                  prom, re.M).group(1))
+            assert queued > 0 and age > 0, prom
             srv.start(tmp_path / "server.log")
             time.sleep(4)
         finally:
@@ -274,6 +279,11 @@ def test_agent_survives_a_server_outage_and_delivers_every_reading_once(pg_dsn, 
             srv.stop()
     log = agent.log()
     assert "send failed" in log and "retrying" in log
+    prom = (tmp_path / "state" / "metrics.prom").read_text()
+    assert re.search(r"^haltless_agent_queue_readings 0$", prom, re.M), prom
+    assert re.search(r"^haltless_agent_oldest_queued_reading_age_seconds 0", prom, re.M), prom
+    sent = int(re.search(r"^haltless_agent_readings_sent_total (\d+)$", prom, re.M).group(1))
+    assert sent >= 10
     assert re.search(r"status: read \d+, sent \d+, rejected 0, queued 0", log), log[-2000:]
     assert_exactly_once(pg_dsn, t, tmp_path)
     v = fetch(pg_dsn, "SELECT DISTINCT value, unit, raw_tag FROM readings WHERE org_id = $1"
