@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
-import time
 import zlib
 
 from .errors import (ClientError, ClientGone, Overloaded, PayloadTooLarge, RequestTimeout,
@@ -91,18 +90,19 @@ async def read_body(headers: dict, receive, limit: int, budget: BodyBudget,
     chunks: list[bytes] = []
     size = 0    # bytes received
     out = 0     # bytes of body (decompressed when gzip)
-    deadline = time.monotonic() + total
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + total
     try:
         while True:
-            wait = min(stall, deadline - time.monotonic())
             try:
-                msg = await asyncio.wait_for(receive(), wait) if wait > 0 else None
-            except asyncio.TimeoutError:
-                msg = None
-            if msg is None:
+                # a timer handle per chunk (asyncio.wait_for would start a task)
+                async with asyncio.timeout_at(min(loop.time() + stall, deadline)):
+                    msg = await receive()
+            except TimeoutError:
                 raise RequestTimeout(
                     f"the request body stalled: nothing arrived for {stall:g} s (or the whole "
-                    f"body took over {total:g} s) after {size:,} bytes; send the body at once")
+                    f"body took over {total:g} s) after {size:,} bytes; send the body at once"
+                    ) from None
             if msg["type"] == "http.disconnect":
                 raise ClientGone(f"the body ended after {size:,} bytes")
             body = msg.get("body", b"")
