@@ -227,6 +227,15 @@ class AgentProcess:
         return self.log_path.read_text(errors="replace")
 
 
+def agent_queue(tmp_path) -> tuple[int, float]:
+    """(queued readings, oldest queued age) from the agent's metrics textfile."""
+    prom = (tmp_path / "state" / "metrics.prom").read_text()
+    queued = int(re.search(r"^haltless_agent_queue_readings (\d+)$", prom, re.M).group(1))
+    age = float(re.search(r"^haltless_agent_oldest_queued_reading_age_seconds (\S+)$",
+                          prom, re.M).group(1))
+    return queued, age
+
+
 def spooled_total(tmp_path) -> int:
     """Readings the agent ever queued: AUTOINCREMENT ids are never reused."""
     db = sqlite3.connect(tmp_path / "state" / "queue.db")
@@ -265,15 +274,15 @@ def test_agent_survives_a_server_outage_and_delivers_every_reading_once(pg_dsn, 
             while t.count(pg_dsn) < 10 and time.monotonic() < deadline:
                 time.sleep(0.2)
             srv.stop()
-            time.sleep(6)  # readings pile up on disk meanwhile
+            time.sleep(3)  # readings pile up on disk meanwhile
             assert spooled_total(tmp_path)[1] > 0
-            prom = (tmp_path / "state" / "metrics.prom").read_text()  # the agent's own textfile
-            queued = int(re.search(r"^haltless_agent_queue_readings (\d+)$", prom, re.M).group(1))
-            age = float(re.search(r"^haltless_agent_oldest_queued_reading_age_seconds (\S+)$",
-                                  prom, re.M).group(1))
-            assert queued > 0 and age > 0, prom
+            queued, age = agent_queue(tmp_path)  # from the agent's own metrics textfile
+            assert queued > 0 and age > 0
             srv.start(tmp_path / "server.log")
             time.sleep(4)
+            deadline = time.monotonic() + 20
+            while agent_queue(tmp_path)[0] and time.monotonic() < deadline:
+                time.sleep(0.5)
         finally:
             agent.stop()
             srv.stop()
