@@ -9,6 +9,7 @@ Configuration is the contract's TOML ("Edge agent configuration"), plus:
     api_key = "hk_..."                  # or HALTLESS_API_KEY
     state_dir = "haltless-agent"        # queue, client certificate, trusted servers
     status_interval = 30                # seconds between status lines
+    metrics_file = "haltless-agent/metrics.prom"  # Prometheus textfile, rewritten every 5 s
     shutdown_flush_seconds = 10         # on SIGTERM, try to send what is queued this long
 
     [buffer]
@@ -49,6 +50,8 @@ from .spool import Spool
 
 log = logging.getLogger("haltless.agent")
 
+METRICS_EVERY = 5.0  # seconds between rewrites of the metrics textfile
+
 Interval = Annotated[float, Meta(ge=0.1, le=86400)]
 
 
@@ -83,6 +86,7 @@ class AgentConfig(msgspec.Struct, forbid_unknown_fields=True):
     api_key: str | None = None
     state_dir: str = "haltless-agent"
     status_interval: Annotated[float, Meta(ge=1, le=3600)] = 30.0
+    metrics_file: str | None = None  # default <state_dir>/metrics.prom; "" = none
     shutdown_flush_seconds: Annotated[float, Meta(ge=0, le=600)] = 10.0
     buffer: Buffer = msgspec.field(default_factory=Buffer)
 
@@ -253,6 +257,8 @@ class Agent:
         self.sender = Sender(cfg.api_url, cfg.api_key)
         self.stats = Stats()
         self.counts = {"read": 0, "sent": 0, "rejected": 0}
+        metrics = cfg.metrics_file if cfg.metrics_file is not None else str(self.state_dir / "metrics.prom")
+        self.metrics_path = (base / metrics).resolve() if metrics else None
         self.new_data = asyncio.Event()
         self.loops: list[PollLoop] = []
         self.sending = True
@@ -347,9 +353,49 @@ class Agent:
             await self.spool.ack(batch)
 
     async def status_forever(self) -> None:
+        last = time.monotonic()
         while True:
-            await asyncio.sleep(self.cfg.status_interval)
-            await self.status_line()
+            await asyncio.sleep(min(METRICS_EVERY, self.cfg.status_interval))
+            await self.write_metrics()
+            if time.monotonic() - last >= self.cfg.status_interval - 0.01:
+                last = time.monotonic()
+                await self.status_line()
+
+    async def write_metrics(self) -> None:
+        """The queue's figures in Prometheus text format, for node_exporter's
+        textfile collector (the agent runs on site, with no HTTP listener of
+        its own): written to a temporary file and renamed, so a scrape never
+        reads half a file."""
+        path = self.metrics_path
+        if path is None:
+            return
+        age = await self.spool.oldest_age() if self.spool.is_open else None
+        lines = []
+        for name, kind, doc, value in (
+                ("queue_readings", "gauge", "Readings queued on disk, not yet acknowledged",
+                 self.spool.count),
+                ("oldest_queued_reading_age_seconds", "gauge",
+                 "Age of the oldest queued reading (0: queue empty)", age or 0.0),
+                ("readings_read_total", "counter", "Readings read from devices", self.counts["read"]),
+                ("readings_sent_total", "counter", "Readings the server accepted",
+                 self.counts["sent"]),
+                ("readings_rejected_total", "counter", "Readings the server rejected",
+                 self.counts["rejected"]),
+                ("readings_dropped_total", "counter", "Readings dropped because the queue was full",
+                 self.spool.dropped),
+                ("polls_total", "counter", "Polls started", self.stats.polls),
+                ("poll_failures_total", "counter", "Polls that failed", self.stats.failed),
+                ("sending", "gauge", "1 while sending, 0 once the server refused the key",
+                 int(self.sending))):
+            lines += [f"# HELP haltless_agent_{name} {doc}", f"# TYPE haltless_agent_{name} {kind}",
+                      f"haltless_agent_{name} {value}"]
+        tmp = path.with_name(path.name + ".tmp")
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp.write_text("\n".join(lines) + "\n")
+            tmp.replace(path)
+        except OSError as exc:
+            log.warning("cannot write metrics to %s: %s", path, exc)
 
     async def status_line(self) -> None:
         age = await self.spool.oldest_age() if self.spool.is_open else None

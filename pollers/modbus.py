@@ -336,6 +336,13 @@ class ModbusReader:
             raise ReaderError(self._io_failure(client, exc)) from None
         except OSError as exc:
             raise ReaderError(f"connection to {self._where} failed: {exc}") from None
+        except RuntimeError as exc:
+            # uvloop: writing to a transport the device already closed (a device
+            # that accepts and closes at once) - "unable to perform operation".
+            if "closed" not in str(exc):
+                raise
+            raise ReaderError(f"connection to {self._where} lost - the device closed it right "
+                              "after accepting it") from None
 
     def _io_failure(self, client: AsyncModbusTcpClient, exc: ModbusException) -> str:
         if not client.connected:

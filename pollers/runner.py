@@ -13,7 +13,12 @@ PostgreSQL) uses leases on the ``ingest_sources`` rows:
   above its share so a newly started process gets work;
 * a process that cannot renew stops polling before its lease can have
   expired, so no source is ever polled by two processes; a dead process's
-  sources are claimed by the others once its lease (3 s by default) expires.
+  sources are claimed by the others once its lease (3 s by default) expires;
+* a process that lets a source go (rebalancing, shutdown) leaves in
+  ``lease_expires`` the time its next poll was due, and the next owner polls
+  no earlier. Without it the new owner's first poll came at a random moment
+  of its first second, and a handover could poll one source twice within
+  0.1 s (the flaky "polled twice at once" of test_pollers).
 
 Each source is one ``PollLoop`` (``pollers/schedule.py``, shared with the edge
 agent) with its own schedule; a slow or dead device only delays itself.
@@ -47,7 +52,7 @@ TICK = 1.0  # seconds between lease renewals / state flushes
 class SourceTask:
     """One leased source: a PollLoop whose readings go to the Ingestor."""
 
-    def __init__(self, proc: "PollerProcess", row) -> None:
+    def __init__(self, proc: "PollerProcess", row, first_at: float | None = None) -> None:
         self.proc = proc
         self.id: uuid.UUID = row["id"]
         self.version: int = row["version"]
@@ -61,7 +66,8 @@ class SourceTask:
             self.connect, self.write,
             on_error=self.failed,
             on_missed=lambda n: proc.report(self.id, missed=n),
-            may_poll=proc.lease_valid, stats=proc.stats, name=f"source-{self.id}")
+            may_poll=proc.lease_valid, stats=proc.stats, name=f"source-{self.id}",
+            first_at=first_at)
         self.task = self.loop.task
 
     def describe(self) -> str:
@@ -163,12 +169,14 @@ class PollerProcess:
         finally:
             if self._freeze is not None:
                 self._freeze.cancel()
-            await self.stop_tasks(list(self.tasks))
+            due = await self.stop_tasks(list(self.tasks))
             try:
                 await self.flush()
-                await self.pool.execute(
-                    "UPDATE ingest_sources SET lease_owner = NULL, lease_expires = NULL"
-                    " WHERE lease_owner = $1", self.owner)
+                async with self.pool.acquire() as conn:
+                    await self.release(conn, due)
+                    await conn.execute(
+                        "UPDATE ingest_sources SET lease_owner = NULL, lease_expires = NULL"
+                        " WHERE lease_owner = $1", self.owner)
                 await self.pool.execute("DELETE FROM poller_processes WHERE owner = $1", self.owner)
             except DB_DOWN:
                 pass
@@ -202,35 +210,41 @@ class PollerProcess:
             gone = [sid for sid in self.tasks if sid not in held]
             changed = [sid for sid, v in held.items()
                        if sid in self.tasks and self.tasks[sid].version != v]
-            await self.stop_tasks(gone + changed)
+            # A changed source restarts here; its new loop keeps the old schedule.
+            first_at = await self.stop_tasks(gone + changed)
             total, live = await conn.fetchrow(
                 "SELECT (SELECT count(*) FROM ingest_sources WHERE is_active),"
                 " (SELECT count(*) FROM poller_processes"
                 "  WHERE seen_at > now() - $1 * interval '1 second')", self.lease)
             share = math.ceil(total / max(1, live))
             want = share - len(held)
-            claimed = []
+            claimed: list = []
             if want > 0:
-                claimed = [r["id"] for r in await conn.fetch(
+                # `wait`: seconds until the poll that a previous owner, letting
+                # the source go, said was due next (see release()).
+                rows = await conn.fetch(
                     "UPDATE ingest_sources s SET lease_owner = $1,"
                     " lease_expires = now() + $2 * interval '1 second'"
-                    " FROM (SELECT id FROM ingest_sources WHERE is_active"
-                    "       AND (lease_owner IS NULL OR lease_expires < now())"
+                    " FROM (SELECT id, lease_owner, lease_expires FROM ingest_sources"
+                    "       WHERE is_active AND (lease_owner IS NULL OR lease_expires < now())"
                     "       ORDER BY id LIMIT $3 FOR UPDATE SKIP LOCKED) c"
-                    " WHERE s.id = c.id RETURNING s.id", self.owner, self.lease, want)]
+                    " WHERE s.id = c.id RETURNING s.id, CASE WHEN c.lease_owner IS NULL"
+                    "  THEN extract(epoch FROM c.lease_expires - now())::float8 END AS wait",
+                    self.owner, self.lease, want)
+                now = asyncio.get_running_loop().time()
+                claimed = [r["id"] for r in rows]
+                first_at.update((r["id"], now + r["wait"]) for r in rows if r["wait"] and r["wait"] > 0)
             elif want < 0:
                 extra = sorted(held)[:(-want)]
-                await self.stop_tasks(extra)
-                await conn.execute(
-                    "UPDATE ingest_sources SET lease_owner = NULL, lease_expires = NULL"
-                    " WHERE lease_owner = $1 AND id = ANY($2::uuid[])", self.owner, extra)
+                due = await self.stop_tasks(extra)
+                await self.release(conn, {sid: due.get(sid, 0.0) for sid in extra})
                 for sid in extra:
                     held.pop(sid, None)
             start = [sid for sid in held if sid not in self.tasks] + claimed
             if start:
                 for row in await sources.for_polling(conn, start):
                     try:
-                        self.tasks[row["id"]] = SourceTask(self, row)
+                        self.tasks[row["id"]] = SourceTask(self, row, first_at.get(row["id"]))
                     except Exception as exc:  # noqa: BLE001 - one bad row must not stop the rest
                         log.error("source %s cannot be polled: %s", row["id"], exc)
                         self.report(row["id"], error=f"cannot be polled: {exc}", polled=True)
@@ -254,12 +268,29 @@ class PollerProcess:
             gc.freeze()
         self._freeze = asyncio.get_running_loop().call_later(3.0, freeze)
 
-    async def stop_tasks(self, ids) -> None:
+    async def stop_tasks(self, ids) -> dict[uuid.UUID, float]:
+        """Stop polling ``ids``; returns, per source, the loop time its next
+        poll was due (for ``release``)."""
         tasks = [self.tasks.pop(sid) for sid in ids if sid in self.tasks]
         for t in tasks:
             t.task.cancel()
         if tasks:
             await asyncio.gather(*(t.task for t in tasks), return_exceptions=True)
+        return {t.id: t.loop.next_due for t in tasks}
+
+    async def release(self, conn, due: dict[uuid.UUID, float]) -> None:
+        """Give up the leases of stopped sources, leaving in lease_expires
+        when each one's next poll is due, for the next owner to keep to."""
+        ids = list(due)
+        if not ids:
+            return
+        now = asyncio.get_running_loop().time()
+        await conn.execute(
+            "UPDATE ingest_sources s SET lease_owner = NULL,"
+            " lease_expires = now() + u.wait * interval '1 second'"
+            " FROM unnest($2::uuid[], $3::float8[]) AS u (id, wait)"
+            " WHERE s.id = u.id AND s.lease_owner = $1",
+            self.owner, ids, [max(0.0, due[sid] - now) for sid in ids])
 
     async def flush(self) -> None:
         if not self.pending:

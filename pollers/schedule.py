@@ -53,7 +53,7 @@ class PollLoop:
                  stats: Stats,
                  on_missed: Callable[[int], None] = lambda n: None,
                  may_poll: Callable[[float], bool] = lambda now: True,
-                 name: str = "source") -> None:
+                 name: str = "source", first_at: float | None = None) -> None:
         self.interval = interval
         self.timeout = timeout
         self.make_reader = make_reader
@@ -66,12 +66,20 @@ class PollLoop:
         self.failures = 0
         self.reconnect_at = 0.0
         self.pending_sink: asyncio.Task | None = None
+        # Loop time before which the next poll must not start: one interval
+        # after the last poll began. A process handing the source over passes
+        # it on (``first_at`` of the next owner), so a handover never polls
+        # twice within one interval.
+        self.next_due = 0.0
+        self._first_at = first_at
         self.task = asyncio.create_task(self.run(), name=name)
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
         # Spread first polls so many sources created at once do not fire together.
         next_t = loop.time() + random.uniform(0, min(self.interval, 1.0))
+        if self._first_at is not None and self._first_at > loop.time():
+            next_t = self._first_at  # the previous owner's schedule, kept
         try:
             while True:
                 delay = next_t - loop.time()
@@ -82,6 +90,7 @@ class PollLoop:
                     next_t += self.interval
                     continue
                 self.stats.lags.append(now - next_t)
+                self.next_due = now + self.interval
                 await self.poll_once()
                 next_t += self.interval
                 behind = loop.time() - next_t

@@ -9,31 +9,50 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
+import time
 
-from . import management
+import msgspec
+
+from . import db, management, metrics
+from .bodies import BodyBudget, read_body
 from .compact import compact_forever
 from .config import Settings
-from . import db
 from .db import DB_DOWN
-from .errors import ClientError, DatabaseUnavailable, NotFound, PayloadTooLarge
+from .errors import (ClientError, ClientGone, DatabaseUnavailable, NotFound, Overloaded,
+                     TooManyRequests)
 from .http import Request, Response
+from .ingest import count_readings
+from .ratelimit import RateLimiter
 from .runtime import Runtime, configure_logging
-from .wire import MAX_BODY_BYTES
+from .store import hash_api_key
+from .wire import MAX_BODY_BYTES, IngestResult
 
 log = logging.getLogger("haltless.app")
 
-JSON = [(b"content-type", b"application/json")]
+_result_decoder = msgspec.json.Decoder(IngestResult)
 
 
 # ------------------------------------------------------------------ handlers
 
 async def ingest(app: "App", req: Request) -> Response:
-    """POST /api/v1/ingest - the contract's "HTTP Push"."""
-    org = await app.rt.keys.org_for(app.rt.pool, req.header(b"x-api-key"))
+    """POST /api/v1/ingest - the contract's "HTTP Push". The API key was
+    checked (``req.org``) before the body was read."""
     key = req.header(b"idempotency-key")
     if key is not None and not (0 < len(key) <= 255 and key.isascii() and key.isprintable()):
         raise ClientError("Idempotency-Key must be 1 to 255 printable ASCII characters")
-    body, replayed = await app.rt.ingestor.ingest_body(org, req.body, key)
+    if app.limiter is not None:
+        n = count_readings(req.body)
+        try:
+            app.limiter.check(req.key_hash, n)
+        except TooManyRequests:
+            metrics.READINGS_REJECTED.labels("rate_limited").inc(n)
+            raise
+    body, replayed = await app.rt.ingestor.ingest_body(req.org, req.body, key)
+    if not replayed:
+        result = _result_decoder.decode(body)
+        metrics.READINGS_ACCEPTED.inc(result.accepted_count)
+        for e in result.errors:
+            metrics.READINGS_REJECTED.labels(metrics.reason_of(e.error)).inc()
     return Response(207, body, [(b"idempotency-replayed", b"true")] if replayed else None)
 
 
@@ -47,23 +66,38 @@ async def readyz(app: "App", req: Request) -> Response:
     return Response(200, {"status": "ready"})
 
 
-# (method, path pattern) -> (handler, max body bytes). {name} matches one path segment.
-ROUTES: list[tuple[str, str, object, int]] = [
-    ("POST", "/api/v1/ingest", ingest, MAX_BODY_BYTES),
-    ("GET", "/healthz", healthz, 0),
-    ("GET", "/readyz", readyz, 0),
+async def metrics_endpoint(app: "App", req: Request) -> Response:
+    metrics.sample_pool(app.rt.pool)
+    body, ctype = await metrics.render(app.rt.pool)
+    return Response(200, body, content_type=ctype.encode())
+
+
+async def openapi(app: "App", req: Request) -> Response:
+    from .openapi import document
+    return Response(200, document())
+
+
+# (method, path pattern, handler, max body bytes, credentials checked before
+# the body is read: "key" (X-API-Key), "jwt" (Bearer token) or None).
+# {name} matches one path segment.
+ROUTES: list[tuple[str, str, object, int, str | None]] = [
+    ("POST", "/api/v1/ingest", ingest, MAX_BODY_BYTES, "key"),
+    ("GET", "/healthz", healthz, 0, None),
+    ("GET", "/readyz", readyz, 0, None),
+    ("GET", "/metrics", metrics_endpoint, 0, None),
+    ("GET", "/openapi.json", openapi, 0, None),
     *management.ROUTES,
 ]
 
 
 def compile_routes(routes):
     exact, patterns = {}, []
-    for method, path, handler, limit in routes:
+    for method, path, handler, limit, auth in routes:
         if "{" in path:
             rx = re.compile("^" + re.sub(r"\{(\w+)\}", r"(?P<\1>[^/]+)", path) + "$")
-            patterns.append((method, rx, handler, limit))
+            patterns.append((method, rx, (handler, limit, auth, path)))
         else:
-            exact[(method, path)] = (handler, limit)
+            exact[(method, path)] = (handler, limit, auth, path)
     return exact, patterns
 
 
@@ -74,6 +108,9 @@ class App:
         self.settings = settings
         self._exact, self._patterns = compile_routes(routes if routes is not None else ROUTES)
         self.rt: Runtime | None = None
+        self.limiter: RateLimiter | None = None
+        self.budget = BodyBudget(64 * 1024 * 1024)
+        self.outage = Outage()
         self._maintenance: asyncio.Task | None = None
         self._compaction: asyncio.Task | None = None
 
@@ -85,22 +122,23 @@ class App:
             await self._lifespan(receive, send)
 
     def _route(self, method: str, path: str):
+        """(handler, limit, auth, route pattern, params); handler None and
+        params the allowed methods (or None) when nothing matches."""
         hit = self._exact.get((method, path))
         if hit is not None:
-            return hit[0], hit[1], {}
+            return (*hit, {})
         allowed = [m for (m, p) in self._exact if p == path]
-        for m, rx, handler, limit in self._patterns:
+        for m, rx, target in self._patterns:
             match = rx.match(path)
             if match:
                 if m == method:
-                    return handler, limit, match.groupdict()
+                    return (*target, match.groupdict())
                 allowed.append(m)
-        if allowed:
-            return None, 0, sorted(set(allowed))
-        return None, 0, None
+        return None, 0, None, "unmatched", sorted(set(allowed)) or None
 
     async def _http(self, scope, receive, send) -> None:
-        handler, limit, params = self._route(scope["method"], scope["path"])
+        started = time.perf_counter()
+        handler, limit, auth, route, params = self._route(scope["method"], scope["path"])
         try:
             if handler is None:
                 if params:
@@ -110,12 +148,41 @@ class App:
                     return
                 raise NotFound(f"no such endpoint: {scope['path']}")
             req = Request(scope, params)
-            req.body = await _read_body(req, receive, limit)
-            resp = await handler(self, req)
+            # Credentials first: a request that may not write is answered
+            # without reading (or holding) its body.
+            if auth == "key":
+                key = req.header(b"x-api-key")
+                req.org = await self.rt.keys.org_for(self.rt.pool, key)
+                req.key_hash = hash_api_key(key)
+            elif auth == "jwt":
+                req.org = await management.authorize(self, req)
+            s = self.settings
+            req.body, held = await read_body(req.headers, receive, limit, self.budget,
+                                             s.body_timeout, s.body_timeout * 6)
+            try:
+                resp = await handler(self, req)
+            finally:
+                req.body = b""
+                self.budget.give(held)  # counted until the handler is done with it
+                metrics.BODIES.set(self.budget.used)
+            if resp.status < 300 and auth is not None:
+                self.outage.up()
         except ClientError as exc:
-            resp = Response(exc.status, {"detail": str(exc)})
+            resp = Response(exc.status, {"detail": str(exc)},
+                            [(b"retry-after", str(exc.retry_after).encode())]
+                            if isinstance(exc, TooManyRequests) else None)
+        except Overloaded as exc:
+            resp = Response(503, {"detail": str(exc)},
+                            [(b"retry-after", str(exc.retry_after).encode())])
+        except ClientGone as exc:
+            # A client that left cannot read this; a malformed chunked body
+            # (which granian reports the same way) gets a 400, not granian's 500.
+            log.info("%s %s: %s (client gone, or malformed chunked framing)",
+                     scope["method"], scope["path"], exc)
+            resp = Response(400, {"detail": f"malformed request body framing: {exc} before its "
+                                            "end; send a valid Content-Length or chunked body"})
         except (DatabaseUnavailable, *DB_DOWN) as exc:
-            log.warning("503: %s", exc)
+            self.outage.down(exc)
             resp = Response(503, {"detail": "the database is unavailable; nothing was stored, "
                                             "retry later"}, [(b"retry-after", b"5")])
         except asyncio.CancelledError:
@@ -123,7 +190,12 @@ class App:
         except Exception:
             log.exception("unhandled error on %s %s", scope["method"], scope["path"])
             resp = Response(500, {"detail": "internal server error"})
-        await _send(send, resp)
+        try:
+            await _send(send, resp)
+        except Exception as exc:  # noqa: BLE001 - the client is gone; nothing to answer
+            log.info("%s %s: response not sent: %s", scope["method"], scope["path"], exc)
+        metrics.REQUESTS.labels(route, scope["method"], str(resp.status)).inc()
+        metrics.DURATION.labels(route).observe(time.perf_counter() - started)
 
     async def _lifespan(self, receive, send) -> None:
         while True:
@@ -144,8 +216,11 @@ class App:
     async def startup(self) -> None:
         s = self.settings or Settings.from_env()
         configure_logging(s.log_level)
-        self.rt = await Runtime(s).start()
-        self.settings = self.rt.settings
+        self.rt = await Runtime(s, writer_class=metrics.MeasuredWriter).start()
+        self.settings = s = self.rt.settings
+        self.budget = BodyBudget(s.body_memory_mb * 1024 * 1024)
+        if s.rate_limit:
+            self.limiter = RateLimiter(s.rate_limit, s.run_dir / "rate-limits" if s.run_dir else None)
         self._maintenance = asyncio.create_task(maintain(self.rt.pool))
         self._compaction = asyncio.create_task(compact_forever(self.rt.pool, s.retention_days))
 
@@ -155,6 +230,29 @@ class App:
                 task.cancel()
         if self.rt is not None:
             await self.rt.close()
+
+
+class Outage:
+    """Logs a database outage once when it starts and once when it ends, with
+    the number of requests answered 503 meanwhile (one warning per request
+    was 6,171 lines in 20 s)."""
+
+    def __init__(self) -> None:
+        self.since: float | None = None
+        self.refused = 0
+
+    def down(self, exc: BaseException) -> None:
+        self.refused += 1
+        if self.since is None:
+            self.since = time.monotonic()
+            log.warning("database unavailable (%s); answering 503 until it is back",
+                        exc or type(exc).__name__)
+
+    def up(self) -> None:
+        if self.since is not None:
+            log.warning("database available again after %.0f s; %d requests were answered 503",
+                        time.monotonic() - self.since, self.refused)
+            self.since, self.refused = None, 0
 
 
 async def maintain(pool, every: float = 3600.0) -> None:
@@ -174,43 +272,10 @@ async def maintain(pool, every: float = 3600.0) -> None:
         await asyncio.sleep(every)
 
 
-async def _read_body(req: Request, receive, limit: int) -> bytes:
-    declared = req.headers.get(b"content-length")
-    if declared is not None:
-        try:
-            n = int(declared)
-        except ValueError:
-            raise ClientError("Content-Length header is not a number") from None
-        if n > limit:
-            raise _too_large(limit, n)
-    chunks = []
-    size = 0
-    while True:
-        msg = await receive()
-        if msg["type"] == "http.disconnect":
-            raise asyncio.CancelledError("client went away")
-        body = msg.get("body", b"")
-        if body:
-            size += len(body)
-            if size > limit:
-                raise _too_large(limit, None)
-            chunks.append(body)
-        if not msg.get("more_body", False):
-            break
-    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
-
-
-def _too_large(limit: int, n: int | None) -> PayloadTooLarge:
-    if limit == 0:
-        return PayloadTooLarge("this endpoint takes no request body")
-    got = f" (Content-Length {n:,})" if n is not None else ""
-    return PayloadTooLarge(f"request body too large{got}: the limit is {limit:,} bytes "
-                           f"({limit // (1024 * 1024)} MB); send fewer readings per request")
-
-
 async def _send(send, resp: Response) -> None:
     await send({"type": "http.response.start", "status": resp.status,
-                "headers": JSON + [(b"content-length", str(len(resp.body)).encode())] + resp.headers})
+                "headers": [(b"content-type", resp.content_type),
+                            (b"content-length", str(len(resp.body)).encode())] + resp.headers})
     await send({"type": "http.response.body", "body": resp.body})
 
 

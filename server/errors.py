@@ -20,6 +20,24 @@ class PayloadTooLarge(ClientError):
     status = 413
 
 
+class RequestTimeout(ClientError):
+    status = 408
+
+
+class UnsupportedMediaType(ClientError):
+    status = 415
+
+
+class TooManyRequests(ClientError):
+    """Over a rate limit; ``retry_after`` says in how many seconds to retry."""
+
+    status = 429
+
+    def __init__(self, message: str, retry_after: int) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
 class Unprocessable(ClientError):
     status = 422
 
@@ -38,6 +56,18 @@ class Conflict(ClientError):
 
 class ServerError(HaltlessError):
     """We could not do it; the caller may retry."""
+
+
+class Overloaded(ServerError):
+    """This worker holds as much as it may (request bodies in memory); retry
+    after ``retry_after`` seconds."""
+
+    retry_after = 1
+
+
+class ClientGone(HaltlessError):
+    """A request body ended before its end: the client went away, or its
+    chunked framing was malformed (granian reports both the same way)."""
 
 
 class DatabaseUnavailable(ServerError):

@@ -1,6 +1,7 @@
 """Request and Response of the ASGI app: the two small types handlers see."""
 from __future__ import annotations
 
+import json
 import uuid
 
 from .errors import NotFound
@@ -8,13 +9,15 @@ from .wire import encoder
 
 
 class Request:
-    __slots__ = ("scope", "headers", "params", "body")
+    __slots__ = ("scope", "headers", "params", "body", "org", "key_hash")
 
     def __init__(self, scope, params) -> None:
         self.scope = scope
         self.headers = dict(scope["headers"])
         self.params = params
         self.body = b""
+        self.org: uuid.UUID | None = None  # the caller's organization, once checked
+        self.key_hash: bytes = b""
 
     def header(self, name: bytes) -> str | None:
         v = self.headers.get(name)
@@ -28,9 +31,20 @@ class Request:
 
 
 class Response:
-    __slots__ = ("status", "body", "headers")
+    __slots__ = ("status", "body", "headers", "content_type")
 
-    def __init__(self, status: int, body, headers: list | None = None) -> None:
+    def __init__(self, status: int, body, headers: list | None = None,
+                 content_type: bytes = b"application/json") -> None:
         self.status = status
-        self.body = body if isinstance(body, bytes) else encoder.encode(body)
+        self.body = body if isinstance(body, bytes) else _encode(body)
         self.headers = headers or []
+        self.content_type = content_type
+
+
+def _encode(body) -> bytes:
+    try:
+        return encoder.encode(body)
+    except UnicodeEncodeError:
+        # A message quoting the client's own text with a lone surrogate in it
+        # (msgspec refuses to encode those): \\udXXX escapes instead of a 500.
+        return json.dumps(body, ensure_ascii=True).encode()

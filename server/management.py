@@ -5,26 +5,35 @@ from __future__ import annotations
 
 import time
 import uuid
-from typing import Annotated
-
-import msgspec
-from msgspec import Meta
 
 from ..pollers.base import ReaderError
 from ..pollers.readers import outer_timeout, probe_reader, reader_for
 
 from . import sources, store
 from .auth import verify_token
+from .errors import Unauthorized
 from .http import Request, Response
+from .wire import MachineCreate, SourceCreate, SourcePatch
+
+_known_orgs: dict[uuid.UUID, float] = {}  # organization -> until (monotonic)
+ORG_CACHE_SECONDS = 5.0
 
 
-class MachineCreate(msgspec.Struct, forbid_unknown_fields=True):
-    machine_identifier: Annotated[str, Meta(min_length=1, max_length=200)]
-    name: Annotated[str, Meta(min_length=1, max_length=200)] | None = None
-
-
-def _org(app, req: Request) -> uuid.UUID:
-    return verify_token(app.rt.jwt_secret, req.header(b"authorization"))
+async def authorize(app, req: Request) -> uuid.UUID:
+    """The organization of the request's bearer token (checked before the
+    body is read); 401 when the token is invalid or names an organization
+    that does not exist (any more)."""
+    org = verify_token(app.rt.jwt_secret, req.header(b"authorization"))
+    now = time.monotonic()
+    if _known_orgs.get(org, 0.0) > now:
+        return org
+    if not await app.rt.pool.fetchval("SELECT 1 FROM organizations WHERE id = $1", org):
+        raise Unauthorized(f"the token's organization {org} does not exist (deleted?); issue a "
+                           "new token with `haltless token create`")
+    if len(_known_orgs) > 10_000:
+        _known_orgs.clear()
+    _known_orgs[org] = now + ORG_CACHE_SECONDS
+    return org
 
 
 def _machine_json(r) -> dict:
@@ -35,7 +44,7 @@ def _machine_json(r) -> dict:
 # ------------------------------------------------------------------ machines
 
 async def create_machine(app, req: Request) -> Response:
-    org = _org(app, req)
+    org = req.org
     body = sources.decode_body(req.body, MachineCreate)
     async with app.rt.pool.acquire() as conn:
         row = await store.create_machine(conn, org, body.machine_identifier, body.name)
@@ -44,14 +53,14 @@ async def create_machine(app, req: Request) -> Response:
 
 
 async def list_machines(app, req: Request) -> Response:
-    org = _org(app, req)
+    org = req.org
     async with app.rt.pool.acquire() as conn:
         rows = await store.list_machines(conn, org)
     return Response(200, [_machine_json(r) for r in rows])
 
 
 async def get_machine(app, req: Request) -> Response:
-    org = _org(app, req)
+    org = req.org
     mid = req.uuid_param("id", "machine")
     async with app.rt.pool.acquire() as conn:
         return Response(200, _machine_json(await store.get_machine(conn, org, mid)))
@@ -60,8 +69,8 @@ async def get_machine(app, req: Request) -> Response:
 # ------------------------------------------------------------------ ingest sources
 
 async def create_source(app, req: Request) -> Response:
-    org = _org(app, req)
-    body = sources.decode_body(req.body, sources.SourceCreate)
+    org = req.org
+    body = sources.decode_body(req.body, SourceCreate)
     async with app.rt.pool.acquire() as conn:
         out = await sources.create(conn, org, body, app.rt.box,
                                    app.rt.policy)
@@ -69,22 +78,22 @@ async def create_source(app, req: Request) -> Response:
 
 
 async def list_sources(app, req: Request) -> Response:
-    org = _org(app, req)
+    org = req.org
     async with app.rt.pool.acquire() as conn:
         return Response(200, await sources.list_all(conn, org))
 
 
 async def get_source(app, req: Request) -> Response:
-    org = _org(app, req)
+    org = req.org
     sid = req.uuid_param("id", "ingest source")
     async with app.rt.pool.acquire() as conn:
         return Response(200, sources.to_json(await sources.get_row(conn, org, sid)))
 
 
 async def patch_source(app, req: Request) -> Response:
-    org = _org(app, req)
+    org = req.org
     sid = req.uuid_param("id", "ingest source")
-    body = sources.decode_body(req.body, sources.SourcePatch)
+    body = sources.decode_body(req.body, SourcePatch)
     async with app.rt.pool.acquire() as conn:
         out = await sources.patch(conn, org, sid, body, app.rt.box,
                                   app.rt.policy)
@@ -92,7 +101,7 @@ async def patch_source(app, req: Request) -> Response:
 
 
 async def delete_source(app, req: Request) -> Response:
-    org = _org(app, req)
+    org = req.org
     sid = req.uuid_param("id", "ingest source")
     async with app.rt.pool.acquire() as conn:
         await sources.delete(conn, org, sid)
@@ -101,7 +110,7 @@ async def delete_source(app, req: Request) -> Response:
 
 async def test_connection(app, req: Request) -> Response:
     """Connect and read the configured points once: {success, message, latency_ms}."""
-    org = _org(app, req)
+    org = req.org
     sid = req.uuid_param("id", "ingest source")
     async with app.rt.pool.acquire() as conn:
         source = sources.stored(await sources.get_row(conn, org, sid), app.rt.box)
@@ -119,13 +128,13 @@ async def test_connection(app, req: Request) -> Response:
 
 LIMIT = 1024 * 1024
 ROUTES = [
-    ("POST", "/api/v1/machines", create_machine, LIMIT),
-    ("GET", "/api/v1/machines", list_machines, 0),
-    ("GET", "/api/v1/machines/{id}", get_machine, 0),
-    ("POST", "/api/v1/ingest-sources", create_source, LIMIT),
-    ("GET", "/api/v1/ingest-sources", list_sources, 0),
-    ("GET", "/api/v1/ingest-sources/{id}", get_source, 0),
-    ("PATCH", "/api/v1/ingest-sources/{id}", patch_source, LIMIT),
-    ("DELETE", "/api/v1/ingest-sources/{id}", delete_source, 0),
-    ("POST", "/api/v1/ingest-sources/{id}/test-connection", test_connection, LIMIT),
+    ("POST", "/api/v1/machines", create_machine, LIMIT, "jwt"),
+    ("GET", "/api/v1/machines", list_machines, 0, "jwt"),
+    ("GET", "/api/v1/machines/{id}", get_machine, 0, "jwt"),
+    ("POST", "/api/v1/ingest-sources", create_source, LIMIT, "jwt"),
+    ("GET", "/api/v1/ingest-sources", list_sources, 0, "jwt"),
+    ("GET", "/api/v1/ingest-sources/{id}", get_source, 0, "jwt"),
+    ("PATCH", "/api/v1/ingest-sources/{id}", patch_source, LIMIT, "jwt"),
+    ("DELETE", "/api/v1/ingest-sources/{id}", delete_source, 0, "jwt"),
+    ("POST", "/api/v1/ingest-sources/{id}/test-connection", test_connection, LIMIT, "jwt"),
 ]

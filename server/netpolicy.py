@@ -4,8 +4,10 @@ Direct ingestion makes the server open connections to hosts its users name,
 so a user could aim it at the server's own services or a cloud metadata
 endpoint. By default every address is allowed except loopback, link-local
 (which includes 169.254.169.254, the usual cloud metadata address),
-unspecified, multicast and reserved ones, and the known metadata names and
-addresses. HALTLESS_POLL_ALLOW (comma-separated CIDRs) replaces that: only
+unspecified, multicast and reserved ones, the known metadata names and
+addresses, and the addresses of this host's own interfaces (a user must not
+reach services that listen on them, such as the embedded PostgreSQL or the
+server itself, through the host's LAN address). HALTLESS_POLL_ALLOW (comma-separated CIDRs) replaces that: only
 addresses inside those networks are allowed. The check runs when a source is
 created or changed, and again before every connection (a name may resolve
 differently later).
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import ipaddress
 import socket
+import time
 
 from .errors import HaltlessError
 
@@ -30,9 +33,48 @@ class TargetRefused(HaltlessError):
     """The address policy refuses this host; str() says why and how to allow it."""
 
 
+def own_addresses() -> set:
+    """The addresses of this host's interfaces."""
+    import psutil
+    out = set()
+    for addrs in psutil.net_if_addrs().values():
+        for a in addrs:
+            if a.family in (socket.AF_INET, socket.AF_INET6):
+                try:
+                    out.add(ipaddress.ip_address(a.address.split("%")[0]))
+                except ValueError:
+                    pass
+    return out
+
+
+def check_host_name(host: str) -> None:
+    """A host name's syntax (DNS labels of 1-63 characters, 253 in all), so a
+    bad one is refused by name instead of failing in the resolver."""
+    name = host.rstrip(".")
+    if not name or len(name) > 253 or "\x00" in name:
+        raise TargetRefused(f"{host[:80]!r} is not a valid host name (1-253 characters)")
+    for label in name.split("."):
+        if not label:
+            raise TargetRefused(f"{host[:80]!r} is not a valid host name: it has an empty label "
+                                "(two dots in a row, or a leading dot)")
+        if len(label) > 63:
+            raise TargetRefused(f"{host[:80]!r} is not a valid host name: the label "
+                                f"{label[:20]!r}... is {len(label)} characters long; DNS allows 63")
+
+
 class AddressPolicy:
+    OWN_TTL = 60.0  # seconds the host's interface addresses are cached
+
     def __init__(self, allow: tuple | list | None = None) -> None:
         self.allow = list(allow) if allow is not None else None
+        self._own: tuple[float, set] = (0.0, set())
+
+    def _is_own(self, ip) -> bool:
+        until, own = self._own
+        if time.monotonic() > until:
+            own = own_addresses()
+            self._own = (time.monotonic() + self.OWN_TTL, own)
+        return ip in own
 
     def check_ip(self, ip: ipaddress._BaseAddress, host: str) -> None:
         if self.allow is not None:
@@ -50,6 +92,8 @@ class AddressPolicy:
             why = "a link-local address"
         elif ip.is_unspecified or ip.is_multicast or ip.is_reserved:
             why = "not a unicast device address"
+        elif self._is_own(ip):
+            why = "an address of this server's own host"
         if why:
             raise TargetRefused(
                 f"{host} ({ip}) is {why}; direct ingestion refuses it by default. "
@@ -63,10 +107,13 @@ class AddressPolicy:
             ip = ipaddress.ip_address(host.strip("[]"))
             addrs = [ip]
         except ValueError:
+            check_host_name(host)
             try:
                 infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
             except socket.gaierror as exc:
                 raise TargetRefused(f"cannot resolve {host!r}: {exc.strerror}") from None
+            except (UnicodeError, ValueError) as exc:  # IDNA: a label the codec refuses
+                raise TargetRefused(f"{host[:80]!r} is not a valid host name ({exc})") from None
             addrs = []
             for info in infos:
                 a = ipaddress.ip_address(info[4][0].split("%")[0])

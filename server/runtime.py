@@ -46,8 +46,9 @@ class Runtime:
     """The shared state of one process; ``await Runtime(s).start()``, then
     ``await rt.close()``."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, writer_class=GroupCommitWriter) -> None:
         self.settings = settings
+        self.writer_class = writer_class
         self.pool = None
         self.writer: GroupCommitWriter | None = None
         self.ingestor: Ingestor | None = None
@@ -68,7 +69,7 @@ class Runtime:
         if s.prepared == "embedded":
             data_dir = s.data_dir
             alive = lambda: db.embedded_alive(data_dir)  # noqa: E731
-        self.writer = GroupCommitWriter(self.pool, s.writer_connections,
+        self.writer = self.writer_class(self.pool, s.writer_connections,
                                         timeout=s.db_timeout * 6, alive=alive)
         self.ingestor = Ingestor(self.pool, self.writer,
                                  Catalog(negative_ttl=s.auth_cache_seconds), s.retention_days)

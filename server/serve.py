@@ -8,29 +8,50 @@ granian's main process as a child in its own process group and supervises it:
   is still running ``STOP_GRACE`` seconds later (say, workers still starting,
   when granian defers the signal) is killed with the whole group, so the
   server stops within seconds at any moment;
-* if granian's main process dies, its workers are killed too, and the exit
-  code says so;
+* if granian's main process exits on its own, its workers are killed and
+  granian is started again (the embedded PostgreSQL, held by this process,
+  stays up): granian respawns a worker that dies (``respawn_failed_workers``)
+  while the others keep serving, but gives up and exits when one worker dies
+  twice within about 5 s ("crash loop"); a dead worker must never take the
+  service down. Only a granian that keeps failing at start (5 times in a row,
+  each within ``STARTUP_FAILURE`` seconds) ends ``haltless serve``;
 * the child gets the prepared settings through its environment
-  (``Settings.to_env``) and dies with this process (``PR_SET_PDEATHSIG``).
+  (``Settings.to_env``) and dies with this process (``PR_SET_PDEATHSIG``);
+* the workers share a private run dir (0700, removed at exit): the
+  Prometheus multiprocess files (``PROMETHEUS_MULTIPROC_DIR``, set before any
+  worker starts) and the rate-limit buckets.
 
-granian respawns a worker that dies (``respawn_failed_workers``) while the
-others keep serving.
+Connections: HTTP/1.1 only, so that hyper times out a connection that sends
+no (or half its) request headers within ``HALTLESS_HEADER_TIMEOUT`` (in the
+auto mode, a connection that sends nothing is never timed out); request
+bodies are timed out by the app (``server/bodies.py``). Each worker takes up
+to ``HALTLESS_MAX_CONNECTIONS`` connections (granian's backpressure; by
+default it was backlog/workers = 1,024, so ~2,100 idle connections on 2
+workers held every slot and every request waited), and the open-files limit
+is raised to its hard limit to allow them.
 """
 from __future__ import annotations
 
 import errno
 import os
+import resource
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
+from pathlib import Path
 
 from .config import Settings
 from .errors import ConfigError
 
 STOP_GRACE = 8.0  # seconds between the forwarded SIGTERM and SIGKILL of the group
 WORKER_KILL_TIMEOUT = 5  # granian: seconds a worker may take to stop gracefully
+STARTUP_FAILURE = 10.0  # granian exiting sooner than this after its start is a failed start
+MAX_FAILED_STARTS = 5
+BACKLOG = 4096  # the kernel's accept queue (capped by net.core.somaxconn)
 
 
 def check_port(host: str, port: int) -> None:
@@ -62,36 +83,72 @@ def check_port(host: str, port: int) -> None:
 
 
 def supervise(settings: Settings, access_log: bool = False) -> int:
-    """Run granian until it exits or we are told to stop; its exit code."""
-    env = {**os.environ, **settings.to_env()}
+    """Run granian until we are told to stop (0), restarting it when it
+    exits on its own; its exit code when it keeps failing at start."""
+    run_dir = Path(tempfile.mkdtemp(prefix="haltless-run-"))  # 0700
+    (run_dir / "metrics").mkdir()
+    env = {**os.environ, **settings.but(run_dir=run_dir).to_env(),
+           "PROMETHEUS_MULTIPROC_DIR": str(run_dir / "metrics")}
     argv = [sys.executable, "-m", "haltless.server.serve"] + (["--access-log"] if access_log else [])
-    child = subprocess.Popen(argv, env=env, start_new_session=True, preexec_fn=_die_with_parent)
+    _raise_open_files_limit()
     deadline = None
+    child = None
 
     def stop(signum, frame):
         nonlocal deadline
         if deadline is None:
             deadline = time.monotonic() + STOP_GRACE
-            _signal_group(child.pid, signal.SIGTERM)
+            if child is not None:
+                _signal_group(child.pid, signal.SIGTERM)
 
     old = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGINT)}
+    failed_starts = 0
     try:
-        while child.poll() is None:
-            if deadline is not None and time.monotonic() > deadline:
-                print("haltless: the server did not stop in time; killing it", file=sys.stderr,
-                      flush=True)
-                _signal_group(child.pid, signal.SIGKILL)
-                child.wait()
-                break
-            time.sleep(0.1)
+        while True:
+            started = time.monotonic()
+            child = subprocess.Popen(argv, env=env, start_new_session=True,
+                                     preexec_fn=_die_with_parent)
+            if deadline is not None:  # told to stop while starting it
+                _signal_group(child.pid, signal.SIGTERM)
+            while child.poll() is None:
+                if deadline is not None and time.monotonic() > deadline:
+                    print("haltless: the server did not stop in time; killing it",
+                          file=sys.stderr, flush=True)
+                    _signal_group(child.pid, signal.SIGKILL)
+                    child.wait()
+                    break
+                time.sleep(0.1)
+            _signal_group(child.pid, signal.SIGKILL)  # no worker outlives its granian
+            if deadline is not None:
+                return 0
+            failed_starts = failed_starts + 1 if time.monotonic() - started < STARTUP_FAILURE else 0
+            if failed_starts >= MAX_FAILED_STARTS:
+                print(f"haltless: the server exited with code {child.returncode} "
+                      f"{failed_starts} times in a row right after starting; giving up",
+                      file=sys.stderr, flush=True)
+                return child.returncode or 1
+            print(f"haltless: granian exited with code {child.returncode} (a worker died "
+                  "repeatedly?); starting it again", file=sys.stderr, flush=True)
+            time.sleep(min(8.0, 0.5 * 2 ** failed_starts))
     finally:
         for sig, handler in old.items():
             signal.signal(sig, handler)
-        _signal_group(child.pid, signal.SIGKILL)  # no worker outlives the server
-    if deadline is not None:
-        return 0
-    print(f"haltless: the server exited with code {child.returncode}", file=sys.stderr, flush=True)
-    return child.returncode or 1
+        if child is not None:
+            _signal_group(child.pid, signal.SIGKILL)
+        shutil.rmtree(run_dir, ignore_errors=True)
+
+
+def _raise_open_files_limit() -> None:
+    """Idle connections cost a file descriptor each; the soft limit (often
+    1,024) would refuse connections long before memory or CPU run short."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY:
+        hard = 1 << 20
+    if soft != resource.RLIM_INFINITY and soft < hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        except (ValueError, OSError):
+            pass
 
 
 def _signal_group(pgid: int, sig: int) -> None:
@@ -111,8 +168,10 @@ def _die_with_parent() -> None:
 
 def run_granian(settings: Settings, access_log: bool) -> None:
     from granian import Granian
-    from granian.constants import Interfaces, Loops
+    from granian.constants import HTTPModes, Interfaces, Loops
+    from granian.http import HTTP1Settings
 
+    _raise_open_files_limit()
     Granian(
         "haltless.server.app:app",
         address=settings.host,
@@ -121,7 +180,10 @@ def run_granian(settings: Settings, access_log: bool) -> None:
         workers=settings.workers,
         loop=Loops.uvloop,
         log_access=access_log,
-        backlog=2048,
+        http=HTTPModes.http1,
+        http1_settings=HTTP1Settings(header_read_timeout=int(settings.header_timeout * 1000)),
+        backlog=BACKLOG,
+        backpressure=settings.max_connections,
         respawn_failed_workers=True,
         workers_kill_timeout=WORKER_KILL_TIMEOUT,
     ).serve()

@@ -5,11 +5,11 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import uuid
-from typing import Annotated, Any, Literal, NamedTuple
+from typing import Any, NamedTuple
 
 import asyncpg
 import msgspec
-from msgspec import UNSET, Meta, UnsetType
+from msgspec import UNSET
 
 from ..pollers.modbus import ModbusConfig, validate_modbus_config
 from ..pollers.opcua import OpcuaConfig, validate_opcua_config
@@ -17,46 +17,66 @@ from ..pollers.opcua import OpcuaConfig, validate_opcua_config
 from .errors import NotFound, Unprocessable
 from .netpolicy import AddressPolicy, TargetRefused
 from .secretbox import SecretBox
-from .wire import describe_validation_error
+from .wire import SourceCreate, SourcePatch, describe_validation_error
 
-Protocol = Literal["opcua", "modbus"]
 SECRET_FIELDS = {"opcua": ("password",), "modbus": ()}
 CONFIG_TYPES = {"opcua": OpcuaConfig, "modbus": ModbusConfig}
 VALIDATORS = {"opcua": validate_opcua_config, "modbus": validate_modbus_config}
 
 
-class SourceCreate(msgspec.Struct, forbid_unknown_fields=True):
-    machine_id: uuid.UUID
-    name: Annotated[str, Meta(min_length=1, max_length=200)]
-    protocol: Protocol
-    host: Annotated[str, Meta(min_length=1, max_length=253)]
-    port: Annotated[int, Meta(ge=1, le=65535)]
-    poll_interval_seconds: Annotated[int, Meta(ge=1, le=86400)]
-    config: dict[str, Any]
-    is_active: bool = True
-
-
-class SourcePatch(msgspec.Struct, forbid_unknown_fields=True):
-    machine_id: uuid.UUID | UnsetType = UNSET
-    name: Annotated[str, Meta(min_length=1, max_length=200)] | UnsetType = UNSET
-    host: Annotated[str, Meta(min_length=1, max_length=253)] | UnsetType = UNSET
-    port: Annotated[int, Meta(ge=1, le=65535)] | UnsetType = UNSET
-    poll_interval_seconds: Annotated[int, Meta(ge=1, le=86400)] | UnsetType = UNSET
-    config: dict[str, Any] | UnsetType = UNSET
-    is_active: bool | UnsetType = UNSET
-
-
 def decode_body(body: bytes, typ):
-    # The stdlib parser (management bodies are small) keeps NaN, Infinity and
-    # 1e400 as floats, so the field-level check can name the field they are in.
+    """The management body as ``typ``; 422 naming the field otherwise. The
+    stdlib parser (management bodies are small) keeps NaN, Infinity, 1e400
+    and integers of more than 4,300 digits as floats, so the field-level
+    check names the field they are in; strings PostgreSQL cannot store (NUL,
+    lone surrogates, bytes that are not UTF-8) are refused by path."""
     try:
-        doc = json.loads(body)
-    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
+        doc = _json.decode(body.decode("utf-8", "surrogateescape"))
+    except json.JSONDecodeError as exc:
         raise Unprocessable(f"request body is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise Unprocessable("request body is nested too deeply") from None
+    try:
+        _check_text(doc, "")
+    except RecursionError:
+        raise Unprocessable("request body is nested too deeply") from None
     try:
         return msgspec.convert(doc, typ)
     except msgspec.ValidationError as exc:
         raise Unprocessable(describe_validation_error(exc)) from None
+
+
+def _parse_int(digits: str):
+    return int(digits) if len(digits) <= 4300 else float(digits)
+
+
+_json = json.JSONDecoder(parse_int=_parse_int)
+
+
+def _text_problem(v: str) -> str | None:
+    if "\x00" in v:
+        return "contains a NUL character (\\u0000), which cannot be stored"
+    try:
+        v.encode("utf-8")
+    except UnicodeEncodeError:
+        return "is not valid UTF-8 (invalid bytes, or a lone surrogate such as \\ud800)"
+    return None
+
+
+def _check_text(v, path: str) -> None:
+    if isinstance(v, str):
+        why = _text_problem(v)
+        if why:
+            raise Unprocessable(f"{path or 'body'}: {why}")
+    elif isinstance(v, dict):
+        for k, item in v.items():
+            why = _text_problem(k)
+            if why:
+                raise Unprocessable(f"{path or 'body'}: a property name {why}")
+            _check_text(item, f"{path}.{k}" if path else k)
+    elif isinstance(v, list):
+        for i, item in enumerate(v):
+            _check_text(item, f"{path}[{i}]")
 
 
 def check_config(protocol: str, config: dict):

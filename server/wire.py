@@ -1,17 +1,22 @@
 """Every shape that crosses the wire, as msgspec Structs, with the decoders
-and encoders built once at import (msgspec perf tips: reuse them).
+and encoders built once at import (msgspec perf tips: reuse them). The
+OpenAPI document (``server/openapi.py``) is generated from these types.
 
 The ingest body follows the public contract ("HTTP Push"): readings with
 machine_identifier, timestamp, metric_name, value, and optional unit and
 raw_tag. Bounds keep one request from pinning unbounded memory in caches.
+The management bodies and answers follow "Direct ingestion"; a source's
+``config`` is the protocol's config type (``pollers/modbus.py``,
+``pollers/opcua.py``), checked after the protocol is known.
 """
 from __future__ import annotations
 
 import datetime as _dt
-from typing import Annotated
+import uuid
+from typing import Annotated, Any, Literal
 
 import msgspec
-from msgspec import Meta
+from msgspec import UNSET, Meta, UnsetType
 
 MAX_READINGS = 1000
 MAX_BODY_BYTES = 10 * 1024 * 1024
@@ -32,7 +37,7 @@ class Reading(msgspec.Struct, gc=False):
 
 
 class IngestBatch(msgspec.Struct, gc=False):
-    readings: list[Reading]
+    readings: Annotated[list[Reading], Meta(max_length=MAX_READINGS)]
 
 
 class ReadingError(msgspec.Struct, gc=False):
@@ -49,6 +54,81 @@ class IngestResult(msgspec.Struct, gc=False):
 
 class ErrorBody(msgspec.Struct):
     detail: str
+
+
+# ------------------------------------------------------------------ management
+
+Protocol = Literal["opcua", "modbus"]
+Text200 = Annotated[str, Meta(min_length=1, max_length=200)]
+Host = Annotated[str, Meta(min_length=1, max_length=253)]
+Port = Annotated[int, Meta(ge=1, le=65535)]
+PollInterval = Annotated[int, Meta(ge=1, le=86400)]
+
+
+class MachineCreate(msgspec.Struct, forbid_unknown_fields=True):
+    machine_identifier: Text200
+    name: Text200 | None = None
+
+
+class Machine(msgspec.Struct):
+    id: uuid.UUID
+    machine_identifier: str
+    name: str | None
+    created_at: _dt.datetime
+
+
+class SourceCreate(msgspec.Struct, forbid_unknown_fields=True):
+    machine_id: uuid.UUID
+    name: Text200
+    protocol: Protocol
+    host: Host
+    port: Port
+    poll_interval_seconds: PollInterval
+    config: dict[str, Any]
+    is_active: bool = True
+
+
+class SourcePatch(msgspec.Struct, forbid_unknown_fields=True):
+    machine_id: uuid.UUID | UnsetType = UNSET
+    name: Text200 | UnsetType = UNSET
+    host: Host | UnsetType = UNSET
+    port: Port | UnsetType = UNSET
+    poll_interval_seconds: PollInterval | UnsetType = UNSET
+    config: dict[str, Any] | UnsetType = UNSET
+    is_active: bool | UnsetType = UNSET
+
+
+class SourceStatus(msgspec.Struct):
+    last_poll_at: _dt.datetime | None
+    last_success_at: _dt.datetime | None
+    last_error: str | None
+    last_error_at: _dt.datetime | None
+    readings_written: int
+    points_failed: int
+    polls_missed: int
+    polled_by: str | None
+    server_certificate_sha256: str | None
+
+
+class Source(msgspec.Struct):
+    id: uuid.UUID
+    machine_id: uuid.UUID
+    name: str
+    protocol: Protocol
+    host: str
+    port: int
+    poll_interval_seconds: int
+    is_active: bool
+    config: dict[str, Any]
+    created_at: _dt.datetime
+    updated_at: _dt.datetime
+    status: SourceStatus
+
+
+class TestConnectionResult(msgspec.Struct):
+    success: bool
+    message: str
+    latency_ms: int
 
 
 batch_decoder = msgspec.json.Decoder(IngestBatch)

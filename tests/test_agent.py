@@ -227,6 +227,15 @@ class AgentProcess:
         return self.log_path.read_text(errors="replace")
 
 
+def agent_queue(tmp_path) -> tuple[int, float]:
+    """(queued readings, oldest queued age) from the agent's metrics textfile."""
+    prom = (tmp_path / "state" / "metrics.prom").read_text()
+    queued = int(re.search(r"^haltless_agent_queue_readings (\d+)$", prom, re.M).group(1))
+    age = float(re.search(r"^haltless_agent_oldest_queued_reading_age_seconds (\S+)$",
+                          prom, re.M).group(1))
+    return queued, age
+
+
 def spooled_total(tmp_path) -> int:
     """Readings the agent ever queued: AUTOINCREMENT ids are never reused."""
     db = sqlite3.connect(tmp_path / "state" / "queue.db")
@@ -267,13 +276,23 @@ def test_agent_survives_a_server_outage_and_delivers_every_reading_once(pg_dsn, 
             srv.stop()
             time.sleep(3)  # readings pile up on disk meanwhile
             assert spooled_total(tmp_path)[1] > 0
+            queued, age = agent_queue(tmp_path)  # from the agent's own metrics textfile
+            assert queued > 0 and age > 0
             srv.start(tmp_path / "server.log")
             time.sleep(4)
+            deadline = time.monotonic() + 20
+            while agent_queue(tmp_path)[0] and time.monotonic() < deadline:
+                time.sleep(0.5)
         finally:
             agent.stop()
             srv.stop()
     log = agent.log()
     assert "send failed" in log and "retrying" in log
+    prom = (tmp_path / "state" / "metrics.prom").read_text()
+    assert re.search(r"^haltless_agent_queue_readings 0$", prom, re.M), prom
+    assert re.search(r"^haltless_agent_oldest_queued_reading_age_seconds 0", prom, re.M), prom
+    sent = int(re.search(r"^haltless_agent_readings_sent_total (\d+)$", prom, re.M).group(1))
+    assert sent >= 10
     assert re.search(r"status: read \d+, sent \d+, rejected 0, queued 0", log), log[-2000:]
     assert_exactly_once(pg_dsn, t, tmp_path)
     v = fetch(pg_dsn, "SELECT DISTINCT value, unit, raw_tag FROM readings WHERE org_id = $1"

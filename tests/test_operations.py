@@ -2,10 +2,15 @@
 process of one data dir, and recovery when the database goes away."""
 from __future__ import annotations
 
+import asyncio
+import errno
+import json
 import os
+import re
 import subprocess
 import time
 import uuid
+from pathlib import Path
 
 import asyncpg
 import jwt
@@ -165,8 +170,10 @@ def test_embedded_postgres_is_shared_by_server_and_cli_and_outages_answer_503(pu
         assert post(srv, key, body).json()["accepted_count"] == 1
 
         _pg_ctl(pgdata, "-w", "stop", "-m", "fast")
-        r = post(srv, key, body)
-        assert r.status_code == 503 and r.headers["retry-after"] == "5"
+        mark = len(srv.log())
+        for _ in range(30):
+            r = post(srv, key, body)
+            assert r.status_code == 503 and r.headers["retry-after"] == "5"
         assert "nothing was stored" in r.json()["detail"]
         assert requests.get(srv.url + "/readyz", timeout=10).status_code == 503
         assert requests.get(srv.url + "/healthz", timeout=10).status_code == 200
@@ -179,8 +186,110 @@ def test_embedded_postgres_is_shared_by_server_and_cli_and_outages_answer_503(pu
                 break
             time.sleep(0.2)
         assert r.json() == {"accepted_count": 1, "rejected_count": 0, "errors": []}
+        # The outage is logged as a change of state, twice, not once per request.
+        lines = [ln for ln in srv.log()[mark:].splitlines() if "WARNING" in ln or "ERROR" in ln]
+        assert len(lines) == 2, lines
+        assert "database unavailable" in lines[0] and "requests were answered 503" in lines[1]
         assert _postmasters(pgdata)[0].pid != pid
         assert fetchval(dsn, "SELECT count(*) FROM readings") == 2  # the 503'd one was not stored
     finally:
         srv.stop()
         db.stop_embedded(data)
+
+
+@pytest.mark.parametrize("long_path", [False, True], ids=["short-path", "long-path"])
+def test_another_local_user_cannot_connect_to_the_embedded_postgres(public_tmp, long_path):
+    """With a data-dir path too long for a socket, embedded-postgres puts the
+    socket in a shared runtime folder (mode 0777) and trusts local
+    connections: any local user connected as superuser. A child process that
+    becomes `nobody` must be refused whatever the path."""
+    import pwd
+    if os.geteuid() != 0:
+        pytest.skip("needs root to become another user (setuid)")
+    nobody = pwd.getpwnam("nobody").pw_uid
+    data = public_tmp / ("d" * 60 if long_path else "d") / ("e" * 60 if long_path else "e")
+    data.mkdir(parents=True)
+    for p in (data.parent, data):
+        p.chmod(0o755)
+    dsn = db.start_embedded(data)
+    try:
+        sock_dir = re.search(r"host=([^&]+)", dsn).group(1)
+        assert (Path(sock_dir) == (data / "pg").resolve()) is (not long_path), sock_dir
+        assert fetchval(dsn, "SELECT 1") == 1  # we (root) still can
+        pid = os.fork()
+        if pid == 0:  # the other local user
+            code = 3
+            try:
+                os.setgid(nobody)
+                os.setuid(nobody)
+
+                async def attempt():
+                    c = await asyncpg.connect(dsn, timeout=5)
+                    await c.close()
+                try:
+                    asyncio.run(attempt())
+                    code = 1  # connected: the hole
+                except (PermissionError, asyncpg.InvalidAuthorizationSpecificationError,
+                        asyncpg.InvalidPasswordError):
+                    code = 0
+                except OSError as exc:
+                    code = 0 if exc.errno in (errno.EACCES, errno.EPERM) else 2
+            finally:
+                os._exit(code)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0, "another local user connected"
+    finally:
+        db.stop_embedded(data)
+
+
+@pytest.mark.slow
+def test_kill_9_of_the_postmaster_under_load_gives_503s_never_a_500(public_tmp, tmp_path):
+    """asyncpg raises several kinds of errors while its server dies under it
+    (InternalClientError among them); every request in flight or arriving
+    gets 503 with Retry-After, and the server serves again once PostgreSQL
+    is back."""
+    import threading
+    data = public_tmp / "data"
+    env = {"HALTLESS_DATABASE_URL": None, "HALTLESS_DATA_DIR": str(data)}
+    srv = ServerProcess({"HALTLESS_AUTH_CACHE_SECONDS": "60"}, workers=2, data_dir=data)
+    srv.env.pop("HALTLESS_DATABASE_URL", None)
+    srv.start(tmp_path / "server.log")
+    statuses: dict = {}
+    stop = threading.Event()
+
+    def load():
+        s = requests.Session()
+        body = json.dumps({"readings": [reading(metric=f"m{i}") for i in range(200)]})
+        while not stop.is_set():
+            try:
+                r = s.post(srv.url + "/api/v1/ingest", data=body, timeout=30,
+                           headers={"X-API-Key": key, "Content-Type": "application/json"})
+                statuses[r.status_code] = statuses.get(r.status_code, 0) + 1
+            except requests.RequestException as exc:
+                statuses[type(exc).__name__] = statuses.get(type(exc).__name__, 0) + 1
+    try:
+        pgdata = (data / "pg").resolve()
+        haltless("machines", "add", "CNC-001", env=env)
+        key = haltless("keys", "create", env=env).stdout.strip()
+        threads = [threading.Thread(target=load) for _ in range(4)]
+        for t in threads:
+            t.start()
+        time.sleep(2)
+        _postmasters(pgdata)[0].kill()
+        time.sleep(4)
+        down = statuses.get(207, 0)
+        db.start_embedded(data)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and statuses.get(207, 0) < down + 20:
+            time.sleep(0.2)
+        stop.set()
+        for t in threads:
+            t.join(30)
+    finally:
+        stop.set()
+        srv.stop()
+        db.stop_embedded(data)
+    assert statuses.get(503, 0) > 0, statuses  # the outage was seen
+    assert set(statuses) <= {207, 503}, statuses
+    assert statuses[207] >= down + 20, statuses  # and served again after it
+    assert "Traceback" not in srv.log() and "unhandled" not in srv.log(), srv.log()[-4000:]

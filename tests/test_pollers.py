@@ -130,29 +130,48 @@ def test_a_device_that_goes_away_and_comes_back_is_reported_then_read_again(serv
         peer.close()
 
 
-def test_two_poller_processes_share_sources_and_survive_a_kill(server, api, pg_dsn, tmp_path):
+@pytest.mark.slow
+def test_two_poller_processes_share_sources_hand_them_over_and_survive_a_kill(server, api, pg_dsn,
+                                                                             tmp_path):
+    """"None is polled twice": every handover (a second process starting and
+    taking half, it stopping and giving them back, a kill) keeps each source's
+    polls at least half an interval apart. A handover used to poll a source
+    again at a random moment of the new owner's first second, which failed
+    about 2% of handovers; 30 sources handed over 5 times each way (300
+    handovers) caught it in every run."""
     from conftest import make_tenant
-    t = make_tenant(pg_dsn, machines=[f"M{i}" for i in range(6)])
+    n, cycles = 30, 5
+    t = make_tenant(pg_dsn, machines=[f"M{i}" for i in range(n)])
     api = Api(server, server.token(t.org_id))
     with ModbusPeer([device(1, {100: 1})]) as peer:
         ids = []
-        for i in range(6):
+        for i in range(n):
             body = {**MODBUS_BODY, "name": f"s{i}", "machine_id": str(t.machines[f"M{i}"]),
                     "port": peer.port, "poll_interval_seconds": 1}
             ids.append(uuid.UUID(api.post("/api/v1/ingest-sources", body).json()["id"]))
+
+        def owners():
+            return {r[0]: r[1] for r in fetch(
+                pg_dsn, "SELECT id, lease_owner FROM ingest_sources WHERE id = ANY($1::uuid[])", ids)}
+
+        def owned_by(pollers):
+            return [o for o in owners().values() if o and o.split(":")[1] == str(pollers.proc.pid)]
+
         a = Pollers(server, tmp_path / "a.log")
-        b = Pollers(server, tmp_path / "b.log")
+        b = None
         try:
-            def owners():
-                return {r[0]: r[1] for r in fetch(
-                    pg_dsn, "SELECT id, lease_owner FROM ingest_sources WHERE id = ANY($1::uuid[])", ids)}
-            wait_for(lambda: len(set(owners().values()) - {None}) == 2
-                     and None not in owners().values(), what="both processes polling")
-            by = {}
-            for sid, o in owners().items():
-                by.setdefault(o, []).append(sid)
-            assert sorted(len(v) for v in by.values()) == [3, 3]
-            a_owner = next(o for o in by if o.split(":")[1] != str(b.proc.pid))
+            wait_for(lambda: len(owned_by(a)) == n, what="the first process polling everything")
+            for cycle in range(cycles):
+                b = Pollers(server, tmp_path / f"b{cycle}.log")
+                wait_for(lambda: len(owned_by(b)) == n // 2 and len(owned_by(a)) == n // 2,
+                         what=f"cycle {cycle}: half handed to the second process")
+                time.sleep(1.5)
+                b.kill(signal.SIGTERM)
+                wait_for(lambda: len(owned_by(a)) == n, what=f"cycle {cycle}: all handed back")
+                time.sleep(1.5)
+            b = Pollers(server, tmp_path / "b.log")
+            wait_for(lambda: len(owned_by(b)) == n // 2, what="both processes polling")
+            a_owner = owned_by(a)[0]
             a.kill(signal.SIGKILL)
             killed_at = time.time()
             wait_for(lambda: a_owner not in owners().values() and None not in owners().values(),
@@ -161,14 +180,18 @@ def test_two_poller_processes_share_sources_and_survive_a_kill(server, api, pg_d
             time.sleep(3)
         finally:
             a.kill()
-            b.kill(signal.SIGTERM)
+            if b is not None:
+                b.kill(signal.SIGTERM)
     assert took < 8, took  # lease 3 s + one tick; "about two poll intervals" at 1 s is 2-4 s
-    for i in range(6):
+    twice = []
+    for i in range(n):
         ts = [r["timestamp"].timestamp() for r in series_rows(pg_dsn, t.machines[f"M{i}"], "temperature")]
         assert ts, f"source {i} never polled"
         gaps = [b - a for a, b in zip(ts, ts[1:])]
-        assert min(gaps) > 0.5, f"source {i} polled twice at once: {gaps}"
+        if min(gaps) <= 0.5:
+            twice.append(f"source {i} polled twice at once: {min(gaps):.3f} s apart")
         assert ts[-1] > killed_at + 1, f"source {i} not polled after the kill"
+    assert not twice, twice
 
 
 def test_a_dead_device_does_not_delay_the_others(server, api, tenant, pg_dsn, tmp_path):
