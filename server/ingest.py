@@ -369,7 +369,9 @@ class Catalog:
                         " WHERE org_id = $1 AND machine_identifier = ANY($2::text[])",
                         org_id, lookup):
                     machines[row[0]] = row[1]
-            todo = [k for k in keys if k[0] in machines]
+            # Sorted: concurrent resolves insert their keys in one order, so
+            # two of them cannot deadlock on each other's unique-index entries.
+            todo = sorted(k for k in keys if k[0] in machines)
             if todo:
                 cols = list(zip(*[(machines[k[0]], k[1], k[2], k[3]) for k in todo]))
                 async with conn.transaction():

@@ -201,7 +201,10 @@ def test_workers_compact_the_closed_slot_by_themselves_one_at_a_time(pg_dsn, fre
     from haltless.server.compact import GRACE, compact_forever
     from haltless.server.ingest import hot_slot
 
-    t = 1_800_000_000.0 + GRACE + 60  # a while after an hour began
+    import time
+    # A while after the current hour began, by a clock that agrees with the
+    # session's server on which slot is being written.
+    t = time.time() // 3600 * 3600 + GRACE + 60
     closed, current = 1 - hot_slot(t), hot_slot(t)
     sid = fetchval(pg_dsn, "INSERT INTO series (machine_id, metric_name) VALUES ($1, 'x')"
                    " RETURNING id", fresh.machines["CNC-001"])
