@@ -12,3 +12,6 @@ def from_pg_arrays(
     ts_bin: bytes | bytearray | memoryview, vals_bin: bytes | bytearray | memoryview
 ) -> tuple[array, array]: ...  # (array('q') of Unix µs, array('d'))
 def sort_by_time(ts: array, vals: array) -> None: ...
+def aggregate(
+    ts: array, vals: array, interval_us: int
+) -> tuple[array, array, array, array, array, array, array]: ...  # starts, count, sum, min, max, first, last
