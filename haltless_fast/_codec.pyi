@@ -15,3 +15,4 @@ def sort_by_time(ts: array, vals: array) -> None: ...
 def aggregate(
     ts: array, vals: array, interval_us: int
 ) -> tuple[array, array, array, array, array, array, array]: ...  # starts, count, sum, min, max, first, last
+def iso_timestamps(ts: array) -> list[str]: ...  # Unix µs -> '2026-11-28T00:45:59.000213Z'

@@ -9,6 +9,7 @@ why the arithmetic below is on uint64_t.
 """
 from cpython cimport array
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize
+from cpython.unicode cimport PyUnicode_DecodeASCII
 from libc.math cimport fabs, rint
 from libc.stdint cimport int16_t, int32_t, int64_t, uint64_t
 from libc.stdlib cimport free, malloc, qsort
@@ -556,6 +557,61 @@ def aggregate(ts, vals, long long interval_us):
                     hi.data.as_doubles[k] = x
             last.data.as_doubles[k] = x
     return starts, count, s, lo, hi, first, last
+
+
+# ------------------------------------------------------------------ ISO 8601
+
+cdef int64_t MIN_US = -62135596800000000  # 0001-01-01T00:00:00Z
+cdef int64_t MAX_US = 253402300799999999  # 9999-12-31T23:59:59.999999Z
+
+
+cdef inline void _digits(char* p, int64_t v, int width) noexcept nogil:
+    cdef int j
+    for j in range(width - 1, -1, -1):
+        p[j] = <char>(48 + v % 10)
+        v //= 10
+
+
+def iso_timestamps(ts):
+    """Unix µs (``array('q')``) as ISO 8601 strings in UTC with six fraction
+    digits and ``Z``: ``2026-11-28T00:45:59.000213Z``."""
+    if type(ts) is not array.array or ts.typecode != "q":
+        raise TypeError("iso_timestamps: ts must be an array('q')")
+    cdef array.array t = ts
+    cdef Py_ssize_t n = len(t), i
+    cdef const int64_t* tp = <int64_t*>t.data.as_longlongs
+    cdef int64_t us, days, secs, z, era, doe, yoe, y, doy, mp, d, m
+    cdef char buf[27]
+    out = [None] * n
+    buf[4] = 45; buf[7] = 45; buf[10] = 84; buf[13] = 58; buf[16] = 58; buf[19] = 46; buf[26] = 90
+    for i in range(n):
+        us = tp[i]
+        if us < MIN_US or us > MAX_US:
+            raise ValueError(f"iso_timestamps: {us} µs is outside the years 1 to 9999")
+        us -= MIN_US  # from 0001-01-01: non-negative, so C division floors
+        days = us // 86400000000 - 719162  # days since 1970-01-01
+        secs = (us // 1000000) % 86400
+        # civil_from_days (H. Hinnant), eras of 400 years from 0000-03-01
+        z = days + 719468
+        era = z // 146097  # z > 0 from year 1 on
+        doe = z - era * 146097
+        yoe = (doe - doe // 1460 + doe // 36524 - doe // 146096) // 365
+        y = yoe + era * 400
+        doy = doe - (365 * yoe + yoe // 4 - yoe // 100)
+        mp = (5 * doy + 2) // 153
+        d = doy - (153 * mp + 2) // 5 + 1
+        m = mp + 3 if mp < 10 else mp - 9
+        if m <= 2:
+            y += 1
+        _digits(buf, y, 4)
+        _digits(buf + 5, m, 2)
+        _digits(buf + 8, d, 2)
+        _digits(buf + 11, secs // 3600, 2)
+        _digits(buf + 14, (secs // 60) % 60, 2)
+        _digits(buf + 17, secs % 60, 2)
+        _digits(buf + 20, us % 1000000, 6)
+        out[i] = PyUnicode_DecodeASCII(buf, 27, NULL)
+    return out
 
 
 # ------------------------------------------------- reading_chunks, as COPY out

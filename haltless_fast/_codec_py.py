@@ -39,6 +39,7 @@ corrupt count cannot make a decoder allocate gigabytes.
 """
 from __future__ import annotations
 
+import datetime as _dt
 import sys
 from array import array
 from itertools import accumulate
@@ -376,6 +377,26 @@ def aggregate(ts: array, vals: array, interval_us: int) -> tuple:
                 hi[-1] = x
             last[-1] = x
     return starts, count, s, lo, hi, first, last
+
+
+# ------------------------------------------------------------------ ISO 8601
+
+_EPOCH = _dt.datetime(1970, 1, 1)
+_MIN_US = -62_135_596_800_000_000  # 0001-01-01T00:00:00Z
+_MAX_US = 253_402_300_799_999_999  # 9999-12-31T23:59:59.999999Z
+
+
+def iso_timestamps(ts: array) -> list[str]:
+    """Unix µs (``array('q')``) as ISO 8601 strings in UTC with six fraction
+    digits and ``Z``: ``2026-11-28T00:45:59.000213Z``."""
+    if type(ts) is not array or ts.typecode != "q":
+        raise TypeError("iso_timestamps: ts must be an array('q')")
+    out = []
+    for us in ts:
+        if not _MIN_US <= us <= _MAX_US:
+            raise ValueError(f"iso_timestamps: {us} µs is outside the years 1 to 9999")
+        out.append((_EPOCH + _dt.timedelta(microseconds=us)).isoformat(timespec="microseconds") + "Z")
+    return out
 
 
 # ------------------------------------------------- reading_chunks, as COPY out

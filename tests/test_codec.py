@@ -363,6 +363,26 @@ def test_aggregate_refuses_unsorted_or_mismatched_input(codec):
         codec.aggregate([1], array("d", [1.0]), 10)
 
 
+# ---------------------------------------------------------------- ISO 8601
+
+def test_iso_timestamps_match_datetime_from_year_1_to_9999(codec):
+    rnd = random.Random(11)
+    epoch = dt.datetime(1970, 1, 1, tzinfo=dt.timezone.utc)
+    lo, hi = -62_135_596_800_000_000, 253_402_300_799_999_999
+    us = [lo, hi, 0, -1, T0, T0 + 213, 951_782_400_000_000, 4_107_542_400_000_000]  # 2000-02-29, 2100-03-01
+    us += [rnd.randint(lo, hi) for _ in range(3000)]
+    want = [(epoch + dt.timedelta(microseconds=u)).isoformat(timespec="microseconds")
+            .replace("+00:00", "Z") for u in us]
+    assert codec.iso_timestamps(array("q", us)) == want
+    assert codec.iso_timestamps(array("q", [T0 + 213])) == ["2026-11-27T12:00:00.000213Z"]
+    with pytest.raises(ValueError, match="outside the years 1 to 9999"):
+        codec.iso_timestamps(array("q", [hi + 1]))
+    with pytest.raises(ValueError, match="outside the years 1 to 9999"):
+        codec.iso_timestamps(array("q", [lo - 1]))
+    with pytest.raises(TypeError, match="must be an array"):
+        codec.iso_timestamps([0])
+
+
 # ------------------------------------------------------ PostgreSQL arrays
 
 def pg(dsn, sql, *args):
