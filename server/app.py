@@ -10,20 +10,17 @@ import asyncio
 import logging
 import re
 
-from . import management
+from . import management, query
 from .compact import compact_forever
 from .config import Settings
 from . import db
 from .db import DB_DOWN
 from .errors import ClientError, DatabaseUnavailable, NotFound, PayloadTooLarge
-from .http import Request, Response
+from .http import Request, Response, StreamingResponse
 from .runtime import Runtime, configure_logging
 from .wire import MAX_BODY_BYTES
 
 log = logging.getLogger("haltless.app")
-
-JSON = [(b"content-type", b"application/json")]
-
 
 # ------------------------------------------------------------------ handlers
 
@@ -53,6 +50,7 @@ ROUTES: list[tuple[str, str, object, int]] = [
     ("GET", "/healthz", healthz, 0),
     ("GET", "/readyz", readyz, 0),
     *management.ROUTES,
+    *query.ROUTES,
 ]
 
 
@@ -123,7 +121,10 @@ class App:
         except Exception:
             log.exception("unhandled error on %s %s", scope["method"], scope["path"])
             resp = Response(500, {"detail": "internal server error"})
-        await _send(send, resp)
+        if isinstance(resp, StreamingResponse):
+            await _stream(send, resp)
+        else:
+            await _send(send, resp)
 
     async def _lifespan(self, receive, send) -> None:
         while True:
@@ -210,8 +211,21 @@ def _too_large(limit: int, n: int | None) -> PayloadTooLarge:
 
 async def _send(send, resp: Response) -> None:
     await send({"type": "http.response.start", "status": resp.status,
-                "headers": JSON + [(b"content-length", str(len(resp.body)).encode())] + resp.headers})
+                "headers": [(b"content-type", resp.content_type),
+                            (b"content-length", str(len(resp.body)).encode())] + resp.headers})
     await send({"type": "http.response.body", "body": resp.body})
+
+
+async def _stream(send, resp: StreamingResponse) -> None:
+    await send({"type": "http.response.start", "status": resp.status,
+                "headers": [(b"content-type", resp.content_type)] + resp.headers})
+    try:
+        async for chunk in resp.chunks:
+            if chunk:
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+    finally:
+        await resp.chunks.aclose()  # gives its database connection back at once
+    await send({"type": "http.response.body", "body": b""})
 
 
 app = App()

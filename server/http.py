@@ -28,9 +28,26 @@ class Request:
 
 
 class Response:
-    __slots__ = ("status", "body", "headers")
+    __slots__ = ("status", "body", "headers", "content_type")
 
-    def __init__(self, status: int, body, headers: list | None = None) -> None:
+    def __init__(self, status: int, body, headers: list | None = None,
+                 content_type: bytes = b"application/json") -> None:
         self.status = status
         self.body = body if isinstance(body, bytes) else encoder.encode(body)
+        self.headers = headers or []
+        self.content_type = content_type
+
+
+class StreamingResponse:
+    """A body sent as it is produced (``more_body`` chunks), e.g. a CSV export:
+    ``chunks`` is an async iterator of bytes. A failure half way ends the
+    connection without the final chunk, so the client sees a broken body,
+    never a short one that looks complete."""
+    __slots__ = ("status", "chunks", "headers", "content_type")
+
+    def __init__(self, status: int, chunks, content_type: bytes,
+                 headers: list | None = None) -> None:
+        self.status = status
+        self.chunks = chunks
+        self.content_type = content_type
         self.headers = headers or []
