@@ -428,4 +428,6 @@ def test_a_bucket_cut_by_the_end_of_a_span_is_joined(pg_dsn, stored):
     assert spans >= 3
     want = stored.sorted(key, t0, t1)
     whole = aggregate(array("q", [t for t, _ in want]), array("d", [v for _, v in want]), step)
-    assert [a.tobytes() for a in per] == [a.tobytes() for a in whole]
+    exact = (0, 1, 3, 4, 5, 6)  # starts, count, min, max, first, last; sums differ in rounding
+    assert [per[i].tobytes() for i in exact] == [whole[i].tobytes() for i in exact]
+    assert list(per[2]) == pytest.approx(list(whole[2]))
