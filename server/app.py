@@ -10,7 +10,7 @@ import asyncio
 import logging
 import re
 
-from . import management, query
+from . import fleet, management, query
 from .compact import compact_forever
 from .config import Settings
 from . import db
@@ -51,6 +51,7 @@ ROUTES: list[tuple[str, str, object, int]] = [
     ("GET", "/readyz", readyz, 0),
     *management.ROUTES,
     *query.ROUTES,
+    *fleet.ROUTES,
 ]
 
 
