@@ -16,3 +16,4 @@ def aggregate(
     ts: array, vals: array, interval_us: int
 ) -> tuple[array, array, array, array, array, array, array]: ...  # starts, count, sum, min, max, first, last
 def iso_timestamps(ts: array) -> list[str]: ...  # Unix µs -> '2026-11-28T00:45:59.000213Z'
+def iso_json(ts: array) -> bytes: ...  # the JSON array of iso_timestamps(ts)

@@ -399,6 +399,13 @@ def iso_timestamps(ts: array) -> list[str]:
     return out
 
 
+def iso_json(ts: array) -> bytes:
+    """The JSON array of ``iso_timestamps(ts)``, as bytes."""
+    if type(ts) is not array or ts.typecode != "q":
+        raise TypeError("iso_json: ts must be an array('q')")
+    return ("[" + ",".join(f'"{s}"' for s in iso_timestamps(ts)) + "]").encode()
+
+
 # ------------------------------------------------- reading_chunks, as COPY out
 
 COPY_SIGNATURE = b"PGCOPY\n\xff\r\n\x00"

@@ -4,6 +4,7 @@ migration 0004_codec.sql on what it wrote."""
 from __future__ import annotations
 
 import datetime as dt
+import json
 import math
 import os
 import random
@@ -381,6 +382,10 @@ def test_iso_timestamps_match_datetime_from_year_1_to_9999(codec):
         codec.iso_timestamps(array("q", [lo - 1]))
     with pytest.raises(TypeError, match="must be an array"):
         codec.iso_timestamps([0])
+    assert codec.iso_json(array("q", us)) == json.dumps(want, separators=(",", ":")).encode()
+    assert codec.iso_json(array("q")) == b"[]"
+    with pytest.raises(ValueError, match="outside the years 1 to 9999"):
+        codec.iso_json(array("q", [0, hi + 1]))
 
 
 # ------------------------------------------------------ PostgreSQL arrays
