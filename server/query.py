@@ -25,7 +25,7 @@ from urllib.parse import parse_qs
 
 import msgspec
 
-from ..fast import aggregate, iso_timestamps, unpack_values
+from ..fast import aggregate, iso_json, iso_timestamps, unpack_values
 from . import readback
 from .auth import verify_token
 from .errors import NotFound, Unprocessable
@@ -114,7 +114,8 @@ async def _series(conn, org: uuid.UUID, machine: str, metrics: list[str]) -> lis
         " NULLIF(s.raw_tag, '') AS raw_tag"
         " FROM machines m LEFT JOIN series s ON s.machine_id = m.id"
         " WHERE m.org_id = $1 AND m.machine_identifier = $2"
-        " ORDER BY s.metric_name, s.unit, s.raw_tag, s.id", org, machine)
+        ' ORDER BY s.metric_name COLLATE "C", s.unit COLLATE "C", s.raw_tag COLLATE "C", s.id',
+        org, machine)
     if not rows:
         raise NotFound(f"machine_identifier: no machine {machine!r} in your organization")
     rows = [r for r in rows if r["id"] is not None]
@@ -280,7 +281,7 @@ async def readings(app, req: Request) -> Response | StreamingResponse:
     series = []
     for r in rows:
         ts, vals = got.get(r["id"], (array("q"), array("d")))
-        series.append(SeriesReadings(**_describe(r), timestamps=iso_timestamps(ts),
+        series.append(SeriesReadings(**_describe(r), timestamps=msgspec.Raw(iso_json(ts)),
                                      values=vals.tolist()))
     nxt = _encode_cursor(app, query, positions) if more else None
     return Response(200, ReadingsPage(series, nxt))
@@ -410,7 +411,8 @@ LEFT JOIN LATERAL (
     WHERE rb.series_id = s.id ORDER BY rb.block_start DESC LIMIT 1) b ON true
 WHERE m.org_id = $1 AND ($2::text IS NULL OR m.machine_identifier = $2)
   AND (h.t IS NOT NULL OR b.t_last IS NOT NULL)
-ORDER BY m.machine_identifier, s.metric_name, s.unit, s.raw_tag, s.id"""
+ORDER BY m.machine_identifier COLLATE "C", s.metric_name COLLATE "C", s.unit COLLATE "C",
+         s.raw_tag COLLATE "C", s.id"""
 
 
 async def latest(app, req: Request) -> Response:

@@ -59,7 +59,7 @@ class SeriesReadings(msgspec.Struct, gc=False):
     metric_name: str
     unit: str | None
     raw_tag: str | None
-    timestamps: list[str]
+    timestamps: msgspec.Raw  # a JSON array of ISO 8601 strings, written by the kernel (iso_json)
     values: list[float]
 
 

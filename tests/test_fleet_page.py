@@ -130,9 +130,11 @@ def see_the_page(browser, server, token, tmp_path, current: list[int]) -> Path:
     assert plot.locator("h3").inner_text() == "spindle_temp (celsius)"
     # An hour at ~1 px per bucket: several readings per bucket, drawn as a min-max band.
     page.click("#ranges button[data-range='3600']")
-    page.locator("#ranges button[data-range='3600'][aria-pressed=true]").wait_for(timeout=10_000)
+    page.wait_for_function("""() => {
+        const p = document.querySelector('.plot[data-metric="motor_current"]');
+        return p && p.dataset.interval !== "1";  // redrawn for the hour, not the 15 minutes
+    }""", timeout=10_000)
     band = page.locator('.plot[data-metric="motor_current"]')
-    band.wait_for(timeout=10_000)
     step = int(band.get_attribute("data-interval")) * 1_000_000
     assert step > 1_000_000
     assert band.get_attribute("data-points") == str(len({t // step for t in current}))
