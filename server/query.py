@@ -45,6 +45,7 @@ UNITS_US = {"s": 1_000_000, "m": 60_000_000, "h": 3_600_000_000, "d": 86_400_000
 CSV_HEADER = b"machine_identifier,metric_name,unit,timestamp,value\n"
 CSV_ROWS_PER_CHUNK = 10_000
 CURSOR_VERSION = 1
+FIRST_YEAR, LAST_YEAR = 1900, 9000
 
 _cursor_encoder = msgspec.msgpack.Encoder()
 _cursor_decoder = msgspec.msgpack.Decoder(ReadCursor)
@@ -69,7 +70,7 @@ class Params:
                                 f"{', '.join(allowed)}")
 
     def one(self, name: str, required: bool = False) -> str | None:
-        got = self.values.get(name)
+        got = self.many(name)
         if not got:
             if required:
                 raise Unprocessable(f"{name}: required")
@@ -79,7 +80,10 @@ class Params:
         return got[0]
 
     def many(self, name: str) -> list[str]:
-        return self.values.get(name, [])
+        got = self.values.get(name, [])
+        if any("\x00" in v for v in got):
+            raise Unprocessable(f"{name}: contains a NUL character")
+        return got
 
     def time(self, name: str) -> int:
         raw = self.one(name)
@@ -93,6 +97,9 @@ class Params:
                                 "use e.g. 2026-11-28T00:00:00Z") from None
         if t.tzinfo is None:  # as on ingest: no offset means UTC
             t = t.replace(tzinfo=_dt.timezone.utc)
+        if not FIRST_YEAR <= t.year < LAST_YEAR:  # bucket starts stay printable
+            raise Unprocessable(f"{name}: {raw!r} is outside the years {FIRST_YEAR} to "
+                                f"{LAST_YEAR - 1}")
         return to_us(t)
 
     def range(self) -> tuple[int, int]:

@@ -45,13 +45,22 @@ def test_the_page_and_its_files_come_from_the_package_with_a_strict_policy(serve
         assert f.status_code == 404 and f.json()["detail"].startswith("no such")
 
 
+def need_chromium() -> None:
+    """Skip without Chromium; fail instead where CI promises one
+    (HALTLESS_REQUIRE_BROWSER=1), so the browser test cannot vanish silently."""
+    if not os.path.exists(CHROMIUM):
+        msg = f"no Chromium at {CHROMIUM}: apt-get install chromium to run the browser tests"
+        if os.environ.get("HALTLESS_REQUIRE_BROWSER") == "1":
+            pytest.fail(msg)
+        pytest.skip(msg)
+
+
 @contextlib.contextmanager
 def chromium():
     """Debian's Chromium under Playwright (which must never download a browser).
     Started after the test's own asyncio.run() calls: Playwright's sync API
     keeps an event loop running in this thread while it is open."""
-    if not os.path.exists(CHROMIUM):
-        pytest.skip(f"no Chromium at {CHROMIUM}: apt-get install chromium to run the browser tests")
+    need_chromium()
     sync_api = pytest.importorskip("playwright.sync_api",
                                    reason="pip install playwright to run the browser tests")
     with sync_api.sync_playwright() as p:
@@ -66,8 +75,7 @@ def chromium():
 
 def test_the_fleet_page_shows_machines_sources_and_a_plot_in_a_real_browser(
         server, pg_dsn, tmp_path):
-    if not os.path.exists(CHROMIUM):
-        pytest.skip(f"no Chromium at {CHROMIUM}: apt-get install chromium to run the browser tests")
+    need_chromium()
     tenant = make_tenant(pg_dsn, machines=("CNC-001", HOSTILE))
     token = server.token(tenant.org_id)
     now = dt.datetime.now(dt.timezone.utc).replace(microsecond=0)
