@@ -439,3 +439,19 @@ def test_a_bucket_cut_by_the_end_of_a_span_is_joined(pg_dsn, stored):
     exact = (0, 1, 3, 4, 5, 6)  # starts, count, min, max, first, last; sums differ in rounding
     assert [per[i].tobytes() for i in exact] == [whole[i].tobytes() for i in exact]
     assert list(per[2]) == pytest.approx(list(whole[2]))
+
+
+def test_latest_decodes_blocks_written_before_migration_0006(server, pg_dsn):
+    from conftest import fetch
+    tenant = make_tenant(pg_dsn, machines=("CNC-001",))
+    data = Data(tenant, server.token(tenant.org_id), 0)
+    start = us(dt.datetime.now(UTC).replace(microsecond=0)) - 600_000_000
+    ingest(server, tenant, data, [("CNC-001", "vib", None, None, start + i * 1_000_000,
+                                   HARD[i % len(HARD)] + i) for i in range(50)])
+    compact(pg_dsn)
+    fetch(pg_dsn, "UPDATE reading_blocks b SET v_last = NULL FROM series s, machines m"
+          " WHERE s.id = b.series_id AND m.id = s.machine_id AND m.org_id = $1", tenant.org_id)
+    assert where(pg_dsn, tenant.org_id) == (0, 50)
+    [s] = get(server, "/api/v1/readings/latest", data.token).json()["series"]
+    t, v = data.sorted(("vib", None, None))[-1]
+    assert (s["timestamp"], bits(s["value"])) == (iso(t), bits(v))
