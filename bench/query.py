@@ -11,9 +11,10 @@ benchmark's realistic data (``bench/mix.py``), hot and then compacted.
   series (the mix's fleet of 50 machines x 20 metrics) - target <= 10 ms.
 
 Data: one machine ``DAY-001`` with ``--metrics`` of the mix's 20 metrics
-polled once a second for the 24 hours before the last whole hour (agent
-bodies: 20 metrics... x 50 ticks), in its own organization; and 60 ticks of
-the whole fleet in another. Each query runs ``--repeat`` times after 3
+polled once a second for the 24 hours before the last whole hour (bodies of
+1,000 readings: every metric over 1,000 / metrics ticks, sent one after the
+other), in its own organization; and 60 ticks of the whole fleet (agent
+bodies) in another. Each query runs ``--repeat`` times after 3
 warm-ups over one keep-alive connection on 127.0.0.1; the figure is the
 wall time the client sees (server time plus ~0.3 ms of loopback HTTP), as
 median and p90. Then ``haltless compact`` and the same again. One JSON
