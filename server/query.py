@@ -232,21 +232,19 @@ async def _page(conn, sids: list[int], t0: int, t1: int, limit: int,
             else:
                 lo = mid + 1
         left = limit - sum(bisect.bisect_left(ts, lo) for ts, _ in merged.values())
+        # Every reading before T went out, of every series: each resumes at
+        # (T, readings at T given so far), so the next page reads from T's hour.
+        new = {}
         for sid in sids:
             ts, vals = merged[sid]
             below = bisect.bisect_left(ts, lo)
             at = min(left, bisect.bisect_right(ts, lo) - below)
             left -= at
             merged[sid] = (ts[:below + at], vals[:below + at])
-    new = dict(positions)
-    for sid, (ts, _) in merged.items():
-        if ts:
-            t = ts[-1]
-            k = len(ts) - bisect.bisect_left(ts, t)
             old = positions.get(sid)
-            if old is not None and old[0] == t:
-                k += old[1]
-            new[sid] = (t, k)
+            new[sid] = (lo, at + (old[1] if old is not None and old[0] == lo else 0))
+    else:
+        new = positions  # the last page: no cursor
     return merged, new, more
 
 

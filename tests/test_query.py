@@ -455,3 +455,26 @@ def test_latest_decodes_blocks_written_before_migration_0006(server, pg_dsn):
     [s] = get(server, "/api/v1/readings/latest", data.token).json()["series"]
     t, v = data.sorted(("vib", None, None))[-1]
     assert (s["timestamp"], bits(s["value"])) == (iso(t), bits(v))
+
+
+def test_pages_over_series_that_do_not_overlap_in_time(server, pg_dsn):
+    tenant = make_tenant(pg_dsn, machines=("CNC-001",))
+    data = Data(tenant, server.token(tenant.org_id), 0)
+    start = us(dt.datetime.now(UTC).replace(microsecond=0)) - 3 * 3600 * 10**6
+    ingest(server, tenant, data,
+           [("CNC-001", "early", None, None, start + i * 10**6, float(i)) for i in range(40)]
+           + [("CNC-001", "late", None, None, start + 2 * 3600 * 10**6 + i * 10**6, -float(i))
+              for i in range(40)]
+           + [("CNC-001", "late", None, None, start + 5 * 10**6, 0.5)])  # one early reading
+    params = {"machine_identifier": "CNC-001", "from": iso(start), "to": iso(start + 3 * 3600 * 10**6),
+              "limit": 7}
+    seen = {"early": [], "late": []}
+    while True:
+        body = get(server, "/api/v1/readings", data.token, params).json()
+        for s in body["series"]:
+            seen[s["metric_name"]] += s["values"]
+        if body["next_cursor"] is None:
+            break
+        params["cursor"] = body["next_cursor"]
+    assert seen["early"] == [v for _, v in data.sorted(("early", None, None))]
+    assert seen["late"] == [v for _, v in data.sorted(("late", None, None))]
