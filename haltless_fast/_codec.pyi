@@ -12,3 +12,8 @@ def from_pg_arrays(
     ts_bin: bytes | bytearray | memoryview, vals_bin: bytes | bytearray | memoryview
 ) -> tuple[array, array]: ...  # (array('q') of Unix µs, array('d'))
 def sort_by_time(ts: array, vals: array) -> None: ...
+def aggregate(
+    ts: array, vals: array, interval_us: int
+) -> tuple[array, array, array, array, array, array, array]: ...  # starts, count, sum, min, max, first, last
+def iso_timestamps(ts: array) -> list[str]: ...  # Unix µs -> '2026-11-28T00:45:59.000213Z'
+def iso_json(ts: array) -> bytes: ...  # the JSON array of iso_timestamps(ts)

@@ -39,6 +39,7 @@ corrupt count cannot make a decoder allocate gigabytes.
 """
 from __future__ import annotations
 
+import datetime as _dt
 import sys
 from array import array
 from itertools import accumulate
@@ -326,9 +327,83 @@ def sort_by_time(ts: array, vals: array) -> None:
         raise TypeError("sort_by_time: vals must be an array('d')")
     if len(ts) != len(vals):
         raise ValueError(f"sort_by_time: {len(ts)} timestamps but {len(vals)} values")
-    pairs = sorted(zip(ts, array("Q", vals.tobytes())))
+    bits = array("Q", vals.tobytes())
+    if all(a <= b for a, b in zip(zip(ts, bits), zip(ts[1:], bits[1:]))):
+        return  # merged pieces are mostly in order already
+    pairs = sorted(zip(ts, bits))
     ts[:] = array("q", [t for t, _ in pairs])
     vals[:] = array("d", array("Q", [b for _, b in pairs]).tobytes())
+
+
+# ------------------------------------------------------------------ aggregation
+
+def aggregate(ts: array, vals: array, interval_us: int) -> tuple:
+    """Downsample readings sorted by time into buckets of ``interval_us``
+    aligned to the Unix epoch: ``(starts, count, sum, min, max, first, last)``,
+    one element per non-empty bucket (``array('q')`` for starts and count,
+    ``array('d')`` for the rest)."""
+    if type(ts) is not array or ts.typecode != "q":
+        raise TypeError("aggregate: ts must be an array('q')")
+    if type(vals) is not array or vals.typecode != "d":
+        raise TypeError("aggregate: vals must be an array('d')")
+    if interval_us < 1:
+        raise ValueError(f"aggregate: interval_us must be at least 1, got {interval_us}")
+    if len(ts) != len(vals):
+        raise ValueError(f"aggregate: {len(ts)} timestamps but {len(vals)} values")
+    for i in range(1, len(ts)):
+        if ts[i] < ts[i - 1]:
+            raise ValueError(f"aggregate: timestamps are not sorted at index {i}; "
+                             "sort_by_time first")
+    starts, count = array("q"), array("q")
+    s, lo, hi, first, last = (array("d") for _ in range(5))
+    cur = None
+    for t, x in zip(ts, vals):
+        q = t // interval_us
+        if q != cur:
+            cur = q
+            starts.append(q * interval_us)
+            count.append(1)
+            s.append(x)
+            lo.append(x)
+            hi.append(x)
+            first.append(x)
+            last.append(x)
+        else:
+            count[-1] += 1
+            s[-1] += x
+            if x < lo[-1]:
+                lo[-1] = x
+            if x > hi[-1]:
+                hi[-1] = x
+            last[-1] = x
+    return starts, count, s, lo, hi, first, last
+
+
+# ------------------------------------------------------------------ ISO 8601
+
+_EPOCH = _dt.datetime(1970, 1, 1)
+_MIN_US = -62_135_596_800_000_000  # 0001-01-01T00:00:00Z
+_MAX_US = 253_402_300_799_999_999  # 9999-12-31T23:59:59.999999Z
+
+
+def iso_timestamps(ts: array) -> list[str]:
+    """Unix µs (``array('q')``) as ISO 8601 strings in UTC with six fraction
+    digits and ``Z``: ``2026-11-28T00:45:59.000213Z``."""
+    if type(ts) is not array or ts.typecode != "q":
+        raise TypeError("iso_timestamps: ts must be an array('q')")
+    out = []
+    for us in ts:
+        if not _MIN_US <= us <= _MAX_US:
+            raise ValueError(f"iso_timestamps: {us} µs is outside the years 1 to 9999")
+        out.append((_EPOCH + _dt.timedelta(microseconds=us)).isoformat(timespec="microseconds") + "Z")
+    return out
+
+
+def iso_json(ts: array) -> bytes:
+    """The JSON array of ``iso_timestamps(ts)``, as bytes."""
+    if type(ts) is not array or ts.typecode != "q":
+        raise TypeError("iso_json: ts must be an array('q')")
+    return ("[" + ",".join(f'"{s}"' for s in iso_timestamps(ts)) + "]").encode()
 
 
 # ------------------------------------------------- reading_chunks, as COPY out

@@ -13,14 +13,14 @@ import time
 
 import msgspec
 
-from . import db, management, metrics
+from . import db, fleet, management, metrics, query
 from .bodies import BodyBudget, read_body
 from .compact import compact_forever
 from .config import Settings
 from .db import DB_DOWN
 from .errors import (ClientError, ClientGone, DatabaseUnavailable, NotFound, Overloaded,
                      TooManyRequests)
-from .http import Request, Response
+from .http import Request, Response, StreamingResponse
 from .ingest import count_readings
 from .ratelimit import RateLimiter
 from .runtime import Runtime, configure_logging
@@ -87,6 +87,8 @@ ROUTES: list[tuple[str, str, object, int, str | None]] = [
     ("GET", "/metrics", metrics_endpoint, 0, None),
     ("GET", "/openapi.json", openapi, 0, None),
     *management.ROUTES,
+    *query.ROUTES,
+    *fleet.ROUTES,
 ]
 
 
@@ -191,7 +193,10 @@ class App:
             log.exception("unhandled error on %s %s", scope["method"], scope["path"])
             resp = Response(500, {"detail": "internal server error"})
         try:
-            await _send(send, resp)
+            if isinstance(resp, StreamingResponse):
+                await _stream(send, resp)
+            else:
+                await _send(send, resp)
         except Exception as exc:  # noqa: BLE001 - the client is gone; nothing to answer
             log.info("%s %s: response not sent: %s", scope["method"], scope["path"], exc)
         metrics.REQUESTS.labels(route, scope["method"], str(resp.status)).inc()
@@ -277,6 +282,18 @@ async def _send(send, resp: Response) -> None:
                 "headers": [(b"content-type", resp.content_type),
                             (b"content-length", str(len(resp.body)).encode())] + resp.headers})
     await send({"type": "http.response.body", "body": resp.body})
+
+
+async def _stream(send, resp: StreamingResponse) -> None:
+    await send({"type": "http.response.start", "status": resp.status,
+                "headers": [(b"content-type", resp.content_type)] + resp.headers})
+    try:
+        async for chunk in resp.chunks:
+            if chunk:
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+    finally:
+        await resp.chunks.aclose()  # gives its database connection back at once
+    await send({"type": "http.response.body", "body": b""})
 
 
 app = App()

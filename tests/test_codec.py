@@ -4,6 +4,7 @@ migration 0004_codec.sql on what it wrote."""
 from __future__ import annotations
 
 import datetime as dt
+import json
 import math
 import random
 import struct
@@ -299,6 +300,80 @@ def test_sort_by_time_refuses_mismatched_arrays(codec):
         codec.sort_by_time([2, 1], array("d", [1.0, 2.0]))
     with pytest.raises(TypeError, match="vals must be an array"):
         codec.sort_by_time(array("q", [2, 1]), array("f", [1.0, 2.0]))
+
+
+def test_sort_by_time_leaves_ordered_input_alone_and_fixes_an_unordered_tie(codec):
+    ts = array("q", [1, 2, 2, 3])
+    vals = array("d", [5.0, 1.0, 2.0, -1.0])
+    codec.sort_by_time(ts, vals)
+    assert list(ts) == [1, 2, 2, 3] and list(vals) == [5.0, 1.0, 2.0, -1.0]
+    ts, vals = array("q", [1, 2, 2]), array("d", [0.0, 2.0, 1.0])  # tie out of bit order
+    codec.sort_by_time(ts, vals)
+    assert list(vals) == [0.0, 1.0, 2.0]
+
+
+# ------------------------------------------------------------- aggregation
+
+def test_aggregate_buckets_align_to_the_epoch_and_skip_empty_ones(codec):
+    minute = 60_000_000
+    ts = array("q", [-1, 0, 59_999_999, 60_000_000, 3 * minute + 5, 3 * minute + 6])
+    vals = array("d", [7.0, 1.0, 3.0, -2.5, 0.1, 0.2])
+    starts, count, s, lo, hi, first, last = codec.aggregate(ts, vals, minute)
+    assert list(starts) == [-minute, 0, minute, 3 * minute]
+    assert list(count) == [1, 2, 1, 2]
+    assert list(s) == [7.0, 4.0, -2.5, 0.1 + 0.2]
+    assert list(lo) == [7.0, 1.0, -2.5, 0.1] and list(hi) == [7.0, 3.0, -2.5, 0.2]
+    assert list(first) == [7.0, 1.0, -2.5, 0.1] and list(last) == [7.0, 3.0, -2.5, 0.2]
+    assert all(a.typecode == "q" for a in (starts, count))
+    assert all(a.typecode == "d" for a in (s, lo, hi, first, last))
+    assert [list(a) for a in codec.aggregate(array("q"), array("d"), minute)] == [[]] * 7
+
+
+def test_aggregate_agrees_between_twins_on_random_data():
+    if _codec_c is None:
+        pytest.skip("extension not built")
+    rnd = random.Random(9)
+    ts = array("q", sorted(rnd.randint(-10**12, 10**12) for _ in range(5000)))
+    vals = array("d", [rnd.choice(HARD_FLOATS[:12]) for _ in range(5000)])
+    for interval in (1, 999_983, 60_000_000, 86_400_000_000 * 31):
+        a = _codec_py.aggregate(ts, vals, interval)
+        b = _codec_c.aggregate(ts, vals, interval)
+        assert [x.tobytes() for x in a] == [x.tobytes() for x in b]
+
+
+def test_aggregate_refuses_unsorted_or_mismatched_input(codec):
+    with pytest.raises(ValueError, match="not sorted at index 1"):
+        codec.aggregate(array("q", [2, 1]), array("d", [1.0, 2.0]), 10)
+    with pytest.raises(ValueError, match="2 timestamps but 1 values"):
+        codec.aggregate(array("q", [1, 2]), array("d", [1.0]), 10)
+    with pytest.raises(ValueError, match="interval_us must be at least 1"):
+        codec.aggregate(array("q", [1]), array("d", [1.0]), 0)
+    with pytest.raises(TypeError, match="ts must be an array"):
+        codec.aggregate([1], array("d", [1.0]), 10)
+
+
+# ---------------------------------------------------------------- ISO 8601
+
+def test_iso_timestamps_match_datetime_from_year_1_to_9999(codec):
+    rnd = random.Random(11)
+    epoch = dt.datetime(1970, 1, 1, tzinfo=dt.timezone.utc)
+    lo, hi = -62_135_596_800_000_000, 253_402_300_799_999_999
+    us = [lo, hi, 0, -1, T0, T0 + 213, 951_782_400_000_000, 4_107_542_400_000_000]  # 2000-02-29, 2100-03-01
+    us += [rnd.randint(lo, hi) for _ in range(3000)]
+    want = [(epoch + dt.timedelta(microseconds=u)).isoformat(timespec="microseconds")
+            .replace("+00:00", "Z") for u in us]
+    assert codec.iso_timestamps(array("q", us)) == want
+    assert codec.iso_timestamps(array("q", [T0 + 213])) == ["2026-11-27T12:00:00.000213Z"]
+    with pytest.raises(ValueError, match="outside the years 1 to 9999"):
+        codec.iso_timestamps(array("q", [hi + 1]))
+    with pytest.raises(ValueError, match="outside the years 1 to 9999"):
+        codec.iso_timestamps(array("q", [lo - 1]))
+    with pytest.raises(TypeError, match="must be an array"):
+        codec.iso_timestamps([0])
+    assert codec.iso_json(array("q", us)) == json.dumps(want, separators=(",", ":")).encode()
+    assert codec.iso_json(array("q")) == b"[]"
+    with pytest.raises(ValueError, match="outside the years 1 to 9999"):
+        codec.iso_json(array("q", [0, hi + 1]))
 
 
 # ------------------------------------------------------ PostgreSQL arrays

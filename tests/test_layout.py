@@ -49,6 +49,10 @@ def test_the_wheel_holds_only_haltless_and_no_generated_c(tmp_path):
     assert not [n for n in names if n.endswith(".c")]
     assert "haltless/server/migrations/0001_initial.sql" in names
     assert "haltless/fast/_validate.pyx" in names
+    assert "haltless/server/migrations/0006_read_side.sql" in names
+    for static in ("index.html", "fleet.js", "fleet.css", "uPlot.iife.min.js", "uPlot.min.css",
+                   "uPlot-LICENSE.txt"):  # the fleet page works from the wheel alone
+        assert f"haltless/server/static/{static}" in names
     assert any(n.startswith("haltless/fast/_validate.") and n.endswith(".so") for n in names)
 
 

@@ -48,7 +48,7 @@ def test_one_series_over_a_time_range_is_answered_from_the_index(server, pg_dsn,
     fetch(pg_dsn, "ANALYZE reading_chunks")
     plan = "\n".join(r[0] for r in fetch(
         pg_dsn, "EXPLAIN SELECT * FROM readings_between($1, now() - interval '1 hour', now())", sid))
-    assert "Index Scan" in plan and "series_bucket" in plan or "series_id_bucket_idx" in plan, plan
+    assert "Index Scan" in plan and "series_bucket" in plan or "series_id_bucket" in plan, plan
     assert "Seq Scan" not in plan, plan
     rows = fetch(pg_dsn, "SELECT * FROM readings_between($1, now() - interval '1 hour', now())", sid)
     assert [r["value"] for r in rows] == [float(i) for i in range(7, 1000, 50)]

@@ -1,0 +1,218 @@
+// The fleet page: machines, ingest sources, and per machine one plot per
+// series, downsampled by the server (GET /api/v1/readings/aggregate) to about
+// one bucket per pixel of the plot. Every name from the API goes into the
+// page through textContent, never as HTML. The token lives in sessionStorage.
+"use strict";
+
+const TOKEN_KEY = "haltless.token";
+const REFRESH_MS = 10000;
+const state = { machine: null, range: 900, timer: null, plots: [] };
+
+const $ = (id) => document.getElementById(id);
+
+function el(tag, text, cls) {
+  const e = document.createElement(tag);
+  if (text !== undefined && text !== null) e.textContent = String(text);
+  if (cls) e.className = cls;
+  return e;
+}
+
+function token() { return sessionStorage.getItem(TOKEN_KEY); }
+
+function status(text) { $("status").textContent = text; }
+
+async function api(path, params) {
+  const url = params ? path + "?" + new URLSearchParams(params).toString() : path;
+  const r = await fetch(url, { headers: { "Authorization": "Bearer " + token() },
+                               cache: "no-store", credentials: "omit" });
+  if (r.status === 401) {
+    sessionStorage.removeItem(TOKEN_KEY);
+    showLogin("The token was refused (" + (await r.json()).detail + ").");
+    throw new Error("unauthorized");
+  }
+  if (!r.ok) throw new Error(path + ": " + r.status + " " + (await r.text()));
+  return r.json();
+}
+
+function ago(iso) {
+  if (!iso) return "never";
+  const s = Math.round((Date.now() - Date.parse(iso)) / 1000);
+  if (s < 60) return s + " s ago";
+  if (s < 3600) return Math.round(s / 60) + " min ago";
+  if (s < 86400) return Math.round(s / 3600) + " h ago";
+  return new Date(iso).toISOString().replace(".000Z", "Z");
+}
+
+// ------------------------------------------------------------------ views
+
+function showLogin(message) {
+  stopRefresh();
+  $("fleet").hidden = true; $("machine").hidden = true; $("forget").hidden = true;
+  $("login").hidden = false;
+  status(message || "");
+}
+
+function stopRefresh() {
+  if (state.timer) clearInterval(state.timer);
+  state.timer = null;
+}
+
+function every(fn) {
+  stopRefresh();
+  fn();
+  state.timer = setInterval(fn, REFRESH_MS);
+}
+
+function route() {
+  if (!token()) return showLogin();
+  $("login").hidden = true; $("forget").hidden = false;
+  const m = location.hash.match(/^#machine=(.*)$/);
+  if (m) {
+    state.machine = decodeURIComponent(m[1]);
+    $("fleet").hidden = true; $("machine").hidden = false;
+    every(loadMachine);
+  } else {
+    state.machine = null;
+    $("machine").hidden = true; $("fleet").hidden = false;
+    every(loadFleet);
+  }
+}
+
+// ------------------------------------------------------------------ fleet
+
+async function loadFleet() {
+  try {
+    const [machines, latest, sources] = await Promise.all([
+      api("/api/v1/machines"), api("/api/v1/readings/latest"), api("/api/v1/ingest-sources")]);
+    const last = new Map();
+    for (const s of latest.series) {
+      const t = last.get(s.machine_identifier);
+      if (!t || s.timestamp > t) last.set(s.machine_identifier, s.timestamp);
+    }
+    const to = new Date(), from = new Date(to.getTime() - 60000);
+    const counts = await Promise.all(machines.map((m) => last.has(m.machine_identifier)
+      ? api("/api/v1/readings/aggregate", { machine_identifier: m.machine_identifier,
+          from: from.toISOString(), to: to.toISOString(), interval: "60s", agg: "count" })
+          .then((a) => a.series.reduce((n, s) => n + s.count.reduce((x, y) => x + y, 0), 0))
+      : Promise.resolve(0)));
+    const body = $("machines").tBodies[0];
+    body.replaceChildren();
+    machines.forEach((m, i) => {
+      const tr = el("tr");
+      const td = el("td");
+      const a = el("a", m.machine_identifier, "machine-link");
+      a.href = "#machine=" + encodeURIComponent(m.machine_identifier);
+      td.append(a);
+      tr.append(td, el("td", m.name || ""), el("td", ago(last.get(m.machine_identifier))),
+                el("td", counts[i].toLocaleString("en"), "num"));
+      body.append(tr);
+    });
+    const names = new Map(machines.map((m) => [m.id, m.machine_identifier]));
+    const sb = $("sources").tBodies[0];
+    sb.replaceChildren();
+    for (const s of sources) {
+      const st = s.status;
+      const failing = st.last_error_at && (!st.last_success_at || st.last_error_at > st.last_success_at);
+      const stateText = !s.is_active ? "inactive" : failing ? "failing" : st.last_success_at ? "ok" : "waiting";
+      const tr = el("tr");
+      tr.append(el("td", s.name), el("td", names.get(s.machine_id) || s.machine_id),
+                el("td", s.protocol), el("td", s.host + ":" + s.port),
+                el("td", stateText, !s.is_active ? "state-off" : failing ? "state-error" : "state-ok"),
+                el("td", ago(st.last_success_at)), el("td", st.last_error || "", "error"));
+      sb.append(tr);
+    }
+    status("updated " + new Date().toLocaleTimeString("en-GB"));
+  } catch (e) {
+    if (e.message !== "unauthorized") status("refresh failed: " + e.message);
+  }
+}
+
+// ------------------------------------------------------------------ one machine
+
+function seriesLabel(s) {
+  let label = s.metric_name;
+  if (s.unit) label += " (" + s.unit + ")";
+  if (s.raw_tag) label += " [" + s.raw_tag + "]";
+  return label;
+}
+
+async function loadMachine() {
+  const machine = state.machine;
+  $("machine-title").textContent = machine;
+  for (const b of $("ranges").querySelectorAll("button")) {
+    b.setAttribute("aria-pressed", String(Number(b.dataset.range) === state.range));
+  }
+  try {
+    const latest = await api("/api/v1/readings/latest", { machine_identifier: machine });
+    const metrics = [...new Set(latest.series.map((s) => s.metric_name))];
+    const plots = $("plots");
+    const width = Math.max(300, plots.clientWidth - 20);
+    const to = new Date(), from = new Date(to.getTime() - state.range * 1000);
+    const interval = Math.max(1, Math.ceil(state.range / width));  // about one bucket per pixel
+    const results = await Promise.all(metrics.map((metric) => api("/api/v1/readings/aggregate", {
+      machine_identifier: machine, metric_name: metric, from: from.toISOString(),
+      to: to.toISOString(), interval: interval + "s", agg: "avg,min,max,count" })));
+    for (const p of state.plots) p.destroy();
+    state.plots = [];
+    plots.replaceChildren();
+    if (!metrics.length) plots.append(el("p", "No readings from this machine yet.", "empty"));
+    for (const agg of results) {
+      for (const s of agg.series) plots.append(plot(s, width, from, to, interval));
+    }
+    status("updated " + new Date().toLocaleTimeString("en-GB") + " · " + interval + " s per point");
+  } catch (e) {
+    if (e.message !== "unauthorized") status("refresh failed: " + e.message);
+  }
+}
+
+function plot(s, width, from, to, interval) {
+  const box = el("div", null, "plot");
+  box.dataset.metric = s.metric_name;
+  box.dataset.points = String(s.buckets.length);
+  box.dataset.interval = String(interval);
+  box.append(el("h3", seriesLabel(s)));
+  if (!s.buckets.length) {
+    box.append(el("p", "No readings in this range.", "empty"));
+    return box;
+  }
+  const xs = s.buckets.map((b) => Date.parse(b) / 1000);
+  // The band shows where a bucket holds several readings; one reading is its own avg.
+  const lo = s.min.map((v, i) => (s.count[i] > 1 ? v : null));
+  const hi = s.max.map((v, i) => (s.count[i] > 1 ? v : null));
+  const opts = {
+    width, height: 220,
+    scales: { x: { time: true, min: from.getTime() / 1000, max: to.getTime() / 1000 } },
+    series: [
+      {},
+      { label: "avg", stroke: "#0b5cad", width: 1.5, points: { show: s.buckets.length < 60 } },
+      { label: "min", stroke: "rgba(11,92,173,0.25)", width: 1 },
+      { label: "max", stroke: "rgba(11,92,173,0.25)", width: 1 },
+    ],
+    bands: [{ series: [3, 2], fill: "rgba(11,92,173,0.12)" }],
+    legend: { show: true },
+  };
+  state.plots.push(new uPlot(opts, [xs, s.avg, lo, hi], box));
+  return box;
+}
+
+// ------------------------------------------------------------------ wiring
+
+document.addEventListener("DOMContentLoaded", () => {
+  $("login").addEventListener("submit", (ev) => {
+    ev.preventDefault();
+    sessionStorage.setItem(TOKEN_KEY, $("token").value.trim());
+    $("token").value = "";
+    route();
+  });
+  $("forget").addEventListener("click", () => {
+    sessionStorage.removeItem(TOKEN_KEY);
+    showLogin("Token forgotten.");
+  });
+  $("back").addEventListener("click", (ev) => { ev.preventDefault(); location.hash = ""; });
+  $("ranges").addEventListener("click", (ev) => {
+    const r = ev.target.dataset && ev.target.dataset.range;
+    if (r) { state.range = Number(r); every(loadMachine); }
+  });
+  window.addEventListener("hashchange", route);
+  route();
+});

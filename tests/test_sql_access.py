@@ -1,0 +1,138 @@
+"""SQL access: `haltless db-url`, `haltless psql` (the embedded wheel's psql),
+and `haltless grafana-role`: a read-only role that sees one organization's
+readings, hot or compacted, through the view, readings_in() and the tables,
+and the README's Grafana query run as that role."""
+from __future__ import annotations
+
+import datetime as dt
+
+import asyncpg
+import pytest
+
+from conftest import fetchval, make_tenant, run
+from test_ingest import post
+from test_operations import haltless
+from test_query import iso, us
+from test_storage import compact
+
+UTC = dt.timezone.utc
+
+
+def send(server, tenant, start_us, n, machine="CNC-001"):
+    rs = [{"machine_identifier": machine, "metric_name": f"m{i % 3}",
+           "timestamp": iso(start_us + i * 1_000_000), "value": float(i)} for i in range(n)]
+    r = post(server, tenant.key, {"readings": rs})
+    assert r.json()["accepted_count"] == n, r.text
+
+
+def env(pg_dsn):
+    return {"HALTLESS_DATABASE_URL": pg_dsn}
+
+
+def test_db_url_prints_the_database_url(pg_dsn):
+    assert haltless("db-url", env=env(pg_dsn)).stdout.strip() == pg_dsn
+
+
+def test_psql_runs_the_embedded_psql_on_the_haltless_database(pg_dsn, tenant):
+    out = haltless("psql", "--", "-At", "-c", "SELECT current_database(), count(*) FROM machines"
+                   " WHERE org_id = '" + str(tenant.org_id) + "'", env=env(pg_dsn)).stdout
+    assert out.strip() == "haltless|3"
+    bad = haltless("psql", "--", "-c", "SELECT nope", env=env(pg_dsn), check=False)
+    assert bad.returncode != 0 and "nope" in bad.stderr
+
+
+async def _as(url, sql, *args):
+    c = await asyncpg.connect(url)
+    try:
+        return await c.fetch(sql, *args)
+    finally:
+        await c.close()
+
+
+def as_role(url, sql, *args):
+    return run(_as(url, sql, *args))
+
+
+@pytest.fixture
+def two_orgs(server, pg_dsn):
+    a = make_tenant(pg_dsn, machines=("CNC-001", "SHARED-NAME"))
+    b = make_tenant(pg_dsn, machines=("CNC-001", "SHARED-NAME"))
+    now = us(dt.datetime.now(UTC).replace(microsecond=0))
+    for t, n in ((a, 90), (b, 120)):  # same machines, same timestamps: shared timelines
+        send(server, t, now - 3_600_000_000, n)
+        send(server, t, now - 3_600_000_000, n, machine="SHARED-NAME")
+    return a, b, now
+
+
+def test_a_grafana_role_sees_only_its_organization_hot_and_compacted(server, pg_dsn, two_orgs):
+    a, b, now = two_orgs
+    url = haltless("grafana-role", "--org", a.name, env=env(pg_dsn)).stdout.strip()
+    assert url.startswith("postgresql://grafana_") and "@" in url
+    frm, to = dt.datetime.fromtimestamp((now - 2 * 3_600_000_000) / 1e6, UTC), \
+        dt.datetime.fromtimestamp(now / 1e6, UTC)
+
+    def check(stage):
+        rows = as_role(url, "SELECT org_id, count(*) FROM readings GROUP BY 1")
+        assert [(r[0], r[1]) for r in rows] == [(a.org_id, 180)], stage
+        assert as_role(url, "SELECT count(*) FROM readings_in($1, $2)", frm, to)[0][0] == 180
+        assert as_role(url, "SELECT count(DISTINCT org_id) FROM machines")[0][0] == 1
+        assert [r[0] for r in as_role(url, "SELECT name FROM organizations")] == [a.name]
+        mine = fetchval(pg_dsn, "SELECT array_agg(s.id) FROM series s JOIN machines m"
+                        " ON m.id = s.machine_id WHERE m.org_id = $1", a.org_id)
+        for table in ("reading_chunks", "reading_blocks"):
+            seen = {r[0] for r in as_role(url, f"SELECT DISTINCT series_id FROM {table}")}
+            assert seen <= set(mine), (stage, table)
+        # As the owner: the other organization's readings are there.
+        assert b.count(pg_dsn) == 240
+
+    check("hot")
+    compact(pg_dsn)
+    check("compacted")
+    assert as_role(url, "SELECT count(*) FROM reading_timelines")[0][0] >= 1
+    for sql in ("SELECT * FROM api_keys", "SELECT * FROM ingest_sources",
+                "SELECT * FROM reading_chunks_0", "SELECT * FROM reader_roles"):
+        with pytest.raises(asyncpg.InsufficientPrivilegeError):
+            as_role(url, sql)
+    with pytest.raises((asyncpg.ReadOnlySQLTransactionError, asyncpg.InsufficientPrivilegeError)):
+        as_role(url, "INSERT INTO organizations (name) VALUES ('mine now')")
+    # Run again: a new password, same role; another organization cannot take the name.
+    again = haltless("grafana-role", "--org", a.name, env=env(pg_dsn)).stdout.strip()
+    assert again.split("@")[0].split(":")[0] == url.split("@")[0].split(":")[0] and again != url
+    role = url.split("//")[1].split(":")[0]
+    clash = haltless("grafana-role", "--org", b.name, "--role", role, env=env(pg_dsn), check=False)
+    assert clash.returncode == 2 and "reads another organization" in clash.stderr
+    taken = haltless("grafana-role", "--org", b.name, "--role", "postgres", env=env(pg_dsn),
+                     check=False)
+    assert taken.returncode == 2 and "not a haltless reader role" in taken.stderr
+
+
+def test_the_readme_grafana_query_runs_as_the_role_and_prunes_partitions(server, pg_dsn, two_orgs):
+    a, b, now = two_orgs
+    url = haltless("grafana-role", "--org", a.name, "--role", "grafana_readme_" + a.name[4:],
+                   env=env(pg_dsn)).stdout.strip()
+    fetchval(pg_dsn, "SELECT haltless_block_partitions(now() - interval '14 months', now())")
+    frm = iso(now - 2 * 3_600_000_000)
+    to = iso(now)
+    # The README's query with Grafana's macros expanded as its PostgreSQL data source does.
+    sql = (GRAFANA_QUERY
+           .replace("$__timeGroupAlias(ts, '1m')",
+                    "floor(extract(epoch from ts)/60)*60 AS \"time\"")
+           .replace("$__timeFrom()", f"'{frm}'").replace("$__timeTo()", f"'{to}'")
+           .replace("$machine", "CNC-001"))
+    rows = as_role(url, sql)
+    assert sum(1 for _ in rows) > 0 and {r["metric"] for r in rows} == {"m0", "m1", "m2"}
+    plan = [r[0] for r in as_role(url, "EXPLAIN (ANALYZE, COSTS OFF, TIMING OFF) " + sql)]
+    old = (dt.datetime.now(UTC) - dt.timedelta(days=200)).strftime("%Y%m")
+    # Pruned when planned, or at run time (the timelines policy's probe): never read.
+    touched = [line for line in plan if f"reading_blocks_{old}" in line
+               and "never executed" not in line]
+    assert touched == [], "\n".join(plan)
+
+
+GRAFANA_QUERY = """SELECT $__timeGroupAlias(ts, '1m'), s.metric_name AS metric, avg(r.value) AS value
+FROM readings_in($__timeFrom(), $__timeTo()) r
+JOIN series s ON s.id = r.series_id
+JOIN machines m ON m.id = s.machine_id
+WHERE m.machine_identifier = '$machine'
+GROUP BY 1, 2
+ORDER BY 1"""
