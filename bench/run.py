@@ -32,7 +32,7 @@ if __package__ in (None, ""):
 
 import asyncpg  # noqa: E402
 
-from bench import baseline_app, loadgen  # noqa: E402
+from bench import loadgen  # noqa: E402
 from bench import procstat as ps  # noqa: E402
 from haltless.server import db, store  # noqa: E402
 
@@ -77,8 +77,15 @@ def _baseline_argv(port: int, workers: int) -> list[str]:
     return argv
 
 
+async def _setup_baseline(*args):
+    # Imported here: FastAPI and pydantic come with the [bench] extra only, and
+    # the storage and query benchmarks reuse this module without them.
+    from bench import baseline_app
+    return await baseline_app.setup(*args)
+
+
 TARGETS = {
-    "baseline": dict(setup=baseline_app.setup, argv=_baseline_argv,
+    "baseline": dict(setup=_setup_baseline, argv=_baseline_argv,
                      server="FastAPI + pydantic + asyncpg executemany, uvicorn",
                      count="SELECT count(*) FROM baseline_readings",
                      vacuum="VACUUM (ANALYZE) baseline_readings"),
