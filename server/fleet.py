@@ -49,6 +49,6 @@ async def static(app, req: Request) -> Response:
 
 
 ROUTES = [
-    ("GET", "/", page, 0),
-    ("GET", "/static/{name}", static, 0),
+    ("GET", "/", page, 0, None),
+    ("GET", "/static/{name}", static, 0, None),
 ]
