@@ -49,9 +49,10 @@ class CitusCluster:
     postmaster it started (fast shutdown, then immediate) and removes the
     data. ``dsn`` is the coordinator's ``haltless`` database."""
 
-    def __init__(self, workers: int = 2, fsync: bool = False) -> None:
+    def __init__(self, workers: int = 2, fsync: bool = False, settings: dict | None = None) -> None:
         self.workers = workers
         self.fsync = fsync
+        self.settings = settings or {}  # more postgresql.conf lines, for every node
         self.dir: Path | None = None
         self.nodes: list[tuple[Path, int]] = []  # (data dir, port); [0] is the coordinator
         self.started: list[Path] = []
@@ -124,6 +125,7 @@ class CitusCluster:
             "synchronous_commit": "on" if self.fsync else "off",
             "max_prepared_transactions": 200,  # Citus commits multi-node writes with 2PC
             "citus.shard_count": 8,  # 32 by default: 8 keeps DDL in tests fast
+            **self.settings,
         }
         with open(data / "postgresql.conf", "a") as f:
             f.writelines(f"{k} = {v}\n" for k, v in conf.items())
@@ -170,6 +172,14 @@ class CitusCluster:
                 await c.close()
         asyncio.run(join())
         return self.nodes[i][1]
+
+    def stop_node(self, i: int) -> None:
+        """Stop one node (fast shutdown), as a host going down would."""
+        self._run("pg_ctl", "-D", str(self.nodes[i][0]), "-w", "-t", "30", "-m", "fast", "stop")
+
+    def start_node(self, i: int) -> None:
+        data = self.nodes[i][0]
+        self._run("pg_ctl", "-D", str(data), "-w", "-t", "60", "-l", str(data / "log"), "start")
 
     def stop(self) -> None:
         for data in reversed(self.started):

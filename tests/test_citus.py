@@ -81,6 +81,7 @@ def test_migrations_distribute_readings_by_series_and_keep_tenancy_on_every_node
     assert rows["idempotency_keys"][0] == b"h"
     assert rows["ingest_sources"][:2] == (b"n", b"s")  # a Citus local table: leases on one node
     assert "poller_processes" not in rows
+    assert fetchval(citus_dsn, "SHOW citus.max_cached_conns_per_worker") == "8"
     workers = fetchval(citus_dsn, "SELECT count(DISTINCT nodeport) FROM citus_shards"
                        " WHERE table_name = 'reading_chunks_0'::regclass")
     assert workers == 2
@@ -259,3 +260,25 @@ def test_a_worker_added_later_takes_shards_through_the_rebalancer():
                          " AND table_name = 'reading_chunks_0'::regclass", port)
         assert moved >= 2, moved  # 8 shards over 3 workers: 3/3/2
         assert fetchval(c.dsn, "SELECT sum(vals[1]) FROM reading_chunks") == sum(range(1, 501))
+
+
+def test_a_worker_that_is_down_gets_503_and_ingest_resumes_when_it_is_back(cluster, citus_server,
+                                                                           citus_dsn):
+    """docs/scaling.md "What fails over": a group commit writes to many
+    shards, so while a worker is down nothing is stored and the client is
+    told to retry; once it is back, the same batch is accepted."""
+    t = make_tenant(citus_dsn, machines=("CNC-001",))
+    now = dt.datetime.now(UTC).replace(microsecond=0)
+    body = {"readings": [{"machine_identifier": "CNC-001", "timestamp": iso(now),
+                          "metric_name": f"m{m}", "value": float(m)} for m in range(40)]}
+    assert post(citus_server, t.key, body).status_code == 207  # series created, cached
+    cluster.stop_node(2)
+    try:
+        down = post(citus_server, t.key, body)
+        assert down.status_code == 503 and down.headers["retry-after"] == "5", down.text
+    finally:
+        cluster.start_node(2)
+    again = wait_for(lambda: (r := post(citus_server, t.key, body)).status_code == 207 and r,
+                     timeout=30, what="ingest after the worker came back")
+    assert again.json()["accepted_count"] == 40
+    assert t.count(citus_dsn) == 80
