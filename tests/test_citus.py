@@ -24,12 +24,14 @@ from test_storage import compact, send, snapshot
 
 UTC = dt.timezone.utc
 
-pytestmark = pytest.mark.skipif(CitusCluster.skip_reason() is not None,
-                                reason=f"Citus tests: {CitusCluster.skip_reason()}")
+needs_citus = pytest.mark.skipif(CitusCluster.skip_reason() is not None,
+                                 reason=f"Citus tests: {CitusCluster.skip_reason()}")
 
 
 @pytest.fixture(scope="module")
 def cluster():
+    if reason := CitusCluster.skip_reason():
+        pytest.skip(f"Citus tests: {reason}")
     c = CitusCluster(workers=2).start()
     try:
         yield c
@@ -67,6 +69,14 @@ def iso(t: dt.datetime) -> str:
 def org_series(dsn, org_id) -> list[int]:
     return [r[0] for r in fetch(dsn, "SELECT s.id FROM series s JOIN machines m ON m.id ="
                                 " s.machine_id WHERE m.org_id = $1 ORDER BY 1", org_id)]
+
+
+def test_without_citus_the_migration_changes_nothing(pg_dsn):
+    # The single-node schema: timelines shared across series, no Citus catalog.
+    assert fetchval(pg_dsn, "SELECT to_regclass('pg_dist_partition')") is None
+    assert fetchval(pg_dsn, "SELECT count(*) FROM pg_attribute WHERE attrelid ="
+                    " 'reading_timelines'::regclass AND attname = 'series_id'") == 0
+    assert fetchval(pg_dsn, "SELECT max(version) FROM haltless_schema") == db.LATEST_VERSION
 
 
 def test_migrations_distribute_readings_by_series_and_keep_tenancy_on_every_node(citus_dsn):
@@ -239,6 +249,7 @@ def test_two_poller_processes_share_sources_through_leases_on_the_cluster(citus_
         assert ts[-1] > killed_at + 1, f"source {i} not polled after the kill"
 
 
+@needs_citus
 def test_a_worker_added_later_takes_shards_through_the_rebalancer():
     """docs/scaling.md "Adding a worker", on a cluster of its own."""
     with CitusCluster(workers=2) as c:
