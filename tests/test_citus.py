@@ -283,10 +283,19 @@ def test_a_worker_that_is_down_gets_503_and_ingest_resumes_when_it_is_back(clust
     body = {"readings": [{"machine_identifier": "CNC-001", "timestamp": iso(now),
                           "metric_name": f"m{m}", "value": float(m)} for m in range(40)]}
     assert post(citus_server, t.key, body).status_code == 207  # series created, cached
+    down_port = cluster.nodes[2][1]
+    on_live = fetchval(citus_dsn, "SELECT min(x) FROM unnest($1::int[]) x WHERE (SELECT nodeport"
+                       " FROM citus_shards WHERE shardid = get_shard_id_for_distribution_column("
+                       "'reading_chunks_0', x) AND table_name = 'reading_chunks_0'::regclass) <> $2",
+                       org_series(citus_dsn, t.org_id), down_port)
     cluster.stop_node(2)
     try:
         down = post(citus_server, t.key, body)
         assert down.status_code == 503 and down.headers["retry-after"] == "5", down.text
+        # A series whose shards live on the other worker can still be read.
+        rows = fetch(citus_dsn, "SELECT * FROM readings_between($1, now() - interval '1 hour',"
+                     " now() + interval '1 minute')", on_live)
+        assert len(rows) == 1
     finally:
         cluster.start_node(2)
     again = wait_for(lambda: (r := post(citus_server, t.key, body)).status_code == 207 and r,
