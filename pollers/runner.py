@@ -298,19 +298,21 @@ class PollerProcess:
         pending, self.pending = self.pending, {}
         ids = list(pending)
         p = [pending[i] for i in ids]
+        # now() is read once in a CTE: Citus refuses a non-immutable function
+        # inside CASE in an UPDATE (ingest_sources is a Citus local table there).
         await self.pool.execute(
-            "UPDATE ingest_sources s SET"
-            " last_poll_at = CASE WHEN u.polled THEN now() ELSE s.last_poll_at END,"
-            " last_success_at = CASE WHEN u.success THEN now() ELSE s.last_success_at END,"
+            "WITH n AS MATERIALIZED (SELECT now() AS at) UPDATE ingest_sources s SET"
+            " last_poll_at = CASE WHEN u.polled THEN n.at ELSE s.last_poll_at END,"
+            " last_success_at = CASE WHEN u.success THEN n.at ELSE s.last_success_at END,"
             " last_error = CASE WHEN u.error IS NOT NULL THEN u.error"
             "                   WHEN u.success THEN NULL ELSE s.last_error END,"
-            " last_error_at = CASE WHEN u.error IS NOT NULL THEN now() ELSE s.last_error_at END,"
+            " last_error_at = CASE WHEN u.error IS NOT NULL THEN n.at ELSE s.last_error_at END,"
             " readings_written = s.readings_written + u.written,"
             " points_failed = s.points_failed + u.failed,"
             " polls_missed = s.polls_missed + u.missed"
             " FROM unnest($1::uuid[], $2::bool[], $3::bool[], $4::text[], $5::bigint[],"
             "             $6::bigint[], $7::bigint[])"
-            "   AS u (id, polled, success, error, written, failed, missed)"
+            "   AS u (id, polled, success, error, written, failed, missed), n"
             " WHERE s.id = u.id",
             ids, [x["polled"] for x in p], [x["success"] for x in p], [x["error"] for x in p],
             [x["written"] for x in p], [x["failed"] for x in p], [x["missed"] for x in p])

@@ -67,6 +67,9 @@ class Compactor:
         self.lock_timeout = lock_timeout
         self.readings = 0
         self.blocks = 0
+        # On Citus (migration 0007) a timeline belongs to one series: blocks
+        # join it on the distribution column, so it cannot be shared.
+        self.series_timelines: bool | None = None
 
     def _crash(self, point: str) -> None:
         if self.crash_at == point:
@@ -85,6 +88,10 @@ class Compactor:
         conn = self.conn
         table = f"reading_chunks_{slot}"
         before = self.readings
+        if self.series_timelines is None:
+            self.series_timelines = await conn.fetchval(
+                "SELECT EXISTS (SELECT 1 FROM pg_attribute WHERE attrelid = 'reading_timelines'"
+                "::regclass AND attname = 'series_id' AND NOT attisdropped)")
         async with conn.transaction():
             await conn.execute(f"SET LOCAL lock_timeout = '{int(self.lock_timeout * 1000)}ms'")
             await conn.execute(f"LOCK TABLE {table} IN EXCLUSIVE MODE")
@@ -155,7 +162,8 @@ class Compactor:
             if not ts:
                 continue
             tsb = pack_ints(ts)
-            key = (bucket_us, hashlib.blake2b(tsb, digest_size=16).digest())
+            key = (bucket_us, sid if self.series_timelines else 0,
+                   hashlib.blake2b(tsb, digest_size=16).digest())
             packed.append((sid, start, ts, pack_values(vals), tsb, key, vals[-1]))
         # One timeline per distinct (hour, timestamps) in this run: a machine's
         # metrics polled together share theirs.
@@ -170,7 +178,12 @@ class Compactor:
         if packed:
             starts = [p[1] for p in packed]
             await conn.execute("SELECT haltless_block_partitions($1, $2)", min(starts), max(starts))
-        if new:
+        if new and self.series_timelines:
+            await conn.copy_records_to_table(
+                "reading_timelines", columns=TIMELINE_COLUMNS + ["series_id"],
+                records=[(start, timelines[key], n, tsb, key[1])
+                         for key, (start, n, tsb) in new.items()])
+        elif new:
             await conn.copy_records_to_table(
                 "reading_timelines", columns=TIMELINE_COLUMNS,
                 records=[(start, timelines[key], n, tsb) for key, (start, n, tsb) in new.items()])
@@ -180,7 +193,14 @@ class Compactor:
                 records=[(sid, start, len(ts), _dt_us(ts[0]), _dt_us(ts[-1]), timelines[key], vb,
                           last) for sid, start, ts, vb, tsb, key, last in packed])
         self.blocks += len(packed)
-        if old:  # timelines no block uses any more
+        if old and self.series_timelines:  # the replaced blocks' own timelines
+            await conn.execute(
+                "DELETE FROM reading_timelines t"
+                " USING unnest($1::int[], $2::timestamptz[], $3::bigint[]) AS o (sid, bs, id)"
+                " WHERE t.series_id = o.sid AND t.block_start = o.bs AND t.id = o.id",
+                [r["series_id"] for r in old], [r["block_start"] for r in old],
+                [r["timeline"] for r in old])
+        elif old:  # timelines no block uses any more
             await conn.execute(
                 "DELETE FROM reading_timelines t"
                 " USING unnest($1::timestamptz[], $2::bigint[]) AS o (bs, id)"

@@ -34,6 +34,10 @@ DB_DOWN = (
     asyncpg.CannotConnectNowError,
     asyncpg.exceptions.OperatorInterventionError,
     asyncpg.exceptions.InsufficientResourcesError,
+    # XX000: how Citus reports a worker it cannot reach ("failure on
+    # connection marked as essential"); plain PostgreSQL uses it for internal
+    # failures, where "unavailable, retry later" is the right answer as well.
+    asyncpg.exceptions.InternalServerError,
 )
 
 # Settings for the embedded server: a bigger WAL and buffer budget than the

@@ -33,6 +33,10 @@ async def create_reader_role(conn, org: uuid.UUID, org_name: str,
     if await conn.fetchval("SELECT current_setting('server_version_num')::int") < 150000:
         raise HaltlessError("reader roles need PostgreSQL 15 or newer (views with "
                             "security_invoker); the embedded PostgreSQL is 18")
+    if await conn.fetchval("SELECT EXISTS (SELECT 1 FROM pg_extension WHERE extname = 'citus')"):
+        raise HaltlessError("reader roles are not supported on a Citus cluster yet: Citus "
+                            "refuses the row-level security policies that limit them to one "
+                            "organization (migration 0007 drops them there)")
     role = role or default_role_name(org_name)
     if not re.fullmatch(r"[a-z_][a-z0-9_]{0,62}", role):
         raise HaltlessError(f"--role {role!r}: use 1 to 63 lowercase letters, digits and _")

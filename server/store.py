@@ -111,7 +111,9 @@ async def list_keys(conn: asyncpg.Connection, org: uuid.UUID) -> list[asyncpg.Re
 
 async def revoke_key(conn: asyncpg.Connection, org: uuid.UUID, key_id: uuid.UUID) -> None:
     status = await conn.execute(
-        "UPDATE api_keys SET revoked_at = coalesce(revoked_at, now())"
+        # least(), not coalesce(): Citus refuses now() inside COALESCE in an
+        # UPDATE of a reference table; least() skips the NULL just the same.
+        "UPDATE api_keys SET revoked_at = least(revoked_at, now())"
         " WHERE org_id = $1 AND id = $2", org, key_id)
     if status == "UPDATE 0":
         raise NotFound(f"no API key {key_id} in this organization; `haltless keys list` shows them")

@@ -1,0 +1,304 @@
+"""The same server on a Citus cluster (a coordinator and two workers on
+127.0.0.1, tests/citus.py): the migrations distribute the schema, and the
+ingest contract, compaction, retention, the read side (view and functions)
+and pollers sharing sources through leases all work through the
+coordinator. Skipped, with the reason, where Citus cannot be built."""
+from __future__ import annotations
+
+import datetime as dt
+import json
+import signal
+import time
+import uuid
+
+import pytest
+
+from citus import CitusCluster
+from conftest import ServerProcess, fetch, fetchval, make_tenant, run
+from haltless.server import db, store
+from peers import ModbusPeer, device
+from test_ingest import post
+from test_management import MODBUS_BODY, Api
+from test_pollers import Pollers, wait_for
+from test_storage import compact, send, snapshot
+
+UTC = dt.timezone.utc
+
+needs_citus = pytest.mark.skipif(CitusCluster.skip_reason() is not None,
+                                 reason=f"Citus tests: {CitusCluster.skip_reason()}")
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    if reason := CitusCluster.skip_reason():
+        pytest.skip(f"Citus tests: {reason}")
+    c = CitusCluster(workers=2).start()
+    try:
+        yield c
+    finally:
+        c.stop()
+    assert c.postmasters_running() == [], "a Citus node outlived the cluster fixture"
+
+
+@pytest.fixture(scope="module")
+def citus_dsn(cluster):
+    async def migrate():
+        conn = await db.connect(cluster.dsn)
+        try:
+            return await db.migrate(conn)
+        finally:
+            await conn.close()
+    assert run(migrate()) == db.LATEST_VERSION
+    return cluster.dsn
+
+
+@pytest.fixture(scope="module")
+def citus_server(citus_dsn, tmp_path_factory):
+    d = tmp_path_factory.mktemp("citus-server")
+    srv = ServerProcess({"HALTLESS_DATABASE_URL": citus_dsn, "HALTLESS_AUTH_CACHE_SECONDS": "0.5",
+                         "HALTLESS_POLL_ALLOW": "127.0.0.0/8"}, workers=2, data_dir=d)
+    srv.start(d / "server.log")
+    yield srv
+    srv.stop()
+
+
+def iso(t: dt.datetime) -> str:
+    return t.isoformat().replace("+00:00", "Z")
+
+
+def org_series(dsn, org_id) -> list[int]:
+    return [r[0] for r in fetch(dsn, "SELECT s.id FROM series s JOIN machines m ON m.id ="
+                                " s.machine_id WHERE m.org_id = $1 ORDER BY 1", org_id)]
+
+
+def test_without_citus_the_migration_changes_nothing(pg_dsn):
+    # The single-node schema: timelines shared across series, no Citus catalog.
+    assert fetchval(pg_dsn, "SELECT to_regclass('pg_dist_partition')") is None
+    assert fetchval(pg_dsn, "SELECT count(*) FROM pg_attribute WHERE attrelid ="
+                    " 'reading_timelines'::regclass AND attname = 'series_id'") == 0
+    assert fetchval(pg_dsn, "SELECT max(version) FROM haltless_schema") == db.LATEST_VERSION
+
+
+def test_migrations_distribute_readings_by_series_and_keep_tenancy_on_every_node(citus_dsn):
+    rows = {r["t"]: (r["method"], r["model"], r["colo"]) for r in fetch(
+        citus_dsn, "SELECT logicalrelid::text AS t, partmethod AS method, repmodel AS model,"
+        " colocationid AS colo FROM pg_dist_partition")}
+    for t in ("organizations", "machines", "api_keys", "series"):
+        assert rows[t][:2] == (b"n", b"t"), (t, rows[t])  # reference: a copy on every node
+    readings = {rows[t] for t in ("reading_chunks", "reading_chunks_0", "reading_chunks_1",
+                                  "reading_blocks", "reading_timelines")}
+    assert len(readings) == 1 and next(iter(readings))[0] == b"h", readings  # co-located
+    assert rows["idempotency_keys"][0] == b"h"
+    assert rows["ingest_sources"][:2] == (b"n", b"s")  # a Citus local table: leases on one node
+    assert "poller_processes" not in rows
+    assert fetchval(citus_dsn, "SHOW citus.max_cached_conns_per_worker") == "8"
+    workers = fetchval(citus_dsn, "SELECT count(DISTINCT nodeport) FROM citus_shards"
+                       " WHERE table_name = 'reading_chunks_0'::regclass")
+    assert workers == 2
+
+    async def again():  # a second migrate is a no-op, on the cluster too
+        conn = await db.connect(citus_dsn)
+        try:
+            return await db.migrate(conn)
+        finally:
+            await conn.close()
+    assert run(again()) == db.LATEST_VERSION
+
+
+def test_the_ingest_contract_holds_on_the_cluster(citus_server, citus_dsn):
+    t = make_tenant(citus_dsn, machines=("CNC-001", "CNC-002"))
+    now = dt.datetime.now(UTC).replace(microsecond=0)
+    rs = [{"machine_identifier": f"CNC-00{1 + m % 2}", "timestamp": iso(now - dt.timedelta(seconds=s)),
+           "metric_name": f"m{m}", "value": s + m / 10, "unit": "celsius"}
+          for s in range(40) for m in range(12)]
+    rs += [{"machine_identifier": "GHOST", "timestamp": iso(now), "metric_name": "x", "value": 1},
+           {"machine_identifier": "CNC-001", "timestamp": iso(now + dt.timedelta(hours=1)),
+            "metric_name": "x", "value": 1},
+           {"machine_identifier": "CNC-001", "timestamp": iso(now), "metric_name": "x"}]
+    body = json.dumps({"readings": rs})
+    key = {"Idempotency-Key": str(uuid.uuid4())}
+    first = post(citus_server, t.key, body, headers=key)
+    assert first.status_code == 207, first.text
+    out = first.json()
+    assert out["accepted_count"] == 480 and out["rejected_count"] == 3
+    assert [(e["index"], e["error"]) for e in out["errors"]] == [
+        (480, "Machine not found"), (481, "Timestamp is more than 5 minutes in the future"),
+        (482, "missing required field `value`")]
+    again = post(citus_server, t.key, body, headers=key)
+    assert again.status_code == 207 and again.headers["idempotency-replayed"] == "true"
+    assert again.content == first.content
+    other = post(citus_server, t.key, json.dumps({"readings": rs[:1]}), headers=key)
+    assert other.status_code == 422
+    assert t.count(citus_dsn) == 480
+    assert post(citus_server, "hk_wrong", body).status_code == 401
+    key_id = fetchval(citus_dsn, "SELECT id FROM api_keys WHERE org_id = $1", t.org_id)
+
+    async def revoke():
+        conn = await db.connect(citus_dsn)
+        try:
+            await store.revoke_key(conn, t.org_id, key_id)
+        finally:
+            await conn.close()
+    run(revoke())
+    assert wait_for(lambda: post(citus_server, t.key, body).status_code == 401, timeout=5,
+                    what="the revoked key refused")
+    # The series landed on both workers, and the coordinator holds no readings.
+    series = org_series(citus_dsn, t.org_id)
+    assert len(series) == 12
+    nodes = fetchval(citus_dsn, "SELECT count(DISTINCT s.nodeport) FROM citus_shards s"
+                     " WHERE s.table_name = 'reading_chunks_0'::regclass AND s.shardid IN ("
+                     "  SELECT get_shard_id_for_distribution_column('reading_chunks_0', x)"
+                     "  FROM unnest($1::int[]) x)", series)
+    assert nodes == 2
+
+
+def test_compaction_on_the_cluster_keeps_every_reading_and_merges_late_data(citus_server,
+                                                                            citus_dsn):
+    t = make_tenant(citus_dsn, machines=("CNC-001", "CNC-002"))
+    hour = dt.datetime.now(UTC).replace(minute=0, second=0, microsecond=0) - dt.timedelta(hours=3)
+    n = send(citus_server, t, hour + dt.timedelta(minutes=30), 60, metrics=6)
+    n += send(citus_server, t, dt.datetime.now(UTC) - dt.timedelta(minutes=2), 30, metrics=6,
+              machine="CNC-002")
+    before = snapshot(citus_dsn, t.org_id)
+    assert len(before) == n
+    assert "compacted" in compact(citus_dsn).stdout
+    assert fetchval(citus_dsn, "SELECT coalesce(sum(n), 0) FROM reading_chunks") == 0
+    assert snapshot(citus_dsn, t.org_id) == before
+    # Late data for the compacted hour, and a compaction killed before its
+    # commit: nothing lost, nothing doubled, one block per (series, hour).
+    n += send(citus_server, t, hour + dt.timedelta(minutes=5), 20, metrics=6)
+    before = snapshot(citus_dsn, t.org_id)
+    assert compact(citus_dsn, "--crash-at", "before-commit", check=False).returncode == 137
+    assert snapshot(citus_dsn, t.org_id) == before
+    compact(citus_dsn)
+    after = snapshot(citus_dsn, t.org_id)
+    assert after == before and len(after) == n
+    series = org_series(citus_dsn, t.org_id)
+    blocks = fetch(citus_dsn, "SELECT series_id, block_start, n FROM reading_blocks"
+                   " WHERE series_id = ANY($1::int[]) AND block_start = $2", series, hour)
+    assert sorted(r["n"] for r in blocks) == [80] * 6
+    # Every timeline belongs to exactly one block (they are per series here).
+    assert fetchval(citus_dsn, "SELECT count(*) FROM reading_timelines t WHERE NOT EXISTS ("
+                    " SELECT 1 FROM reading_blocks b WHERE b.series_id = t.series_id"
+                    " AND b.block_start = t.block_start AND b.timeline = t.id)") == 0
+    # The read functions: one series is one task on one worker, with the index.
+    sid = blocks[0]["series_id"]
+    rows = fetch(citus_dsn, "SELECT * FROM readings_between($1, $2, $3)", sid, hour,
+                 hour + dt.timedelta(hours=1))
+    assert len(rows) == 80 and [r["ts"] for r in rows] == sorted(r["ts"] for r in rows)
+    plan = "\n".join(r[0] for r in fetch(
+        citus_dsn, "EXPLAIN SELECT * FROM readings WHERE series_id = $1 AND bucket >= $2"
+        " AND bucket < $3", sid, hour, hour + dt.timedelta(hours=1)))
+    assert "Task Count: 1" in plan and "Index Scan" in plan, plan
+    got = fetchval(citus_dsn, "SELECT count(*) FROM readings_in($1, $2) r"
+                   " WHERE r.series_id = ANY($3::int[])", hour, hour + dt.timedelta(hours=1),
+                   series)
+    assert got == 6 * 80
+
+
+def test_retention_drops_whole_months_of_distributed_blocks(citus_dsn):
+    old = dt.datetime.now(UTC) - dt.timedelta(days=120)
+    fetch(citus_dsn, "SELECT haltless_block_partitions($1, $1)", old)
+    name = f"reading_blocks_{old.strftime('%Y%m')}"
+    assert fetchval(citus_dsn, "SELECT count(*) FROM pg_dist_partition"
+                    " WHERE logicalrelid = to_regclass($1)", name) == 1  # distributed too
+    out = compact(citus_dsn, env={"HALTLESS_RETENTION_DAYS": "60"}).stdout
+    assert "dropped" in out
+    assert fetchval(citus_dsn, "SELECT to_regclass($1)::text", name) is None
+
+
+def test_two_poller_processes_share_sources_through_leases_on_the_cluster(citus_server,
+                                                                          citus_dsn, tmp_path):
+    t = make_tenant(citus_dsn, machines=[f"M{i}" for i in range(4)])
+    api = Api(citus_server, citus_server.token(t.org_id))
+    with ModbusPeer([device(1, {100: 1})]) as peer:
+        ids = []
+        for i in range(4):
+            body = {**MODBUS_BODY, "name": f"s{i}", "machine_id": str(t.machines[f"M{i}"]),
+                    "port": peer.port, "poll_interval_seconds": 1}
+            r = api.post("/api/v1/ingest-sources", body)
+            assert r.status_code == 201, r.text
+            ids.append(uuid.UUID(r.json()["id"]))
+        a = Pollers(citus_server, tmp_path / "a.log")
+        b = Pollers(citus_server, tmp_path / "b.log")
+        try:
+            def owners():
+                return {r[0]: r[1] for r in fetch(
+                    citus_dsn, "SELECT id, lease_owner FROM ingest_sources WHERE id = ANY($1::uuid[])",
+                    ids)}
+            wait_for(lambda: len(set(owners().values()) - {None}) == 2
+                     and None not in owners().values(), timeout=30, what="both processes polling")
+            a_owner = next(o for o in set(owners().values()) if o.split(":")[1] != str(b.proc.pid))
+            a.kill(signal.SIGKILL)
+            killed_at = time.time()
+            wait_for(lambda: a_owner not in owners().values() and None not in owners().values(),
+                     timeout=15, what="takeover")
+            time.sleep(3)
+        finally:
+            a.kill()
+            b.kill(signal.SIGTERM)
+        for src in ids:
+            api.patch(f"/api/v1/ingest-sources/{src}", {"is_active": False})
+    for i in range(4):
+        ts = [r[0].timestamp() for r in fetch(
+            citus_dsn, "SELECT timestamp FROM readings WHERE machine_id = $1 ORDER BY 1",
+            t.machines[f"M{i}"])]
+        assert ts, f"source {i} never polled"
+        gaps = [y - x for x, y in zip(ts, ts[1:])]
+        assert min(gaps) > 0.5, f"source {i} polled twice at once: {gaps}"
+        assert ts[-1] > killed_at + 1, f"source {i} not polled after the kill"
+
+
+@needs_citus
+def test_a_worker_added_later_takes_shards_through_the_rebalancer():
+    """docs/scaling.md "Adding a worker", on a cluster of its own."""
+    with CitusCluster(workers=2) as c:
+        async def load():
+            conn = await db.connect(c.dsn)
+            try:
+                await db.migrate(conn)
+                await conn.execute(
+                    "INSERT INTO reading_chunks_0 (series_id, bucket, n, ts, vals)"
+                    " SELECT s, date_trunc('hour', now()), 1, ARRAY[now()], ARRAY[s]::float8[]"
+                    " FROM generate_series(1, 500) s")
+            finally:
+                await conn.close()
+        run(load())
+        port = c.add_worker()
+        fetch(c.dsn, "SELECT citus_rebalance_start(shard_transfer_mode => 'block_writes')")
+        fetch(c.dsn, "SELECT citus_rebalance_wait()")
+        moved = fetchval(c.dsn, "SELECT count(*) FROM citus_shards WHERE nodeport = $1"
+                         " AND table_name = 'reading_chunks_0'::regclass", port)
+        assert moved >= 2, moved  # 8 shards over 3 workers: 3/3/2
+        assert fetchval(c.dsn, "SELECT sum(vals[1]) FROM reading_chunks") == sum(range(1, 501))
+
+
+def test_a_worker_that_is_down_gets_503_and_ingest_resumes_when_it_is_back(cluster, citus_server,
+                                                                           citus_dsn):
+    """docs/scaling.md "What fails over": a group commit writes to many
+    shards, so while a worker is down nothing is stored and the client is
+    told to retry; once it is back, the same batch is accepted."""
+    t = make_tenant(citus_dsn, machines=("CNC-001",))
+    now = dt.datetime.now(UTC).replace(microsecond=0)
+    body = {"readings": [{"machine_identifier": "CNC-001", "timestamp": iso(now),
+                          "metric_name": f"m{m}", "value": float(m)} for m in range(40)]}
+    assert post(citus_server, t.key, body).status_code == 207  # series created, cached
+    down_port = cluster.nodes[2][1]
+    on_live = fetchval(citus_dsn, "SELECT min(x) FROM unnest($1::int[]) x WHERE (SELECT nodeport"
+                       " FROM citus_shards WHERE shardid = get_shard_id_for_distribution_column("
+                       "'reading_chunks_0', x) AND table_name = 'reading_chunks_0'::regclass) <> $2",
+                       org_series(citus_dsn, t.org_id), down_port)
+    cluster.stop_node(2)
+    try:
+        down = post(citus_server, t.key, body)
+        assert down.status_code == 503 and down.headers["retry-after"] == "5", down.text
+        # A series whose shards live on the other worker can still be read.
+        rows = fetch(citus_dsn, "SELECT * FROM readings_between($1, now() - interval '1 hour',"
+                     " now() + interval '1 minute')", on_live)
+        assert len(rows) == 1
+    finally:
+        cluster.start_node(2)
+    again = wait_for(lambda: (r := post(citus_server, t.key, body)).status_code == 207 and r,
+                     timeout=30, what="ingest after the worker came back")
+    assert again.json()["accepted_count"] == 40
+    assert t.count(citus_dsn) == 80
