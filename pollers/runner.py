@@ -222,14 +222,16 @@ class PollerProcess:
             if want > 0:
                 # `wait`: seconds until the poll that a previous owner, letting
                 # the source go, said was due next (see release()).
+                # The times are computed once in a CTE: Citus allows no stable
+                # function on columns in an UPDATE, nor in RETURNING.
                 rows = await conn.fetch(
-                    "UPDATE ingest_sources s SET lease_owner = $1,"
-                    " lease_expires = now() + $2 * interval '1 second'"
-                    " FROM (SELECT id, lease_owner, lease_expires FROM ingest_sources"
+                    "WITH t AS (SELECT now() AS at, now() + $2 * interval '1 second' AS until)"
+                    " UPDATE ingest_sources s SET lease_owner = $1, lease_expires = t.until"
+                    " FROM t, (SELECT id, lease_owner, lease_expires FROM ingest_sources"
                     "       WHERE is_active AND (lease_owner IS NULL OR lease_expires < now())"
                     "       ORDER BY id LIMIT $3 FOR UPDATE SKIP LOCKED) c"
                     " WHERE s.id = c.id RETURNING s.id, CASE WHEN c.lease_owner IS NULL"
-                    "  THEN extract(epoch FROM c.lease_expires - now())::float8 END AS wait",
+                    "  THEN extract(epoch FROM c.lease_expires - t.at)::float8 END AS wait",
                     self.owner, self.lease, want)
                 now = asyncio.get_running_loop().time()
                 claimed = [r["id"] for r in rows]
@@ -286,9 +288,11 @@ class PollerProcess:
             return
         now = asyncio.get_running_loop().time()
         await conn.execute(
-            "UPDATE ingest_sources s SET lease_owner = NULL,"
-            " lease_expires = now() + u.wait * interval '1 second'"
-            " FROM unnest($2::uuid[], $3::float8[]) AS u (id, wait)"
+            # to_timestamp(epoch) is immutable: Citus allows it on columns.
+            "WITH n AS MATERIALIZED (SELECT extract(epoch FROM now())::float8 AS at)"
+            " UPDATE ingest_sources s SET lease_owner = NULL,"
+            " lease_expires = to_timestamp(n.at + u.wait)"
+            " FROM n, unnest($2::uuid[], $3::float8[]) AS u (id, wait)"
             " WHERE s.id = u.id AND s.lease_owner = $1",
             self.owner, ids, [max(0.0, due[sid] - now) for sid in ids])
 

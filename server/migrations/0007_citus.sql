@@ -32,26 +32,6 @@ BEGIN
     -- mode lets reference tables with foreign keys be created in it.
     SET LOCAL citus.multi_shard_modify_mode TO 'sequential';
 
-    -- Citus refuses to distribute tables whose row-level security policies
-    -- hold subqueries (migration 0006's reader roles). On a cluster there are
-    -- no reader roles yet: the policies go, and `haltless grafana-role`
-    -- refuses on a Citus coordinator (README "Citus").
-    DROP POLICY IF EXISTS reader_org ON organizations;
-    DROP POLICY IF EXISTS reader_org ON machines;
-    DROP POLICY IF EXISTS reader_org ON series;
-    DROP POLICY IF EXISTS reader_org ON reading_chunks;
-    DROP POLICY IF EXISTS reader_org ON reading_blocks;
-    DROP POLICY IF EXISTS reader_org ON reading_timelines;
-    DROP POLICY IF EXISTS writer_all ON organizations;
-    DROP POLICY IF EXISTS writer_all ON machines;
-    DROP POLICY IF EXISTS writer_all ON series;
-    ALTER TABLE organizations DISABLE ROW LEVEL SECURITY;
-    ALTER TABLE machines DISABLE ROW LEVEL SECURITY;
-    ALTER TABLE series DISABLE ROW LEVEL SECURITY;
-    ALTER TABLE reading_chunks DISABLE ROW LEVEL SECURITY;
-    ALTER TABLE reading_blocks DISABLE ROW LEVEL SECURITY;
-    ALTER TABLE reading_timelines DISABLE ROW LEVEL SECURITY;
-
     -- A table cannot become a reference table while plain tables point at it:
     -- drop the foreign keys, distribute, put them back.
     ALTER TABLE machines DROP CONSTRAINT machines_org_id_fkey;
