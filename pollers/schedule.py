@@ -100,8 +100,11 @@ class PollLoop:
                     self.stats.missed += skipped
                     self.on_missed(skipped)
         finally:
+            # The last poll's readings are on their way (to the database, or
+            # to the agent's disk queue): let them land instead of cancelling
+            # a write that may complete anyway, unseen by the agent's flush.
             if self.pending_sink is not None and not self.pending_sink.done():
-                self.pending_sink.cancel()
+                await asyncio.gather(self.pending_sink, return_exceptions=True)
             await self.close()
 
     async def close(self) -> None:

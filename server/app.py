@@ -30,6 +30,7 @@ from .wire import MAX_BODY_BYTES, IngestResult
 log = logging.getLogger("haltless.app")
 
 _result_decoder = msgspec.json.Decoder(IngestResult)
+_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 
 
 # ------------------------------------------------------------------ handlers
@@ -199,7 +200,8 @@ class App:
                 await _send(send, resp)
         except Exception as exc:  # noqa: BLE001 - the client is gone; nothing to answer
             log.info("%s %s: response not sent: %s", scope["method"], scope["path"], exc)
-        metrics.REQUESTS.labels(route, scope["method"], str(resp.status)).inc()
+        method = scope["method"] if scope["method"] in _METHODS else "other"  # bounded labels
+        metrics.REQUESTS.labels(route, method, str(resp.status)).inc()
         metrics.DURATION.labels(route).observe(time.perf_counter() - started)
 
     async def _lifespan(self, receive, send) -> None:
