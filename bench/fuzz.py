@@ -243,7 +243,8 @@ def main(argv=None) -> None:
             await c.close()
     org, machine, key, sid = asyncio.run(setup())
     token = issue_token(jwt_secret(None, data), org, 3600)
-    port = __import__("bench.hostile", fromlist=["free_port"]).free_port()
+    from bench.run import free_port
+    port = free_port()
     url = f"http://127.0.0.1:{port}"
     env = {**os.environ, "HALTLESS_DATABASE_URL": dsn, "HALTLESS_DATA_DIR": str(data)}
     log = open(work / "server.log", "wb")

@@ -38,13 +38,12 @@ import psutil
 import requests
 
 ROOT = Path(__file__).resolve().parent.parent
+if __package__ in (None, ""):
+    sys.path.insert(0, str(ROOT))
+
+from bench.run import free_port  # noqa: E402
+
 BIG = 10 * 1024 * 1024 - 1
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def server_rss(serve_pid: int) -> float:

@@ -62,7 +62,7 @@ def cmd_serve(args) -> None:
 
 
 def cmd_compact(args) -> None:
-    from .compact import COMPACT_LOCK, compact_all
+    from .compact import COMPACT_LOCK, compact_all, drop_expired
 
     @_with_db
     async def run(conn, args, s):
@@ -72,11 +72,7 @@ def cmd_compact(args) -> None:
             readings, blocks = await compact_all(conn, include_current=True,
                                                  retention_days=s.retention_days,
                                                  crash_at=args.crash_at)
-            dropped = 0
-            if s.retention_days is not None:
-                dropped = await conn.fetchval(
-                    "SELECT haltless_drop_blocks_before(now() - $1 * interval '1 day')",
-                    s.retention_days)
+            dropped = await drop_expired(conn, s.retention_days)
         finally:
             await conn.execute("SELECT pg_advisory_unlock($1)", COMPACT_LOCK)
         print(f"compacted {readings} readings into {blocks} blocks in "

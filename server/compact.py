@@ -222,6 +222,15 @@ async def compact_all(conn, *, include_current: bool, retention_days: int | None
     return c.readings, c.blocks
 
 
+async def drop_expired(conn, retention_days: int | None) -> int:
+    """Retention: drop the block partitions (whole months) that ended before
+    the cutoff; the number dropped."""
+    if retention_days is None:
+        return 0
+    return await conn.fetchval(
+        "SELECT haltless_drop_blocks_before(now() - $1 * interval '1 day')", retention_days)
+
+
 async def compact_forever(pool, retention_days: int | None = None, every: float = EVERY,
                           clock=time.time) -> None:
     """Inside every `haltless serve` worker: whoever holds the advisory lock
@@ -243,12 +252,9 @@ async def compact_forever(pool, retention_days: int | None = None, every: float 
                     if blocks:
                         log.info("compacted %d readings into %d blocks in %.1f s", readings,
                                  blocks, time.monotonic() - started)
-                    if retention_days is not None:
-                        dropped = await conn.fetchval(
-                            "SELECT haltless_drop_blocks_before(now() - $1 * interval '1 day')",
-                            retention_days)
-                        if dropped:
-                            log.info("retention: dropped %d block partitions", dropped)
+                    dropped = await drop_expired(conn, retention_days)
+                    if dropped:
+                        log.info("retention: dropped %d block partitions", dropped)
                 finally:
                     await conn.execute("SELECT pg_advisory_unlock($1)", COMPACT_LOCK)
         except DB_DOWN as exc:
