@@ -30,7 +30,7 @@ pack_ints = _codec.pack_ints
 unpack_ints = _codec.unpack_ints
 pack_values = _codec.pack_values
 unpack_values = _codec.unpack_values
-from_pg_arrays = _codec.from_pg_arrays
+from_chunk = _codec.from_chunk
 sort_by_time = _codec.sort_by_time
 group_chunks = _codec.group_chunks
 aggregate = _codec.aggregate
@@ -39,5 +39,5 @@ iso_json = _codec.iso_json
 CODEC_COMPILED = _codec is not _codec_py
 
 __all__ = ["encode_batch", "encode_chunks", "RECORD_SIZE", "group_chunks", "timestamp_us", "ERR_NOT_FINITE", "ERR_TOO_OLD", "ERR_TOO_NEW", "COMPILED",
-           "pack_ints", "unpack_ints", "pack_values", "unpack_values", "from_pg_arrays",
+           "pack_ints", "unpack_ints", "pack_values", "unpack_values", "from_chunk",
            "sort_by_time", "aggregate", "iso_timestamps", "iso_json", "CODEC_COMPILED"]

@@ -425,27 +425,27 @@ cdef Py_ssize_t _pg_array(const unsigned char[::1] b, int oid, str what,
     return n
 
 
-def from_pg_arrays(ts_bin, vals_bin):
-    """Parse ``array_send`` of a ``timestamptz[]`` and of a ``float8[]`` (1-D, no
-    NULLs) into Unix-µs ``array('q')`` and ``array('d')`` of the same length."""
-    cdef const unsigned char[::1] tb = _bytes(ts_bin, "timestamptz[]")
+cdef Py_ssize_t _chunk_count(Py_ssize_t size, str what) except -1:
+    if size % 8:
+        raise ValueError(f"{what}: {size} bytes is not a whole number of 8-byte "
+                         "timestamps; the column is truncated or corrupt")
+    _check_count(size // 8)
+    return size // 8
+
+
+def from_chunk(ts_bin, vals_bin):
+    """See ``_codec_py.from_chunk``: same contract, same results."""
+    cdef const unsigned char[::1] tb = _bytes(ts_bin, "ts")
     cdef const unsigned char[::1] vb = _bytes(vals_bin, "float8[]")
-    cdef Py_ssize_t ht, hv, i
-    cdef Py_ssize_t nt = _pg_array(tb, 1184, "timestamptz[]", &ht)
+    cdef Py_ssize_t hv, i
+    cdef Py_ssize_t nt = _chunk_count(tb.shape[0], "ts")
     cdef Py_ssize_t nv = _pg_array(vb, 701, "float8[]", &hv)
-    cdef int64_t t
     if nt != nv:
-        raise ValueError(f"{nt} timestamps but {nv} values; a block pairs them one to one")
+        raise ValueError(f"{nt} timestamps but {nv} values; a chunk pairs them one to one")
     cdef array.array ts = array.clone(_Q, nt, False)
     cdef array.array vals = array.clone(_D, nv, False)
     for i in range(nt):
-        t = <int64_t>_get_be(&tb[ht + 12 * i + 4], 8)
-        if t > INT64_MAX - PG_EPOCH_US:
-            raise ValueError(f"timestamptz[]: element {i} is infinity or beyond the int64 "
-                             "range of Unix microseconds (year 294,247)")
-        if t == INT64_MIN:
-            raise ValueError(f"timestamptz[]: element {i} is -infinity")
-        (<int64_t*>ts.data.as_longlongs)[i] = t + PG_EPOCH_US
+        (<int64_t*>ts.data.as_longlongs)[i] = <int64_t>_get_be(&tb[8 * i], 8)
         vals.data.as_doubles[i] = _double(_get_be(&vb[hv + 12 * i + 4], 8))
     return ts, vals
 
@@ -662,24 +662,27 @@ def iso_json(ts):
 
 # ------------------------------------------------- reading_chunks, as COPY out
 
+cdef Py_ssize_t _extend_stamps(const unsigned char[::1] b, Py_ssize_t off, Py_ssize_t size,
+                               array.array dest) except -1:
+    """Append the big-endian Unix µs of the bytea at b[off:off+size] to dest."""
+    cdef Py_ssize_t n = _chunk_count(size, "ts"), i, base = len(dest)
+    _check_count(base + n)
+    array.resize(dest, base + n)
+    for i in range(n):
+        (<int64_t*>dest.data.as_longlongs)[base + i] = <int64_t>_get_be(&b[off + 8 * i], 8)
+    return n
+
+
 cdef Py_ssize_t _extend_from_pg(const unsigned char[::1] b, Py_ssize_t off, Py_ssize_t size,
-                                int oid, str what, array.array dest, bint stamps) except -1:
-    """Append the elements of the array_send bytes at b[off:off+size] to dest."""
+                                int oid, str what, array.array dest) except -1:
+    """Append the float8 elements of the array_send bytes at b[off:off+size] to dest."""
     cdef Py_ssize_t head, n, i, base = len(dest)
     n = _pg_array(b[off:off + size], oid, what, &head)
     _check_count(base + n)
     array.resize(dest, base + n)
     cdef const unsigned char* p = &b[off + head] if n else NULL
-    cdef int64_t t
     for i in range(n):
-        if stamps:
-            t = <int64_t>_get_be(p + 12 * i + 4, 8)
-            if t > INT64_MAX - PG_EPOCH_US or t == INT64_MIN:
-                raise ValueError(f"{what}: element {i} is infinity or beyond the int64 "
-                                 "range of Unix microseconds")
-            (<int64_t*>dest.data.as_longlongs)[base + i] = t + PG_EPOCH_US
-        else:
-            dest.data.as_doubles[base + i] = _double(_get_be(p + 12 * i + 4, 8))
+        dest.data.as_doubles[base + i] = _double(_get_be(p + 12 * i + 4, 8))
     return n
 
 
@@ -723,8 +726,8 @@ def group_chunks(data):
             ts = array.clone(_Q, 0, False)
             vals = array.clone(_D, 0, False)
             out.append((sid, bucket, ts, vals))
-        nt = _extend_from_pg(b, foff[2], flen[2], 1184, "timestamptz[]", ts, True)
-        nv = _extend_from_pg(b, foff[3], flen[3], 701, "float8[]", vals, False)
+        nt = _extend_stamps(b, foff[2], flen[2], ts)
+        nv = _extend_from_pg(b, foff[3], flen[3], 701, "float8[]", vals)
         if nt != nv:
             raise ValueError(f"{nt} timestamps but {nv} values; a block pairs them one to one")
     if p != size:

@@ -47,7 +47,6 @@ from math import copysign
 
 MAX_COUNT = 1 << 24  # 16,777,216: 4.6 hours at 1 kHz; a block is meant to be ~1 hour
 PG_EPOCH_US = 946_684_800_000_000  # 2000-01-01T00:00:00Z in Unix microseconds
-OID_TIMESTAMPTZ = 1184
 OID_FLOAT8 = 701
 
 _INT64_MIN = -(1 << 63)
@@ -296,23 +295,24 @@ def _pg_array(data: bytes, oid: int, what: str) -> tuple[int, int]:
     return n, head
 
 
-def from_pg_arrays(ts_bin: bytes, vals_bin: bytes) -> tuple[array, array]:
-    """Parse ``array_send`` of a ``timestamptz[]`` and of a ``float8[]`` (1-D, no
-    NULLs) into Unix-µs ``array('q')`` and ``array('d')`` of the same length."""
-    ts_bin = _bytes(ts_bin, "timestamptz[]")
+def _chunk_stamps(ts_bin: bytes, what: str = "ts") -> array:
+    """The bytea ``ts`` of a ``reading_chunks`` row: big-endian Unix µs, 8 bytes each."""
+    if len(ts_bin) % 8:
+        raise ValueError(f"{what}: {len(ts_bin)} bytes is not a whole number of 8-byte "
+                         "timestamps; the column is truncated or corrupt")
+    _check_count(len(ts_bin) // 8)
+    return _from_be("q", ts_bin)
+
+
+def from_chunk(ts_bin: bytes, vals_bin: bytes) -> tuple[array, array]:
+    """Parse one ``reading_chunks`` row: ``ts`` as stored (bytea, big-endian
+    Unix µs) and ``array_send(vals)`` (``float8[]``, 1-D, no NULLs), into
+    ``array('q')`` and ``array('d')`` of the same length."""
+    ts = _chunk_stamps(_bytes(ts_bin, "ts"))
     vals_bin = _bytes(vals_bin, "float8[]")
-    nt, ht = _pg_array(ts_bin, OID_TIMESTAMPTZ, "timestamptz[]")
     nv, hv = _pg_array(vals_bin, OID_FLOAT8, "float8[]")
-    if nt != nv:
-        raise ValueError(f"{nt} timestamps but {nv} values; a block pairs them one to one")
-    raw = _from_be("q", b"".join(ts_bin[ht + 12 * i + 4:ht + 12 * i + 12] for i in range(nt)))
-    for i, t in enumerate(raw):
-        if t > _INT64_MAX - PG_EPOCH_US:  # also 'infinity'; '-infinity' is caught below
-            raise ValueError(f"timestamptz[]: element {i} is infinity or beyond the int64 "
-                             "range of Unix microseconds (year 294,247)")
-        if t == _INT64_MIN:
-            raise ValueError(f"timestamptz[]: element {i} is -infinity")
-    ts = array("q", [t + PG_EPOCH_US for t in raw])
+    if len(ts) != nv:
+        raise ValueError(f"{len(ts)} timestamps but {nv} values; a chunk pairs them one to one")
     vals = array("d", _from_be("Q", b"".join(
         vals_bin[hv + 12 * i + 4:hv + 12 * i + 12] for i in range(nv))).tobytes())
     return ts, vals
@@ -413,7 +413,7 @@ COPY_SIGNATURE = b"PGCOPY\n\xff\r\n\x00"
 
 def group_chunks(data) -> list:
     """Parse the binary COPY output of ``(series_id int4, bucket timestamptz,
-    ts timestamptz[], vals float8[])`` ordered by (series_id, bucket), and merge
+    ts bytea, vals float8[])`` ordered by (series_id, bucket), and merge
     consecutive rows of one (series_id, bucket): a list of ``(series_id,
     bucket in Unix µs, ts array('q'), vals array('d'))``, readings in the
     order the rows held them (``sort_by_time`` orders them)."""
@@ -446,7 +446,7 @@ def group_chunks(data) -> list:
             raise ValueError("COPY data: series_id must be int4 and bucket timestamptz")
         sid = int.from_bytes(fields[0], "big", signed=True)
         bucket = int.from_bytes(fields[1], "big", signed=True) + PG_EPOCH_US
-        ts, vals = from_pg_arrays(fields[2], fields[3])
+        ts, vals = from_chunk(fields[2], fields[3])
         if (sid, bucket) != key:
             key = (sid, bucket)
             out.append((sid, bucket, ts, vals))

@@ -12,7 +12,6 @@ PG_EPOCH_US = 946_684_800_000_000  # 2000-01-01T00:00:00Z in Unix microseconds
 HOUR_US = 3_600_000_000
 PAST_LIMIT_US = 3650 * 86_400_000_000
 FUTURE_LIMIT_US = 5 * 60_000_000
-OID_TIMESTAMPTZ = 1184
 OID_FLOAT8 = 701
 
 ERR_NOT_FINITE = "Value must be finite"
@@ -21,7 +20,8 @@ ERR_TOO_NEW = "Timestamp is more than 5 minutes in the future"
 
 _row_head = struct.Struct("!hiiiqii")  # 5 fields; series_id; bucket; n
 _array_head = struct.Struct("!iiiiii")  # byte length; ndim, flags, oid, dim, lbound
-_ts_elem = struct.Struct("!iq")
+_ts_len = struct.Struct("!i")
+_ts_elem = struct.Struct("!q")
 _val_elem = struct.Struct("!id")
 
 
@@ -108,11 +108,10 @@ def _encode_chunks(good):
         while end < n and good[end][0] == sid and good[end][1] - good[end][1] % HOUR_US == bucket:
             end += 1
         k = end - start
-        alen = 20 + 12 * k
         out.append(_row_head.pack(5, 4, sid, 8, bucket - PG_EPOCH_US, 4, k))
-        out.append(_array_head.pack(alen, 1, 0, OID_TIMESTAMPTZ, k, 1))
-        out.extend(_ts_elem.pack(8, g[1] - PG_EPOCH_US) for g in good[start:end])
-        out.append(_array_head.pack(alen, 1, 0, OID_FLOAT8, k, 1))
+        out.append(_ts_len.pack(8 * k))  # ts: bytea of k big-endian Unix µs
+        out.extend(_ts_elem.pack(g[1]) for g in good[start:end])
+        out.append(_array_head.pack(20 + 12 * k, 1, 0, OID_FLOAT8, k, 1))
         out.extend(_val_elem.pack(8, g[2]) for g in good[start:end])
         start = end
     return b"".join(out)

@@ -150,7 +150,7 @@ class Settings:
     data_dir           ./haltless-data (embedded PostgreSQL, generated secrets, pki/)
     host, port         127.0.0.1, 8000
     workers            1 HTTP worker process (at most 256)
-    writer_connections 2 COPY transactions in flight per worker
+    writer_connections 1 COPY transaction in flight per worker (bigger groups)
     pool_size          8 connections per process, writers included
     auth_cache_seconds 2: API-key lookups are cached this long (a revoked key
                        stops working within this time)
@@ -179,7 +179,7 @@ class Settings:
     host: str = "127.0.0.1"
     port: int = 8000
     workers: int = 1
-    writer_connections: int = 2
+    writer_connections: int = 1
     pool_size: int = 8
     auth_cache_seconds: float = 2.0
     jwt_secret: str | None = field(default=None, repr=False)

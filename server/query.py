@@ -403,14 +403,14 @@ async def aggregates(app, req: Request) -> Response:
 LATEST = """
 SELECT s.id, m.machine_identifier, s.metric_name, NULLIF(s.unit, '') AS unit,
        NULLIF(s.raw_tag, '') AS raw_tag,
-       (extract(epoch FROM h.t) * 1000000)::int8 AS hot_t, h.v AS hot_v,
+       h.t AS hot_t, h.v AS hot_v,
        (extract(epoch FROM b.t_last) * 1000000)::int8 AS block_t, b.v_last AS block_v,
        CASE WHEN b.v_last IS NULL THEN b.vals END AS block_vals
 FROM machines m
 JOIN series s ON s.machine_id = m.id
 LEFT JOIN LATERAL (
-    SELECT c.ts[c.n] AS t, c.vals[c.n] AS v FROM reading_chunks c
-    WHERE c.series_id = s.id ORDER BY c.bucket DESC, c.ts[c.n] DESC LIMIT 1) h ON true
+    SELECT haltless_chunk_last(c.ts) AS t, c.vals[c.n] AS v FROM reading_chunks c
+    WHERE c.series_id = s.id ORDER BY c.bucket DESC, haltless_chunk_last(c.ts) DESC LIMIT 1) h ON true
 LEFT JOIN LATERAL (
     SELECT rb.t_last, rb.v_last, rb.vals FROM reading_blocks rb
     WHERE rb.series_id = s.id ORDER BY rb.block_start DESC LIMIT 1) b ON true

@@ -4,8 +4,8 @@ series over [from, to), decoded in the kernel, in time order.
     hour counts of the series (one small query) --> batches of whole hours
     of at most BATCH readings --> per batch, ONE query: blocks + their
     timelines (index on (series_id, block_start), month partitions pruned)
-    UNION ALL hot rows as array_send bytes (index on (series_id, bucket))
-    --> unpack_ints / unpack_values / from_pg_arrays --> per (series, hour)
+    UNION ALL hot rows: ts as stored, array_send(vals) (index on (series_id, bucket))
+    --> unpack_ints / unpack_values / from_chunk --> per (series, hour)
     one piece as is, or several (hot rows, late data beside a block) merged
     by sort_by_time --> cut to [from, to)
 
@@ -20,7 +20,7 @@ import datetime as _dt
 from array import array
 from collections.abc import AsyncIterator
 
-from ..fast import from_pg_arrays, sort_by_time, unpack_ints, unpack_values
+from ..fast import from_chunk, sort_by_time, unpack_ints, unpack_values
 
 HOUR_US = 3_600_000_000
 BATCH = 1_000_000  # readings decoded at once (16 MB of arrays), at least one hour
@@ -57,7 +57,7 @@ JOIN reading_timelines t ON t.block_start = b.block_start AND t.id = b.timeline
 WHERE b.series_id = ANY($1::int[]) AND b.block_start >= $2 AND b.block_start < $3
   AND t.block_start >= $2 AND t.block_start < $3 AND b.t_last >= $4 AND b.t_first < $5
 UNION ALL
-SELECT true, c.series_id, c.bucket, 0, array_send(c.ts), array_send(c.vals)
+SELECT true, c.series_id, c.bucket, 0, c.ts, array_send(c.vals)
 FROM reading_chunks c
 WHERE c.series_id = ANY($1::int[]) AND c.bucket >= $2 AND c.bucket < $3"""
 
@@ -92,7 +92,7 @@ async def load(conn, sids: list[int], from_us: int, to_us_: int) -> dict[int, tu
     timelines: dict[tuple[int, int], array] = {}  # a machine's series share one
     for hot, sid, h, tl, tsb, vb in rows:
         if hot:
-            ts, vals = from_pg_arrays(tsb, vb)
+            ts, vals = from_chunk(tsb, vb)
         else:
             key = (h, tl)
             ts = timelines.get(key)

@@ -259,7 +259,7 @@ def test_a_worker_added_later_takes_shards_through_the_rebalancer():
                 await db.migrate(conn)
                 await conn.execute(
                     "INSERT INTO reading_chunks_0 (series_id, bucket, n, ts, vals)"
-                    " SELECT s, date_trunc('hour', now()), 1, ARRAY[now()], ARRAY[s]::float8[]"
+                    " SELECT s, date_trunc('hour', now()), 1, haltless_chunk_stamps(ARRAY[now()]), ARRAY[s]::float8[]"
                     " FROM generate_series(1, 500) s")
             finally:
                 await conn.close()

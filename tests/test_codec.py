@@ -388,41 +388,44 @@ def pg(dsn, sql, *args):
     return run(go())
 
 
-def test_from_pg_arrays_reads_array_send_of_real_postgres(codec, pg_dsn):
+def test_from_chunk_reads_a_hot_row_of_real_postgres(codec, pg_dsn):
+    # ts as migration 0008 stores it (haltless_chunk_stamps), vals through array_send.
     utc = dt.timezone.utc
     stamps = [dt.datetime(2026, 11, 27, 12, 0, 0, 123456, utc), dt.datetime(1999, 12, 31, 23, 59,
               59, 999999, utc), dt.datetime(1970, 1, 1, tzinfo=utc), dt.datetime(1900, 5, 1, tzinfo=utc)]
     vals = HARD_FLOATS[:4]
-    row = pg(pg_dsn, "SELECT array_send($1::timestamptz[]), array_send($2::float8[])", stamps, vals)
-    ts, out = codec.from_pg_arrays(row[0], row[1])
+    row = pg(pg_dsn, "SELECT haltless_chunk_stamps($1::timestamptz[]), array_send($2::float8[])",
+             stamps, vals)
+    ts, out = codec.from_chunk(row[0], row[1])
     epoch = dt.datetime(1970, 1, 1, tzinfo=utc)
     assert ts.tolist() == [(s - epoch) // dt.timedelta(microseconds=1) for s in stamps]
     assert ts.typecode == "q" and out.typecode == "d" and same_bits(out, vals)
-    empty = pg(pg_dsn, "SELECT array_send('{}'::timestamptz[]), array_send('{}'::float8[])")
-    assert [len(a) for a in codec.from_pg_arrays(empty[0], empty[1])] == [0, 0]
+    # and PostgreSQL reads back what the kernel reads
+    back = pg(pg_dsn, "SELECT array_agg(ts ORDER BY ts DESC) FROM haltless_chunk_readings($1, $2)",
+              row[0], vals)[0]
+    assert back == sorted(stamps, reverse=True)
+    empty = pg(pg_dsn, "SELECT haltless_chunk_stamps('{}'), array_send('{}'::float8[])")
+    assert [len(a) for a in codec.from_chunk(empty[0], empty[1])] == [0, 0]
 
 
-def test_from_pg_arrays_refuses_what_is_not_a_block(codec, pg_dsn):
-    good_ts, good_vals = pg(pg_dsn, "SELECT array_send(ARRAY[now(), now()]),"
+def test_from_chunk_refuses_what_is_not_a_hot_row(codec, pg_dsn):
+    good_ts, good_vals = pg(pg_dsn, "SELECT haltless_chunk_stamps(ARRAY[now(), now()]),"
                                     " array_send(ARRAY[1.0, 2.0]::float8[])")
     bad = pg(pg_dsn, "SELECT array_send(ARRAY[1, 2]::int8[]),"
                      " array_send(ARRAY[1.0, NULL]::float8[]),"
                      " array_send(ARRAY[[1.0], [2.0]]::float8[]),"
-                     " array_send(ARRAY['infinity', now()]::timestamptz[]),"
-                     " array_send(ARRAY['-infinity', now()]::timestamptz[]),"
                      " array_send(ARRAY[1.0]::float8[])")
     for ts_bin, vals_bin, what in [
-        (bad[0], good_vals, "oid 20, expected 1184"),
+        (good_ts, bad[0], "oid 20, expected 701"),
         (good_ts, bad[1], "NULLs"),
         (good_ts, bad[2], "2 dimensions"),
-        (bad[3], good_vals, "element 0 is infinity"),
-        (bad[4], good_vals, "element 0 is -infinity"),
-        (good_ts, bad[5], "2 timestamps but 1 values"),
-        (good_ts[:-1], good_vals, "truncated"),
+        (good_ts, bad[3], "2 timestamps but 1 values"),
+        (good_ts[:-1], good_vals, "not a whole number of 8-byte timestamps"),
+        (good_ts, good_vals[:-1], "truncated"),
         (good_ts, good_vals[:10], "shorter than an array header"),
     ]:
         with pytest.raises(ValueError, match=what):
-            codec.from_pg_arrays(ts_bin, vals_bin)
+            codec.from_chunk(ts_bin, vals_bin)
 
 
 # ----------------------------------------------------------- SQL decoders

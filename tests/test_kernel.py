@@ -17,6 +17,7 @@ UTC = dt.timezone.utc
 NOW = dt.datetime(2026, 11, 27, 12, 0, 0, tzinfo=UTC)
 NOW_US = int(NOW.timestamp()) * 1_000_000
 PG_EPOCH = dt.datetime(2000, 1, 1, tzinfo=UTC)
+UNIX_IN_PG_US = 946_684_800_000_000  # the Unix epoch is this many µs before PG_EPOCH
 
 
 @pytest.fixture(params=IMPLS)
@@ -38,9 +39,10 @@ def parse_rows(payload: bytes):
         nf, = struct.unpack_from("!h", payload, p); p += 2
         assert nf == 5
         _, sid, _, bucket, _, n = struct.unpack_from("!iiiqii", payload, p); p += 4 + 4 + 4 + 8 + 4 + 4
-        alen, ndim, flags, oid, dim, lb = struct.unpack_from("!iiiiii", payload, p); p += 24
-        assert (ndim, flags, oid, dim, lb, alen) == (1, 0, 1184, n, 1, 20 + 12 * n)
-        ts = [struct.unpack_from("!iq", payload, p + 12 * i)[1] for i in range(n)]; p += 12 * n
+        tlen, = struct.unpack_from("!i", payload, p); p += 4
+        assert tlen == 8 * n  # bytea of big-endian Unix µs (migration 0008)
+        ts = [struct.unpack_from("!q", payload, p + 8 * i)[0] - UNIX_IN_PG_US for i in range(n)]
+        p += 8 * n
         alen, ndim, flags, oid, dim, lb = struct.unpack_from("!iiiiii", payload, p); p += 24
         assert (ndim, flags, oid, dim, lb) == (1, 0, 701, n, 1)
         vals = [struct.unpack_from("!id", payload, p + 12 * i)[1] for i in range(n)]; p += 12 * n

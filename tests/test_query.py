@@ -478,3 +478,28 @@ def test_pages_over_series_that_do_not_overlap_in_time(server, pg_dsn):
         params["cursor"] = body["next_cursor"]
     assert seen["early"] == [v for _, v in data.sorted(("early", None, None))]
     assert seen["late"] == [v for _, v in data.sorted(("late", None, None))]
+
+
+def test_latest_probes_the_index_of_the_newest_hot_row(pg_dsn):
+    # 3,600 one-reading rows per series (a poller's hour): the newest is found
+    # by a backward probe of (series_id, bucket, haltless_chunk_last(ts)), not
+    # by reading the series' rows and sorting them.
+    from conftest import fetch
+    from haltless.server.query import LATEST
+    tenant = make_tenant(pg_dsn, machines=("CNC-001",))
+    sid = fetchval(pg_dsn, "INSERT INTO series (machine_id, metric_name) VALUES ($1, 'p')"
+                   " RETURNING id", tenant.machines["CNC-001"])
+    fetch(pg_dsn, "INSERT INTO reading_chunks (slot, series_id, bucket, n, ts, vals)"
+          " SELECT 0, $1, date_trunc('hour', now()), 1,"
+          "  haltless_chunk_stamps(ARRAY[date_trunc('hour', now()) + i * interval '1 s']),"
+          "  ARRAY[i]::float8[] FROM generate_series(0, 3599) i", sid)
+    fetch(pg_dsn, "ANALYZE reading_chunks")
+    plan = "\n".join(r[0] for r in fetch(pg_dsn, "EXPLAIN " + LATEST, tenant.org_id, "CNC-001"))
+    hot = plan[plan.index("Merge Append"):plan.index("reading_blocks")]
+    assert "Index Scan Backward using reading_chunks_0_series_id_bucket_haltless_chunk_last" in hot, plan
+    assert "Sort  " not in hot and "Seq Scan" not in hot, plan
+    row = fetch(pg_dsn, LATEST, tenant.org_id, "CNC-001")[0]
+    assert row["hot_v"] == 3599.0
+    assert row["hot_t"] == fetchval(pg_dsn, "SELECT (extract(epoch FROM date_trunc('hour', now())"
+                                    " + interval '3599 s') * 1000000)::int8")
+    fetch(pg_dsn, "DELETE FROM reading_chunks WHERE series_id = $1", sid)

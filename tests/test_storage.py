@@ -211,7 +211,7 @@ def test_workers_compact_the_closed_slot_by_themselves_one_at_a_time(pg_dsn, fre
     hour = dt.datetime.now(UTC).replace(minute=0, second=0, microsecond=0)
     for slot in (closed, current):
         fetch(pg_dsn, f"INSERT INTO reading_chunks_{slot} (series_id, bucket, n, ts, vals)"
-              " VALUES ($1, $2::timestamptz, 2, ARRAY[$2::timestamptz, $2::timestamptz + interval '1 s'],"
+              " VALUES ($1, $2::timestamptz, 2, haltless_chunk_stamps(ARRAY[$2::timestamptz, $2::timestamptz + interval '1 s']),"
               " ARRAY[1.5, 2.5])", sid, hour)
 
     async def two_workers():
@@ -230,3 +230,64 @@ def test_workers_compact_the_closed_slot_by_themselves_one_at_a_time(pg_dsn, fre
     assert [r["n"] for r in fetch(pg_dsn, "SELECT n FROM reading_blocks WHERE series_id = $1",
                                   sid)] == [2]
     assert fetchval(pg_dsn, 'SELECT count(*) FROM readings WHERE series_id = $1', sid) == 4
+
+
+def test_migration_0008_turns_hot_timestamps_into_bytes_and_keeps_every_reading(pg_dsn):
+    # A database at version 7 with hot rows as 0005 wrote them (timestamptz[])
+    # and a reader role, then the rest of the migrations.
+    import uuid
+
+    import asyncpg
+
+    from haltless.server import db
+    name = f"m8_{uuid.uuid4().hex[:8]}"
+    base, _, query = pg_dsn.partition("?")
+    dsn = base.rsplit("/", 1)[0] + "/" + name + (("?" + query) if query else "")
+    stamps = [dt.datetime(2026, 11, 27, 12, 0, 0, 123456, UTC),
+              dt.datetime(2026, 11, 27, 12, 59, 59, 999999, UTC)]
+
+    async def go():
+        admin = await asyncpg.connect(pg_dsn)
+        await admin.execute(f'CREATE DATABASE "{name}"')
+        await admin.close()
+        c = await asyncpg.connect(dsn)
+        try:
+            await c.execute("CREATE TABLE haltless_schema (version integer PRIMARY KEY,"
+                            " name text NOT NULL, applied_at timestamptz NOT NULL DEFAULT now())")
+            for version, mname, sql in db._migrations():
+                if version <= 7:
+                    await c.execute(sql)
+                    await c.execute("INSERT INTO haltless_schema (version, name) VALUES ($1, $2)",
+                                    version, mname)
+            org = await c.fetchval("INSERT INTO organizations (name) VALUES ('o') RETURNING id")
+            mid = await c.fetchval("INSERT INTO machines (org_id, machine_identifier)"
+                                   " VALUES ($1, 'M') RETURNING id", org)
+            sid = await c.fetchval("INSERT INTO series (machine_id, metric_name) VALUES ($1, 't')"
+                                   " RETURNING id", mid)
+            await c.execute("INSERT INTO reading_chunks_0 (series_id, bucket, n, ts, vals)"
+                            " VALUES ($1, '2026-11-27T12:00Z', 2, $2, $3)", sid, stamps, HARD[:2])
+            await c.execute("CREATE ROLE m8_reader_" + name[3:] + " LOGIN")
+            await c.execute("INSERT INTO reader_roles (role_name, org_id) VALUES ($1, $2)",
+                            "m8_reader_" + name[3:], org)
+            assert await db.migrate(c) == db.LATEST_VERSION
+            got = await c.fetch("SELECT * FROM readings_between($1, '2026-11-27', '2026-11-28')",
+                                sid)
+            hot = await c.fetchrow("SELECT ts, array_send(vals), haltless_chunk_last(ts)"
+                                   " FROM reading_chunks")
+            granted = await c.fetchval("SELECT has_table_privilege($1, 'readings', 'SELECT')",
+                                       "m8_reader_" + name[3:])
+            await c.execute("DROP OWNED BY m8_reader_" + name[3:])
+            await c.execute("DROP ROLE m8_reader_" + name[3:])
+            return got, hot, granted
+        finally:
+            await c.close()
+
+    got, hot, granted = run_async(go())
+    assert [r["ts"] for r in got] == stamps
+    assert [bits(r["value"]) for r in got] == [bits(v) for v in HARD[:2]]
+    from haltless.fast import from_chunk
+    ts, vals = from_chunk(hot[0], hot[1])
+    epoch = dt.datetime(1970, 1, 1, tzinfo=UTC)
+    assert ts.tolist() == [(s - epoch) // dt.timedelta(microseconds=1) for s in stamps]
+    assert hot[2] == ts[-1]
+    assert granted
