@@ -2,10 +2,10 @@
 series over [from, to), decoded in the kernel, in time order.
 
     hour counts of the series (one small query) --> batches of whole hours
-    of at most BATCH readings --> per batch, ONE query: blocks + their
-    timelines (index on (series_id, block_start), month partitions pruned)
-    UNION ALL hot rows: ts as stored, array_send(vals) (index on (series_id, bucket))
-    --> unpack_ints / unpack_values / from_chunk --> per (series, hour)
+    of at most BATCH readings --> per batch: blocks + their timelines (index
+    on (series_id, block_start), month partitions pruned), and the hot rows
+    as binary COPY (index on (series_id, bucket, ...)) --> unpack_ints /
+    unpack_values / group_chunks --> per (series, hour)
     one piece as is, or several (hot rows, late data beside a block) merged
     by sort_by_time --> cut to [from, to)
 
@@ -20,7 +20,7 @@ import datetime as _dt
 from array import array
 from collections.abc import AsyncIterator
 
-from ..fast import from_chunk, sort_by_time, unpack_ints, unpack_values
+from ..fast import group_chunks, sort_by_time, unpack_ints, unpack_values
 
 HOUR_US = 3_600_000_000
 BATCH = 1_000_000  # readings decoded at once (16 MB of arrays), at least one hour
@@ -50,16 +50,19 @@ SELECT h, sum(n)::int8 FROM (
 
 # $2/$3: whole hours (prune partitions, walk the indexes); $4/$5: the range
 # itself, to skip blocks that end before it or start after it.
-PAYLOAD = """
-SELECT false AS hot, b.series_id, b.block_start AS h, b.timeline, t.ts, b.vals
+BLOCKS = """
+SELECT b.series_id, b.block_start AS h, b.timeline, t.ts, b.vals
 FROM reading_blocks b
 JOIN reading_timelines t ON t.block_start = b.block_start AND t.id = b.timeline
 WHERE b.series_id = ANY($1::int[]) AND b.block_start >= $2 AND b.block_start < $3
-  AND t.block_start >= $2 AND t.block_start < $3 AND b.t_last >= $4 AND b.t_first < $5
-UNION ALL
-SELECT true, c.series_id, c.bucket, 0, c.ts, array_send(c.vals)
-FROM reading_chunks c
-WHERE c.series_id = ANY($1::int[]) AND c.bucket >= $2 AND c.bucket < $3"""
+  AND t.block_start >= $2 AND t.block_start < $3 AND b.t_last >= $4 AND b.t_first < $5"""
+
+# Hot rows through binary COPY: no Record per row; group_chunks parses them
+# all in one kernel call and joins the rows of each (series, hour).
+HOT = """
+SELECT series_id, bucket, ts, vals FROM reading_chunks
+WHERE series_id = ANY($1::int[]) AND bucket >= $2 AND bucket < $3
+ORDER BY series_id, bucket"""
 
 
 async def hour_counts(conn, sids: list[int], from_us: int, to_us_: int) -> list[tuple[int, int]]:
@@ -86,25 +89,32 @@ def batches_of(hours: list[tuple[int, int]], budget: int = BATCH) -> list[tuple[
 async def load(conn, sids: list[int], from_us: int, to_us_: int) -> dict[int, tuple[array, array]]:
     """Every reading of the series in [from, to), per series id, sorted by
     (timestamp, value bits); series without readings are left out."""
-    rows = await conn.fetch(PAYLOAD, sids, to_dt(hour_of(from_us)), to_dt(to_us_),
-                            to_dt(from_us), to_dt(to_us_))
+    hours = (to_dt(hour_of(from_us)), to_dt(to_us_))
+    rows = await conn.fetch(BLOCKS, sids, *hours, to_dt(from_us), to_dt(to_us_))
+    buf = bytearray()
+
+    async def sink(data: bytes) -> None:
+        buf.extend(data)
+    await conn.copy_from_query(HOT, sids, *hours, output=sink, format="binary")
     pieces: dict[tuple[int, int], list] = {}
     timelines: dict[tuple[int, int], array] = {}  # a machine's series share one
-    for hot, sid, h, tl, tsb, vb in rows:
-        if hot:
-            ts, vals = from_chunk(tsb, vb)
-        else:
-            key = (h, tl)
-            ts = timelines.get(key)
-            if ts is None:
-                ts = timelines[key] = unpack_ints(tsb)
-            vals = unpack_values(vb)
-        pieces.setdefault((sid, to_us(h)), []).append((hot, ts, vals))
+    for sid, h, tl, tsb, vb in rows:
+        key = (h, tl)
+        ts = timelines.get(key)
+        if ts is None:
+            ts = timelines[key] = unpack_ints(tsb)
+        pieces.setdefault((sid, to_us(h)), []).append((False, ts, unpack_values(vb)))
+    for sid, h, ts, vals in group_chunks(bytes(buf)):
+        pieces.setdefault((sid, h), []).append((True, ts, vals))
+    del buf
     parts: dict[int, list[tuple[array, array]]] = {}
     for sid, h in sorted(pieces):
         got = pieces[(sid, h)]
         if len(got) == 1 and not got[0][0]:
             ts, vals = got[0][1], got[0][2]  # one block: sorted when written
+        elif len(got) == 1:
+            ts, vals = got[0][1], got[0][2]  # the hot rows of one hour: fresh arrays
+            sort_by_time(ts, vals)
         else:
             ts, vals = array("q"), array("d")
             for _, t, v in got:

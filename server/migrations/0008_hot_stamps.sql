@@ -14,7 +14,9 @@
 DROP VIEW readings;
 DROP FUNCTION readings_in(timestamptz, timestamptz);
 DROP FUNCTION readings_between(integer, timestamptz, timestamptz);
-DROP INDEX reading_chunks_series_bucket_last;
+-- DDL on reading_chunks goes through EXECUTE: on a Citus coordinator it is
+-- sent to the shards as its query string, which must be one statement.
+DO $$ BEGIN EXECUTE 'DROP INDEX reading_chunks_series_bucket_last'; END $$;
 
 -- The i-th (1-based) timestamp of a chunk as Unix µs. PostgreSQL 18 casts
 -- 8 bytes to a bigint directly; older servers go through the codec's helper.
@@ -39,15 +41,19 @@ LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
                                ORDER BY o), ''::bytea)
     FROM unnest(p_ts) WITH ORDINALITY AS u (t, o)
 $$;
-ALTER TABLE reading_chunks ALTER COLUMN ts TYPE bytea USING haltless_chunk_stamps(ts);
+DO $$ BEGIN
+    EXECUTE 'ALTER TABLE reading_chunks ALTER COLUMN ts TYPE bytea USING haltless_chunk_stamps(ts)';
+END $$;
 
 -- The newest reading of a chunk (the kernel writes them sorted by time):
 -- "the newest reading of series S" stays one backward index probe per slot.
 CREATE FUNCTION haltless_chunk_last(p_ts bytea) RETURNS bigint
 LANGUAGE sql IMMUTABLE PARALLEL SAFE
 RETURN haltless_chunk_us(p_ts, length(p_ts) / 8);
-CREATE INDEX reading_chunks_series_bucket_last
-    ON reading_chunks (series_id, bucket, haltless_chunk_last(ts));
+DO $$ BEGIN
+    EXECUTE 'CREATE INDEX reading_chunks_series_bucket_last'
+            ' ON reading_chunks (series_id, bucket, haltless_chunk_last(ts))';
+END $$;
 
 -- The readings of one hot row, in order: plain SQL over its columns.
 CREATE FUNCTION haltless_chunk_readings(p_ts bytea, p_vals float8[])
