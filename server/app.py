@@ -11,7 +11,6 @@ import logging
 import re
 import time
 
-import msgspec
 
 from . import db, fleet, management, metrics, query
 from .bodies import BodyBudget, read_body
@@ -25,11 +24,10 @@ from .ingest import count_readings
 from .ratelimit import RateLimiter
 from .runtime import Runtime, configure_logging
 from .store import hash_api_key
-from .wire import MAX_BODY_BYTES, IngestResult
+from .wire import MAX_BODY_BYTES
 
 log = logging.getLogger("haltless.app")
 
-_result_decoder = msgspec.json.Decoder(IngestResult)
 _METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 
 
@@ -48,13 +46,13 @@ async def ingest(app: "App", req: Request) -> Response:
         except TooManyRequests:
             metrics.READINGS_REJECTED.labels("rate_limited").inc(n)
             raise
-    body, replayed = await app.rt.ingestor.ingest_body(req.org, req.body, key)
-    if not replayed:
-        result = _result_decoder.decode(body)
-        metrics.READINGS_ACCEPTED.inc(result.accepted_count)
-        for e in result.errors:
-            metrics.READINGS_REJECTED.labels(metrics.reason_of(e.error)).inc()
-    return Response(207, body, [(b"idempotency-replayed", b"true")] if replayed else None)
+    body, result = await app.rt.ingestor.ingest_body(req.org, req.body, key)
+    if result is None:  # a replay: counted when it was first answered
+        return Response(207, body, [(b"idempotency-replayed", b"true")])
+    metrics.READINGS_ACCEPTED.inc(result.accepted_count)
+    for e in result.errors:
+        metrics.READINGS_REJECTED.labels(metrics.reason_of(e.error)).inc()
+    return Response(207, body)
 
 
 async def healthz(app: "App", req: Request) -> Response:

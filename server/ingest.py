@@ -71,7 +71,7 @@ def decode_batch(body: bytes) -> tuple[list, dict[int, str], list]:
         return _decode_slow(body)
     except (msgspec.DecodeError, UnicodeDecodeError, RecursionError):
         return _decode_slow(body)
-    if b"\\u0000" in body:
+    if b"\\" in body and b"\\u0000" in body:  # memchr first: most bodies hold no escape
         return _decode_slow(body)
     return readings, {}, []
 
@@ -542,26 +542,28 @@ class Ingestor:
         self.too_old = (f"Timestamp is older than the retention period ({retention_days} days)"
                         if self.retention_us is not None else None)
 
-    async def ingest_body(self, org_id: uuid.UUID, body: bytes,
-                          idempotency_key: str | None = None) -> tuple[bytes, bool]:
-        """The 207 body for ``body``, and whether it is a replay of an earlier
-        request with the same Idempotency-Key (then nothing was written)."""
+    async def ingest_body(self, org_id: uuid.UUID, body: bytes, idempotency_key: str | None = None
+                          ) -> tuple[bytes, IngestResult | None]:
+        """The 207 body for ``body``, and the result it encodes; None instead
+        of the result when this is a replay of an earlier request with the
+        same Idempotency-Key (then nothing was written)."""
         if idempotency_key is None:
             readings, errors, raw = decode_batch(body)
-            return encoder.encode(await self.ingest(org_id, readings, errors, raw)), False
+            result = await self.ingest(org_id, readings, errors, raw)
+            return encoder.encode(result), result
         digest = hashlib.sha256(body).digest()
         stored = await self._stored(org_id, idempotency_key, digest)
         if stored is not None:
-            return stored, True
+            return stored, None
         payload, result = await self.prepare(org_id, *decode_batch(body))
         encoded = encoder.encode(result)
         if await self.writer.write(payload, (org_id, idempotency_key, digest, encoded)):
-            return encoded, False
+            return encoded, result
         # Another request with this key committed first: answer as it was answered.
         stored = await self._stored(org_id, idempotency_key, digest)
         if stored is None:
             raise DatabaseUnavailable("idempotency record vanished; retry")
-        return stored, True
+        return stored, None
 
     async def _stored(self, org_id: uuid.UUID, key: str, digest: bytes) -> bytes | None:
         row = await self.pool.fetchrow(
