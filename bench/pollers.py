@@ -397,7 +397,7 @@ def run_scenario(kind: str, args, dsn: str, pg_pid: int, work: Path, stamp: str)
         poller_log = work / f"poller-{kind}.log"
         env = dict(os.environ, HALTLESS_DATABASE_URL=dsn, HALTLESS_DATA_DIR=str(work / "poller-data"),
                    HALTLESS_POLL_ALLOW="127.0.0.0/8", HALTLESS_LOG_LEVEL="info")
-        argv = [sys.executable, "-m", "server.cli", "pollers", "--processes", "1",
+        argv = [sys.executable, "-m", "haltless.server.cli", "pollers", "--processes", "1",
                 "--stats-file", str(stats_file)]
         gc_trace = work / f"gc-{kind}.jsonl"
         if args.trace_gc:

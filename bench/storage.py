@@ -1,7 +1,7 @@
 """Storage benchmark (issue #8): what a reading costs at rest, in WAL and to
 compact, per write shape, beside a plain narrow table loaded with the same data.
 
-    python -m bench.storage [--readings 2000000] [--shapes agent,live,pollers]
+    python -m bench.storage [--readings 2000000] [--shapes agent,live,pollers,push]
                             [--connections 64] [--workers 2] [--out bench/results/]
 
 One embedded PostgreSQL; every target gets its own database in it, so sizes
@@ -12,7 +12,13 @@ and compaction are per target:
   by its own process;
 - per write shape (``bench/mix.py``): the real ``haltless serve --workers N``,
   every body of the shape sent exactly once (``bench/loadgen.py --once``),
-  then ``haltless compact`` if the command exists.
+  then ``haltless compact`` if the command exists;
+- ``pollers``: what ``haltless pollers`` does with one poll per machine and
+  tick (``Ingestor.prepare``, then its ``Flusher`` commits every 10 ticks:
+  ``HALTLESS_POLL_FLUSH_SECONDS`` at 1 s polls), in a process of its own
+  without the devices; ``push``: the same bodies over HTTP, one request per
+  poll, as an agent that pushes each poll does (each answer means committed,
+  so nothing waits to be merged).
 
 The same readings everywhere (``bench/mix.py``, one seed, one end time). A
 Gorilla encoding of them is counted in Python as the anchor. JSON lines and a
@@ -64,6 +70,13 @@ CREATE TABLE narrow_readings (series_id integer NOT NULL, ts timestamptz NOT NUL
 CREATE INDEX narrow_readings_series_ts ON narrow_readings (series_id, ts);
 """
 HALTLESS = [sys.executable, "-m", "haltless.server.cli"]
+# target -> the bodies it sends (bench/mix.py). "pollers" is `haltless
+# pollers`' own path (pollers/runner.py: Ingestor.prepare per poll, then
+# Flusher commits every POLL_FLUSH_TICKS ticks, its 10 s default at 1 s
+# polls), in a process of its own; "push" sends the same bodies over HTTP,
+# one request per poll, as an agent that pushes as it polls does.
+TARGETS = {"agent": "agent", "live": "live", "pollers": "pollers", "push": "pollers"}
+POLL_FLUSH_TICKS = 10
 
 
 class BenchDB(ingest_bench.DB):
@@ -114,6 +127,48 @@ def run_child(argv: list[str], env: dict, log: Path, timeout: float | None = Non
 
 def per_reading(x: float | None, n: int) -> float | None:
     return round(x / n, 2) if x is not None and n else None
+
+
+# ------------------------------------------------------------------ pollers' path
+
+async def _pollers_path(dsn: str, bodies: Path, per_flush: int) -> dict:
+    """What a `haltless pollers` process does with what it polls, without the
+    devices: each body (one machine's poll) through Ingestor.prepare, into
+    the Flusher, committed every ``per_flush`` bodies."""
+    import asyncpg
+
+    from haltless.pollers.runner import Flusher
+    from haltless.server.ingest import GroupCommitWriter, Ingestor, decode_batch
+    pool = await asyncpg.create_pool(dsn, min_size=2, max_size=2)
+    writer = GroupCommitWriter(pool, connections=1)
+    ingestor = Ingestor(pool, writer)
+    flusher = Flusher(writer, every=0)
+    org = await pool.fetchval("SELECT org_id FROM machines LIMIT 1")
+    accepted, failed, polls = 0, [], 0
+
+    def done(result):
+        def landed(exc):
+            nonlocal accepted
+            if exc is None:
+                accepted += result.accepted_count
+            else:
+                failed.append(repr(exc))
+        return landed
+    t0 = time.perf_counter()
+    with bodies.open("rb") as f:
+        for line in f:
+            payload, result = await ingestor.prepare(org, *decode_batch(line.rstrip(b"\n")))
+            flusher.add(payload, done(result))
+            polls += 1
+            if polls % per_flush == 0:
+                await flusher.flush()
+    await flusher.flush()
+    wall = time.perf_counter() - t0
+    await writer.close()
+    await pool.close()
+    return {"accepted_readings": accepted, "duration_s": round(wall, 3), "requests": polls,
+            "requests_per_s": round(polls / wall, 1), "non_207": len(failed), "socket_errors": 0,
+            "status_counts": {}, "latency_ms": None, "error_samples": failed[:5]}
 
 
 # ------------------------------------------------------------------ narrow baseline
@@ -185,36 +240,51 @@ def compact_available(env: dict) -> bool:
 
 
 def run_shape(shape: str, data: mix.Mix, admin_dsn: str, pg_pid: int, args, work: Path) -> dict:
-    print(f"== {shape}: haltless serve --workers {args.workers}, "
-          f"{mix.body_count(data, shape):,} bodies")
+    """One target: ``shape`` is a key of TARGETS."""
+    body_shape = TARGETS[shape]
+    direct = shape == "pollers"
+    print(f"== {shape}: " + (f"the pollers' path, a flush every {POLL_FLUSH_TICKS} ticks"
+                             if direct else f"haltless serve --workers {args.workers}")
+          + f", {mix.body_count(data, body_shape):,} bodies")
     dsn = create_database(admin_dsn, f"bench_{shape}")
     key = asyncio.run(ingest_bench._setup_haltless(dsn, mix.machine_ids()))
     bodies = work / f"bodies-{shape}.jsonl"
-    n_bodies = loadgen.write_bodies_file(mix.bodies(data, shape), bodies)
+    n_bodies = loadgen.write_bodies_file(mix.bodies(data, body_shape), bodies)
     env = dict(os.environ, HALTLESS_DATABASE_URL=dsn, HALTLESS_DATA_DIR=str(work / "data"))
     env.update(args.serve_env)
-    port = ingest_bench.free_port()
+    proc = None
     log = work / f"serve-{shape}.log"
-    with log.open("w") as logf:
-        proc = subprocess.Popen(ingest_bench._haltless_argv(port, args.workers), cwd=ROOT,
-                                env=env, stdout=logf, stderr=subprocess.STDOUT)
+    if not direct:
+        port = ingest_bench.free_port()
+        with log.open("w") as logf:
+            proc = subprocess.Popen(ingest_bench._haltless_argv(port, args.workers), cwd=ROOT,
+                                    env=env, stdout=logf, stderr=subprocess.STDOUT)
     h = BenchDB(dsn)
     try:
-        ingest_bench.wait_healthy(port, proc, log)
+        if proc is not None:
+            ingest_bench.wait_healthy(port, proc, log)
         empty = h.sizes()["total_bytes"]  # the schema's own pages, partitions made ahead
         h.val("CHECKPOINT")
         lsn0 = h.lsn()
-        cpu0 = (ps.cpu_seconds(ps.tree(proc.pid)), ps.cpu_seconds(ps.tree(pg_pid)))
-        argv = [sys.executable, "-m", "bench.loadgen", "--url", f"http://127.0.0.1:{port}",
-                "--key", key, "--connections", str(args.connections), "--once", str(bodies)]
+        cpu0 = (ps.cpu_seconds(ps.tree(proc.pid)) if proc else 0.0, ps.cpu_seconds(ps.tree(pg_pid)))
+        if direct:
+            argv = [sys.executable, "-m", "bench.storage", "--pollers-path", dsn, str(bodies),
+                    str(POLL_FLUSH_TICKS * mix.MACHINES)]
+        else:
+            argv = [sys.executable, "-m", "bench.loadgen", "--url", f"http://127.0.0.1:{port}",
+                    "--key", key, "--connections", str(args.connections), "--once", str(bodies)]
         code, _wall, load_cpu, out = run_child(argv, dict(os.environ), work / f"load-{shape}.out")
         if code != 0:
             raise RuntimeError(f"load generator failed ({code}):\n{out[-3000:]}")
         res = json.loads(out.strip().splitlines()[-1])
         wal = h.wal_since(lsn0)  # every answer is in: everything accepted is committed
-        cpu1 = (ps.cpu_seconds(ps.tree(proc.pid)), ps.cpu_seconds(ps.tree(pg_pid)))
+        cpu1 = (ps.cpu_seconds(ps.tree(proc.pid)) if proc else load_cpu,
+                ps.cpu_seconds(ps.tree(pg_pid)))
+        if direct:
+            load_cpu = 0.0  # the driver is the server here: counted as such
     finally:
-        ps.stop_process(proc)
+        if proc is not None:
+            ps.stop_process(proc)
     bodies.unlink()
     try:
         count = h.val("SELECT count(*) FROM readings")
@@ -241,7 +311,8 @@ def run_shape(shape: str, data: mix.Mix, admin_dsn: str, pg_pid: int, args, work
             "empty_bytes": empty,
             "before": {**before, "bytes_per_reading": per_reading(before["total_bytes"] - empty,
                                                                   count)},
-            "server_log_problems": ingest_bench.server_log_problems(log.read_text(errors="replace")),
+            "server_log_problems": (ingest_bench.server_log_problems(log.read_text(errors="replace"))
+                                    if proc is not None else []),
         }
         record["compaction"] = compact(h, env, pg_pid, count, empty,
                                        work / f"compact-{shape}.log")
@@ -331,8 +402,9 @@ def markdown(records: list[dict], head: dict) -> str:
     for r in records:
         c = r.get("compaction") or {}
         after = c.get("after", {}).get("bytes_per_reading") if c.get("available") else None
-        name = r["target"] if r["target"] == "narrow" else f"haltless, {r['target']} " \
-            f"({r['readings_per_body']:,}/request)"
+        name = r["target"] if r["target"] == "narrow" else f"haltless, {r['target']} " + (
+            f"({r['readings_per_body']:,}/poll, committed every {POLL_FLUSH_TICKS} s of polls)"
+            if r["target"] == "pollers" else f"({r['readings_per_body']:,}/request)")
         if r.get("exact") is False:
             name += " **(count mismatch)**"
         lines.append(
@@ -376,8 +448,10 @@ def main(argv: list[str] | None = None) -> None:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--readings", type=int, default=2_000_000,
                    help="readings per target, a multiple of 1,000 (default 2,000,000)")
-    p.add_argument("--shapes", default=",".join(mix.SHAPES),
-                   help=f"write shapes to run, comma-separated (default {','.join(mix.SHAPES)})")
+    p.add_argument("--shapes", default=",".join(TARGETS),
+                   help=f"write shapes to run, comma-separated (default {','.join(TARGETS)}; "
+                        "pollers: `haltless pollers`' path, a commit every 10 ticks; push: the "
+                        "same bodies over HTTP, one request per poll)")
     p.add_argument("--no-narrow", action="store_true", help="skip the narrow-table baseline")
     p.add_argument("--connections", type=int, default=64, help="load connections to haltless")
     p.add_argument("--narrow-connections", type=int, default=4,
@@ -389,17 +463,23 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     p.add_argument("--narrow-loader", metavar="DSN", help=argparse.SUPPRESS)
     p.add_argument("--end-us", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--pollers-path", nargs=3, metavar=("DSN", "BODIES", "PER_FLUSH"),
+                   help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.readings <= 0 or args.readings % mix.SERIES:
         p.error(f"--readings must be a positive multiple of {mix.SERIES}")
+    if args.pollers_path:  # the pollers target's own process
+        dsn, path, per_flush = args.pollers_path
+        print(json.dumps(asyncio.run(_pollers_path(dsn, Path(path), int(per_flush)))))
+        return
     if args.narrow_loader:  # the baseline's own process
         print(json.dumps(asyncio.run(_narrow_copy(args.narrow_loader, args.readings, args.end_us,
                                                   args.seed, args.narrow_connections))))
         return
     shapes = [s.strip() for s in args.shapes.split(",") if s.strip()]
-    bad = [s for s in shapes if s not in mix.SHAPES]
+    bad = [s for s in shapes if s not in TARGETS]
     if bad:
-        p.error(f"unknown shape {', '.join(bad)}; choose from {', '.join(mix.SHAPES)}")
+        p.error(f"unknown shape {', '.join(bad)}; choose from {', '.join(TARGETS)}")
     args.serve_env = dict(args.serve_env)
     args.out = args.out.resolve()
     args.out.mkdir(parents=True, exist_ok=True)

@@ -128,6 +128,7 @@ VARIABLES = {
     "poll_allow": ("HALTLESS_POLL_ALLOW", poll_allow),
     "db_timeout": ("HALTLESS_DB_TIMEOUT", _float(0.1, 600)),
     "retention_days": ("HALTLESS_RETENTION_DAYS", _int(1, 36500)),
+    "poll_flush_seconds": ("HALTLESS_POLL_FLUSH_SECONDS", _float(0, 60)),
     "rate_limit": ("HALTLESS_RATE_LIMIT", _float(0.001, 1e9)),
     "header_timeout": ("HALTLESS_HEADER_TIMEOUT", _float(0.5, 600)),
     "body_timeout": ("HALTLESS_BODY_TIMEOUT", _float(0.5, 600)),
@@ -162,6 +163,8 @@ class Settings:
     db_timeout         10 s to connect / run a statement
     retention_days     unset: keep everything; else readings older than this
                        are refused and whole block partitions past it dropped
+    poll_flush_seconds 10: `haltless pollers` commits what its sources polled
+                       together this often (0: every poll as it comes)
     rate_limit         unset: none; else readings/s per API key (429 beyond it)
     header_timeout     10 s for a connection to send its request headers
     body_timeout       10 s a request body may stall (408), 6x that in all
@@ -187,6 +190,7 @@ class Settings:
     poll_allow: tuple | None = None
     db_timeout: float = 10.0
     retention_days: int | None = None
+    poll_flush_seconds: float = 10.0
     rate_limit: float | None = None
     header_timeout: float = 10.0
     body_timeout: float = 10.0

@@ -141,7 +141,7 @@ def test_the_storage_benchmark_runs_end_to_end_and_counts_every_reading(tmp_path
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     (jsonl,) = tmp_path.glob("storage-*.jsonl")
     records = [json.loads(line) for line in jsonl.read_text().splitlines()]
-    assert [r["target"] for r in records] == ["narrow", "agent", "live", "pollers"]
+    assert [r["target"] for r in records] == ["narrow", "agent", "live", "pollers", "push"]
     for r in records:
         assert r["readings_committed"] == 20_000
         assert r["before"]["bytes_per_reading"] > 0

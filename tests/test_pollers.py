@@ -16,13 +16,16 @@ from test_management import MODBUS_BODY, Api
 
 
 class Pollers:
-    def __init__(self, server, log_path, processes=1):
+    """`haltless pollers`; ``flush`` is HALTLESS_POLL_FLUSH_SECONDS (short
+    here, so that tests see readings within a poll or two; 10 s by default)."""
+
+    def __init__(self, server, log_path, processes=1, flush="0.3"):
         self.log_path = log_path
         self._log = open(log_path, "ab")
         self.proc = subprocess.Popen(
             HALTLESS + ["pollers", "--processes", str(processes)],
-            env={**server.env, "HALTLESS_LOG_LEVEL": "info"}, cwd=ROOT, stdout=self._log,
-            stderr=subprocess.STDOUT, start_new_session=True)
+            env={**server.env, "HALTLESS_LOG_LEVEL": "info", "HALTLESS_POLL_FLUSH_SECONDS": flush},
+            cwd=ROOT, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True)
 
     def kill(self, sig=signal.SIGKILL):
         if self.proc.poll() is None:
@@ -299,3 +302,32 @@ def test_a_device_answering_garbage_is_logged_once_by_name_without_hex_dumps(ser
     assert f"127.0.0.1:{port}" in named[0]
     for noise in ("pymodbus", "0xde", "0xad", "Processing:"):
         assert noise not in log and noise not in server.log(), noise
+
+
+def test_polls_are_committed_together_each_flush_and_a_stop_flushes_first(server, api, tenant,
+                                                                          pg_dsn, tmp_path):
+    # Polled every second, flushed every 4 s: hot rows of several readings
+    # each (one per flush and series, not one per poll), and SIGTERM commits
+    # what was polled since the last flush before the process exits.
+    mid = tenant.machines["PRESS-7"]
+    with ModbusPeer([device(1, {100: 725, 101: 42})]) as peer:
+        body = {**MODBUS_BODY, "machine_id": str(mid), "port": peer.port,
+                "poll_interval_seconds": 1}
+        src = api.post("/api/v1/ingest-sources", body).json()
+        pollers = Pollers(server, tmp_path / "pollers.log", flush="4")
+        try:
+            first = wait_for(lambda: len(series_rows(pg_dsn, mid, "temperature")), what="a flush")
+            assert first >= 3, first  # ~4 s of polls at once, not one by one
+            time.sleep(2.5)  # polled since that flush, not yet committed...
+        finally:
+            pollers.kill(signal.SIGTERM)  # ...until the stop
+        api.patch(f"/api/v1/ingest-sources/{src['id']}", {"is_active": False})
+    ts = [r["timestamp"] for r in series_rows(pg_dsn, mid, "temperature")]
+    assert len(ts) >= first + 2, (first, len(ts))
+    rows = fetch(pg_dsn, "SELECT n FROM reading_chunks c JOIN series s ON s.id = c.series_id"
+                 " WHERE s.machine_id = $1 AND s.metric_name = 'temperature'", mid)
+    assert sum(r["n"] for r in rows) == len(ts)
+    assert max(r["n"] for r in rows) >= 3, [r["n"] for r in rows]
+    st = api.get(f"/api/v1/ingest-sources/{src['id']}").json()["status"]
+    total = fetch(pg_dsn, "SELECT count(*) FROM readings WHERE machine_id = $1", mid)[0][0]
+    assert st["readings_written"] == total  # reported once committed, every one of them
