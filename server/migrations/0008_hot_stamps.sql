@@ -63,48 +63,63 @@ LANGUAGE sql STABLE PARALLEL SAFE AS $$
     FROM generate_series(1, cardinality(p_vals)) AS i
 $$;
 
--- readings_in, readings_between and the view as in 0005 (on a Citus
--- coordinator as in 0007), reading hot rows through haltless_chunk_readings.
+-- readings_in, readings_between and the view as in 0005, reading hot rows
+-- through haltless_chunk_readings; written once for both kinds of server.
+-- On a Citus coordinator (0007) blocks join their timeline on the
+-- distribution column as well, and the functions are PL/pgSQL, because
+-- Citus cannot plan a SQL function's parameterized query over distributed
+-- tables.
 DO $fns$
+DECLARE
+    citus boolean := EXISTS (SELECT 1 FROM pg_extension WHERE extname = 'citus');
+    tl text := CASE WHEN citus THEN 't.series_id = b.series_id AND ' ELSE '' END;
+    q_in text;
+    q_between text;
 BEGIN
-    IF NOT EXISTS (SELECT 1 FROM pg_extension WHERE extname = 'citus') THEN
-        CREATE FUNCTION readings_in(p_from timestamptz, p_to timestamptz)
-        RETURNS TABLE (series_id integer, bucket timestamptz, ts timestamptz, value float8)
-        LANGUAGE sql STABLE AS $f$
-            SELECT c.series_id, c.bucket, u.ts, u.value
-            FROM reading_chunks c CROSS JOIN LATERAL haltless_chunk_readings(c.ts, c.vals) AS u
-            WHERE c.bucket >= date_trunc('hour', p_from) AND c.bucket < p_to
-              AND u.ts >= p_from AND u.ts < p_to
+    q_in := format($q$
+        SELECT c.series_id, c.bucket, u.ts, u.value
+        FROM reading_chunks c CROSS JOIN LATERAL haltless_chunk_readings(c.ts, c.vals) AS u
+        WHERE c.bucket >= date_trunc('hour', p_from) AND c.bucket < p_to
+          AND u.ts >= p_from AND u.ts < p_to
+        UNION ALL
+        SELECT b.series_id, b.block_start, d.ts, d.value
+        FROM reading_blocks b
+        JOIN reading_timelines t ON %s t.block_start = b.block_start AND t.id = b.timeline
+        CROSS JOIN LATERAL haltless_block_readings(t.ts, b.vals) AS d
+        WHERE b.block_start >= date_trunc('hour', p_from) AND b.block_start < p_to
+          AND t.block_start >= date_trunc('hour', p_from) AND t.block_start < p_to
+          AND d.ts >= p_from AND d.ts < p_to$q$, tl);
+    q_between := format($q$
+        SELECT x.ts, x.value FROM (
+            SELECT u.ts, u.value
+            FROM reading_chunks c
+            CROSS JOIN LATERAL haltless_chunk_readings(c.ts, c.vals) AS u
+            WHERE c.series_id = p_series
+              AND c.bucket >= date_trunc('hour', p_from) AND c.bucket <= p_to
             UNION ALL
-            SELECT b.series_id, b.block_start, d.ts, d.value
+            SELECT d.ts, d.value
             FROM reading_blocks b
-            JOIN reading_timelines t ON t.block_start = b.block_start AND t.id = b.timeline
+            JOIN reading_timelines t ON %s t.block_start = b.block_start AND t.id = b.timeline
             CROSS JOIN LATERAL haltless_block_readings(t.ts, b.vals) AS d
-            WHERE b.block_start >= date_trunc('hour', p_from) AND b.block_start < p_to
-              AND t.block_start >= date_trunc('hour', p_from) AND t.block_start < p_to
-              AND d.ts >= p_from AND d.ts < p_to
-        $f$;
-        CREATE FUNCTION readings_between(p_series integer, p_from timestamptz, p_to timestamptz)
-        RETURNS TABLE (ts timestamptz, value float8)
-        LANGUAGE sql STABLE AS $f$
-            SELECT x.ts, x.value FROM (
-                SELECT u.ts, u.value
-                FROM reading_chunks c
-                CROSS JOIN LATERAL haltless_chunk_readings(c.ts, c.vals) AS u
-                WHERE c.series_id = p_series
-                  AND c.bucket >= date_trunc('hour', p_from) AND c.bucket <= p_to
-                UNION ALL
-                SELECT d.ts, d.value
-                FROM reading_blocks b
-                JOIN reading_timelines t ON t.block_start = b.block_start AND t.id = b.timeline
-                CROSS JOIN LATERAL haltless_block_readings(t.ts, b.vals) AS d
-                WHERE b.series_id = p_series
-                  AND b.block_start >= date_trunc('hour', p_from) AND b.block_start <= p_to
-                  AND t.block_start >= date_trunc('hour', p_from) AND t.block_start <= p_to
-            ) x
-            WHERE x.ts >= p_from AND x.ts <= p_to
-            ORDER BY x.ts
-        $f$;
+            WHERE b.series_id = p_series %s
+              AND b.block_start >= date_trunc('hour', p_from) AND b.block_start <= p_to
+              AND t.block_start >= date_trunc('hour', p_from) AND t.block_start <= p_to
+        ) x
+        WHERE x.ts >= p_from AND x.ts <= p_to
+        ORDER BY x.ts$q$, tl, CASE WHEN citus THEN 'AND t.series_id = p_series' ELSE '' END);
+    EXECUTE format(
+        'CREATE FUNCTION readings_in(p_from timestamptz, p_to timestamptz)'
+        ' RETURNS TABLE (series_id integer, bucket timestamptz, ts timestamptz, value float8)'
+        ' LANGUAGE %s STABLE AS %L', CASE WHEN citus THEN 'plpgsql' ELSE 'sql' END,
+        CASE WHEN citus THEN E'#variable_conflict use_column\nBEGIN RETURN QUERY '
+                             || q_in || '; END' ELSE q_in END);
+    EXECUTE format(
+        'CREATE FUNCTION readings_between(p_series integer, p_from timestamptz, p_to timestamptz)'
+        ' RETURNS TABLE (ts timestamptz, value float8) LANGUAGE %s STABLE AS %L',
+        CASE WHEN citus THEN 'plpgsql' ELSE 'sql' END,
+        CASE WHEN citus THEN E'#variable_conflict use_column\nBEGIN RETURN QUERY '
+                             || q_between || '; END' ELSE q_between END);
+    EXECUTE format($q$
         CREATE VIEW readings AS
         SELECT m.org_id, m.id AS machine_id, m.machine_identifier, s.id AS series_id,
                s.metric_name, NULLIF(s.unit, '') AS unit, NULLIF(s.raw_tag, '') AS raw_tag,
@@ -115,78 +130,11 @@ BEGIN
             UNION ALL
             SELECT b.series_id, b.block_start, d.ts, d.value
             FROM reading_blocks b
-            JOIN reading_timelines t ON t.block_start = b.block_start AND t.id = b.timeline
+            JOIN reading_timelines t ON %s t.block_start = b.block_start AND t.id = b.timeline
             CROSS JOIN LATERAL haltless_block_readings(t.ts, b.vals) AS d
         ) r
         JOIN series s ON s.id = r.series_id
-        JOIN machines m ON m.id = s.machine_id;
-    ELSE
-        CREATE FUNCTION readings_in(p_from timestamptz, p_to timestamptz)
-        RETURNS TABLE (series_id integer, bucket timestamptz, ts timestamptz, value float8)
-        LANGUAGE plpgsql STABLE AS $f$
-        #variable_conflict use_column
-        BEGIN
-            RETURN QUERY
-            SELECT c.series_id, c.bucket, u.ts, u.value
-            FROM reading_chunks c CROSS JOIN LATERAL haltless_chunk_readings(c.ts, c.vals) AS u
-            WHERE c.bucket >= date_trunc('hour', p_from) AND c.bucket < p_to
-              AND u.ts >= p_from AND u.ts < p_to
-            UNION ALL
-            SELECT b.series_id, b.block_start, d.ts, d.value
-            FROM reading_blocks b
-            JOIN reading_timelines t
-              ON t.series_id = b.series_id AND t.block_start = b.block_start AND t.id = b.timeline
-            CROSS JOIN LATERAL haltless_block_readings(t.ts, b.vals) AS d
-            WHERE b.block_start >= date_trunc('hour', p_from) AND b.block_start < p_to
-              AND t.block_start >= date_trunc('hour', p_from) AND t.block_start < p_to
-              AND d.ts >= p_from AND d.ts < p_to;
-        END
-        $f$;
-        CREATE FUNCTION readings_between(p_series integer, p_from timestamptz,
-                                         p_to timestamptz)
-        RETURNS TABLE (ts timestamptz, value float8)
-        LANGUAGE plpgsql STABLE AS $f$
-        #variable_conflict use_column
-        BEGIN
-            RETURN QUERY
-            SELECT x.ts, x.value FROM (
-                SELECT u.ts, u.value
-                FROM reading_chunks c
-                CROSS JOIN LATERAL haltless_chunk_readings(c.ts, c.vals) AS u
-                WHERE c.series_id = p_series
-                  AND c.bucket >= date_trunc('hour', p_from) AND c.bucket <= p_to
-                UNION ALL
-                SELECT d.ts, d.value
-                FROM reading_blocks b
-                JOIN reading_timelines t
-                  ON t.series_id = b.series_id AND t.block_start = b.block_start
-                 AND t.id = b.timeline
-                CROSS JOIN LATERAL haltless_block_readings(t.ts, b.vals) AS d
-                WHERE b.series_id = p_series AND t.series_id = p_series
-                  AND b.block_start >= date_trunc('hour', p_from) AND b.block_start <= p_to
-                  AND t.block_start >= date_trunc('hour', p_from) AND t.block_start <= p_to
-            ) x
-            WHERE x.ts >= p_from AND x.ts <= p_to
-            ORDER BY x.ts;
-        END
-        $f$;
-        CREATE VIEW readings AS
-        SELECT m.org_id, m.id AS machine_id, m.machine_identifier, s.id AS series_id,
-               s.metric_name, NULLIF(s.unit, '') AS unit, NULLIF(s.raw_tag, '') AS raw_tag,
-               r.ts AS "timestamp", r.value, r.bucket
-        FROM (
-            SELECT c.series_id, c.bucket, u.ts, u.value
-            FROM reading_chunks c CROSS JOIN LATERAL haltless_chunk_readings(c.ts, c.vals) AS u
-            UNION ALL
-            SELECT b.series_id, b.block_start, d.ts, d.value
-            FROM reading_blocks b
-            JOIN reading_timelines t
-              ON t.series_id = b.series_id AND t.block_start = b.block_start AND t.id = b.timeline
-            CROSS JOIN LATERAL haltless_block_readings(t.ts, b.vals) AS d
-        ) r
-        JOIN series s ON s.id = r.series_id
-        JOIN machines m ON m.id = s.machine_id;
-    END IF;
+        JOIN machines m ON m.id = s.machine_id$q$, tl);
 END $fns$;
 
 -- As 0006: the view runs with the reader's rights (PostgreSQL 15+), and
