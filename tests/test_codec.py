@@ -428,6 +428,62 @@ def test_from_chunk_refuses_what_is_not_a_hot_row(codec, pg_dsn):
             codec.from_chunk(ts_bin, vals_bin)
 
 
+def test_group_chunks_joins_the_rows_of_each_series_and_hour_from_real_copy_out(codec, pg_dsn):
+    # Rows as the ingest kernel writes them (several group commits: rows of
+    # one (series, hour) that overlap in time), COPYed into a scratch table
+    # shaped like reading_chunks and COPYed out again, as compaction and the
+    # read API do.
+    from haltless.fast import RECORD_SIZE, encode_chunks
+    rnd = random.Random(5)
+    rec = struct.Struct("<iqd")
+    assert rec.size == RECORD_SIZE
+    hour = T0 - T0 % 3_600_000_000
+    want: dict = {}
+    commits = []
+    for _ in range(6):
+        recs = []
+        for _ in range(300):
+            sid = rnd.choice([3, 4, 70000])
+            t = hour + rnd.randrange(-3_600_000_000, 2 * 3_600_000_000)
+            v = rnd.choice(HARD_FLOATS) if rnd.random() < 0.3 else finite_random_float(rnd)
+            recs.append(rec.pack(sid, t, v))
+            want.setdefault((sid, t - t % 3_600_000_000), []).append((t, struct.pack(">d", v)))
+        commits.append(encode_chunks(b"".join(recs)))
+
+    async def round_trip():
+        c = await asyncpg.connect(pg_dsn)
+        try:
+            await c.execute("CREATE TEMP TABLE gc (series_id int, bucket timestamptz, n int,"
+                            " ts bytea, vals float8[])")
+            for rows in commits:
+                data = b"PGCOPY\n\xff\r\n\x00" + struct.pack("!ii", 0, 0) + rows + b"\xff\xff"
+                await c.copy_to_table("gc", source=memoryview(data), format="binary",
+                                      columns=["series_id", "bucket", "n", "ts", "vals"])
+            out = bytearray()
+
+            async def sink(b):
+                out.extend(b)
+            await c.copy_from_query("SELECT series_id, bucket, ts, vals FROM gc"
+                                    " ORDER BY series_id, bucket", output=sink, format="binary")
+            return bytes(out)
+        finally:
+            await c.close()
+    data = run(round_trip())
+    groups = codec.group_chunks(data)
+    assert [(g[0], g[1]) for g in groups] == sorted(want)
+    for sid, bucket, ts, vals in groups:
+        assert ts.typecode == "q" and vals.typecode == "d"
+        got = sorted(zip(ts.tolist(), (struct.pack(">d", v) for v in vals)))
+        assert got == sorted(want[(sid, bucket)])
+    for other in (_codec_py, _codec_c or _codec_py):  # the twins agree to the bit
+        assert [(g[0], g[1], g[2].tolist(), g[3].tobytes()) for g in other.group_chunks(data)] == \
+            [(g[0], g[1], g[2].tolist(), g[3].tobytes()) for g in groups]
+    for bad, what in [(data[:-2], "truncated"), (b"PGCOPY\n\xff\r\n\x01" + data[11:], "signature"),
+                      (data + b"x", "after the trailer")]:
+        with pytest.raises(ValueError, match=what):
+            codec.group_chunks(bad)
+
+
 # ----------------------------------------------------------- SQL decoders
 
 def sql_decode(dsn, int_blocks, value_blocks):
