@@ -45,6 +45,11 @@ CSV_HEADER = b"machine_identifier,metric_name,unit,timestamp,value\n"
 CSV_ROWS_PER_CHUNK = 10_000
 CURSOR_VERSION = 1
 FIRST_YEAR, LAST_YEAR = 1900, 9000
+# The query parameters each route takes (any other is a 422); the API
+# document (server/openapi.py) describes exactly these.
+READINGS_PARAMS = ("machine_identifier", "metric_name", "from", "to", "limit", "cursor", "format")
+AGGREGATE_PARAMS = ("machine_identifier", "metric_name", "from", "to", "interval", "agg")
+LATEST_PARAMS = ("machine_identifier",)
 
 _cursor_encoder = msgspec.msgpack.Encoder()
 _cursor_decoder = msgspec.msgpack.Decoder(ReadCursor)
@@ -250,8 +255,7 @@ async def _page(conn, sids: list[int], t0: int, t1: int, limit: int,
 async def readings(app, req: Request) -> Response | StreamingResponse:
     """GET /api/v1/readings: every stored reading of a machine's series in [from, to)."""
     org = _org(app, req)
-    p = Params(req, ("machine_identifier", "metric_name", "from", "to", "limit", "cursor",
-                     "format"))
+    p = Params(req, READINGS_PARAMS)
     machine = p.one("machine_identifier", required=True)
     t0, t1 = p.range()
     fmt = p.one("format")
@@ -364,7 +368,7 @@ def _merge_buckets(have: list | None, new: tuple) -> list:
 async def aggregates(app, req: Request) -> Response:
     """GET /api/v1/readings/aggregate: per series, one value per aggregate and bucket."""
     org = _org(app, req)
-    p = Params(req, ("machine_identifier", "metric_name", "from", "to", "interval", "agg"))
+    p = Params(req, AGGREGATE_PARAMS)
     machine = p.one("machine_identifier", required=True)
     t0, t1 = p.range()
     step = _interval(p.one("interval"))
@@ -424,7 +428,7 @@ async def latest(app, req: Request) -> Response:
     """GET /api/v1/readings/latest: the newest reading of every series of the
     organization, or of one machine. Index probes only (migration 0006)."""
     org = _org(app, req)
-    p = Params(req, ("machine_identifier",))
+    p = Params(req, LATEST_PARAMS)
     machine = p.one("machine_identifier")
     async with app.rt.pool.acquire() as conn:
         rows = await conn.fetch(LATEST, org, machine)

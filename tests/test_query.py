@@ -265,6 +265,39 @@ def test_latest_is_the_newest_reading_of_every_series(server, stored):
         ("CNC-002", "temp", 1.0)]
 
 
+# ------------------------------------------------------------------ the API document
+
+def answer_schema(server, path, media="application/json", status="200"):
+    from openapi_schema_validator import OAS31Validator
+    doc = requests.get(server.url + "/openapi.json", timeout=10).json()
+    schema = doc["paths"][path]["get"]["responses"][status]["content"][media]["schema"]
+    return OAS31Validator({**schema, "components": doc["components"]},
+                          format_checker=OAS31Validator.FORMAT_CHECKER)
+
+
+@pytest.mark.parametrize("path,params", [
+    ("/api/v1/readings", {"limit": 50}),
+    ("/api/v1/readings/aggregate", {"interval": "7m", "agg": "avg,min,max,count,sum,first,last"}),
+    ("/api/v1/readings/latest", {}),
+])
+def test_read_answers_match_their_schema_in_the_api_document(server, stored, path, params):
+    if path != "/api/v1/readings/latest":
+        params = {**params, "machine_identifier": "CNC-001", "from": iso(stored.start_us),
+                  "to": iso(stored.start_us + 3 * 3600 * 10**6)}
+    r = get(server, path, stored.token, params)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["series"] and all(s.get("timestamps") or s.get("buckets") or s.get("timestamp")
+                                  for s in body["series"])
+    errors = [e.message for e in answer_schema(server, path).iter_errors(body)]
+    assert errors == []
+    bad = get(server, path, stored.token, {"machine_identifier": "NOPE"})
+    assert bad.status_code in (404, 422)
+    errors = [e.message for e in answer_schema(server, path, status=str(bad.status_code))
+              .iter_errors(bad.json())]
+    assert errors == []
+
+
 # ------------------------------------------------------------------ auth and scope
 
 ROUTES = ["/api/v1/readings", "/api/v1/readings/aggregate", "/api/v1/readings/latest"]
