@@ -18,6 +18,7 @@ import datetime as _dt
 import hashlib
 import heapq
 import hmac
+import math
 import re
 import uuid
 from array import array
@@ -43,6 +44,7 @@ DEFAULT_AGGREGATES = "avg,min,max,count"
 UNITS_US = {"s": 1_000_000, "m": 60_000_000, "h": 3_600_000_000, "d": 86_400_000_000}
 CSV_HEADER = b"machine_identifier,metric_name,unit,timestamp,value\n"
 CSV_ROWS_PER_CHUNK = 10_000
+MEAN_SCALE = 2.0 ** -64  # see _scaled_means
 CURSOR_VERSION = 1
 FIRST_YEAR, LAST_YEAR = 1900, 9000
 # The query parameters each route takes (any other is a 422); the API
@@ -365,6 +367,23 @@ def _merge_buckets(have: list | None, new: tuple) -> list:
     return have
 
 
+async def _scaled_means(conn, sid: int, t0: int, t1: int, step: int) -> dict[int, float]:
+    """{bucket start: mean} of a series whose bucket sums overflow float64
+    (two readings of 1.8e308 have that mean, but their sum is inf, and so
+    was s / c). Summed once more with every value times 2**-64, which is
+    exact (a power of two) for all but values under 2**-958, too small to
+    change such a sum, and keeps sums of up to 2**64 readings finite."""
+    scaled = None
+    async for got in readback.scan(conn, [sid], t0, t1):
+        for ts, vals in got.values():
+            scaled = _merge_buckets(scaled, aggregate(
+                ts, array("d", [v * MEAN_SCALE for v in vals]), step))
+    if scaled is None:  # deleted meanwhile
+        return {}
+    starts, count, total = scaled[:3]
+    return {b: s / c / MEAN_SCALE for b, s, c in zip(starts, total, count)}
+
+
 async def aggregates(app, req: Request) -> Response:
     """GET /api/v1/readings/aggregate: per series, one value per aggregate and bucket."""
     org = _org(app, req)
@@ -384,6 +403,11 @@ async def aggregates(app, req: Request) -> Response:
         async for got in readback.scan(conn, sids, t0, t1):
             for sid, (ts, vals) in got.items():
                 per[sid] = _merge_buckets(per.get(sid), aggregate(ts, vals, step))
+        means: dict[int, dict[int, float]] = {}
+        if "avg" in names:
+            for sid, agg in per.items():
+                if not all(map(math.isfinite, agg[2])):  # rare: readings near ±1.8e308
+                    means[sid] = await _scaled_means(conn, sid, t0, t1, step)
     out = []
     empty = (array("q"),) * 2 + (array("d"),) * 5
     for r in rows:
@@ -392,6 +416,10 @@ async def aggregates(app, req: Request) -> Response:
         for a in names:
             if a == "avg":
                 fields[a] = [s / c for s, c in zip(total, count)]
+                exact = means.get(r["id"])
+                if exact is not None:  # the mean lies between min and max; rounding may not
+                    fields[a] = [min(max(exact.get(b, m), low), high) for b, m, low, high
+                                 in zip(starts, fields[a], lo, hi)]
             elif a == "count":
                 fields[a] = count.tolist()
             else:

@@ -140,9 +140,9 @@ IsoTime = Annotated[str, Meta(extra_json_schema={"format": "date-time"})]
 IsoTimes = Annotated[msgspec.Raw, Meta(
     description="ISO 8601 UTC timestamps (Z, microseconds), in time order",
     extra_json_schema={"type": "array", "items": {"type": "string", "format": "date-time"}})]
-# A bucket's sum (and so its mean) of readings near the float64 limit can
-# overflow; JSON has no infinity, so that bucket's value is null.
-Overflowing = Annotated[list[float | None], Meta(
+# A bucket's sum of readings near the float64 limit can overflow; JSON has
+# no infinity, so that bucket's sum is null (its mean is still computed).
+Sums = Annotated[list[float | None], Meta(
     description="null where the bucket's sum overflows float64 (readings near ±1.8e308)")]
 
 
@@ -170,11 +170,11 @@ class SeriesBuckets(msgspec.Struct, gc=False, omit_defaults=True):
     raw_tag: str | None
     buckets: Annotated[list[IsoTime], Meta(
         description="bucket starts, aligned to the interval from the Unix epoch")]
-    avg: Overflowing | msgspec.UnsetType = msgspec.UNSET
+    avg: list[float] | msgspec.UnsetType = msgspec.UNSET
     min: list[float] | msgspec.UnsetType = msgspec.UNSET
     max: list[float] | msgspec.UnsetType = msgspec.UNSET
     count: list[int] | msgspec.UnsetType = msgspec.UNSET
-    sum: Overflowing | msgspec.UnsetType = msgspec.UNSET
+    sum: Sums | msgspec.UnsetType = msgspec.UNSET
     first: list[float] | msgspec.UnsetType = msgspec.UNSET
     last: list[float] | msgspec.UnsetType = msgspec.UNSET
 

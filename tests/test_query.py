@@ -247,6 +247,38 @@ def test_aggregates_leave_out_empty_buckets_and_unasked_aggregates(server, store
     assert len(s["buckets"]) == len(want) and len(want) < 600  # 1 s buckets, a reading per 10 s
 
 
+def test_the_mean_of_readings_near_the_float_limit_is_not_lost_to_an_overflowing_sum(server, pg_dsn):
+    """Two readings of 1.7976931348623157e308 in a minute have that mean;
+    their sum overflows float64 (JSON null, as the document says), and the
+    mean used to be null with it. Hot and compacted alike."""
+    from fractions import Fraction
+    big = 1.7976931348623157e308
+    tenant = make_tenant(pg_dsn, machines=("CNC-001",))
+    data = Data(tenant, server.token(tenant.org_id), 0)
+    minute = us(dt.datetime.now(UTC).replace(second=0, microsecond=0)) - 10 * 60_000_000
+    values = [big, big, big, -big / 3, 0.5, 5e-324]  # one bucket; then an ordinary one
+    ingest(server, tenant, data,
+           [("CNC-001", "huge", None, None, minute + i * 1_000_000, v) for i, v in enumerate(values)]
+           + [("CNC-001", "huge", None, None, minute + 60_000_000 + i, float(i)) for i in range(3)])
+    params = {"machine_identifier": "CNC-001", "from": iso(minute), "to": iso(minute + 120_000_000),
+              "interval": "1m", "agg": "avg,sum,min,max,count"}
+    for stage in ("hot", "compacted"):
+        if stage == "compacted":
+            compact(pg_dsn)
+            assert where(pg_dsn, tenant.org_id) == (0, len(values) + 3)
+        r = get(server, "/api/v1/readings/aggregate", data.token, params)
+        assert r.status_code == 200, r.text
+        [s] = r.json()["series"]
+        assert s["count"] == [6, 3] and s["max"] == [big, 2.0]
+        assert s["sum"] == [None, 3.0]
+        exact = float(sum(map(Fraction, values)) / len(values))
+        assert s["avg"][0] == pytest.approx(exact, rel=1e-15) and s["avg"][1] == 1.0
+        assert abs(s["avg"][0]) <= big
+        errors = [e.message for e in answer_schema(server, "/api/v1/readings/aggregate")
+                  .iter_errors(r.json())]
+        assert errors == []
+
+
 # ------------------------------------------------------------------ latest
 
 def test_latest_is_the_newest_reading_of_every_series(server, stored):
