@@ -96,8 +96,8 @@ class Params:
         if raw is None:
             raise Unprocessable(f"{name}: required; an ISO 8601 timestamp such as "
                                 "2026-11-28T00:00:00Z")
-        try:
-            t = _dt.datetime.fromisoformat(raw)
+        try:  # RFC 3339 (the API document's date-time) allows a lowercase t and z
+            t = _dt.datetime.fromisoformat(raw.upper())
         except ValueError:
             raise Unprocessable(f"{name}: {raw!r} is not an ISO 8601 timestamp; "
                                 "use e.g. 2026-11-28T00:00:00Z") from None
@@ -270,10 +270,9 @@ async def readings(app, req: Request) -> Response | StreamingResponse:
                             "and cursor (or narrow from/to)")
     limit = DEFAULT_LIMIT
     if limit_raw is not None:
-        try:
-            limit = int(limit_raw)
-        except ValueError:
-            raise Unprocessable(f"limit: {limit_raw!r} is not a whole number") from None
+        if not re.fullmatch(r"[0-9]{1,9}", limit_raw):  # int() would take " 1_000" and "+5"
+            raise Unprocessable(f"limit: {limit_raw!r} is not a whole number")
+        limit = int(limit_raw)
         if not 1 <= limit <= MAX_LIMIT:
             raise Unprocessable(f"limit: {limit} is outside 1 to {MAX_LIMIT:,}")
     async with app.rt.pool.acquire() as conn:

@@ -142,6 +142,17 @@ def test_readings_are_every_reading_of_the_range_in_time_order_bit_for_bit(serve
     assert '"values":[' in r.text and "-0.0" in r.text
 
 
+def test_from_and_to_take_rfc_3339_with_a_lowercase_t_and_z(server, stored):
+    """The API document says date-time (RFC 3339), which allows them."""
+    t0, t1 = iso(stored.start_us), iso(stored.start_us + 600_000_000)
+    params = {"machine_identifier": "CNC-001", "metric_name": "temp"}
+    upper = get(server, "/api/v1/readings", stored.token, {**params, "from": t0, "to": t1})
+    lower = get(server, "/api/v1/readings", stored.token,
+                {**params, "from": t0.lower(), "to": t1.replace("T", "t")})
+    assert upper.status_code == lower.status_code == 200, lower.text
+    assert lower.json() == upper.json() and lower.json()["series"][0]["values"]
+
+
 def test_metric_name_repeats_and_selects_series(server, stored):
     r = get(server, "/api/v1/readings", stored.token,
             [("machine_identifier", "CNC-001"), ("metric_name", "vib"),
@@ -388,6 +399,12 @@ BAD = [
     ("/api/v1/readings", {"machine_identifier": "CNC-001", "from": "2026-01-01T00:00:00Z",
                           "to": "2026-01-02T00:00:00Z", "limit": "ten"}, 422,
      "limit: 'ten' is not a whole number"),
+    ("/api/v1/readings", {"machine_identifier": "CNC-001", "from": "2026-01-01T00:00:00Z",
+                          "to": "2026-01-02T00:00:00Z", "limit": "1_000"}, 422,
+     "limit: '1_000' is not a whole number"),
+    ("/api/v1/readings", {"machine_identifier": "CNC-001", "from": "2026-01-01T00:00:00Z",
+                          "to": "2026-01-02T00:00:00Z", "limit": " +5"}, 422,
+     "limit: ' +5' is not a whole number"),
     ("/api/v1/readings", {"machine_identifier": "CNC-001", "from": "2026-01-01T00:00:00Z",
                           "to": "2026-01-02T00:00:00Z", "cursor": "AAAA"}, 422,
      "cursor: not a cursor of this query"),
