@@ -1,9 +1,12 @@
 """``GET /openapi.json``: an OpenAPI 3.1 document generated from the wire
 types (``server/wire.py``, the protocol configs of ``pollers/``) with
 ``msgspec.json.schema_components``, so limits such as ``maxItems: 1000`` and
-string lengths come from the same types that decode the requests. The
-suite validates it with openapi-spec-validator and runs schemathesis
-against the live server for every operation.
+string lengths come from the same types that decode the requests. The read
+routes take query parameters instead of a body; theirs are described here
+from the limits in ``server/query.py`` (the names are checked against the
+ones each handler accepts). The suite validates the document with
+openapi-spec-validator and runs schemathesis against the live server, with
+real data, for every operation.
 """
 from __future__ import annotations
 
@@ -14,7 +17,7 @@ import msgspec
 from ..pollers.modbus import ModbusConfig
 from ..pollers.opcua import OpcuaConfig
 
-from . import wire
+from . import query, wire
 
 REF = "#/components/schemas/{name}"
 
@@ -36,7 +39,77 @@ OPERATIONS = [
     ("delete", "/api/v1/ingest-sources/{id}", "Delete an ingest source", None, "204", None, "bearer"),
     ("post", "/api/v1/ingest-sources/{id}/test-connection", "Connect and read every point once",
      None, "200", wire.TestConnectionResult, "bearer"),
+    ("get", "/api/v1/readings", "Every stored reading of a machine's series in [from, to), "
+     "in time order, paged (JSON) or streamed (CSV)", None, "200", wire.ReadingsPage, "bearer"),
+    ("get", "/api/v1/readings/aggregate", "Aggregates of a machine's series per interval bucket",
+     None, "200", wire.AggregatePage, "bearer"),
+    ("get", "/api/v1/readings/latest", "The newest reading of every series of the organization "
+     "or of one machine", None, "200", wire.LatestPage, "bearer"),
 ]
+
+# ------------------------------------------------------------------ the read side's parameters
+
+
+def _q(name: str, schema: dict, description: str, required: bool = False, **extra) -> dict:
+    return {"name": name, "in": "query", "required": required, "description": description,
+            "schema": schema, **extra}
+
+
+_TIME = ("ISO 8601 with Z or an offset (none means UTC), years {first} to {last}"
+         .format(first=query.FIRST_YEAR, last=query.LAST_YEAR - 1))
+_MACHINE = _q("machine_identifier", {"type": "string"}, "the machine's identifier; 404 when "
+              "the token's organization has no such machine", required=True, example="CNC-001")
+_METRICS = _q("metric_name", {"type": "array", "items": {"type": "string"}},
+              "repeat it for several metrics; left out, every metric of the machine; 404 "
+              "naming the metric the machine does not have", style="form", explode=True,
+              example=["temperature"])
+_RANGE = [
+    _q("from", {"type": "string", "format": "date-time"},
+       f"start of the half-open range [from, to), included: {_TIME}", required=True,
+       example="2026-11-28T00:00:00Z"),
+    _q("to", {"type": "string", "format": "date-time"},
+       f"end of the range, left out; must be after from: {_TIME}", required=True,
+       example="2026-11-28T01:00:00Z"),
+]
+_AGG_DEFAULT = query.DEFAULT_AGGREGATES.split(",")
+PARAMETERS = {
+    "/api/v1/readings": [
+        _MACHINE, _METRICS, *_RANGE,
+        _q("limit", {"type": "integer", "minimum": 1, "maximum": query.MAX_LIMIT,
+                     "default": query.DEFAULT_LIMIT},
+           "readings per page, counted over all series, the earliest first (JSON only)"),
+        _q("cursor", {"type": "string"}, "next_cursor of the previous page; only with the "
+           "same machine_identifier, metric_name, from and to (else 422)"),
+        _q("format", {"type": "string", "enum": ["json", "csv"]}, "csv (or Accept: text/csv) "
+           "streams every reading of the range as CSV rows; then no limit or cursor"),
+    ],
+    "/api/v1/readings/aggregate": [
+        _MACHINE, _METRICS, *_RANGE,
+        _q("interval", {"type": "string", "pattern": r"^[1-9][0-9]{0,6}[smhd]$"},
+           "bucket width: a number and s, m, h or d, from 1s to 31d; buckets are aligned to "
+           f"it from the Unix epoch; at most {query.MAX_BUCKETS:,} buckets per request",
+           required=True, example="1m"),
+        _q("agg", {"type": "array", "minItems": 1, "default": _AGG_DEFAULT,
+                   "items": {"type": "string", "enum": list(query.AGGREGATES)}},
+           "the aggregates to compute, comma-separated (or repeated)", style="form",
+           explode=False, example=_AGG_DEFAULT),
+    ],
+    "/api/v1/readings/latest": [
+        _q("machine_identifier", {"type": "string"}, "only this machine's series; left out, "
+           "every series of the organization; 404 when there is no such machine",
+           example="CNC-001"),
+    ],
+}
+# Refusals the read routes answer besides the general ones (429, 503, ...).
+READ_ERRORS = {
+    "401": "No bearer token, or an invalid one; an API key is refused here (keys are "
+           "write-only; use `haltless token create`)",
+    "404": "No such machine in the token's organization, or no such metric of the machine; "
+           "the detail starts with the parameter's name",
+    "422": "A parameter missing, malformed, out of its limits, repeated or unknown, a "
+           "reversed range or a cursor of another query; the detail starts with the "
+           "parameter's name and says what is allowed",
+}
 
 STATUS = {"type": "object", "properties": {"status": {"type": "string"}}, "required": ["status"]}
 
@@ -64,6 +137,8 @@ def document() -> bytes:
         if "{id}" in path:
             op["parameters"] = [{"name": "id", "in": "path", "required": True,
                                  "schema": {"type": "string", "format": "uuid"}}]
+        if path in PARAMETERS:
+            op["parameters"] = PARAMETERS[path]
         if body is not None:
             op["requestBody"] = {"required": True, "content": {
                 "application/json": {"schema": of[id(body)]}}}
@@ -73,10 +148,28 @@ def document() -> bytes:
             schema = of[id(answer)] if answer is not None else STATUS
             op["responses"][status] = {"description": "Success",
                                        "content": {"application/json": {"schema": schema}}}
+        if path in PARAMETERS:
+            for code, text in READ_ERRORS.items():
+                op["responses"][code] = {**error, "description": text}
         op["responses"]["default"] = error
         if security:
             op["security"] = [{security: []}]
         paths.setdefault(path, {})[method] = op
+    paths["/api/v1/readings"]["get"]["responses"]["200"]["content"]["text/csv"] = {
+        "schema": {"type": "string",
+                   "description": "a header line, then one row per reading in time order: "
+                                  + query.CSV_HEADER.decode().strip()}}
+    paths["/"] = {"get": {"summary": "The fleet page (HTML; paste a token from `haltless token "
+                                     "create`)", "operationId": "get_fleet_page", "responses": {
+                              "200": {"description": "The page; its scripts and styles are "
+                                                     "under /static/",
+                                      "content": {"text/html": {"schema": {"type": "string"}}}},
+                              "default": error}}}
+    paths["/openapi.json"] = {"get": {"summary": "This document", "operationId": "get_openapi",
+                                      "responses": {"200": {"description": "OpenAPI 3.1",
+                                                            "content": {"application/json": {
+                                                                "schema": {"type": "object"}}}},
+                                                    "default": error}}}
     paths["/metrics"] = {"get": {"summary": "Prometheus metrics of every worker",
                                  "operationId": "get_metrics", "responses": {
                                      "200": {"description": "Prometheus text format",
@@ -85,8 +178,9 @@ def document() -> bytes:
     doc = {
         "openapi": "3.1.0",
         "info": {"title": "Haltless ingest", "version": "1",
-                 "description": "The HTTP push API of the public contract and the management "
-                                "API for direct ingestion. Every refusal is JSON "
+                 "description": "The HTTP push API of the public contract, the management "
+                                "API for direct ingestion and the query API that reads the "
+                                "readings back. Every refusal is JSON "
                                 '{"detail": "..."}; 429 and 503 carry Retry-After.'},
         "paths": paths,
         "components": {"schemas": components, "securitySchemes": {

@@ -18,6 +18,7 @@ import datetime as _dt
 import hashlib
 import heapq
 import hmac
+import math
 import re
 import uuid
 from array import array
@@ -43,8 +44,14 @@ DEFAULT_AGGREGATES = "avg,min,max,count"
 UNITS_US = {"s": 1_000_000, "m": 60_000_000, "h": 3_600_000_000, "d": 86_400_000_000}
 CSV_HEADER = b"machine_identifier,metric_name,unit,timestamp,value\n"
 CSV_ROWS_PER_CHUNK = 10_000
+MEAN_SCALE = 2.0 ** -64  # see _scaled_means
 CURSOR_VERSION = 1
 FIRST_YEAR, LAST_YEAR = 1900, 9000
+# The query parameters each route takes (any other is a 422); the API
+# document (server/openapi.py) describes exactly these.
+READINGS_PARAMS = ("machine_identifier", "metric_name", "from", "to", "limit", "cursor", "format")
+AGGREGATE_PARAMS = ("machine_identifier", "metric_name", "from", "to", "interval", "agg")
+LATEST_PARAMS = ("machine_identifier",)
 
 _cursor_encoder = msgspec.msgpack.Encoder()
 _cursor_decoder = msgspec.msgpack.Decoder(ReadCursor)
@@ -89,8 +96,8 @@ class Params:
         if raw is None:
             raise Unprocessable(f"{name}: required; an ISO 8601 timestamp such as "
                                 "2026-11-28T00:00:00Z")
-        try:
-            t = _dt.datetime.fromisoformat(raw)
+        try:  # RFC 3339 (the API document's date-time) allows a lowercase t and z
+            t = _dt.datetime.fromisoformat(raw.upper())
         except ValueError:
             raise Unprocessable(f"{name}: {raw!r} is not an ISO 8601 timestamp; "
                                 "use e.g. 2026-11-28T00:00:00Z") from None
@@ -250,8 +257,7 @@ async def _page(conn, sids: list[int], t0: int, t1: int, limit: int,
 async def readings(app, req: Request) -> Response | StreamingResponse:
     """GET /api/v1/readings: every stored reading of a machine's series in [from, to)."""
     org = _org(app, req)
-    p = Params(req, ("machine_identifier", "metric_name", "from", "to", "limit", "cursor",
-                     "format"))
+    p = Params(req, READINGS_PARAMS)
     machine = p.one("machine_identifier", required=True)
     t0, t1 = p.range()
     fmt = p.one("format")
@@ -264,10 +270,9 @@ async def readings(app, req: Request) -> Response | StreamingResponse:
                             "and cursor (or narrow from/to)")
     limit = DEFAULT_LIMIT
     if limit_raw is not None:
-        try:
-            limit = int(limit_raw)
-        except ValueError:
-            raise Unprocessable(f"limit: {limit_raw!r} is not a whole number") from None
+        if not re.fullmatch(r"[0-9]{1,9}", limit_raw):  # int() would take " 1_000" and "+5"
+            raise Unprocessable(f"limit: {limit_raw!r} is not a whole number")
+        limit = int(limit_raw)
         if not 1 <= limit <= MAX_LIMIT:
             raise Unprocessable(f"limit: {limit} is outside 1 to {MAX_LIMIT:,}")
     async with app.rt.pool.acquire() as conn:
@@ -361,10 +366,27 @@ def _merge_buckets(have: list | None, new: tuple) -> list:
     return have
 
 
+async def _scaled_means(conn, sid: int, t0: int, t1: int, step: int) -> dict[int, float]:
+    """{bucket start: mean} of a series whose bucket sums overflow float64
+    (two readings of 1.8e308 have that mean, but their sum is inf, and so
+    was s / c). Summed once more with every value times 2**-64, which is
+    exact (a power of two) for all but values under 2**-958, too small to
+    change such a sum, and keeps sums of up to 2**64 readings finite."""
+    scaled = None
+    async for got in readback.scan(conn, [sid], t0, t1):
+        for ts, vals in got.values():
+            scaled = _merge_buckets(scaled, aggregate(
+                ts, array("d", [v * MEAN_SCALE for v in vals]), step))
+    if scaled is None:  # deleted meanwhile
+        return {}
+    starts, count, total = scaled[:3]
+    return {b: s / c / MEAN_SCALE for b, s, c in zip(starts, total, count)}
+
+
 async def aggregates(app, req: Request) -> Response:
     """GET /api/v1/readings/aggregate: per series, one value per aggregate and bucket."""
     org = _org(app, req)
-    p = Params(req, ("machine_identifier", "metric_name", "from", "to", "interval", "agg"))
+    p = Params(req, AGGREGATE_PARAMS)
     machine = p.one("machine_identifier", required=True)
     t0, t1 = p.range()
     step = _interval(p.one("interval"))
@@ -380,6 +402,11 @@ async def aggregates(app, req: Request) -> Response:
         async for got in readback.scan(conn, sids, t0, t1):
             for sid, (ts, vals) in got.items():
                 per[sid] = _merge_buckets(per.get(sid), aggregate(ts, vals, step))
+        means: dict[int, dict[int, float]] = {}
+        if "avg" in names:
+            for sid, agg in per.items():
+                if not all(map(math.isfinite, agg[2])):  # rare: readings near ±1.8e308
+                    means[sid] = await _scaled_means(conn, sid, t0, t1, step)
     out = []
     empty = (array("q"),) * 2 + (array("d"),) * 5
     for r in rows:
@@ -388,6 +415,10 @@ async def aggregates(app, req: Request) -> Response:
         for a in names:
             if a == "avg":
                 fields[a] = [s / c for s, c in zip(total, count)]
+                exact = means.get(r["id"])
+                if exact is not None:  # the mean lies between min and max; rounding may not
+                    fields[a] = [min(max(exact.get(b, m), low), high) for b, m, low, high
+                                 in zip(starts, fields[a], lo, hi)]
             elif a == "count":
                 fields[a] = count.tolist()
             else:
@@ -424,7 +455,7 @@ async def latest(app, req: Request) -> Response:
     """GET /api/v1/readings/latest: the newest reading of every series of the
     organization, or of one machine. Index probes only (migration 0006)."""
     org = _org(app, req)
-    p = Params(req, ("machine_identifier",))
+    p = Params(req, LATEST_PARAMS)
     machine = p.one("machine_identifier")
     async with app.rt.pool.acquire() as conn:
         rows = await conn.fetch(LATEST, org, machine)

@@ -133,32 +133,48 @@ class TestConnectionResult(msgspec.Struct):
 
 # ------------------------------------------------------------ the read side
 # GET /api/v1/readings, /readings/aggregate, /readings/latest (server/query.py).
+# The Meta annotations only describe the answers for the API document; the
+# encoder writes the same bytes with or without them.
+
+IsoTime = Annotated[str, Meta(extra_json_schema={"format": "date-time"})]
+IsoTimes = Annotated[msgspec.Raw, Meta(
+    description="ISO 8601 UTC timestamps (Z, microseconds), in time order",
+    extra_json_schema={"type": "array", "items": {"type": "string", "format": "date-time"}})]
+# A bucket's sum of readings near the float64 limit can overflow; JSON has
+# no infinity, so that bucket's sum is null (its mean is still computed).
+Sums = Annotated[list[float | None], Meta(
+    description="null where the bucket's sum overflows float64 (readings near ±1.8e308)")]
+
 
 class SeriesReadings(msgspec.Struct, gc=False):
     machine_identifier: str
     metric_name: str
     unit: str | None
     raw_tag: str | None
-    timestamps: msgspec.Raw  # a JSON array of ISO 8601 strings, written by the kernel (iso_json)
-    values: list[float]
+    timestamps: IsoTimes  # a JSON array of ISO 8601 strings, written by the kernel (iso_json)
+    values: Annotated[list[float], Meta(description="exactly as ingested; one per timestamp")]
 
 
 class ReadingsPage(msgspec.Struct, gc=False):
     series: list[SeriesReadings]
-    next_cursor: str | None
+    next_cursor: Annotated[str | None, Meta(
+        description="null on the last page; else pass it back as cursor with the same query")]
 
 
 class SeriesBuckets(msgspec.Struct, gc=False, omit_defaults=True):
+    """One array per requested aggregate, index for index with buckets;
+    empty buckets are left out."""
     machine_identifier: str
     metric_name: str
     unit: str | None
     raw_tag: str | None
-    buckets: list[str]
+    buckets: Annotated[list[IsoTime], Meta(
+        description="bucket starts, aligned to the interval from the Unix epoch")]
     avg: list[float] | msgspec.UnsetType = msgspec.UNSET
     min: list[float] | msgspec.UnsetType = msgspec.UNSET
     max: list[float] | msgspec.UnsetType = msgspec.UNSET
     count: list[int] | msgspec.UnsetType = msgspec.UNSET
-    sum: list[float] | msgspec.UnsetType = msgspec.UNSET
+    sum: Sums | msgspec.UnsetType = msgspec.UNSET
     first: list[float] | msgspec.UnsetType = msgspec.UNSET
     last: list[float] | msgspec.UnsetType = msgspec.UNSET
 
@@ -173,7 +189,7 @@ class LatestReading(msgspec.Struct, gc=False):
     metric_name: str
     unit: str | None
     raw_tag: str | None
-    timestamp: str
+    timestamp: IsoTime
     value: float
 
 

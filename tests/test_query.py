@@ -142,6 +142,17 @@ def test_readings_are_every_reading_of_the_range_in_time_order_bit_for_bit(serve
     assert '"values":[' in r.text and "-0.0" in r.text
 
 
+def test_from_and_to_take_rfc_3339_with_a_lowercase_t_and_z(server, stored):
+    """The API document says date-time (RFC 3339), which allows them."""
+    t0, t1 = iso(stored.start_us), iso(stored.start_us + 600_000_000)
+    params = {"machine_identifier": "CNC-001", "metric_name": "temp"}
+    upper = get(server, "/api/v1/readings", stored.token, {**params, "from": t0, "to": t1})
+    lower = get(server, "/api/v1/readings", stored.token,
+                {**params, "from": t0.lower(), "to": t1.replace("T", "t")})
+    assert upper.status_code == lower.status_code == 200, lower.text
+    assert lower.json() == upper.json() and lower.json()["series"][0]["values"]
+
+
 def test_metric_name_repeats_and_selects_series(server, stored):
     r = get(server, "/api/v1/readings", stored.token,
             [("machine_identifier", "CNC-001"), ("metric_name", "vib"),
@@ -247,6 +258,38 @@ def test_aggregates_leave_out_empty_buckets_and_unasked_aggregates(server, store
     assert len(s["buckets"]) == len(want) and len(want) < 600  # 1 s buckets, a reading per 10 s
 
 
+def test_the_mean_of_readings_near_the_float_limit_is_not_lost_to_an_overflowing_sum(server, pg_dsn):
+    """Two readings of 1.7976931348623157e308 in a minute have that mean;
+    their sum overflows float64 (JSON null, as the document says), and the
+    mean used to be null with it. Hot and compacted alike."""
+    from fractions import Fraction
+    big = 1.7976931348623157e308
+    tenant = make_tenant(pg_dsn, machines=("CNC-001",))
+    data = Data(tenant, server.token(tenant.org_id), 0)
+    minute = us(dt.datetime.now(UTC).replace(second=0, microsecond=0)) - 10 * 60_000_000
+    values = [big, big, big, -big / 3, 0.5, 5e-324]  # one bucket; then an ordinary one
+    ingest(server, tenant, data,
+           [("CNC-001", "huge", None, None, minute + i * 1_000_000, v) for i, v in enumerate(values)]
+           + [("CNC-001", "huge", None, None, minute + 60_000_000 + i, float(i)) for i in range(3)])
+    params = {"machine_identifier": "CNC-001", "from": iso(minute), "to": iso(minute + 120_000_000),
+              "interval": "1m", "agg": "avg,sum,min,max,count"}
+    for stage in ("hot", "compacted"):
+        if stage == "compacted":
+            compact(pg_dsn)
+            assert where(pg_dsn, tenant.org_id) == (0, len(values) + 3)
+        r = get(server, "/api/v1/readings/aggregate", data.token, params)
+        assert r.status_code == 200, r.text
+        [s] = r.json()["series"]
+        assert s["count"] == [6, 3] and s["max"] == [big, 2.0]
+        assert s["sum"] == [None, 3.0]
+        exact = float(sum(map(Fraction, values)) / len(values))
+        assert s["avg"][0] == pytest.approx(exact, rel=1e-15) and s["avg"][1] == 1.0
+        assert abs(s["avg"][0]) <= big
+        errors = [e.message for e in answer_schema(server, "/api/v1/readings/aggregate")
+                  .iter_errors(r.json())]
+        assert errors == []
+
+
 # ------------------------------------------------------------------ latest
 
 def test_latest_is_the_newest_reading_of_every_series(server, stored):
@@ -263,6 +306,39 @@ def test_latest_is_the_newest_reading_of_every_series(server, stored):
               {"machine_identifier": "CNC-002"}).json()["series"]
     assert [(s["machine_identifier"], s["metric_name"], s["value"]) for s in one] == [
         ("CNC-002", "temp", 1.0)]
+
+
+# ------------------------------------------------------------------ the API document
+
+def answer_schema(server, path, media="application/json", status="200"):
+    from openapi_schema_validator import OAS31Validator
+    doc = requests.get(server.url + "/openapi.json", timeout=10).json()
+    schema = doc["paths"][path]["get"]["responses"][status]["content"][media]["schema"]
+    return OAS31Validator({**schema, "components": doc["components"]},
+                          format_checker=OAS31Validator.FORMAT_CHECKER)
+
+
+@pytest.mark.parametrize("path,params", [
+    ("/api/v1/readings", {"limit": 50}),
+    ("/api/v1/readings/aggregate", {"interval": "7m", "agg": "avg,min,max,count,sum,first,last"}),
+    ("/api/v1/readings/latest", {}),
+])
+def test_read_answers_match_their_schema_in_the_api_document(server, stored, path, params):
+    if path != "/api/v1/readings/latest":
+        params = {**params, "machine_identifier": "CNC-001", "from": iso(stored.start_us),
+                  "to": iso(stored.start_us + 3 * 3600 * 10**6)}
+    r = get(server, path, stored.token, params)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["series"] and all(s.get("timestamps") or s.get("buckets") or s.get("timestamp")
+                                  for s in body["series"])
+    errors = [e.message for e in answer_schema(server, path).iter_errors(body)]
+    assert errors == []
+    bad = get(server, path, stored.token, {"machine_identifier": "NOPE"})
+    assert bad.status_code in (404, 422)
+    errors = [e.message for e in answer_schema(server, path, status=str(bad.status_code))
+              .iter_errors(bad.json())]
+    assert errors == []
 
 
 # ------------------------------------------------------------------ auth and scope
@@ -323,6 +399,12 @@ BAD = [
     ("/api/v1/readings", {"machine_identifier": "CNC-001", "from": "2026-01-01T00:00:00Z",
                           "to": "2026-01-02T00:00:00Z", "limit": "ten"}, 422,
      "limit: 'ten' is not a whole number"),
+    ("/api/v1/readings", {"machine_identifier": "CNC-001", "from": "2026-01-01T00:00:00Z",
+                          "to": "2026-01-02T00:00:00Z", "limit": "1_000"}, 422,
+     "limit: '1_000' is not a whole number"),
+    ("/api/v1/readings", {"machine_identifier": "CNC-001", "from": "2026-01-01T00:00:00Z",
+                          "to": "2026-01-02T00:00:00Z", "limit": " +5"}, 422,
+     "limit: ' +5' is not a whole number"),
     ("/api/v1/readings", {"machine_identifier": "CNC-001", "from": "2026-01-01T00:00:00Z",
                           "to": "2026-01-02T00:00:00Z", "cursor": "AAAA"}, 422,
      "cursor: not a cursor of this query"),

@@ -5,11 +5,12 @@ and the README's Grafana query run as that role."""
 from __future__ import annotations
 
 import datetime as dt
+import re
 
 import asyncpg
 import pytest
 
-from conftest import fetchval, make_tenant, run
+from conftest import ROOT, fetchval, make_tenant, run
 from test_ingest import post
 from test_operations import haltless
 from test_query import iso, us
@@ -106,33 +107,47 @@ def test_a_grafana_role_sees_only_its_organization_hot_and_compacted(server, pg_
     assert taken.returncode == 2 and "not a haltless reader role" in taken.stderr
 
 
-def test_the_readme_grafana_query_runs_as_the_role_and_prunes_partitions(server, pg_dsn, two_orgs):
+def readme_grafana_queries() -> list[str]:
+    """The ```sql blocks of the README's "SQL: psql and Grafana" section."""
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("### SQL: psql and Grafana", 1)[1].split("\n## ", 1)[0]
+    return re.findall(r"```sql\n(.*?)```", section, re.S)
+
+
+def grafana_expand(sql: str, frm: str, to: str, machine: str) -> str:
+    """Grafana's PostgreSQL macros, expanded as its data source does."""
+    sql = re.sub(r"\$__timeGroupAlias\(([^,]+), '1m'\)",
+                 r'floor(extract(epoch from \1)/60)*60 AS "time"', sql)
+    sql = re.sub(r"\$__timeFilter\(([^)]+)\)", rf"\1 BETWEEN '{frm}' AND '{to}'", sql)
+    return (sql.replace("$__timeFrom()", f"'{frm}'").replace("$__timeTo()", f"'{to}'")
+            .replace("$machine", machine))
+
+
+def test_the_readme_grafana_queries_run_as_the_role_agree_and_prune_partitions(
+        server, pg_dsn, two_orgs):
+    """Both README queries (readings_in(), and the view with $__timeFilter):
+    the same answer, the organization's own readings only, and no block
+    partition outside the range read."""
     a, b, now = two_orgs
     url = haltless("grafana-role", "--org", a.name, "--role", "grafana_readme_" + a.name[4:],
                    env=env(pg_dsn)).stdout.strip()
     fetchval(pg_dsn, "SELECT haltless_block_partitions(now() - interval '14 months', now())")
-    frm = iso(now - 2 * 3_600_000_000)
-    to = iso(now)
-    # The README's query with Grafana's macros expanded as its PostgreSQL data source does.
-    sql = (GRAFANA_QUERY
-           .replace("$__timeGroupAlias(ts, '1m')",
-                    "floor(extract(epoch from ts)/60)*60 AS \"time\"")
-           .replace("$__timeFrom()", f"'{frm}'").replace("$__timeTo()", f"'{to}'")
-           .replace("$machine", "CNC-001"))
-    rows = as_role(url, sql)
-    assert sum(1 for _ in rows) > 0 and {r["metric"] for r in rows} == {"m0", "m1", "m2"}
-    plan = [r[0] for r in as_role(url, "EXPLAIN (ANALYZE, COSTS OFF, TIMING OFF) " + sql)]
-    old = (dt.datetime.now(UTC) - dt.timedelta(days=200)).strftime("%Y%m")
-    # Pruned when planned, or at run time (the timelines policy's probe): never read.
-    touched = [line for line in plan if f"reading_blocks_{old}" in line
-               and "never executed" not in line]
-    assert touched == [], "\n".join(plan)
-
-
-GRAFANA_QUERY = """SELECT $__timeGroupAlias(ts, '1m'), s.metric_name AS metric, avg(r.value) AS value
-FROM readings_in($__timeFrom(), $__timeTo()) r
-JOIN series s ON s.id = r.series_id
-JOIN machines m ON m.id = s.machine_id
-WHERE m.machine_identifier = '$machine'
-GROUP BY 1, 2
-ORDER BY 1"""
+    compact(pg_dsn)
+    queries = readme_grafana_queries()
+    assert len(queries) == 2 and "readings_in(" in queries[0] and "$__timeFilter" in queries[1]
+    frm, to = iso(now - 2 * 3_600_000_000), iso(now)
+    answers = []
+    for query in queries:
+        sql = grafana_expand(query, frm, to, "CNC-001")
+        rows = as_role(url, sql)
+        assert {r["metric"] for r in rows} == {"m0", "m1", "m2"}
+        answers.append(sorted((float(r["time"]), r["metric"], r["value"]) for r in rows))
+        plan = [r[0] for r in as_role(url, "EXPLAIN (ANALYZE, COSTS OFF, TIMING OFF) " + sql)]
+        old = (dt.datetime.now(UTC) - dt.timedelta(days=200)).strftime("%Y%m")
+        # Pruned when planned, or at run time (the timelines policy's probe): never read.
+        touched = [line for line in plan if f"reading_blocks_{old}" in line
+                   and "never executed" not in line]
+        assert touched == [], "\n".join(plan)
+    assert answers[0] == answers[1]
+    # organization a sent values 0..89 to its CNC-001, b 0..119 to its own
+    assert max(v for _, _, v in answers[0]) < 90
