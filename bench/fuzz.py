@@ -201,14 +201,9 @@ async def fuzz(url: str, key: str, token: str, machine_id: str, source_id: str, 
 def main(argv=None) -> None:
     import os
     import shutil
-    import signal
-    import subprocess
-    import sys
     import tempfile
     import uuid
     from pathlib import Path
-
-    import requests
 
     from haltless.server import db, store
     from haltless.server.auth import issue_token, jwt_secret
@@ -243,39 +238,17 @@ def main(argv=None) -> None:
             await c.close()
     org, machine, key, sid = asyncio.run(setup())
     token = issue_token(jwt_secret(None, data), org, 3600)
-    from bench.run import free_port
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    env = {**os.environ, "HALTLESS_DATABASE_URL": dsn, "HALTLESS_DATA_DIR": str(data)}
-    log = open(work / "server.log", "wb")
-    srv = subprocess.Popen([sys.executable, "-m", "haltless.server.cli", "serve", "--port", str(port),
-                            "--workers", "2"], env=env, cwd=root, stdout=log, stderr=subprocess.STDOUT,
-                           start_new_session=True)
+    from bench.run import haltless_server
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if requests.get(url + "/healthz", timeout=1).status_code == 200:
-                    break
-            except requests.ConnectionError:
-                pass
-            if time.monotonic() > deadline:
-                raise SystemExit("server did not start")
-            time.sleep(0.2)
-        started = time.monotonic()
-        res = asyncio.run(fuzz(url, key, token, str(machine), str(sid), args.requests, args.seed,
-                               args.concurrency))
-        took = time.monotonic() - started
+        with haltless_server(dsn, data, 2, work / "server.log") as (_, port):
+            started = time.monotonic()
+            res = asyncio.run(fuzz(f"http://127.0.0.1:{port}", key, token, str(machine),
+                                   str(sid), args.requests, args.seed, args.concurrency))
+            took = time.monotonic() - started
         server_log = (work / "server.log").read_text(errors="replace")
         if "Traceback" in server_log:
             (root / "bench" / "results" / "fuzz-last-server.log").write_text(server_log)
     finally:
-        os.killpg(srv.pid, signal.SIGTERM)
-        try:
-            srv.wait(20)
-        except subprocess.TimeoutExpired:
-            os.killpg(srv.pid, signal.SIGKILL)
-        log.close()
         db.stop_embedded(data)
         shutil.rmtree(work, ignore_errors=True)
     fivexx = sum(v for k, v in res["counts"].items() if k.startswith("5"))

@@ -24,10 +24,8 @@ import os
 import platform
 import resource
 import shutil
-import signal
 import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
@@ -41,7 +39,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if __package__ in (None, ""):
     sys.path.insert(0, str(ROOT))
 
-from bench.run import free_port  # noqa: E402
+from bench.run import haltless_server  # noqa: E402
 
 BIG = 10 * 1024 * 1024 - 1
 
@@ -95,6 +93,65 @@ def body_client(port: int, key: str | None, statuses: list, stop: threading.Even
         statuses.append(type(exc).__name__)
 
 
+def probe(url: str, key: str, port: int, srv, args) -> dict:
+    """The measurements, on a running server: idle connections, then body
+    clients holding 10 MB bodies, /healthz and RSS throughout."""
+    idle: list[socket.socket] = []
+    stop = threading.Event()
+    try:
+        return _probe(url, key, port, srv, args, idle, stop)
+    finally:
+        stop.set()
+        for s in idle:
+            s.close()
+
+
+def _probe(url: str, key: str, port: int, srv, args, idle: list, stop) -> dict:
+    out: dict = {}
+    threads: list[threading.Thread] = []
+    now = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    body = json.dumps({"readings": [{"machine_identifier": "CNC-001", "timestamp": now,
+                                     "metric_name": f"m{i}", "value": i} for i in range(100)]})
+    for _ in range(200):
+        requests.post(url + "/api/v1/ingest", data=body, headers={"X-API-Key": key}, timeout=30)
+    time.sleep(1)
+    out["rss_start_mb"] = round(server_rss(srv.pid), 1)
+    out["healthz_ms_idle_server"] = healthz_ms(url)
+
+    for _ in range(args.idle):
+        idle.append(socket.create_connection(("127.0.0.1", port), timeout=10))
+    out["healthz_ms_with_idle"] = healthz_ms(url)
+
+    statuses: list = []
+    for i in range(args.bodies):
+        t = threading.Thread(target=body_client,
+                             args=(port, key if i % 2 else None, statuses, stop), daemon=True)
+        t.start()
+        threads.append(t)
+    peak = 0.0
+    t_end = time.monotonic() + 4
+    while time.monotonic() < t_end:
+        peak = max(peak, server_rss(srv.pid))
+        time.sleep(0.2)
+    out["healthz_ms_with_idle_and_bodies"] = healthz_ms(url)
+    peak = max(peak, server_rss(srv.pid))
+    out["rss_peak_mb"] = round(peak, 1)
+    stop.set()
+    for s in idle:
+        s.close()
+    for t in threads:
+        t.join(30)
+    counts: dict = {}
+    for st in statuses:
+        counts[str(st)] = counts.get(str(st), 0) + 1
+    out["body_clients"] = counts
+    time.sleep(5)
+    out["rss_after_mb"] = round(server_rss(srv.pid), 1)
+    out["rss_after_minus_start_mb"] = round(out["rss_after_mb"] - out["rss_start_mb"], 1)
+    out["healthz_ms_after"] = healthz_ms(url)
+    return out
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--workers", type=int, default=2)
@@ -120,77 +177,10 @@ def main(argv=None) -> None:
         finally:
             await c.close()
     key = asyncio.run(make_key())
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    env = {**os.environ, "HALTLESS_DATABASE_URL": dsn, "HALTLESS_DATA_DIR": str(work / "data")}
-    log = open(work / "server.log", "wb")
-    srv = subprocess.Popen([sys.executable, "-m", "haltless.server.cli", "serve", "--port", str(port),
-                            "--workers", str(args.workers)], env=env, cwd=ROOT, stdout=log,
-                           stderr=subprocess.STDOUT, start_new_session=True)
-    idle: list[socket.socket] = []
-    threads: list[threading.Thread] = []
-    stop = threading.Event()
-    out: dict = {}
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if requests.get(url + "/healthz", timeout=1).status_code == 200:
-                    break
-            except requests.ConnectionError:
-                pass
-            if time.monotonic() > deadline:
-                raise SystemExit("server did not start:\n" + (work / "server.log").read_text())
-            time.sleep(0.2)
-        now = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
-        body = json.dumps({"readings": [{"machine_identifier": "CNC-001", "timestamp": now,
-                                         "metric_name": f"m{i}", "value": i} for i in range(100)]})
-        for _ in range(200):
-            requests.post(url + "/api/v1/ingest", data=body, headers={"X-API-Key": key}, timeout=30)
-        time.sleep(1)
-        out["rss_start_mb"] = round(server_rss(srv.pid), 1)
-        out["healthz_ms_idle_server"] = healthz_ms(url)
-
-        for _ in range(args.idle):
-            idle.append(socket.create_connection(("127.0.0.1", port), timeout=10))
-        out["healthz_ms_with_idle"] = healthz_ms(url)
-
-        statuses: list = []
-        for i in range(args.bodies):
-            t = threading.Thread(target=body_client,
-                                 args=(port, key if i % 2 else None, statuses, stop), daemon=True)
-            t.start()
-            threads.append(t)
-        peak = 0.0
-        t_end = time.monotonic() + 4
-        while time.monotonic() < t_end:
-            peak = max(peak, server_rss(srv.pid))
-            time.sleep(0.2)
-        out["healthz_ms_with_idle_and_bodies"] = healthz_ms(url)
-        peak = max(peak, server_rss(srv.pid))
-        out["rss_peak_mb"] = round(peak, 1)
-        stop.set()
-        for s in idle:
-            s.close()
-        for t in threads:
-            t.join(30)
-        counts: dict = {}
-        for st in statuses:
-            counts[str(st)] = counts.get(str(st), 0) + 1
-        out["body_clients"] = counts
-        time.sleep(5)
-        out["rss_after_mb"] = round(server_rss(srv.pid), 1)
-        out["rss_after_minus_start_mb"] = round(out["rss_after_mb"] - out["rss_start_mb"], 1)
-        out["healthz_ms_after"] = healthz_ms(url)
+        with haltless_server(dsn, work / "data", args.workers, work / "server.log") as (srv, port):
+            out = probe(f"http://127.0.0.1:{port}", key, port, srv, args)
     finally:
-        for s in idle:
-            s.close()
-        os.killpg(srv.pid, signal.SIGTERM)
-        try:
-            srv.wait(20)
-        except subprocess.TimeoutExpired:
-            os.killpg(srv.pid, signal.SIGKILL)
-        log.close()
         db.stop_embedded(work / "data")
         shutil.rmtree(work, ignore_errors=True)
     record = {"bench": "hostile", "at": dt.datetime.now(dt.timezone.utc).isoformat(),

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import datetime as dt
 import http.client
 import json
@@ -148,6 +149,24 @@ def wait_healthy(port: int, proc: subprocess.Popen, log: Path, timeout: float = 
             pass
         time.sleep(0.2)
     raise RuntimeError(f"server not healthy after {timeout:.0f} s:\n{log.read_text()[-3000:]}")
+
+
+@contextlib.contextmanager
+def haltless_server(dsn: str, data_dir: Path, workers: int, log: Path, env: dict | None = None):
+    """`haltless serve` against ``dsn`` on a free 127.0.0.1 port, healthy:
+    yields (process, port); stopped, with every process it started, on exit.
+    The one way bench/ tools start our server (fuzz, hostile, storage)."""
+    port = free_port()
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            _haltless_argv(port, workers), cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
+            env={**os.environ, "HALTLESS_DATABASE_URL": dsn, "HALTLESS_DATA_DIR": str(data_dir),
+                 **(env or {})})
+    try:
+        wait_healthy(port, proc, log)
+        yield proc, port
+    finally:
+        ps.stop_process(proc)
 
 
 def run_load(url: str, key: str, bodies: Path, duration: float, connections: int,
