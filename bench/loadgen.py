@@ -161,19 +161,20 @@ async def _read_response(reader: asyncio.StreamReader) -> tuple[int, bytes, bool
     return status, body, close
 
 
-async def _connection(host: str, port: int, reqs: list[bytes], first: int, deadline: float,
-                      stats: _Stats, timeout: float) -> None:
+async def _connection(host: str, port: int, reqs: list[bytes], todo, stats: _Stats,
+                      timeout: float) -> None:
+    """Send ``reqs[i]`` for each i of ``todo`` over one keep-alive connection
+    (reconnecting after a close or an error). A request whose answer is lost
+    is counted, never retried: it may have been committed, and a resend
+    would store its readings twice."""
     clock = time.perf_counter
-    i = first
-    writer = None
-    while clock() < deadline:
+    reader = writer = None
+    for i in todo:
         try:
             if writer is None:
                 reader, writer = await asyncio.open_connection(host, port)
-            req = reqs[i % len(reqs)]
-            i += 1
             t = clock()
-            writer.write(req)
+            writer.write(reqs[i])
             status, body, close = await asyncio.wait_for(_read_response(reader), timeout)
             stats.latencies.append(clock() - t)
             stats.status[status] = stats.status.get(status, 0) + 1
@@ -181,20 +182,29 @@ async def _connection(host: str, port: int, reqs: list[bytes], first: int, deadl
                 m = _ACCEPTED.search(body)
                 stats.accepted += int(m.group(1)) if m else 0
             elif len(stats.error_samples) < 5:
-                stats.error_samples.append(f"{status}: {body[:300].decode('utf-8', 'replace')}")
+                stats.error_samples.append(f"body {i}: {status}: "
+                                           f"{body[:300].decode('utf-8', 'replace')}")
             if close:
                 writer.close()
                 writer = None
         except (OSError, asyncio.IncompleteReadError, asyncio.TimeoutError, ValueError) as exc:
             stats.errors += 1
             if len(stats.error_samples) < 5:
-                stats.error_samples.append(f"socket: {exc!r}")
+                stats.error_samples.append(f"body {i}: socket: {exc!r}")
             if writer is not None:
                 writer.close()
                 writer = None
             await asyncio.sleep(0.05)
     if writer is not None:
         writer.close()
+
+
+def _until(deadline: float, first: int, n: int):
+    """Body indices first, first + 1, ... (mod n) until the clock passes ``deadline``."""
+    i = first
+    while time.perf_counter() < deadline:
+        yield i % n
+        i += 1
 
 
 def _request_bytes(url: str, key: str, bodies: list[bytes]) -> tuple[str, int, list[bytes]]:
@@ -230,45 +240,10 @@ async def _builtin(url: str, key: str, bodies: list[bytes], duration: float,
     start = time.perf_counter()
     deadline = start + duration
     await asyncio.gather(*[
-        _connection(host, port, reqs, (c * 7) % len(reqs), deadline, stats, timeout)
+        _connection(host, port, reqs, _until(deadline, (c * 7) % len(reqs), len(reqs)), stats,
+                    timeout)
         for c in range(connections)])
     return _summary(stats, time.perf_counter() - start, connections)
-
-
-async def _connection_once(host: str, port: int, reqs: list[bytes], todo, stats: _Stats,
-                           timeout: float) -> None:
-    """Send requests from the shared iterator ``todo`` until it is empty. A
-    request whose answer is lost is counted, never retried: it may have
-    been committed, and a resend would store its readings twice."""
-    clock = time.perf_counter
-    reader = writer = None
-    for i in todo:
-        try:
-            if writer is None:
-                reader, writer = await asyncio.open_connection(host, port)
-            t = clock()
-            writer.write(reqs[i])
-            status, body, close = await asyncio.wait_for(_read_response(reader), timeout)
-            stats.latencies.append(clock() - t)
-            stats.status[status] = stats.status.get(status, 0) + 1
-            if status == 207:
-                m = _ACCEPTED.search(body)
-                stats.accepted += int(m.group(1)) if m else 0
-            elif len(stats.error_samples) < 5:
-                stats.error_samples.append(f"body {i}: {status}: "
-                                           f"{body[:300].decode('utf-8', 'replace')}")
-            if close:
-                writer.close()
-                writer = None
-        except (OSError, asyncio.IncompleteReadError, asyncio.TimeoutError, ValueError) as exc:
-            stats.errors += 1
-            if len(stats.error_samples) < 5:
-                stats.error_samples.append(f"body {i}: socket: {exc!r}")
-            if writer is not None:
-                writer.close()
-                writer = None
-    if writer is not None:
-        writer.close()
 
 
 async def _builtin_once(url: str, key: str, bodies: list[bytes], connections: int,
@@ -279,7 +254,7 @@ async def _builtin_once(url: str, key: str, bodies: list[bytes], connections: in
     stats = _Stats()
     todo = iter(range(len(reqs)))  # shared: each index is taken by one connection
     start = time.perf_counter()
-    await asyncio.gather(*[_connection_once(host, port, reqs, todo, stats, timeout)
+    await asyncio.gather(*[_connection(host, port, reqs, todo, stats, timeout)
                            for _ in range(min(connections, len(reqs)))])
     out = _summary(stats, time.perf_counter() - start, connections)
     out["bodies"] = len(reqs)
