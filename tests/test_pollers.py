@@ -331,3 +331,51 @@ def test_polls_are_committed_together_each_flush_and_a_stop_flushes_first(server
     st = api.get(f"/api/v1/ingest-sources/{src['id']}").json()["status"]
     total = fetch(pg_dsn, "SELECT count(*) FROM readings WHERE machine_id = $1", mid)[0][0]
     assert st["readings_written"] == total  # reported once committed, every one of them
+
+
+def test_the_flusher_commits_in_one_group_reports_each_poll_and_a_failure_to_each(pg_dsn):
+    # The Flusher of `haltless pollers` with the real writer: one commit per
+    # flush for every poll buffered, each poll told once (None: committed);
+    # when the database is gone, each is told the error and nothing is kept
+    # to be written twice later.
+    import asyncio
+    import datetime as dt
+
+    import asyncpg
+
+    from conftest import make_tenant, run
+    from haltless.pollers.runner import Flusher
+    from haltless.server.ingest import GroupCommitWriter, Ingestor
+    from haltless.server.wire import Reading
+    t = make_tenant(pg_dsn, machines=("FL-1",))
+    now = dt.datetime.now(dt.timezone.utc)
+
+    async def go():
+        pool = await asyncpg.create_pool(pg_dsn, min_size=1, max_size=2)
+        writer = GroupCommitWriter(pool, connections=1)
+        ingestor = Ingestor(pool, writer)
+        flusher = Flusher(writer, every=3600)
+        told: list = []
+        for poll in range(5):
+            readings = [Reading("FL-1", now - dt.timedelta(seconds=5 - poll), f"m{j}", float(poll))
+                        for j in range(3)]
+            payload, result = await ingestor.prepare(t.org_id, readings)
+            flusher.add(payload, lambda exc, p=poll: told.append((p, exc)))
+        assert told == []  # buffered, not committed yet
+        await flusher.flush()
+        first = list(told)
+        n = await pool.fetchval("SELECT count(*) FROM readings WHERE org_id = $1", t.org_id)
+        rows = await pool.fetch("SELECT c.n FROM reading_chunks c JOIN series s ON s.id = c.series_id"
+                                " JOIN machines m ON m.id = s.machine_id WHERE m.org_id = $1",
+                                t.org_id)
+        payload, _ = await ingestor.prepare(t.org_id, [Reading("FL-1", now, "m0", 9.0)])
+        await pool.close()  # no connection to be had any more
+        flusher.add(payload, lambda exc: told.append(("late", exc)))
+        await asyncio.wait_for(flusher.stop(), 30)
+        await writer.close()
+        return first, n, sorted(r["n"] for r in rows), told[len(first):], flusher.items
+    first, n, per_row, late, left = run(go())
+    assert first == [(p, None) for p in range(5)]
+    assert n == 15 and per_row == [5, 5, 5]  # one row per series: the 5 polls merged
+    assert len(late) == 1 and late[0][0] == "late" and late[0][1] is not None
+    assert left == []
