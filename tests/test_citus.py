@@ -11,6 +11,7 @@ import signal
 import time
 import uuid
 
+import asyncpg
 import pytest
 
 from citus import CitusCluster
@@ -19,7 +20,9 @@ from haltless.server import db, store
 from peers import ModbusPeer, device
 from test_ingest import post
 from test_management import MODBUS_BODY, Api
+from test_operations import haltless
 from test_pollers import Pollers, wait_for
+from test_sql_access import as_role
 from test_storage import compact, send, snapshot
 
 UTC = dt.timezone.utc
@@ -194,6 +197,60 @@ def test_compaction_on_the_cluster_keeps_every_reading_and_merges_late_data(citu
                    " WHERE r.series_id = ANY($3::int[])", hour, hour + dt.timedelta(hours=1),
                    series)
     assert got == 6 * 80
+
+
+def test_a_grafana_role_on_the_cluster_sees_only_its_organization_hot_and_compacted(
+        citus_server, citus_dsn):
+    a = make_tenant(citus_dsn, machines=("CNC-001", "CNC-002"))
+    b = make_tenant(citus_dsn, machines=("CNC-001", "CNC-002"))
+    start = dt.datetime.now(UTC).replace(microsecond=0) - dt.timedelta(minutes=3)
+    for t, seconds in ((a, 30), (b, 45)):
+        send(citus_server, t, start, seconds, metrics=5)
+        send(citus_server, t, start, seconds, metrics=5, machine="CNC-002")
+    mine = set(org_series(citus_dsn, a.org_id))
+    theirs = set(org_series(citus_dsn, b.org_id))
+    # Both organizations' series are spread over both workers.
+    nodes = fetchval(citus_dsn, "SELECT count(DISTINCT nodeport) FROM citus_shards WHERE"
+                     " table_name = 'reading_chunks_0'::regclass AND shardid IN (SELECT"
+                     " get_shard_id_for_distribution_column('reading_chunks_0', x)"
+                     " FROM unnest($1::int[]) x)", sorted(theirs))
+    assert nodes == 2
+    url = haltless("grafana-role", "--org", a.name,
+                   env={"HALTLESS_DATABASE_URL": citus_dsn}).stdout.strip()
+    frm, to = start - dt.timedelta(minutes=1), start + dt.timedelta(minutes=2)
+
+    def check(stage):
+        rows = as_role(url, "SELECT org_id, count(*) FROM readings GROUP BY 1")
+        assert [(r[0], r[1]) for r in rows] == [(a.org_id, 300)], stage
+        assert as_role(url, "SELECT count(*) FROM readings_in($1, $2)", frm, to)[0][0] == 300
+        sid = min(mine)
+        assert len(as_role(url, "SELECT * FROM readings_between($1, $2, $3)", sid, frm, to)) == 30
+        assert as_role(url, "SELECT * FROM readings_between($1, $2, $3)", min(theirs), frm,
+                       to) == []
+        for table in ("series", "reading_chunks", "reading_blocks", "reading_timelines"):
+            col = "id" if table == "series" else "series_id"
+            seen = {r[0] for r in as_role(url, f"SELECT DISTINCT {col} FROM {table}")}
+            assert seen <= mine, (stage, table)
+        assert [r[0] for r in as_role(url, "SELECT name FROM organizations")] == [a.name]
+        assert {r[0] for r in as_role(url, "SELECT org_id FROM machines")} == {a.org_id}
+        assert b.count(citus_dsn) == 450  # the owner still sees everything
+
+    check("hot")
+    compact(citus_dsn)
+    assert fetchval(citus_dsn, "SELECT coalesce(sum(n), 0) FROM reading_chunks") == 0
+    check("compacted")
+    assert {r[0] for r in as_role(url, "SELECT series_id FROM reading_blocks")} == mine
+    for sql in ("SELECT * FROM api_keys", "SELECT * FROM reader_roles",
+                "SELECT * FROM ingest_sources"):
+        with pytest.raises(asyncpg.InsufficientPrivilegeError):
+            as_role(url, sql)
+    for sql in ("INSERT INTO organizations (name) VALUES ('mine now')",
+                f"DELETE FROM reading_blocks WHERE series_id = {min(theirs)}",
+                "UPDATE machines SET machine_identifier = 'x'"):
+        with pytest.raises((asyncpg.ReadOnlySQLTransactionError,
+                            asyncpg.InsufficientPrivilegeError)):
+            as_role(url, sql)
+    assert b.count(citus_dsn) == 450
 
 
 def test_retention_drops_whole_months_of_distributed_blocks(citus_dsn):
