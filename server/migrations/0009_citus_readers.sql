@@ -61,8 +61,14 @@ BEGIN
                                         WHERE s.id = p_series AND m.org_id = r.org_id)
                          FROM %1$I r WHERE r.role_name = session_user), true)
     $b$ $f$, roles_shard, series_shard, machines_shard);
+    -- Whether the role is not a reader; the row's column it is given is not
+    -- used. It is there because Citus, when it adds a node, creates the
+    -- functions a table's policies call before the table only when the policy
+    -- uses a column of the table (metadata_sync.c,
+    -- GetDependentFunctionsWithRelation); without one, citus_add_node failed:
+    -- "function public.haltless_not_reader() does not exist".
     EXECUTE format($f$
-    CREATE FUNCTION haltless_not_reader() RETURNS boolean
+    CREATE FUNCTION haltless_not_reader(p_column anyelement) RETURNS boolean
     LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, public AS $b$
         SELECT NOT EXISTS (SELECT 1 FROM %1$I r WHERE r.role_name = session_user)
     $b$ $f$, roles_shard);
@@ -85,12 +91,12 @@ BEGIN
         USING (haltless_reader_sees_series(series_id));
     -- As in 0006: only SELECT is ever granted to readers; every other
     -- command keeps working for everyone else.
-    CREATE POLICY writer_all ON organizations USING (haltless_not_reader());
-    CREATE POLICY writer_all ON machines USING (haltless_not_reader());
-    CREATE POLICY writer_all ON series USING (haltless_not_reader());
-    CREATE POLICY writer_all ON reading_chunks USING (haltless_not_reader());
-    CREATE POLICY writer_all ON reading_blocks USING (haltless_not_reader());
-    CREATE POLICY writer_all ON reading_timelines USING (haltless_not_reader());
+    CREATE POLICY writer_all ON organizations USING (haltless_not_reader(id));
+    CREATE POLICY writer_all ON machines USING (haltless_not_reader(id));
+    CREATE POLICY writer_all ON series USING (haltless_not_reader(id));
+    CREATE POLICY writer_all ON reading_chunks USING (haltless_not_reader(series_id));
+    CREATE POLICY writer_all ON reading_blocks USING (haltless_not_reader(series_id));
+    CREATE POLICY writer_all ON reading_timelines USING (haltless_not_reader(series_id));
     -- As in 0006 (the view 0007 put in its place).
     ALTER VIEW readings SET (security_invoker = true);
 END $citus$;
