@@ -5,6 +5,7 @@ and pollers sharing sources through leases all work through the
 coordinator. Skipped, with the reason, where Citus cannot be built."""
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import json
 import signal
@@ -16,7 +17,9 @@ import pytest
 
 from citus import CitusCluster
 from conftest import ServerProcess, fetch, fetchval, make_tenant, run
-from haltless.server import db, store
+from haltless.server import compact_citus, db, store
+from haltless.server.compact import CRASH_POINTS, compact_all
+from haltless.server.reader_roles import create_reader_role, url_for_role
 from peers import ModbusPeer, device
 from test_ingest import post
 from test_management import MODBUS_BODY, Api
@@ -199,6 +202,84 @@ def test_compaction_on_the_cluster_keeps_every_reading_and_merges_late_data(citu
     assert got == 6 * 80
 
 
+@pytest.mark.parametrize("point", CRASH_POINTS)
+def test_a_kill_at_any_step_of_a_shard_group_compaction_loses_and_duplicates_nothing(
+        citus_server, citus_dsn, point):
+    t = make_tenant(citus_dsn, machines=("CNC-001", "CNC-002"))
+    start = dt.datetime.now(UTC).replace(microsecond=0) - dt.timedelta(minutes=3)
+    send(citus_server, t, start, 40, metrics=8)
+    compact(citus_dsn)  # blocks already there: the late data below merges into them
+    send(citus_server, t, start + dt.timedelta(seconds=40), 40, metrics=8)
+    send(citus_server, t, start, 20, metrics=8, machine="CNC-002")
+    before = snapshot(citus_dsn, t.org_id)
+    killed = compact(citus_dsn, "--crash-at", point, check=False)
+    assert killed.returncode == 137, killed.stderr
+    assert snapshot(citus_dsn, t.org_id) == before
+    compact(citus_dsn)
+    assert snapshot(citus_dsn, t.org_id) == before and len(before) == 800
+    assert fetchval(citus_dsn, "SELECT coalesce(sum(n), 0) FROM reading_chunks") == 0
+    hours = {(sid, ts.replace(minute=0, second=0, microsecond=0)) for sid, ts, _ in before}
+    assert fetchval(citus_dsn, "SELECT count(*) FROM reading_blocks WHERE series_id ="
+                    " ANY($1::int[])", org_series(citus_dsn, t.org_id)) == len(hours)
+    # No timeline left behind by a replaced block.
+    assert fetchval(citus_dsn, "SELECT count(*) FROM reading_timelines t WHERE NOT EXISTS ("
+                    " SELECT 1 FROM reading_blocks b WHERE b.series_id = t.series_id"
+                    " AND b.block_start = t.block_start AND b.timeline = t.id)") == 0
+
+
+def test_two_compactors_work_on_different_shard_groups_at_once(citus_server, citus_dsn, cluster):
+    """One compactor stuck on a shard group (its worker holds the slot's shard)
+    does not stop another from compacting every other group; nothing waits
+    for a lock that spans the cluster."""
+    t = make_tenant(citus_dsn, machines=("CNC-001", "CNC-002"))
+    start = dt.datetime.now(UTC).replace(microsecond=0) - dt.timedelta(minutes=3)
+    send(citus_server, t, start, 30, metrics=12)
+    send(citus_server, t, start, 30, metrics=12, machine="CNC-002")
+    before = snapshot(citus_dsn, t.org_id)
+    series = org_series(citus_dsn, t.org_id)
+
+    async def go():
+        coord = [await asyncpg.connect(citus_dsn) for _ in range(3)]
+        try:
+            groups = await compact_citus.shard_groups(coord[0])
+            assert len({(g.host, g.port) for g in groups}) == 2 and len(groups) == 8
+            shard_of = {r[0]: r[1] for r in await coord[0].fetch(
+                "SELECT x, get_shard_id_for_distribution_column('reading_chunks', x)"
+                " FROM unnest($1::int[]) x", series)}
+            slot = await coord[0].fetchval("SELECT min(slot) FROM reading_chunks"
+                                           " WHERE series_id = ANY($1::int[])", series)
+            first = next(g for g in groups if g.key in shard_of.values())
+            stuck = [x for x, k in shard_of.items() if k == first.key]
+            # The slot's shard of that group is held on its worker (as a long
+            # transaction would): compactor A waits there, holding the group.
+            w = await asyncpg.connect(compact_citus.node_dsn(citus_dsn, first.host, first.port))
+            tx = w.transaction()
+            await tx.start()
+            await w.execute("SET LOCAL citus.enable_manual_changes_to_shards = on")
+            await w.execute(f"LOCK TABLE {first.chunks[slot]} IN ROW SHARE MODE")
+            a = asyncio.create_task(compact_all(coord[1], include_current=True, wait=False,
+                                                dsn=citus_dsn))
+            await asyncio.sleep(1.0)
+            assert not a.done()
+            b = await compact_all(coord[2], include_current=True, wait=False, dsn=citus_dsn)
+            left = await coord[0].fetch("SELECT DISTINCT series_id FROM reading_chunks"
+                                        " WHERE series_id = ANY($1::int[])", series)
+            await tx.rollback()
+            await w.close()
+            a_done = await a
+            return b, sorted(r[0] for r in left), sorted(stuck), a_done
+        finally:
+            for c in coord:
+                await c.close()
+
+    b, left, stuck, a = run(go())
+    assert left == stuck  # B compacted every group but the one A held
+    assert 0 < b[0] < len(before) and b[0] + a[0] == len(before)
+    assert snapshot(citus_dsn, t.org_id) == before
+    assert fetchval(citus_dsn, "SELECT coalesce(sum(n), 0) FROM reading_chunks WHERE"
+                    " series_id = ANY($1::int[])", series) == 0
+
+
 def test_a_grafana_role_on_the_cluster_sees_only_its_organization_hot_and_compacted(
         citus_server, citus_dsn):
     a = make_tenant(citus_dsn, machines=("CNC-001", "CNC-002"))
@@ -328,6 +409,39 @@ def test_a_worker_added_later_takes_shards_through_the_rebalancer():
                          " AND table_name = 'reading_chunks_0'::regclass", port)
         assert moved >= 2, moved  # 8 shards over 3 workers: 3/3/2
         assert fetchval(c.dsn, "SELECT sum(vals[1]) FROM reading_chunks") == sum(range(1, 501))
+        # A reader role reads its organization's series from the new worker's
+        # shards too (its policies and functions came with them), and
+        # compaction runs per shard group there as well.
+        t = make_tenant(c.dsn, machines=("CNC-001",))
+        other = make_tenant(c.dsn, machines=("CNC-001",))
+
+        async def reader():
+            conn = await db.connect(c.dsn)
+            try:
+                for tenant in (t, other):
+                    await conn.execute(
+                        "INSERT INTO series (machine_id, metric_name) SELECT $1, 'm' || i"
+                        " FROM generate_series(1, 40) i", tenant.machines["CNC-001"])
+                await conn.execute(
+                    "INSERT INTO reading_chunks_0 (series_id, bucket, n, ts, vals)"
+                    " SELECT id, date_trunc('hour', now()), 1, ARRAY[now()], ARRAY[1.0]"
+                    " FROM series")
+                role, password = await create_reader_role(conn, t.org_id, t.name)
+                return url_for_role(c.dsn, role, password)
+            finally:
+                await conn.close()
+        url = run(reader())
+        mine = org_series(c.dsn, t.org_id)
+        on_new = fetchval(c.dsn, "SELECT count(*) FROM unnest($1::int[]) x WHERE (SELECT"
+                          " nodeport FROM citus_shards WHERE table_name = 'reading_chunks_0'"
+                          "::regclass AND shardid = get_shard_id_for_distribution_column("
+                          "'reading_chunks_0', x)) = $2", mine, port)
+        assert on_new > 0
+        assert sorted(r[0] for r in as_role(url, "SELECT DISTINCT series_id FROM readings")) == mine
+        compact(c.dsn)
+        assert fetchval(c.dsn, "SELECT count(*) FROM reading_chunks") == 0
+        assert sorted(r[0] for r in as_role(url, "SELECT DISTINCT series_id FROM readings")) == mine
+        assert fetchval(c.dsn, "SELECT sum(n) FROM reading_blocks") == 580
 
 
 def test_a_worker_that_is_down_gets_503_and_ingest_resumes_when_it_is_back(cluster, citus_server,

@@ -1,0 +1,208 @@
+"""Compaction on a Citus cluster: one shard group at a time, on the worker
+that holds it, with no lock that spans the cluster (docs/scaling.md
+"Compaction and retention").
+
+A shard group is the co-located shards of one hash range: a shard of
+``reading_chunks_0``, of ``reading_chunks_1``, of ``reading_blocks`` (with its
+monthly partitions' shards under it) and of ``reading_timelines``, all on one
+worker. Compacting a slot of one group:
+
+    coordinator: pg_try_advisory_lock(SHARD_LOCK, the group's reading_chunks
+    shard id), a session lock: another compactor (another API host) takes
+    another group meanwhile; `haltless compact` waits for it instead
+    worker, pre-check: the months of the slot shard's hot rows -> the
+    coordinator creates their block partitions (DDL on every shard, so before
+    the worker transaction, which would otherwise wait for itself)
+    worker, ONE local transaction (no two-phase commit: one node):
+        lock_shard_metadata(ShareLock) on the group's shards - a shard move
+        (which takes ExclusiveLock) waits for it, or it for the move - and
+        check that the placements are still on this worker
+        LOCK the slot's shard (a late writer of that shard waits)
+        Compactor.compact_slot on the shards: COPY out, group, merge, pack,
+        write blocks and timelines into the group's shards, TRUNCATE the
+        slot's shard
+        COMMIT
+
+A kill at any point aborts the worker's transaction: nothing lost or
+written twice, and the next run does the same work again. Only one shard
+is truncated, so writers of the other shards never notice; hot data is
+never deleted row by row. The compactor connects to the workers with the
+coordinator URL's user and password (pg_dist_node gives host and port).
+"""
+from __future__ import annotations
+
+import datetime as _dt
+from dataclasses import dataclass
+from urllib.parse import urlsplit, urlunsplit
+
+import asyncpg
+
+from .compact import Compactor
+
+SHARD_LOCK = 291_845_003  # pg_advisory_lock(int, int) class: (SHARD_LOCK, group's shard id)
+SHARE_LOCK = 5            # lock_shard_metadata's ShareLock; a shard move takes ExclusiveLock
+
+GROUPS = """
+SELECT s.logicalrelid::text AS rel, s.shardid, s.shardminvalue::int AS lo,
+       shard_name(s.logicalrelid, s.shardid) AS name, n.nodename AS host, n.nodeport AS port
+FROM pg_dist_shard s
+JOIN pg_dist_placement p ON p.shardid = s.shardid
+JOIN pg_dist_node n ON n.groupid = p.groupid AND n.noderole = 'primary'
+WHERE s.logicalrelid IN ('reading_chunks'::regclass, 'reading_chunks_0'::regclass,
+                         'reading_chunks_1'::regclass, 'reading_blocks'::regclass,
+                         'reading_timelines'::regclass)
+"""
+
+
+@dataclass(frozen=True)
+class ShardGroup:
+    key: int                    # shard id of reading_chunks: the group's advisory lock
+    host: str
+    port: int
+    chunks: tuple[str, str]     # shard names of reading_chunks_0, reading_chunks_1
+    chunk_ids: tuple[int, int]
+    blocks: str
+    timelines: str
+    block_ids: tuple[int, int]  # shard ids of reading_blocks, reading_timelines
+
+
+class ShardMoved(Exception):
+    """The group's placements left this worker (a rebalance): done next run."""
+
+
+class NeedPartitions(Exception):
+    """Hot rows of a month with no block partition arrived after the pre-check."""
+
+
+async def is_distributed(conn) -> bool:
+    return await conn.fetchval(
+        "SELECT to_regclass('pg_dist_partition') IS NOT NULL AND EXISTS ("
+        " SELECT 1 FROM pg_dist_partition WHERE logicalrelid = 'reading_chunks'::regclass)")
+
+
+async def shard_groups(conn) -> list[ShardGroup]:
+    by_range: dict[int, dict[str, tuple]] = {}
+    for r in await conn.fetch(GROUPS):
+        by_range.setdefault(r["lo"], {})[r["rel"]] = (r["shardid"], r["name"], r["host"],
+                                                      r["port"])
+    groups = []
+    for lo in sorted(by_range):
+        g = by_range[lo]
+        key, _, host, port = g["reading_chunks"]
+        if {v[2:] for v in g.values()} != {(host, port)}:
+            continue  # mid-move: co-located shards on two nodes; next run
+        groups.append(ShardGroup(
+            key=key, host=host, port=port,
+            chunks=(g["reading_chunks_0"][1], g["reading_chunks_1"][1]),
+            chunk_ids=(g["reading_chunks_0"][0], g["reading_chunks_1"][0]),
+            blocks=g["reading_blocks"][1], timelines=g["reading_timelines"][1],
+            block_ids=(g["reading_blocks"][0], g["reading_timelines"][0])))
+    return groups
+
+
+def node_dsn(dsn: str, host: str, port: int) -> str:
+    """The coordinator's URL with a worker's host and port."""
+    u = urlsplit(dsn)
+    auth = u.netloc.rpartition("@")[0]
+    h = f"[{host}]" if ":" in host else host
+    return urlunsplit((u.scheme, f"{auth}@{h}:{port}" if auth else f"{h}:{port}", u.path,
+                       u.query, u.fragment))
+
+
+class ShardCompactor(Compactor):
+    """Compactor over one shard group's shards, on a connection to its worker;
+    timeline ids come from the coordinator's sequence."""
+
+    def __init__(self, conn, coordinator, group: ShardGroup, **kw) -> None:
+        super().__init__(conn, **kw)
+        self.coordinator = coordinator
+        self.group = group
+        self.blocks_table = group.blocks
+        self.timelines_table = group.timelines
+        self.series_timelines = True  # migration 0007: a timeline per block
+        self.covered: tuple[_dt.datetime, _dt.datetime] | None = None
+        self.slot = 0
+
+    async def _lock(self, table: str) -> None:
+        conn = self.conn
+        await conn.execute(f"SET LOCAL lock_timeout = '{int(self.lock_timeout * 1000)}ms'")
+        # Writing shards directly is refused unless asked for (Citus
+        # worker_shard_visibility.c); this transaction writes only its group's.
+        await conn.execute("SET LOCAL citus.enable_manual_changes_to_shards = on")
+        ids = [self.group.chunk_ids[self.slot], *self.group.block_ids]
+        await conn.execute("SELECT lock_shard_metadata($1, $2::bigint[])", SHARE_LOCK, ids)
+        here = await conn.fetchval(
+            "SELECT count(*) FROM pg_dist_placement WHERE shardid = ANY($1::bigint[])"
+            " AND groupid = (SELECT groupid FROM pg_dist_local_group)", ids)
+        if here != len(ids):
+            raise ShardMoved(table)
+        await conn.execute(f"LOCK TABLE {table} IN EXCLUSIVE MODE")
+
+    async def _record(self, readings: int) -> None:
+        pass  # compaction_state lives on the coordinator: compact_shards records the run
+
+    async def _timeline_ids(self, n: int) -> list[int]:
+        return [r[0] for r in await self.coordinator.fetch(
+            "SELECT nextval('reading_timelines_id') FROM generate_series(1, $1)", n)]
+
+    async def _partitions(self, first: _dt.datetime, last: _dt.datetime) -> None:
+        if self.covered is None or first < self.covered[0] or last > self.covered[1]:
+            raise NeedPartitions(first, last)
+
+    async def compact_group_slot(self, slot: int) -> int:
+        table = self.group.chunks[slot]
+        self.slot = slot
+        for _ in range(3):
+            lo, hi = await self.conn.fetchrow(f"SELECT min(bucket), max(bucket) FROM {table}")
+            if lo is None:
+                return 0
+            await self.coordinator.execute("SELECT haltless_block_partitions($1, $2)", lo, hi)
+            self.covered = (lo, hi)
+            try:
+                return await self.compact_slot(slot, table)
+            except NeedPartitions:
+                continue  # rolled back; look at the months again
+        return 0
+
+
+async def compact_shards(conn, dsn: str | None, slots, *, retention_days: int | None = None,
+                         crash_at: str | None = None, wait: bool = False) -> tuple[int, int]:
+    """Compact ``slots`` of every shard group whose lock this process gets
+    (with ``wait``, of every group, waiting for each). ``conn`` is on the
+    coordinator; returns (readings, blocks) written."""
+    if dsn is None:
+        raise ValueError("compaction on a Citus cluster needs the coordinator's URL to reach "
+                         "the workers")
+    workers: dict[tuple[str, int], asyncpg.Connection] = {}
+    readings = blocks = 0
+    try:
+        for group in await shard_groups(conn):
+            key = group.key & 0x7FFFFFFF
+            if wait:
+                await conn.execute("SELECT pg_advisory_lock($1, $2)", SHARD_LOCK, key)
+            elif not await conn.fetchval("SELECT pg_try_advisory_lock($1, $2)", SHARD_LOCK, key):
+                continue  # another compactor has this group
+            try:
+                w = workers.get((group.host, group.port))
+                if w is None:
+                    w = workers[(group.host, group.port)] = await asyncpg.connect(
+                        node_dsn(dsn, group.host, group.port))
+                c = ShardCompactor(w, conn, group, retention_days=retention_days,
+                                   crash_at=crash_at)
+                for slot in slots:
+                    try:
+                        await c.compact_group_slot(slot)
+                    except ShardMoved:
+                        break
+                readings += c.readings
+                blocks += c.blocks
+            finally:
+                await conn.execute("SELECT pg_advisory_unlock($1, $2)", SHARD_LOCK, key)
+    finally:
+        for w in workers.values():
+            await w.close()
+    if blocks:
+        await conn.execute(
+            "UPDATE compaction_state SET last_run_at = now(), last_readings = $1,"
+            " last_blocks = $2", readings, blocks)
+    return readings, blocks
