@@ -32,12 +32,15 @@ coordinator URL's user and password (pg_dist_node gives host and port).
 from __future__ import annotations
 
 import datetime as _dt
+import logging
 from dataclasses import dataclass
 from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 
 from .compact import Compactor
+
+log = logging.getLogger("haltless.compact")
 
 SHARD_LOCK = 291_845_003  # pg_advisory_lock(int, int) class: (SHARD_LOCK, group's shard id)
 SHARE_LOCK = 5            # lock_shard_metadata's ShareLock; a shard move takes ExclusiveLock
@@ -75,9 +78,10 @@ class NeedPartitions(Exception):
 
 
 async def is_distributed(conn) -> bool:
-    return await conn.fetchval(
-        "SELECT to_regclass('pg_dist_partition') IS NOT NULL AND EXISTS ("
-        " SELECT 1 FROM pg_dist_partition WHERE logicalrelid = 'reading_chunks'::regclass)")
+    if await conn.fetchval("SELECT to_regclass('pg_dist_partition') IS NULL"):
+        return False  # plain PostgreSQL
+    return await conn.fetchval("SELECT EXISTS (SELECT 1 FROM pg_dist_partition"
+                               " WHERE logicalrelid = 'reading_chunks'::regclass)")
 
 
 async def shard_groups(conn) -> list[ShardGroup]:
@@ -158,10 +162,11 @@ class ShardCompactor(Compactor):
                 return 0
             await self.coordinator.execute("SELECT haltless_block_partitions($1, $2)", lo, hi)
             self.covered = (lo, hi)
+            counted = self.readings, self.blocks
             try:
                 return await self.compact_slot(slot, table)
-            except NeedPartitions:
-                continue  # rolled back; look at the months again
+            except NeedPartitions:  # rolled back; look at the months again
+                self.readings, self.blocks = counted
         return 0
 
 
@@ -190,9 +195,18 @@ async def compact_shards(conn, dsn: str | None, slots, *, retention_days: int | 
                 c = ShardCompactor(w, conn, group, retention_days=retention_days,
                                    crash_at=crash_at)
                 for slot in slots:
+                    counted = c.readings, c.blocks
                     try:
                         await c.compact_group_slot(slot)
                     except ShardMoved:
+                        break
+                    except asyncpg.LockNotAvailableError:
+                        if wait:
+                            raise
+                        # A shard move, or a long writer of that shard: next run.
+                        log.warning("compaction of shard group %d skipped: lock timeout",
+                                    group.key)
+                        c.readings, c.blocks = counted
                         break
                 readings += c.readings
                 blocks += c.blocks

@@ -280,6 +280,65 @@ def test_two_compactors_work_on_different_shard_groups_at_once(citus_server, cit
                     " series_id = ANY($1::int[])", series) == 0
 
 
+def test_a_shard_move_waits_for_the_compaction_of_its_group(citus_server, citus_dsn, cluster):
+    """Compaction writes a group's shards on their worker directly; a shard
+    move of that group (the rebalancer) must not copy them half way: it waits
+    for Citus's shard metadata lock, which the compaction holds."""
+    t = make_tenant(citus_dsn, machines=("CNC-001",))
+    start = dt.datetime.now(UTC).replace(microsecond=0) - dt.timedelta(minutes=2)
+    send(citus_server, t, start, 20, metrics=6)
+    before = snapshot(citus_dsn, t.org_id)
+    series = org_series(citus_dsn, t.org_id)
+
+    async def go():
+        coord = [await asyncpg.connect(citus_dsn) for _ in range(3)]
+        try:
+            groups = await compact_citus.shard_groups(coord[0])
+            keys = {r[0] for r in await coord[0].fetch(
+                "SELECT get_shard_id_for_distribution_column('reading_chunks', x)"
+                " FROM unnest($1::int[]) x", series)}
+            g = next(g for g in groups if g.key in keys)
+            other = next(p for _, p in cluster.nodes[1:] if p != g.port)
+            slot = await coord[0].fetchval("SELECT min(slot) FROM reading_chunks"
+                                           " WHERE series_id = ANY($1::int[])", series)
+            w = await asyncpg.connect(compact_citus.node_dsn(citus_dsn, g.host, g.port))
+            tx = w.transaction()
+            await tx.start()
+            await w.execute("SET LOCAL citus.enable_manual_changes_to_shards = on")
+            await w.execute(f"LOCK TABLE {g.chunks[slot]} IN ROW SHARE MODE")
+            a = asyncio.create_task(compact_all(coord[1], include_current=True, wait=False,
+                                                dsn=citus_dsn))
+            waiting = "SELECT count(*) FROM pg_locks WHERE NOT granted AND relation = $1::regclass"
+            for _ in range(100):  # the compactor holds the group and waits for the shard
+                if await w.fetchval(waiting, g.chunks[slot]):
+                    break
+                await asyncio.sleep(0.1)
+            else:
+                raise AssertionError("the compactor never reached the group's shard")
+            move = asyncio.create_task(coord[2].execute(
+                "SELECT citus_move_shard_placement($1, $2, $3, $2, $4,"
+                " shard_transfer_mode => 'block_writes')", g.key, g.host, g.port, other))
+            await asyncio.sleep(2.0)
+            moving_early = move.done()
+            await tx.rollback()
+            await w.close()
+            compacted = await a
+            await move
+            return moving_early, compacted, other, g
+        finally:
+            for c in coord:
+                await c.close()
+
+    moving_early, compacted, other, g = run(go())
+    assert not moving_early, "the move did not wait for the compaction"
+    assert compacted[0] >= len(before)
+    assert snapshot(citus_dsn, t.org_id) == before
+    assert fetchval(citus_dsn, "SELECT coalesce(sum(n), 0) FROM reading_chunks"
+                    " WHERE series_id = ANY($1::int[])", series) == 0
+    assert fetchval(citus_dsn, "SELECT nodeport FROM citus_shards WHERE shardid = $1",
+                    g.key) == other
+
+
 def test_a_grafana_role_on_the_cluster_sees_only_its_organization_hot_and_compacted(
         citus_server, citus_dsn):
     a = make_tenant(citus_dsn, machines=("CNC-001", "CNC-002"))
