@@ -39,6 +39,7 @@ from urllib.parse import urlsplit, urlunsplit
 import asyncpg
 
 from .compact import Compactor
+from .db import DB_DOWN
 
 log = logging.getLogger("haltless.compact")
 
@@ -179,9 +180,12 @@ async def compact_shards(conn, dsn: str | None, slots, *, retention_days: int | 
         raise ValueError("compaction on a Citus cluster needs the coordinator's URL to reach "
                          "the workers")
     workers: dict[tuple[str, int], asyncpg.Connection] = {}
+    down: set[tuple[str, int]] = set()
     readings = blocks = 0
     try:
         for group in await shard_groups(conn):
+            if (group.host, group.port) in down:
+                continue
             key = group.key & 0x7FFFFFFF
             if wait:
                 await conn.execute("SELECT pg_advisory_lock($1, $2)", SHARD_LOCK, key)
@@ -190,8 +194,18 @@ async def compact_shards(conn, dsn: str | None, slots, *, retention_days: int | 
             try:
                 w = workers.get((group.host, group.port))
                 if w is None:
-                    w = workers[(group.host, group.port)] = await asyncpg.connect(
-                        node_dsn(dsn, group.host, group.port))
+                    try:
+                        w = await asyncpg.connect(node_dsn(dsn, group.host, group.port),
+                                                  timeout=10)
+                    except DB_DOWN as exc:
+                        if wait:
+                            raise
+                        # Its groups wait for the worker; the others go on.
+                        log.warning("compaction skips the worker %s:%d: %s", group.host,
+                                    group.port, exc)
+                        down.add((group.host, group.port))
+                        continue
+                    workers[(group.host, group.port)] = w
                 c = ShardCompactor(w, conn, group, retention_days=retention_days,
                                    crash_at=crash_at)
                 for slot in slots:

@@ -503,6 +503,14 @@ def test_a_worker_added_later_takes_shards_through_the_rebalancer():
         assert fetchval(c.dsn, "SELECT sum(n) FROM reading_blocks") == 580
 
 
+async def _compact_now(dsn):
+    conn = await asyncpg.connect(dsn)
+    try:
+        return await compact_all(conn, include_current=True, wait=False, dsn=dsn)
+    finally:
+        await conn.close()
+
+
 def test_a_worker_that_is_down_gets_503_and_ingest_resumes_when_it_is_back(cluster, citus_server,
                                                                            citus_dsn):
     """docs/scaling.md "What fails over": a group commit writes to many
@@ -518,6 +526,12 @@ def test_a_worker_that_is_down_gets_503_and_ingest_resumes_when_it_is_back(clust
                        " FROM citus_shards WHERE shardid = get_shard_id_for_distribution_column("
                        "'reading_chunks_0', x) AND table_name = 'reading_chunks_0'::regclass) <> $2",
                        org_series(citus_dsn, t.org_id), down_port)
+    on_down = [r[0] for r in fetch(
+        citus_dsn, "SELECT x FROM unnest($1::int[]) x WHERE (SELECT nodeport FROM citus_shards"
+        " WHERE shardid = get_shard_id_for_distribution_column('reading_chunks_0', x)"
+        " AND table_name = 'reading_chunks_0'::regclass) = $2",
+        org_series(citus_dsn, t.org_id), down_port)]
+    assert on_down
     cluster.stop_node(2)
     try:
         down = post(citus_server, t.key, body)
@@ -526,8 +540,16 @@ def test_a_worker_that_is_down_gets_503_and_ingest_resumes_when_it_is_back(clust
         rows = fetch(citus_dsn, "SELECT * FROM readings_between($1, now() - interval '1 hour',"
                      " now() + interval '1 minute')", on_live)
         assert len(rows) == 1
+        # Compaction goes on for the shard groups of the live worker.
+        run(_compact_now(citus_dsn))
+        assert fetchval(citus_dsn, "SELECT count(*) FROM reading_blocks WHERE series_id = $1",
+                        on_live) == 1
+        assert len(fetch(citus_dsn, "SELECT * FROM readings_between($1, now() - interval"
+                         " '1 hour', now() + interval '1 minute')", on_live)) == 1
     finally:
         cluster.start_node(2)
+    assert fetchval(citus_dsn, "SELECT count(DISTINCT series_id) FROM reading_chunks"
+                    " WHERE series_id = ANY($1::int[])", on_down) > 0  # waited for its worker
     again = wait_for(lambda: (r := post(citus_server, t.key, body)).status_code == 207 and r,
                      timeout=30, what="ingest after the worker came back")
     assert again.json()["accepted_count"] == 40
