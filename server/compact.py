@@ -64,6 +64,7 @@ class Compactor:
 
     blocks_table = "reading_blocks"
     timelines_table = "reading_timelines"
+    series_per_batch = SERIES_PER_BATCH  # a range of ids; on a shard, 1/shards of them are there
 
     def __init__(self, conn, retention_days: int | None = None, crash_at: str | None = None,
                  lock_timeout: float = 10.0) -> None:
@@ -105,7 +106,7 @@ class Compactor:
             timelines: dict[tuple[int, bytes], int] = {}
             start = lo
             while start is not None and start <= hi:
-                end = start + SERIES_PER_BATCH
+                end = start + self.series_per_batch
                 buf = bytearray()
 
                 async def sink(data: bytes) -> None:
