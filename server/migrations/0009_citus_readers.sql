@@ -26,7 +26,8 @@
 --
 -- Cost: the functions run once per row read (chunk row, block, timeline,
 -- series, machine), an index probe each, where 0006 looks the organization
--- up once per query. Roles that are not readers (the application, owners)
+-- up once per query: ~13 µs per row on the test cluster (3,600 hot rows of
+-- one series: 54 ms as a reader, 8.4 ms as the owner; docs/scaling.md). Roles that are not readers (the application, owners)
 -- are unaffected: owners bypass row-level security.
 DO $citus$
 DECLARE
