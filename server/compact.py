@@ -17,7 +17,8 @@ A kill at any point rolls the whole transaction back: nothing is lost or
 written twice, and the next run does the same work again (idempotent). Hot
 data is never deleted row by row; a block is replaced only when late data
 joins it. One process at a time (a session advisory lock) across workers
-and hosts. ``haltless compact`` also compacts the slot still being written
+and hosts; on a Citus cluster one per shard group instead, on the workers
+(``compact_citus``). ``haltless compact`` also compacts the slot still being written
 (its writers wait meanwhile): what arrives later for that hour is late data.
 
 Retention (``HALTLESS_RETENTION_DAYS``): readings older than the cutoff are

@@ -203,28 +203,35 @@ async def compact_shards(conn, dsn: str | None, slots, *, retention_days: int | 
     try:
         groups = await shard_groups(conn)
         for group in groups:
-            if (group.host, group.port) in down:
+            node = (group.host, group.port)
+            if node in down:
                 continue
+            w = workers.get(node)
+            if w is None:
+                try:
+                    w = await asyncpg.connect(node_dsn(dsn, *node), timeout=10)
+                except DB_DOWN as exc:
+                    if wait:
+                        raise
+                    # Its groups wait for the worker; the others go on.
+                    log.warning("compaction skips the worker %s:%d: %s", *node, exc)
+                    down.add(node)
+                    continue
+                workers[node] = w
+            # Empty slot shards are the common case (every 30 s per process):
+            # looked at without taking the group's lock.
+            try:
+                if not any([await w.fetchval(f"SELECT EXISTS (SELECT 1 FROM {group.chunks[slot]})")
+                            for slot in slots]):
+                    continue
+            except asyncpg.UndefinedTableError:
+                continue  # moved away since shard_groups() looked: next run
             key = group.key & 0x7FFFFFFF
             if wait:
                 await conn.execute("SELECT pg_advisory_lock($1, $2)", SHARD_LOCK, key)
             elif not await conn.fetchval("SELECT pg_try_advisory_lock($1, $2)", SHARD_LOCK, key):
                 continue  # another compactor has this group
             try:
-                w = workers.get((group.host, group.port))
-                if w is None:
-                    try:
-                        w = await asyncpg.connect(node_dsn(dsn, group.host, group.port),
-                                                  timeout=10)
-                    except DB_DOWN as exc:
-                        if wait:
-                            raise
-                        # Its groups wait for the worker; the others go on.
-                        log.warning("compaction skips the worker %s:%d: %s", group.host,
-                                    group.port, exc)
-                        down.add((group.host, group.port))
-                        continue
-                    workers[(group.host, group.port)] = w
                 c = ShardCompactor(w, conn, group, len(groups), retention_days=retention_days,
                                    crash_at=crash_at)
                 for slot in slots:
