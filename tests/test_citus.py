@@ -280,6 +280,46 @@ def test_two_compactors_work_on_different_shard_groups_at_once(citus_server, cit
                     " series_id = ANY($1::int[])", series) == 0
 
 
+def test_serve_workers_compact_the_closed_slot_per_shard_group_by_themselves(citus_dsn):
+    """compact_forever on the cluster (two serve workers): the closed slot's
+    shards are compacted, group by group, and the slot being written is left
+    alone."""
+    from haltless.server.compact import GRACE, compact_forever
+    from haltless.server.ingest import hot_slot
+
+    t = make_tenant(citus_dsn, machines=("CNC-001",))
+    clock = time.time() // 3600 * 3600 + GRACE + 60
+    closed, current = 1 - hot_slot(clock), hot_slot(clock)
+    hour = dt.datetime.now(UTC).replace(minute=0, second=0, microsecond=0)
+    fetch(citus_dsn, "INSERT INTO series (machine_id, metric_name) SELECT $1, 'm' || i"
+          " FROM generate_series(1, 24) i", t.machines["CNC-001"])
+    series = org_series(citus_dsn, t.org_id)
+    for slot in (closed, current):
+        fetch(citus_dsn, f"INSERT INTO reading_chunks_{slot} (series_id, bucket, n, ts, vals)"
+              " SELECT x, $2::timestamptz, 2, ARRAY[$2::timestamptz + $3 * interval '1 s',"
+              " $2::timestamptz + ($3 + 1) * interval '1 s'], ARRAY[1.5, 2.5]"
+              " FROM unnest($1::int[]) x", series, hour, 10 * slot)
+
+    async def two_workers():
+        pools = [await asyncpg.create_pool(citus_dsn, min_size=1, max_size=2) for _ in range(2)]
+        tasks = [asyncio.create_task(compact_forever(p, every=0.05, clock=lambda: clock,
+                                                     dsn=citus_dsn)) for p in pools]
+        await asyncio.sleep(4)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        for p in pools:
+            await p.close()
+    run(two_workers())
+    left = {r[0]: r[1] for r in fetch(citus_dsn, "SELECT slot, count(*) FROM reading_chunks"
+                                      " WHERE series_id = ANY($1::int[]) GROUP BY 1", series)}
+    assert left == {current: 24}
+    assert fetchval(citus_dsn, "SELECT count(*) FROM reading_blocks WHERE series_id ="
+                    " ANY($1::int[]) AND n = 2", series) == 24
+    assert fetchval(citus_dsn, "SELECT count(*) FROM readings WHERE series_id ="
+                    " ANY($1::int[])", series) == 96
+
+
 def test_a_shard_move_waits_for_the_compaction_of_its_group(citus_server, citus_dsn, cluster):
     """Compaction writes a group's shards on their worker directly; a shard
     move of that group (the rebalancer) must not copy them half way: it waits
