@@ -7,6 +7,7 @@ A shard group is the co-located shards of one hash range: a shard of
 monthly partitions' shards under it) and of ``reading_timelines``, all on one
 worker. Compacting a slot of one group:
 
+    worker: are the group's slot shards empty? then nothing more (no lock)
     coordinator: pg_try_advisory_lock(SHARD_LOCK, the group's reading_chunks
     shard id), a session lock: another compactor (another API host) takes
     another group meanwhile; `haltless compact` waits for it instead
