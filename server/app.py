@@ -227,7 +227,8 @@ class App:
         if s.rate_limit:
             self.limiter = RateLimiter(s.rate_limit, s.run_dir / "rate-limits" if s.run_dir else None)
         self._maintenance = asyncio.create_task(maintain(self.rt.pool))
-        self._compaction = asyncio.create_task(compact_forever(self.rt.pool, s.retention_days))
+        self._compaction = asyncio.create_task(compact_forever(self.rt.pool, s.retention_days,
+                                                           dsn=s.database_url))
 
     async def shutdown(self) -> None:
         for task in (self._maintenance, self._compaction):

@@ -71,7 +71,7 @@ def cmd_compact(args) -> None:
         try:
             readings, blocks = await compact_all(conn, include_current=True,
                                                  retention_days=s.retention_days,
-                                                 crash_at=args.crash_at)
+                                                 crash_at=args.crash_at, dsn=s.database_url)
             dropped = await drop_expired(conn, s.retention_days)
         finally:
             await conn.execute("SELECT pg_advisory_unlock($1)", COMPACT_LOCK)

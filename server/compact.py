@@ -17,7 +17,8 @@ A kill at any point rolls the whole transaction back: nothing is lost or
 written twice, and the next run does the same work again (idempotent). Hot
 data is never deleted row by row; a block is replaced only when late data
 joins it. One process at a time (a session advisory lock) across workers
-and hosts. ``haltless compact`` also compacts the slot still being written
+and hosts; on a Citus cluster one per shard group instead, on the workers
+(``compact_citus``). ``haltless compact`` also compacts the slot still being written
 (its writers wait meanwhile): what arrives later for that hour is late data.
 
 Retention (``HALTLESS_RETENTION_DAYS``): readings older than the cutoff are
@@ -57,7 +58,14 @@ def _dt_us(us: int) -> _dt.datetime:
 
 class Compactor:
     """Compacts whole slots on one connection; ``crash_at`` (tests only) kills
-    the process at a named point, as kill -9 would."""
+    the process at a named point, as kill -9 would. On a Citus cluster
+    ``compact_citus.ShardCompactor`` compacts one shard group with it, on the
+    worker that holds the group: it names the shards instead of the tables and
+    overrides the locking and the bookkeeping."""
+
+    blocks_table = "reading_blocks"
+    timelines_table = "reading_timelines"
+    series_per_batch = SERIES_PER_BATCH  # a range of ids; on a shard, 1/shards of them are there
 
     def __init__(self, conn, retention_days: int | None = None, crash_at: str | None = None,
                  lock_timeout: float = 10.0) -> None:
@@ -83,23 +91,23 @@ class Compactor:
     async def slot_has_rows(self, slot: int) -> bool:
         return await self.conn.fetchval(f"SELECT EXISTS (SELECT 1 FROM reading_chunks_{slot})")
 
-    async def compact_slot(self, slot: int) -> int:
-        """Compact every row of ``slot``; returns the readings moved."""
+    async def compact_slot(self, slot: int, table: str | None = None) -> int:
+        """Compact every row of ``slot`` (of ``table``, one of its shards on
+        Citus); returns the readings moved."""
         conn = self.conn
-        table = f"reading_chunks_{slot}"
+        table = table or f"reading_chunks_{slot}"
         before = self.readings
         if self.series_timelines is None:
             self.series_timelines = await conn.fetchval(
                 "SELECT EXISTS (SELECT 1 FROM pg_attribute WHERE attrelid = 'reading_timelines'"
                 "::regclass AND attname = 'series_id' AND NOT attisdropped)")
         async with conn.transaction():
-            await conn.execute(f"SET LOCAL lock_timeout = '{int(self.lock_timeout * 1000)}ms'")
-            await conn.execute(f"LOCK TABLE {table} IN EXCLUSIVE MODE")
+            await self._lock(table)
             lo, hi = await conn.fetchrow(f"SELECT min(series_id), max(series_id) FROM {table}")
             timelines: dict[tuple[int, bytes], int] = {}
             start = lo
             while start is not None and start <= hi:
-                end = start + SERIES_PER_BATCH
+                end = start + self.series_per_batch
                 buf = bytearray()
 
                 async def sink(data: bytes) -> None:
@@ -117,11 +125,26 @@ class Compactor:
                 start = end
             self._crash("before-truncate")
             await conn.execute(f"TRUNCATE {table}")
-            await conn.execute(
-                "UPDATE compaction_state SET last_run_at = now(), last_readings = $1,"
-                " last_blocks = $2", self.readings - before, self.blocks)
+            await self._record(self.readings - before)
             self._crash("before-commit")
         return self.readings - before
+
+    async def _lock(self, table: str) -> None:
+        """A late writer of the slot waits, then writes into the emptied slot."""
+        await self.conn.execute(f"SET LOCAL lock_timeout = '{int(self.lock_timeout * 1000)}ms'")
+        await self.conn.execute(f"LOCK TABLE {table} IN EXCLUSIVE MODE")
+
+    async def _record(self, readings: int) -> None:
+        await self.conn.execute(
+            "UPDATE compaction_state SET last_run_at = now(), last_readings = $1,"
+            " last_blocks = $2", readings, self.blocks)
+
+    async def _timeline_ids(self, n: int) -> list[int]:
+        return [r[0] for r in await self.conn.fetch(
+            "SELECT nextval('reading_timelines_id') FROM generate_series(1, $1)", n)]
+
+    async def _partitions(self, first: _dt.datetime, last: _dt.datetime) -> None:
+        await self.conn.execute("SELECT haltless_block_partitions($1, $2)", first, last)
 
     async def _write(self, groups: list, timelines: dict) -> None:
         conn = self.conn
@@ -129,13 +152,13 @@ class Compactor:
         keys_start = [_dt_us(g[1]) for g in groups]
         # Late data: the blocks already stored for these (series, hour) join in.
         old = await conn.fetch(
-            "DELETE FROM reading_blocks b USING unnest($1::int[], $2::timestamptz[]) AS k (sid, bs)"
+            f"DELETE FROM {self.blocks_table} b USING unnest($1::int[], $2::timestamptz[]) AS k (sid, bs)"
             " WHERE b.series_id = k.sid AND b.block_start = k.bs"
             " RETURNING b.series_id, b.block_start, b.timeline, b.vals", keys_sid, keys_start)
         stored = {}
         if old:
             tl = await conn.fetch(
-                "SELECT block_start, id, ts FROM reading_timelines t"
+                f"SELECT block_start, id, ts FROM {self.timelines_table} t"
                 " WHERE (block_start, id) IN (SELECT * FROM unnest($1::timestamptz[], $2::bigint[]))",
                 [r["block_start"] for r in old], [r["timeline"] for r in old])
             tl_ts = {(r["block_start"], r["id"]): r["ts"] for r in tl}
@@ -172,30 +195,28 @@ class Compactor:
             if key not in timelines and key not in new:
                 new[key] = (start, len(ts), tsb)
         if new:
-            ids = [r[0] for r in await conn.fetch(
-                "SELECT nextval('reading_timelines_id') FROM generate_series(1, $1)", len(new))]
-            timelines.update(zip(new, ids))
+            timelines.update(zip(new, await self._timeline_ids(len(new))))
         if packed:
             starts = [p[1] for p in packed]
-            await conn.execute("SELECT haltless_block_partitions($1, $2)", min(starts), max(starts))
+            await self._partitions(min(starts), max(starts))
         if new and self.series_timelines:
             await conn.copy_records_to_table(
-                "reading_timelines", columns=TIMELINE_COLUMNS + ["series_id"],
+                self.timelines_table, columns=TIMELINE_COLUMNS + ["series_id"],
                 records=[(start, timelines[key], n, tsb, key[1])
                          for key, (start, n, tsb) in new.items()])
         elif new:
             await conn.copy_records_to_table(
-                "reading_timelines", columns=TIMELINE_COLUMNS,
+                self.timelines_table, columns=TIMELINE_COLUMNS,
                 records=[(start, timelines[key], n, tsb) for key, (start, n, tsb) in new.items()])
         if packed:
             await conn.copy_records_to_table(
-                "reading_blocks", columns=BLOCK_COLUMNS,
+                self.blocks_table, columns=BLOCK_COLUMNS,
                 records=[(sid, start, len(ts), _dt_us(ts[0]), _dt_us(ts[-1]), timelines[key], vb,
                           last) for sid, start, ts, vb, tsb, key, last in packed])
         self.blocks += len(packed)
         if old and self.series_timelines:  # the replaced blocks' own timelines
             await conn.execute(
-                "DELETE FROM reading_timelines t"
+                f"DELETE FROM {self.timelines_table} t"
                 " USING unnest($1::int[], $2::timestamptz[], $3::bigint[]) AS o (sid, bs, id)"
                 " WHERE t.series_id = o.sid AND t.block_start = o.bs AND t.id = o.id",
                 [r["series_id"] for r in old], [r["block_start"] for r in old],
@@ -211,11 +232,21 @@ class Compactor:
 
 
 async def compact_all(conn, *, include_current: bool, retention_days: int | None = None,
-                      crash_at: str | None = None, now: float | None = None) -> tuple[int, int]:
+                      crash_at: str | None = None, now: float | None = None,
+                      dsn: str | None = None, wait: bool = True) -> tuple[int, int]:
     """Compact the closed slot (when it has rows), and with ``include_current``
-    the slot being written as well. Returns (readings, blocks) written."""
-    c = Compactor(conn, retention_days, crash_at)
+    the slot being written as well. Returns (readings, blocks) written.
+
+    On a Citus cluster (``dsn``: the coordinator's URL), per shard group, each
+    under its own lock: with ``wait`` every group, waiting for the compactor
+    that holds one, else only the groups nobody holds."""
     current = hot_slot(now)
+    from .compact_citus import compact_shards, is_distributed
+    if await is_distributed(conn):
+        return await compact_shards(
+            conn, dsn, (1 - current, current) if include_current else (1 - current,),
+            retention_days=retention_days, crash_at=crash_at, wait=wait)
+    c = Compactor(conn, retention_days, crash_at)
     for slot in (1 - current, current) if include_current else (1 - current,):
         if await c.slot_has_rows(slot):
             await c.compact_slot(slot)
@@ -232,10 +263,13 @@ async def drop_expired(conn, retention_days: int | None) -> int:
 
 
 async def compact_forever(pool, retention_days: int | None = None, every: float = EVERY,
-                          clock=time.time) -> None:
+                          clock=time.time, dsn: str | None = None) -> None:
     """Inside every `haltless serve` worker: whoever holds the advisory lock
     compacts the closed slot once its hour has ended (plus GRACE), and drops
-    block partitions past the retention."""
+    block partitions past the retention. On a Citus cluster every worker
+    compacts the shard groups nobody else holds (compact_citus), and whoever
+    holds the advisory lock applies the retention."""
+    distributed = None
     while True:
         await asyncio.sleep(every)
         now = clock()
@@ -243,6 +277,12 @@ async def compact_forever(pool, retention_days: int | None = None, every: float 
             continue  # writes stamped with the last hour may still be in flight
         try:
             async with pool.acquire() as conn:
+                if distributed is None:
+                    from .compact_citus import is_distributed
+                    distributed = await is_distributed(conn)
+                if distributed:
+                    await _compact_shards_once(conn, dsn, retention_days, now)
+                    continue
                 if not await conn.fetchval("SELECT pg_try_advisory_lock($1)", COMPACT_LOCK):
                     continue
                 try:
@@ -263,3 +303,21 @@ async def compact_forever(pool, retention_days: int | None = None, every: float 
             raise
         except Exception:  # noqa: BLE001 - retried at the next check; never end the loop
             log.exception("compaction failed; retrying later")
+
+
+async def _compact_shards_once(conn, dsn: str | None, retention_days: int | None,
+                               now: float) -> None:
+    started = time.monotonic()
+    readings, blocks = await compact_all(conn, include_current=False, dsn=dsn, wait=False,
+                                         retention_days=retention_days, now=now)
+    if blocks:
+        log.info("compacted %d readings into %d blocks in %.1f s", readings, blocks,
+                 time.monotonic() - started)
+    # Dropping a month's partitions is DDL through the coordinator: one at a time.
+    if await conn.fetchval("SELECT pg_try_advisory_lock($1)", COMPACT_LOCK):
+        try:
+            dropped = await drop_expired(conn, retention_days)
+            if dropped:
+                log.info("retention: dropped %d block partitions", dropped)
+        finally:
+            await conn.execute("SELECT pg_advisory_unlock($1)", COMPACT_LOCK)

@@ -5,21 +5,27 @@ and pollers sharing sources through leases all work through the
 coordinator. Skipped, with the reason, where Citus cannot be built."""
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import json
 import signal
 import time
 import uuid
 
+import asyncpg
 import pytest
 
 from citus import CitusCluster
 from conftest import ServerProcess, fetch, fetchval, make_tenant, run
-from haltless.server import db, store
+from haltless.server import compact_citus, db, store
+from haltless.server.compact import CRASH_POINTS, compact_all
+from haltless.server.reader_roles import create_reader_role, url_for_role
 from peers import ModbusPeer, device
 from test_ingest import post
 from test_management import MODBUS_BODY, Api
+from test_operations import haltless
 from test_pollers import Pollers, wait_for
+from test_sql_access import as_role
 from test_storage import compact, send, snapshot
 
 UTC = dt.timezone.utc
@@ -196,6 +202,237 @@ def test_compaction_on_the_cluster_keeps_every_reading_and_merges_late_data(citu
     assert got == 6 * 80
 
 
+@pytest.mark.parametrize("point", CRASH_POINTS)
+def test_a_kill_at_any_step_of_a_shard_group_compaction_loses_and_duplicates_nothing(
+        citus_server, citus_dsn, point):
+    t = make_tenant(citus_dsn, machines=("CNC-001", "CNC-002"))
+    start = dt.datetime.now(UTC).replace(microsecond=0) - dt.timedelta(minutes=3)
+    send(citus_server, t, start, 40, metrics=8)
+    compact(citus_dsn)  # blocks already there: the late data below merges into them
+    send(citus_server, t, start + dt.timedelta(seconds=40), 40, metrics=8)
+    send(citus_server, t, start, 20, metrics=8, machine="CNC-002")
+    before = snapshot(citus_dsn, t.org_id)
+    killed = compact(citus_dsn, "--crash-at", point, check=False)
+    assert killed.returncode == 137, killed.stderr
+    assert snapshot(citus_dsn, t.org_id) == before
+    compact(citus_dsn)
+    assert snapshot(citus_dsn, t.org_id) == before and len(before) == 800
+    assert fetchval(citus_dsn, "SELECT coalesce(sum(n), 0) FROM reading_chunks") == 0
+    hours = {(sid, ts.replace(minute=0, second=0, microsecond=0)) for sid, ts, _ in before}
+    assert fetchval(citus_dsn, "SELECT count(*) FROM reading_blocks WHERE series_id ="
+                    " ANY($1::int[])", org_series(citus_dsn, t.org_id)) == len(hours)
+    # No timeline left behind by a replaced block.
+    assert fetchval(citus_dsn, "SELECT count(*) FROM reading_timelines t WHERE NOT EXISTS ("
+                    " SELECT 1 FROM reading_blocks b WHERE b.series_id = t.series_id"
+                    " AND b.block_start = t.block_start AND b.timeline = t.id)") == 0
+
+
+def test_two_compactors_work_on_different_shard_groups_at_once(citus_server, citus_dsn, cluster):
+    """One compactor stuck on a shard group (its worker holds the slot's shard)
+    does not stop another from compacting every other group; nothing waits
+    for a lock that spans the cluster."""
+    t = make_tenant(citus_dsn, machines=("CNC-001", "CNC-002"))
+    start = dt.datetime.now(UTC).replace(microsecond=0) - dt.timedelta(minutes=3)
+    send(citus_server, t, start, 30, metrics=12)
+    send(citus_server, t, start, 30, metrics=12, machine="CNC-002")
+    before = snapshot(citus_dsn, t.org_id)
+    series = org_series(citus_dsn, t.org_id)
+
+    async def go():
+        coord = [await asyncpg.connect(citus_dsn) for _ in range(3)]
+        try:
+            groups = await compact_citus.shard_groups(coord[0])
+            assert len({(g.host, g.port) for g in groups}) == 2 and len(groups) == 8
+            shard_of = {r[0]: r[1] for r in await coord[0].fetch(
+                "SELECT x, get_shard_id_for_distribution_column('reading_chunks', x)"
+                " FROM unnest($1::int[]) x", series)}
+            slot = await coord[0].fetchval("SELECT min(slot) FROM reading_chunks"
+                                           " WHERE series_id = ANY($1::int[])", series)
+            first = next(g for g in groups if g.key in shard_of.values())
+            stuck = [x for x, k in shard_of.items() if k == first.key]
+            # The slot's shard of that group is held on its worker (as a long
+            # transaction would): compactor A waits there, holding the group.
+            w = await asyncpg.connect(compact_citus.node_dsn(citus_dsn, first.host, first.port))
+            tx = w.transaction()
+            await tx.start()
+            await w.execute("SET LOCAL citus.enable_manual_changes_to_shards = on")
+            await w.execute(f"LOCK TABLE {first.chunks[slot]} IN ROW SHARE MODE")
+            a = asyncio.create_task(compact_all(coord[1], include_current=True, wait=False,
+                                                dsn=citus_dsn))
+            await asyncio.sleep(1.0)
+            assert not a.done()
+            b = await compact_all(coord[2], include_current=True, wait=False, dsn=citus_dsn)
+            left = await coord[0].fetch("SELECT DISTINCT series_id FROM reading_chunks"
+                                        " WHERE series_id = ANY($1::int[])", series)
+            await tx.rollback()
+            await w.close()
+            a_done = await a
+            return b, sorted(r[0] for r in left), sorted(stuck), a_done
+        finally:
+            for c in coord:
+                await c.close()
+
+    b, left, stuck, a = run(go())
+    assert left == stuck  # B compacted every group but the one A held
+    assert 0 < b[0] < len(before) and b[0] + a[0] == len(before)
+    assert snapshot(citus_dsn, t.org_id) == before
+    assert fetchval(citus_dsn, "SELECT coalesce(sum(n), 0) FROM reading_chunks WHERE"
+                    " series_id = ANY($1::int[])", series) == 0
+
+
+def test_serve_workers_compact_the_closed_slot_per_shard_group_by_themselves(citus_dsn):
+    """compact_forever on the cluster (two serve workers): the closed slot's
+    shards are compacted, group by group, and the slot being written is left
+    alone."""
+    from haltless.server.compact import GRACE, compact_forever
+    from haltless.server.ingest import hot_slot
+
+    t = make_tenant(citus_dsn, machines=("CNC-001",))
+    clock = time.time() // 3600 * 3600 + GRACE + 60
+    closed, current = 1 - hot_slot(clock), hot_slot(clock)
+    hour = dt.datetime.now(UTC).replace(minute=0, second=0, microsecond=0)
+    fetch(citus_dsn, "INSERT INTO series (machine_id, metric_name) SELECT $1, 'm' || i"
+          " FROM generate_series(1, 24) i", t.machines["CNC-001"])
+    series = org_series(citus_dsn, t.org_id)
+    for slot in (closed, current):
+        fetch(citus_dsn, f"INSERT INTO reading_chunks_{slot} (series_id, bucket, n, ts, vals)"
+              " SELECT x, $2::timestamptz, 2, ARRAY[$2::timestamptz + $3 * interval '1 s',"
+              " $2::timestamptz + ($3 + 1) * interval '1 s'], ARRAY[1.5, 2.5]"
+              " FROM unnest($1::int[]) x", series, hour, 10 * slot)
+
+    async def two_workers():
+        pools = [await asyncpg.create_pool(citus_dsn, min_size=1, max_size=2) for _ in range(2)]
+        tasks = [asyncio.create_task(compact_forever(p, every=0.05, clock=lambda: clock,
+                                                     dsn=citus_dsn)) for p in pools]
+        await asyncio.sleep(4)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        for p in pools:
+            await p.close()
+    run(two_workers())
+    left = {r[0]: r[1] for r in fetch(citus_dsn, "SELECT slot, count(*) FROM reading_chunks"
+                                      " WHERE series_id = ANY($1::int[]) GROUP BY 1", series)}
+    assert left == {current: 24}
+    assert fetchval(citus_dsn, "SELECT count(*) FROM reading_blocks WHERE series_id ="
+                    " ANY($1::int[]) AND n = 2", series) == 24
+    assert fetchval(citus_dsn, "SELECT count(*) FROM readings WHERE series_id ="
+                    " ANY($1::int[])", series) == 96
+
+
+def test_a_shard_move_waits_for_the_compaction_of_its_group(citus_server, citus_dsn, cluster):
+    """Compaction writes a group's shards on their worker directly; a shard
+    move of that group (the rebalancer) must not copy them half way: it waits
+    for Citus's shard metadata lock, which the compaction holds."""
+    t = make_tenant(citus_dsn, machines=("CNC-001",))
+    start = dt.datetime.now(UTC).replace(microsecond=0) - dt.timedelta(minutes=2)
+    send(citus_server, t, start, 20, metrics=6)
+    before = snapshot(citus_dsn, t.org_id)
+    series = org_series(citus_dsn, t.org_id)
+
+    async def go():
+        coord = [await asyncpg.connect(citus_dsn) for _ in range(3)]
+        try:
+            groups = await compact_citus.shard_groups(coord[0])
+            keys = {r[0] for r in await coord[0].fetch(
+                "SELECT get_shard_id_for_distribution_column('reading_chunks', x)"
+                " FROM unnest($1::int[]) x", series)}
+            g = next(g for g in groups if g.key in keys)
+            other = next(p for _, p in cluster.nodes[1:] if p != g.port)
+            slot = await coord[0].fetchval("SELECT min(slot) FROM reading_chunks"
+                                           " WHERE series_id = ANY($1::int[])", series)
+            w = await asyncpg.connect(compact_citus.node_dsn(citus_dsn, g.host, g.port))
+            tx = w.transaction()
+            await tx.start()
+            await w.execute("SET LOCAL citus.enable_manual_changes_to_shards = on")
+            await w.execute(f"LOCK TABLE {g.chunks[slot]} IN ROW SHARE MODE")
+            a = asyncio.create_task(compact_all(coord[1], include_current=True, wait=False,
+                                                dsn=citus_dsn))
+            waiting = "SELECT count(*) FROM pg_locks WHERE NOT granted AND relation = $1::regclass"
+            for _ in range(100):  # the compactor holds the group and waits for the shard
+                if await w.fetchval(waiting, g.chunks[slot]):
+                    break
+                await asyncio.sleep(0.1)
+            else:
+                raise AssertionError("the compactor never reached the group's shard")
+            move = asyncio.create_task(coord[2].execute(
+                "SELECT citus_move_shard_placement($1, $2, $3, $2, $4,"
+                " shard_transfer_mode => 'block_writes')", g.key, g.host, g.port, other))
+            await asyncio.sleep(2.0)
+            moving_early = move.done()
+            await tx.rollback()
+            await w.close()
+            compacted = await a
+            await move
+            return moving_early, compacted, other, g
+        finally:
+            for c in coord:
+                await c.close()
+
+    moving_early, compacted, other, g = run(go())
+    assert not moving_early, "the move did not wait for the compaction"
+    assert compacted[0] >= len(before)
+    assert snapshot(citus_dsn, t.org_id) == before
+    assert fetchval(citus_dsn, "SELECT coalesce(sum(n), 0) FROM reading_chunks"
+                    " WHERE series_id = ANY($1::int[])", series) == 0
+    assert fetchval(citus_dsn, "SELECT nodeport FROM citus_shards WHERE shardid = $1",
+                    g.key) == other
+
+
+def test_a_grafana_role_on_the_cluster_sees_only_its_organization_hot_and_compacted(
+        citus_server, citus_dsn):
+    a = make_tenant(citus_dsn, machines=("CNC-001", "CNC-002"))
+    b = make_tenant(citus_dsn, machines=("CNC-001", "CNC-002"))
+    start = dt.datetime.now(UTC).replace(microsecond=0) - dt.timedelta(minutes=3)
+    for t, seconds in ((a, 30), (b, 45)):
+        send(citus_server, t, start, seconds, metrics=5)
+        send(citus_server, t, start, seconds, metrics=5, machine="CNC-002")
+    mine = set(org_series(citus_dsn, a.org_id))
+    theirs = set(org_series(citus_dsn, b.org_id))
+    # Both organizations' series are spread over both workers.
+    nodes = fetchval(citus_dsn, "SELECT count(DISTINCT nodeport) FROM citus_shards WHERE"
+                     " table_name = 'reading_chunks_0'::regclass AND shardid IN (SELECT"
+                     " get_shard_id_for_distribution_column('reading_chunks_0', x)"
+                     " FROM unnest($1::int[]) x)", sorted(theirs))
+    assert nodes == 2
+    url = haltless("grafana-role", "--org", a.name,
+                   env={"HALTLESS_DATABASE_URL": citus_dsn}).stdout.strip()
+    frm, to = start - dt.timedelta(minutes=1), start + dt.timedelta(minutes=2)
+
+    def check(stage):
+        rows = as_role(url, "SELECT org_id, count(*) FROM readings GROUP BY 1")
+        assert [(r[0], r[1]) for r in rows] == [(a.org_id, 300)], stage
+        assert as_role(url, "SELECT count(*) FROM readings_in($1, $2)", frm, to)[0][0] == 300
+        sid = min(mine)
+        assert len(as_role(url, "SELECT * FROM readings_between($1, $2, $3)", sid, frm, to)) == 30
+        assert as_role(url, "SELECT * FROM readings_between($1, $2, $3)", min(theirs), frm,
+                       to) == []
+        for table in ("series", "reading_chunks", "reading_blocks", "reading_timelines"):
+            col = "id" if table == "series" else "series_id"
+            seen = {r[0] for r in as_role(url, f"SELECT DISTINCT {col} FROM {table}")}
+            assert seen <= mine, (stage, table)
+        assert [r[0] for r in as_role(url, "SELECT name FROM organizations")] == [a.name]
+        assert {r[0] for r in as_role(url, "SELECT org_id FROM machines")} == {a.org_id}
+        assert b.count(citus_dsn) == 450  # the owner still sees everything
+
+    check("hot")
+    compact(citus_dsn)
+    assert fetchval(citus_dsn, "SELECT coalesce(sum(n), 0) FROM reading_chunks") == 0
+    check("compacted")
+    assert {r[0] for r in as_role(url, "SELECT series_id FROM reading_blocks")} == mine
+    for sql in ("SELECT * FROM api_keys", "SELECT * FROM reader_roles",
+                "SELECT * FROM ingest_sources"):
+        with pytest.raises(asyncpg.InsufficientPrivilegeError):
+            as_role(url, sql)
+    for sql in ("INSERT INTO organizations (name) VALUES ('mine now')",
+                f"DELETE FROM reading_blocks WHERE series_id = {min(theirs)}",
+                "UPDATE machines SET machine_identifier = 'x'"):
+        with pytest.raises((asyncpg.ReadOnlySQLTransactionError,
+                            asyncpg.InsufficientPrivilegeError)):
+            as_role(url, sql)
+    assert b.count(citus_dsn) == 450
+
+
 def test_retention_drops_whole_months_of_distributed_blocks(citus_dsn):
     old = dt.datetime.now(UTC) - dt.timedelta(days=120)
     fetch(citus_dsn, "SELECT haltless_block_partitions($1, $1)", old)
@@ -271,6 +508,47 @@ def test_a_worker_added_later_takes_shards_through_the_rebalancer():
                          " AND table_name = 'reading_chunks_0'::regclass", port)
         assert moved >= 2, moved  # 8 shards over 3 workers: 3/3/2
         assert fetchval(c.dsn, "SELECT sum(vals[1]) FROM reading_chunks") == sum(range(1, 501))
+        # A reader role reads its organization's series from the new worker's
+        # shards too (its policies and functions came with them), and
+        # compaction runs per shard group there as well.
+        t = make_tenant(c.dsn, machines=("CNC-001",))
+        other = make_tenant(c.dsn, machines=("CNC-001",))
+
+        async def reader():
+            conn = await db.connect(c.dsn)
+            try:
+                for tenant in (t, other):
+                    await conn.execute(
+                        "INSERT INTO series (machine_id, metric_name) SELECT $1, 'm' || i"
+                        " FROM generate_series(1, 40) i", tenant.machines["CNC-001"])
+                await conn.execute(
+                    "INSERT INTO reading_chunks_0 (series_id, bucket, n, ts, vals)"
+                    " SELECT id, date_trunc('hour', now()), 1, ARRAY[now()], ARRAY[1.0]"
+                    " FROM series")
+                role, password = await create_reader_role(conn, t.org_id, t.name)
+                return url_for_role(c.dsn, role, password)
+            finally:
+                await conn.close()
+        url = run(reader())
+        mine = org_series(c.dsn, t.org_id)
+        on_new = fetchval(c.dsn, "SELECT count(*) FROM unnest($1::int[]) x WHERE (SELECT"
+                          " nodeport FROM citus_shards WHERE table_name = 'reading_chunks_0'"
+                          "::regclass AND shardid = get_shard_id_for_distribution_column("
+                          "'reading_chunks_0', x)) = $2", mine, port)
+        assert on_new > 0
+        assert sorted(r[0] for r in as_role(url, "SELECT DISTINCT series_id FROM readings")) == mine
+        compact(c.dsn)
+        assert fetchval(c.dsn, "SELECT count(*) FROM reading_chunks") == 0
+        assert sorted(r[0] for r in as_role(url, "SELECT DISTINCT series_id FROM readings")) == mine
+        assert fetchval(c.dsn, "SELECT sum(n) FROM reading_blocks") == 580
+
+
+async def _compact_now(dsn):
+    conn = await asyncpg.connect(dsn)
+    try:
+        return await compact_all(conn, include_current=True, wait=False, dsn=dsn)
+    finally:
+        await conn.close()
 
 
 def test_a_worker_that_is_down_gets_503_and_ingest_resumes_when_it_is_back(cluster, citus_server,
@@ -288,6 +566,12 @@ def test_a_worker_that_is_down_gets_503_and_ingest_resumes_when_it_is_back(clust
                        " FROM citus_shards WHERE shardid = get_shard_id_for_distribution_column("
                        "'reading_chunks_0', x) AND table_name = 'reading_chunks_0'::regclass) <> $2",
                        org_series(citus_dsn, t.org_id), down_port)
+    on_down = [r[0] for r in fetch(
+        citus_dsn, "SELECT x FROM unnest($1::int[]) x WHERE (SELECT nodeport FROM citus_shards"
+        " WHERE shardid = get_shard_id_for_distribution_column('reading_chunks_0', x)"
+        " AND table_name = 'reading_chunks_0'::regclass) = $2",
+        org_series(citus_dsn, t.org_id), down_port)]
+    assert on_down
     cluster.stop_node(2)
     try:
         down = post(citus_server, t.key, body)
@@ -296,8 +580,16 @@ def test_a_worker_that_is_down_gets_503_and_ingest_resumes_when_it_is_back(clust
         rows = fetch(citus_dsn, "SELECT * FROM readings_between($1, now() - interval '1 hour',"
                      " now() + interval '1 minute')", on_live)
         assert len(rows) == 1
+        # Compaction goes on for the shard groups of the live worker.
+        run(_compact_now(citus_dsn))
+        assert fetchval(citus_dsn, "SELECT count(*) FROM reading_blocks WHERE series_id = $1",
+                        on_live) == 1
+        assert len(fetch(citus_dsn, "SELECT * FROM readings_between($1, now() - interval"
+                         " '1 hour', now() + interval '1 minute')", on_live)) == 1
     finally:
         cluster.start_node(2)
+    assert fetchval(citus_dsn, "SELECT count(DISTINCT series_id) FROM reading_chunks"
+                    " WHERE series_id = ANY($1::int[])", on_down) > 0  # waited for its worker
     again = wait_for(lambda: (r := post(citus_server, t.key, body)).status_code == 207 and r,
                      timeout=30, what="ingest after the worker came back")
     assert again.json()["accepted_count"] == 40

@@ -4,7 +4,8 @@
 -- LIST-partitioned by `slot` = the arrival hour modulo 2. Writers COPY into
 -- the slot of the current hour; compaction turns the other slot into blocks
 -- and TRUNCATEs it, in one transaction, so hot data is never deleted row by
--- row. Late data simply lands in the current slot.
+-- row. Late data simply lands in the current slot. (On Citus, migration
+-- 0007: one transaction per shard of the slot, on its worker.)
 --
 -- Compacted: reading_blocks, one row per (series, hour), values packed by
 -- the codec (haltless.fast, migration 0004), timestamps in reading_timelines,

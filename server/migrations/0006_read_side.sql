@@ -42,8 +42,8 @@ $$;
 
 -- Scalar subqueries: evaluated once per query (an InitPlan), not per row.
 -- Not on a Citus coordinator: Citus refuses subqueries in the policies of
--- the tables migration 0007 distributes (reader roles are not supported
--- there yet; `haltless grafana-role` says so).
+-- the tables migration 0007 distributes; migration 0009 puts policies of
+-- the same meaning in place there.
 DO $rls$
 BEGIN
     IF EXISTS (SELECT 1 FROM pg_extension WHERE extname = 'citus') THEN

@@ -17,6 +17,13 @@
 --   leases keep plain PostgreSQL's FOR UPDATE SKIP LOCKED; compaction_state
 --   and haltless_schema.
 --
+-- Compaction (server/compact_citus.py, docs/scaling.md "Compaction and
+-- retention"): per shard group (shard i of reading_chunks_0, _1,
+-- reading_blocks and reading_timelines, all on one worker), in one local
+-- transaction on that worker, under a coordinator advisory lock keyed by
+-- the group's reading_chunks shard id; only that slot shard is truncated.
+-- Retention drops monthly partitions through the coordinator.
+--
 -- Timelines: on one node a timeline is shared by every series of an hour
 -- with identical timestamps (a machine's metrics polled together). Sharing
 -- across series would join blocks and timelines on something other than
