@@ -296,8 +296,9 @@ def test_serve_workers_compact_the_closed_slot_per_shard_group_by_themselves(cit
     series = org_series(citus_dsn, t.org_id)
     for slot in (closed, current):
         fetch(citus_dsn, f"INSERT INTO reading_chunks_{slot} (series_id, bucket, n, ts, vals)"
-              " SELECT x, $2::timestamptz, 2, ARRAY[$2::timestamptz + $3 * interval '1 s',"
-              " $2::timestamptz + ($3 + 1) * interval '1 s'], ARRAY[1.5, 2.5]"
+              " SELECT x, $2::timestamptz, 2, haltless_chunk_stamps(ARRAY[$2::timestamptz"
+              " + $3 * interval '1 s', $2::timestamptz + ($3 + 1) * interval '1 s']),"
+              " ARRAY[1.5, 2.5]"
               " FROM unnest($1::int[]) x", series, hour, 10 * slot)
 
     async def two_workers():
@@ -523,7 +524,7 @@ def test_a_worker_added_later_takes_shards_through_the_rebalancer():
                         " FROM generate_series(1, 40) i", tenant.machines["CNC-001"])
                 await conn.execute(
                     "INSERT INTO reading_chunks_0 (series_id, bucket, n, ts, vals)"
-                    " SELECT id, date_trunc('hour', now()), 1, ARRAY[now()], ARRAY[1.0]"
+                    " SELECT id, date_trunc('hour', now()), 1, haltless_chunk_stamps(ARRAY[now()]), ARRAY[1.0]"
                     " FROM series")
                 role, password = await create_reader_role(conn, t.org_id, t.name)
                 return url_for_role(c.dsn, role, password)
