@@ -195,6 +195,11 @@ class App:
             if isinstance(resp, StreamingResponse):
                 await _stream(send, resp)
             else:
+                # Server-Timing (W3C): the time from the request's arrival to
+                # its answer being ready, body read and encoded; what a client
+                # (or bench/query.py) tells apart from the network's share.
+                resp.headers.append((b"server-timing", b"app;dur=%.2f" % (
+                    (time.perf_counter() - started) * 1000)))
                 await _send(send, resp)
         except Exception as exc:  # noqa: BLE001 - the client is gone; nothing to answer
             log.info("%s %s: response not sent: %s", scope["method"], scope["path"], exc)

@@ -585,3 +585,14 @@ def test_latest_probes_the_index_of_the_newest_hot_row(pg_dsn):
     assert row["hot_t"] == fetchval(pg_dsn, "SELECT (extract(epoch FROM date_trunc('hour', now())"
                                     " + interval '3599 s') * 1000000)::int8")
     fetch(pg_dsn, "DELETE FROM reading_chunks WHERE series_id = $1", sid)
+
+
+def test_answers_carry_the_servers_own_time_in_server_timing(server, stored):
+    # bench/query.py reads it: the targets are about server time.
+    import re
+    r = get(server, "/api/v1/readings/latest", stored.token)
+    assert r.status_code == 200
+    m = re.fullmatch(r"app;dur=(\d+\.\d\d)", r.headers["server-timing"])
+    assert m and 0 < float(m.group(1)) < 10_000, r.headers["server-timing"]
+    assert re.fullmatch(r"app;dur=\d+\.\d\d", requests.get(server.url + "/healthz").headers[
+        "server-timing"])
