@@ -38,6 +38,7 @@ from bench import procstat as ps  # noqa: E402
 from bench import run as ingest  # noqa: E402
 from citus import CitusCluster  # noqa: E402
 from haltless.server import db  # noqa: E402
+from haltless.server.config import Settings  # noqa: E402
 
 QUERIES = {
     # one series, the last two hours: the read API's hot path (one shard on Citus)
@@ -210,7 +211,8 @@ def main(argv: list[str] | None = None) -> None:
             "machine": ps.machine_info(),
             "load": {"tool": "wrk" if args.use_wrk else "builtin", "duration_s": args.duration,
                      "connections": args.connections, "workers": args.workers,
-                     "writer_connections": int(os.environ.get("HALTLESS_WRITER_CONNECTIONS", 2)),
+                     "writer_connections": int(os.environ.get(
+                         "HALTLESS_WRITER_CONNECTIONS", Settings().writer_connections)),
                      "citus_settings": args.citus_settings}}
     records = []
     for target in args.targets.split(","):
