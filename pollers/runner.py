@@ -98,16 +98,24 @@ class SourceTask:
         err = "; ".join(f"{e.raw_tag}: {e.message}" for e in res.errors[:3]) or None
         try:
             payload, result = await self.proc.rt.ingestor.prepare(self.org_id, readings)
-            if self.proc.flusher is None:
-                await self.proc.rt.writer.write(payload)
         except Exception as exc:  # noqa: BLE001 - database down: reported, the next poll retries
             self.failed(f"write: {exc}")
             return
-        if self.proc.flusher is None:
-            self.landed(res, readings, result, err)
-        else:
-            self.proc.flusher.add(payload, lambda exc: self.failed(f"write: {exc}") if exc
-                                  else self.landed(res, readings, result, err))
+
+        def done(exc: Exception | None) -> None:
+            if exc is None:
+                self.landed(res, readings, result, err)
+            else:
+                self.failed(f"write: {exc}")
+        if self.proc.flusher is not None:
+            self.proc.flusher.add(payload, done)
+            return
+        try:
+            await self.proc.rt.writer.write(payload)
+        except Exception as exc:  # noqa: BLE001 - as above
+            done(exc)
+            return
+        done(None)
 
     def landed(self, res, readings, result, err: str | None) -> None:
         """This poll's readings are committed: count them, report the state."""

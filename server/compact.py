@@ -280,23 +280,7 @@ async def compact_forever(pool, retention_days: int | None = None, every: float 
                 if distributed is None:
                     from .compact_citus import is_distributed
                     distributed = await is_distributed(conn)
-                if distributed:
-                    await _compact_shards_once(conn, dsn, retention_days, now)
-                    continue
-                if not await conn.fetchval("SELECT pg_try_advisory_lock($1)", COMPACT_LOCK):
-                    continue
-                try:
-                    started = time.monotonic()
-                    readings, blocks = await compact_all(conn, include_current=False,
-                                                         retention_days=retention_days, now=now)
-                    if blocks:
-                        log.info("compacted %d readings into %d blocks in %.1f s", readings,
-                                 blocks, time.monotonic() - started)
-                    dropped = await drop_expired(conn, retention_days)
-                    if dropped:
-                        log.info("retention: dropped %d block partitions", dropped)
-                finally:
-                    await conn.execute("SELECT pg_advisory_unlock($1)", COMPACT_LOCK)
+                await _compact_once(conn, dsn, retention_days, now, distributed)
         except DB_DOWN as exc:
             log.warning("compaction skipped: %s", exc)
         except asyncio.CancelledError:
@@ -305,19 +289,31 @@ async def compact_forever(pool, retention_days: int | None = None, every: float 
             log.exception("compaction failed; retrying later")
 
 
-async def _compact_shards_once(conn, dsn: str | None, retention_days: int | None,
-                               now: float) -> None:
+async def _compact_once(conn, dsn: str | None, retention_days: int | None, now: float,
+                        distributed: bool) -> None:
+    """One check of compact_forever. On one node the compaction and the
+    retention both run under the advisory lock: one process at a time. On
+    Citus every process compacts the shard groups nobody else holds (each
+    group has a lock of its own), and only the retention, DDL through the
+    coordinator, takes the advisory lock."""
+    if distributed:
+        await _compact_closed(conn, dsn, retention_days, now)
+    if not await conn.fetchval("SELECT pg_try_advisory_lock($1)", COMPACT_LOCK):
+        return
+    try:
+        if not distributed:
+            await _compact_closed(conn, dsn, retention_days, now)
+        dropped = await drop_expired(conn, retention_days)
+        if dropped:
+            log.info("retention: dropped %d block partitions", dropped)
+    finally:
+        await conn.execute("SELECT pg_advisory_unlock($1)", COMPACT_LOCK)
+
+
+async def _compact_closed(conn, dsn: str | None, retention_days: int | None, now: float) -> None:
     started = time.monotonic()
     readings, blocks = await compact_all(conn, include_current=False, dsn=dsn, wait=False,
                                          retention_days=retention_days, now=now)
     if blocks:
         log.info("compacted %d readings into %d blocks in %.1f s", readings, blocks,
                  time.monotonic() - started)
-    # Dropping a month's partitions is DDL through the coordinator: one at a time.
-    if await conn.fetchval("SELECT pg_try_advisory_lock($1)", COMPACT_LOCK):
-        try:
-            dropped = await drop_expired(conn, retention_days)
-            if dropped:
-                log.info("retention: dropped %d block partitions", dropped)
-        finally:
-            await conn.execute("SELECT pg_advisory_unlock($1)", COMPACT_LOCK)
