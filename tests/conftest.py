@@ -41,6 +41,24 @@ def twins(kernel: str):
         c is None, reason="extension not built (pip install -e . builds it)"))]
 
 
+def serve_compactors(url: str, clock: float, seconds: float, **kw) -> None:
+    """Two `haltless serve` workers' compaction loops (compact_forever, one
+    pool each) against ``url`` for ``seconds``, by a clock stopped at ``clock``."""
+    from haltless.server.compact import compact_forever
+
+    async def go():
+        pools = [await asyncpg.create_pool(url, min_size=1, max_size=2) for _ in range(2)]
+        tasks = [asyncio.create_task(compact_forever(p, every=0.05, clock=lambda: clock, **kw))
+                 for p in pools]
+        await asyncio.sleep(seconds)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        for p in pools:
+            await p.close()
+    run(go())
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -206,14 +224,19 @@ class ServerProcess:
             self._log.close()
 
 
-@pytest.fixture(scope="session")
-def server(pg_dsn, tmp_path_factory):
-    d = tmp_path_factory.mktemp("server")
-    srv = ServerProcess({"HALTLESS_DATABASE_URL": pg_dsn, "HALTLESS_AUTH_CACHE_SECONDS": "0.5",
+def serving(dsn: str, tmp_path_factory, name: str):
+    """The suite's `haltless serve` (2 workers) against ``dsn``, for a fixture to yield from."""
+    d = tmp_path_factory.mktemp(name)
+    srv = ServerProcess({"HALTLESS_DATABASE_URL": dsn, "HALTLESS_AUTH_CACHE_SECONDS": "0.5",
                          "HALTLESS_POLL_ALLOW": "127.0.0.0/8"}, workers=2, data_dir=d)
     srv.start(d / "server.log")
     yield srv
     srv.stop()
+
+
+@pytest.fixture(scope="session")
+def server(pg_dsn, tmp_path_factory):
+    yield from serving(pg_dsn, tmp_path_factory, "server")
 
 
 @pytest.fixture

@@ -16,7 +16,7 @@ import asyncpg
 import pytest
 
 from citus import CitusCluster
-from conftest import ServerProcess, fetch, fetchval, make_tenant, run
+from conftest import fetch, fetchval, make_tenant, run, serve_compactors, serving
 from haltless.server import compact_citus, db, store
 from haltless.server.compact import CRASH_POINTS, compact_all
 from haltless.server.reader_roles import create_reader_role, url_for_role
@@ -60,12 +60,7 @@ def citus_dsn(cluster):
 
 @pytest.fixture(scope="module")
 def citus_server(citus_dsn, tmp_path_factory):
-    d = tmp_path_factory.mktemp("citus-server")
-    srv = ServerProcess({"HALTLESS_DATABASE_URL": citus_dsn, "HALTLESS_AUTH_CACHE_SECONDS": "0.5",
-                         "HALTLESS_POLL_ALLOW": "127.0.0.0/8"}, workers=2, data_dir=d)
-    srv.start(d / "server.log")
-    yield srv
-    srv.stop()
+    yield from serving(citus_dsn, tmp_path_factory, "citus-server")
 
 
 def iso(t: dt.datetime) -> str:
@@ -284,7 +279,7 @@ def test_serve_workers_compact_the_closed_slot_per_shard_group_by_themselves(cit
     """compact_forever on the cluster (two serve workers): the closed slot's
     shards are compacted, group by group, and the slot being written is left
     alone."""
-    from haltless.server.compact import GRACE, compact_forever
+    from haltless.server.compact import GRACE
     from haltless.server.ingest import hot_slot
 
     t = make_tenant(citus_dsn, machines=("CNC-001",))
@@ -301,17 +296,7 @@ def test_serve_workers_compact_the_closed_slot_per_shard_group_by_themselves(cit
               " ARRAY[1.5, 2.5]"
               " FROM unnest($1::int[]) x", series, hour, 10 * slot)
 
-    async def two_workers():
-        pools = [await asyncpg.create_pool(citus_dsn, min_size=1, max_size=2) for _ in range(2)]
-        tasks = [asyncio.create_task(compact_forever(p, every=0.05, clock=lambda: clock,
-                                                     dsn=citus_dsn)) for p in pools]
-        await asyncio.sleep(4)
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        for p in pools:
-            await p.close()
-    run(two_workers())
+    serve_compactors(citus_dsn, clock, 4, dsn=citus_dsn)
     left = {r[0]: r[1] for r in fetch(citus_dsn, "SELECT slot, count(*) FROM reading_chunks"
                                       " WHERE series_id = ANY($1::int[]) GROUP BY 1", series)}
     assert left == {current: 24}

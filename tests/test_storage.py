@@ -194,11 +194,8 @@ def test_sql_decoders_agree_with_the_kernel_on_hard_values(pg_dsn):
 def test_workers_compact_the_closed_slot_by_themselves_one_at_a_time(pg_dsn, fresh):
     """Every worker runs compact_forever; the advisory lock lets one at a time
     in, and only the slot of an hour that has ended (plus the grace) is touched."""
-    import asyncio
-
-    import asyncpg
-
-    from haltless.server.compact import GRACE, compact_forever
+    from conftest import serve_compactors
+    from haltless.server.compact import GRACE
     from haltless.server.ingest import hot_slot
 
     import time
@@ -214,16 +211,7 @@ def test_workers_compact_the_closed_slot_by_themselves_one_at_a_time(pg_dsn, fre
               " VALUES ($1, $2::timestamptz, 2, haltless_chunk_stamps(ARRAY[$2::timestamptz, $2::timestamptz + interval '1 s']),"
               " ARRAY[1.5, 2.5])", sid, hour)
 
-    async def two_workers():
-        pools = [await asyncpg.create_pool(pg_dsn, min_size=1, max_size=2) for _ in range(2)]
-        tasks = [asyncio.create_task(compact_forever(p, every=0.05, clock=lambda: t)) for p in pools]
-        await asyncio.sleep(1.5)
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        for p in pools:
-            await p.close()
-    run_async(two_workers())
+    serve_compactors(pg_dsn, t, 1.5)
     assert fetchval(pg_dsn, f"SELECT count(*) FROM reading_chunks_{closed}") == 0
     assert fetchval(pg_dsn, f"SELECT count(*) FROM reading_chunks_{current} WHERE series_id = $1",
                     sid) == 1  # the hour still being written is left alone
