@@ -6,7 +6,7 @@ shapes), compaction and reads, in one run.
 
 Targets, each started fresh: ``single`` is the embedded PostgreSQL the other
 benchmarks use (bench/procstat.start_bench_postgres); ``citus`` is a
-coordinator and two workers on 127.0.0.1 (tests/citus.py, fsync on, the
+coordinator and two workers on 127.0.0.1 (server/localcluster.py, fsync on, the
 same durability as the single node). For each: the ingest benchmark's
 haltless target (bench/run.run_target: readings/s counted in the database)
 per shape, then reads of the hot store, ``haltless compact``, and the same
@@ -32,13 +32,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 if __package__ in (None, ""):
     sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tests"))
 
 from bench import procstat as ps  # noqa: E402
 from bench import run as ingest  # noqa: E402
-from citus import CitusCluster  # noqa: E402
+from haltless.server.localcluster import CitusCluster  # noqa: E402
 from haltless.server import db  # noqa: E402
-from haltless.server.config import Settings  # noqa: E402
+from haltless.core.config import Settings  # noqa: E402
 
 QUERIES = {
     # one series, the last two hours: the read API's hot path (one shard on Citus)

@@ -14,14 +14,12 @@ probe, not a design: docs/scaling.md "Distributing by machine" has the
 finding.
 """
 import asyncio
-import sys
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "tests"))
 
-from citus import CitusCluster  # noqa: E402
+from haltless.server.localcluster import CitusCluster  # noqa: E402
 from haltless.server import db  # noqa: E402
 
 

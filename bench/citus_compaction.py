@@ -28,13 +28,13 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 if __package__ in (None, ""):
     sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tests"))
 
 import asyncpg  # noqa: E402
 
-from citus import CitusCluster  # noqa: E402
+from haltless.server.localcluster import CitusCluster  # noqa: E402
 from haltless.server import db  # noqa: E402
-from haltless.server.compact import Compactor, compact_all  # noqa: E402
+from haltless.server.compact import Compactor  # noqa: E402
+from haltless.server.compaction import compact_all  # noqa: E402
 
 LOAD = """
 INSERT INTO reading_chunks_0 (series_id, bucket, n, ts, vals)

@@ -207,7 +207,7 @@ def main(argv=None) -> None:
 
     from haltless.server import db, store
     from haltless.server.auth import issue_token, jwt_secret
-    from haltless.server.config import Settings
+    from haltless.core.config import Settings
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--requests", type=int, default=10_000)

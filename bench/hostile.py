@@ -162,7 +162,7 @@ def main(argv=None) -> None:
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
     from haltless.server import db, store
-    from haltless.server.config import Settings
+    from haltless.core.config import Settings
     work = Path(tempfile.mkdtemp(prefix="haltless-hostile-"))
     work.chmod(0o755)
     dsn = db.migrated_url(Settings(data_dir=work / "data"))

@@ -50,7 +50,7 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(ROOT))
 
 HOST = "127.0.0.1"
-STATS_EVERY = 10.0  # seconds between the poller's stats lines (pollers/runner.py)
+STATS_EVERY = 10.0  # seconds between the poller's stats lines (server/direct.py)
 
 
 # ================================================================== helpers

@@ -71,7 +71,7 @@ CREATE INDEX narrow_readings_series_ts ON narrow_readings (series_id, ts);
 """
 HALTLESS = [sys.executable, "-m", "haltless.server.cli"]
 # target -> the bodies it sends (bench/mix.py). "pollers" is `haltless
-# pollers`' own path (pollers/runner.py: Ingestor.prepare per poll, then
+# pollers`' own path (server/direct.py: Ingestor.prepare per poll, then
 # Flusher commits every POLL_FLUSH_TICKS ticks, its 10 s default at 1 s
 # polls), in a process of its own; "push" sends the same bodies over HTTP,
 # one request per poll, as an agent that pushes as it polls does.
@@ -137,8 +137,10 @@ async def _pollers_path(dsn: str, bodies: Path, per_flush: int) -> dict:
     the Flusher, committed every ``per_flush`` bodies."""
     import asyncpg
 
-    from haltless.pollers.runner import Flusher
-    from haltless.server.ingest import GroupCommitWriter, Ingestor, decode_batch
+    from haltless.server.direct import Flusher
+    from haltless.server.decode import decode_batch
+    from haltless.server.ingest import Ingestor
+    from haltless.server.writer import GroupCommitWriter
     pool = await asyncpg.create_pool(dsn, min_size=2, max_size=2)
     writer = GroupCommitWriter(pool, connections=1)
     ingestor = Ingestor(pool, writer)
@@ -157,7 +159,7 @@ async def _pollers_path(dsn: str, bodies: Path, per_flush: int) -> dict:
     t0 = time.perf_counter()
     with bodies.open("rb") as f:
         for line in f:
-            payload, result = await ingestor.prepare(org, *decode_batch(line.rstrip(b"\n")))
+            payload, result, _ = await ingestor.prepare(org, *decode_batch(line.rstrip(b"\n")))
             flusher.add(payload, done(result))
             polls += 1
             if polls % per_flush == 0:

@@ -21,9 +21,9 @@ encode_batch = _impl.encode_batch
 encode_chunks = _impl.encode_chunks
 RECORD_SIZE = _impl.RECORD_SIZE
 timestamp_us = _impl.timestamp_us
-ERR_NOT_FINITE = _impl.ERR_NOT_FINITE
-ERR_TOO_OLD = _impl.ERR_TOO_OLD
-ERR_TOO_NEW = _impl.ERR_TOO_NEW
+NOT_FINITE = _impl.NOT_FINITE
+TOO_OLD = _impl.TOO_OLD
+TOO_NEW = _impl.TOO_NEW
 COMPILED = _impl is not _validate_py
 
 pack_ints = _codec.pack_ints
@@ -38,6 +38,6 @@ iso_timestamps = _codec.iso_timestamps
 iso_json = _codec.iso_json
 CODEC_COMPILED = _codec is not _codec_py
 
-__all__ = ["encode_batch", "encode_chunks", "RECORD_SIZE", "group_chunks", "timestamp_us", "ERR_NOT_FINITE", "ERR_TOO_OLD", "ERR_TOO_NEW", "COMPILED",
+__all__ = ["encode_batch", "encode_chunks", "RECORD_SIZE", "group_chunks", "timestamp_us", "NOT_FINITE", "TOO_OLD", "TOO_NEW", "COMPILED",
            "pack_ints", "unpack_ints", "pack_values", "unpack_values", "from_chunk",
            "sort_by_time", "aggregate", "iso_timestamps", "iso_json", "CODEC_COMPILED"]

@@ -30,9 +30,11 @@ cdef int64_t HOUR_US = 3600000000
 cdef int64_t PAST_LIMIT_US = 3650 * 86400000000
 cdef int64_t FUTURE_LIMIT_US = 5 * 60000000
 
-ERR_NOT_FINITE = "Value must be finite"
-ERR_TOO_OLD = "Timestamp is more than 3,650 days in the past"
-ERR_TOO_NEW = "Timestamp is more than 5 minutes in the future"
+# Why a reading is refused: the codes encode_batch returns (the ingestor
+# turns them into the contract's messages and the metrics' reasons).
+NOT_FINITE = 1
+TOO_OLD = 2
+TOO_NEW = 3
 
 ctypedef struct Good:
     int32_t sid
@@ -154,14 +156,13 @@ cdef inline void _put_record(unsigned char* p, int32_t sid, int64_t ts, double v
     memcpy(p + 12, &v, 8)
 
 
-def encode_batch(list readings, dict series, int64_t now_us, oldest_us=None, too_old=None):
+def encode_batch(list readings, dict series, int64_t now_us, oldest_us=None):
     """See ``_validate_py.encode_batch``: same contract, same output bytes."""
     cdef Py_ssize_t n = len(readings), i, ngood = 0
     cdef int64_t hi = now_us + FUTURE_LIMIT_US, ts
     cdef int64_t lo = now_us - PAST_LIMIT_US if oldest_us is None else <int64_t>oldest_us
     cdef double v
     cdef unsigned char* out
-    old_error = ERR_TOO_OLD if too_old is None else too_old
     errors = []
     missing = []
     if n == 0:
@@ -176,14 +177,14 @@ def encode_batch(list readings, dict series, int64_t now_us, oldest_us=None, too
                 continue
             v = r.value
             if not isfinite(v):
-                errors.append((i, ERR_NOT_FINITE))
+                errors.append((i, NOT_FINITE))
                 continue
             ts = _timestamp_us(r.timestamp)
             if ts < lo:
-                errors.append((i, old_error))
+                errors.append((i, TOO_OLD))
                 continue
             if ts > hi:
-                errors.append((i, ERR_TOO_NEW))
+                errors.append((i, TOO_NEW))
                 continue
             unit = r.unit
             raw = r.raw_tag

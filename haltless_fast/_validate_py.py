@@ -14,9 +14,11 @@ PAST_LIMIT_US = 3650 * 86_400_000_000
 FUTURE_LIMIT_US = 5 * 60_000_000
 OID_FLOAT8 = 701
 
-ERR_NOT_FINITE = "Value must be finite"
-ERR_TOO_OLD = "Timestamp is more than 3,650 days in the past"
-ERR_TOO_NEW = "Timestamp is more than 5 minutes in the future"
+# Why a reading is refused: the codes encode_batch returns (the ingestor
+# turns them into the contract's messages and the metrics' reasons).
+NOT_FINITE = 1
+TOO_OLD = 2
+TOO_NEW = 3
 
 _row_head = struct.Struct("!hiiiqii")  # 5 fields; series_id; bucket; n
 _array_head = struct.Struct("!iiiiii")  # byte length; ndim, flags, oid, dim, lbound
@@ -40,18 +42,18 @@ _record = struct.Struct("<iqd")  # series id, Unix microseconds, value: 20 bytes
 RECORD_SIZE = _record.size
 
 
-def encode_batch(readings, series, now_us, oldest_us=None, too_old=None):
+def encode_batch(readings, series, now_us, oldest_us=None):
     """Validate a decoded batch; pack the good readings as records.
 
-    ``readings``: list of ``haltless.server.wire.Reading`` (or None for a reading the
+    ``readings``: list of ``haltless.core.wire.Reading`` (or None for a reading the
     caller already rejected). ``series``: ``{(machine_identifier, metric_name,
     unit or "", raw_tag or ""): series_id}``. ``now_us``: server clock.
     ``oldest_us`` (default: 3,650 days before ``now_us``) is the oldest
-    timestamp accepted, and ``too_old`` the error for one older than that
-    (a retention shorter than the contract's window has its own message).
+    timestamp accepted (a retention shorter than the contract's window).
 
     Returns ``(records, accepted, errors, missing)``: ``errors`` is a list of
-    ``(index, message)``; ``missing`` the indices of otherwise valid readings
+    ``(index, code)``, the code NOT_FINITE, TOO_OLD (before ``oldest_us``)
+    or TOO_NEW (more than 5 minutes ahead of ``now_us``); ``missing`` the indices of otherwise valid readings
     whose series is not in ``series``. ``records`` holds one 20-byte record
     (``RECORD_SIZE``) per good reading, in input order, for ``encode_chunks``;
     it is None when anything is missing, because the caller resolves those
@@ -61,21 +63,20 @@ def encode_batch(readings, series, now_us, oldest_us=None, too_old=None):
     missing = []
     good = []
     lo = now_us - PAST_LIMIT_US if oldest_us is None else oldest_us
-    old_error = ERR_TOO_OLD if too_old is None else too_old
     hi = now_us + FUTURE_LIMIT_US
     for i, r in enumerate(readings):
         if r is None:
             continue
         v = r.value
         if not math.isfinite(v):
-            errors.append((i, ERR_NOT_FINITE))
+            errors.append((i, NOT_FINITE))
             continue
         ts = timestamp_us(r.timestamp)
         if ts < lo:
-            errors.append((i, old_error))
+            errors.append((i, TOO_OLD))
             continue
         if ts > hi:
-            errors.append((i, ERR_TOO_NEW))
+            errors.append((i, TOO_NEW))
             continue
         sid = series.get((r.machine_identifier, r.metric_name, r.unit or "", r.raw_tag or ""))
         if sid is None:

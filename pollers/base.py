@@ -2,7 +2,7 @@
 
 A reader owns one connection to one device (a Modbus TCP slave or an OPC-UA
 server) and reads the configured points of one source. Two runners use it:
-the cloud poller (``pollers/runner.py``, writes to PostgreSQL) and the edge
+the cloud poller (``server/direct.py``, writes to PostgreSQL) and the edge
 agent (``pollers/agent.py``, pushes over HTTP). There is exactly one reader
 implementation per protocol.
 """
@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import datetime as _dt
 from typing import NamedTuple, Protocol
-
-from ..server.errors import HaltlessError
 
 
 class Sample(NamedTuple):
@@ -35,14 +33,6 @@ class PointError(NamedTuple):
 class ReadResult(NamedTuple):
     samples: list[Sample]
     errors: list[PointError]
-
-
-class ReaderError(HaltlessError):
-    """The device could not be read at all (connect, auth, security, timeout).
-
-    ``str(exc)`` is a sentence a person can act on, e.g.
-    "connection refused by 127.0.0.1:5020 - is the device on and listening?".
-    """
 
 
 class Reader(Protocol):

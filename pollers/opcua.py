@@ -7,202 +7,36 @@ pinned SHA-256 fingerprint, or else is trusted on first use via a TrustStore.
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
 import datetime as _dt
 import hashlib
-import json
 import math
-import os
-import re
 import socket
-import tempfile
 import threading
-import uuid
 from pathlib import Path
-from typing import Annotated, Literal, NamedTuple, Protocol
-from urllib.parse import urlsplit
+from typing import NamedTuple
 
-import msgspec
 from asyncua import Client, ua
 from asyncua.crypto import cert_gen, security_policies, uacrypto
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 from cryptography.x509.oid import ExtendedKeyUsageOID
-from msgspec import Meta
 
-from .base import PointError, ReaderError, ReadResult, Sample, utcnow
-
-
-class OpcuaNode(msgspec.Struct, forbid_unknown_fields=True):
-    node_id: Annotated[str, Meta(min_length=1, max_length=512)]
-    metric_name: Annotated[str, Meta(min_length=1, max_length=200)]
-    unit: Annotated[str, Meta(max_length=64)] | None = None
-
-
-class OpcuaConfig(msgspec.Struct, forbid_unknown_fields=True):
-    nodes: Annotated[list[OpcuaNode], Meta(min_length=1, max_length=20000)]
-    security_mode: Literal["None", "Sign", "SignAndEncrypt"] = "None"
-    security_policy: Literal["Basic256Sha256"] = "Basic256Sha256"
-    username: Annotated[str, Meta(max_length=256)] | None = None
-    password: Annotated[str, Meta(max_length=256)] | None = None
-    # hex SHA-256 of the server certificate (DER); None = trust on first use
-    server_certificate_sha256: str | None = None
-    timeout_seconds: Annotated[float, Meta(gt=0, le=60)] = 5.0
-
-
-_NODE_ID_HELP = "use ns=<n>;i=<number>, ns=<n>;s=<string>, ns=<n>;g=<guid>, or ns=<n>;b=<base64>"
-_NODE_ID_RE = re.compile(r"(?:ns=([0-9]{1,5});)?([isgb])=(.+)", re.DOTALL)
-_GUID_RE = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
+from ..core.errors import ReaderError
+from .base import PointError, ReadResult, Sample, utcnow
+from .opcua_config import (OpcuaConfig, endpoint_url, node_id_parts, parse_endpoint, raw_tag,
+                           validate_opcua_config)
+from .trust import TrustStore, write_atomic
 
 
 def parse_node_id(text: str) -> ua.NodeId:
-    """Parse one of the four node id formats; a missing ``ns=<n>;`` means ns=0.
-    (``ua.NodeId.from_string`` takes malformed base64 as raw bytes: another node.)"""
-    m = _NODE_ID_RE.fullmatch(text)
-    if m is None:
-        raise ValueError(f"{text!r} is not a node id; {_NODE_ID_HELP}")
-    ns, kind, ident = int(m.group(1) or 0), m.group(2), m.group(3)
-    if ns > 65535:
-        raise ValueError(f"{text!r}: namespace index {ns} is out of range (0-65535)")
+    """The asyncua NodeId of a configured node id (``node_id_parts`` checks it)."""
+    ns, kind, ident = node_id_parts(text)
     if kind == "i":
-        if not re.fullmatch(r"[0-9]{1,10}", ident) or int(ident) > 0xFFFFFFFF:
-            raise ValueError(f"{text!r}: a numeric identifier must be a whole number 0-4294967295")
-        return ua.NodeId(int(ident), ns)
-    if kind == "s":
-        return ua.NodeId(ident, ns, ua.NodeIdType.String)
-    if kind == "g":
-        if not _GUID_RE.fullmatch(ident):
-            raise ValueError(f"{text!r}: a GUID identifier looks like 09087e75-8e5e-499b-954f-f2a9603db28a")
-        return ua.NodeId(uuid.UUID(ident), ns, ua.NodeIdType.Guid)
-    try:
-        raw = base64.b64decode(ident, validate=True)
-    except (binascii.Error, ValueError):
-        raw = b""
-    # only canonical base64 round-trips; that also keeps raw_tag() collision-free
-    if not raw or base64.b64encode(raw).decode("ascii") != ident:
-        raise ValueError(f"{text!r}: an opaque identifier must be non-empty, padded base64 "
-                         "(like M/RbKBsRVkePCePcx24oRA==)")
-    return ua.NodeId(raw, ns, ua.NodeIdType.ByteString)
+        return ua.NodeId(ident, ns)
+    return ua.NodeId(ident, ns, _NODE_ID_TYPES[kind])
 
 
-def raw_tag(node_id: str) -> str:
-    """A reading's raw_tag: the node id exactly as configured, every '=' dropped
-    and every ';' replaced by '_'.
-
-    ``ns=2;i=1001`` -> ``ns2_i1001``; ``ns=2;s=Temperature.Value`` ->
-    ``ns2_sTemperature.Value``; ``ns=2;g=09087e75-...`` -> ``ns2_g09087e75-...``;
-    ``ns=2;b=M/RbKBsRVkePCePcx24oRA==`` -> ``ns2_bM/RbKBsRVkePCePcx24oRA``;
-    ``i=85`` -> ``i85`` (no ns is added). Dropping base64 padding loses nothing
-    (its length implies it); only string ids that themselves contain '=' or ';'
-    can collide (``s=a=b`` and ``s=ab``).
-    """
-    return node_id.replace("=", "").replace(";", "_")
-
-
-def validate_opcua_config(cfg: OpcuaConfig) -> None:
-    """Checks msgspec cannot express; raises ValueError naming the field path."""
-    for i, node in enumerate(cfg.nodes):
-        try:
-            parse_node_id(node.node_id)
-        except ValueError as exc:
-            raise ValueError(f"nodes[{i}].node_id: {exc}") from None
-    if (cfg.username is None) != (cfg.password is None):
-        given, missing = ("username", "password") if cfg.password is None else ("password", "username")
-        raise ValueError(f"{missing}: required when {given} is set")
-    if cfg.username == "":
-        raise ValueError("username: must not be empty")
-    if cfg.username is not None and cfg.security_mode == "None":
-        raise ValueError("username: needs security_mode 'Sign' or 'SignAndEncrypt'; with 'None' the password "
-                         "would travel in clear text over the network")
-    pin = cfg.server_certificate_sha256
-    if pin is not None and not re.fullmatch(r"[0-9a-fA-F]{64}", pin):
-        raise ValueError(f"server_certificate_sha256: {pin!r} must be 64 hex characters "
-                         "(the SHA-256 of the server certificate in DER form)")
-    if pin is not None and cfg.security_mode == "None":
-        raise ValueError("server_certificate_sha256: a pin only takes effect with security_mode 'Sign' or "
-                         "'SignAndEncrypt'; with 'None' the server certificate is not used")
-
-
-def endpoint_url(host: str, port: int) -> str:
-    if ":" in host and not host.startswith("["):
-        host = f"[{host}]"  # IPv6 literal
-    return f"opc.tcp://{host}:{port}"
-
-
-def parse_endpoint(endpoint: str) -> tuple[str, int]:
-    """``opc.tcp://host:port[/path]`` -> (host, port)."""
-    def bad(why: str) -> ValueError:
-        return ValueError(f"endpoint {endpoint!r} {why}; use opc.tcp://host:port, e.g. opc.tcp://192.168.1.20:4840")
-
-    parts = urlsplit(endpoint.strip())
-    if parts.scheme.lower() != "opc.tcp":
-        raise bad("is not an opc.tcp:// URL")
-    if "@" in parts.netloc:
-        raise bad("contains credentials (set username/password in the config instead)")
-    try:
-        port = parts.port
-    except ValueError:
-        raise bad("has an invalid port") from None
-    if not parts.hostname:
-        raise bad("has no host")
-    if not port:
-        raise bad("has no port")
-    return parts.hostname, port
-
-
-class TrustStore(Protocol):
-    async def get(self, endpoint: str) -> str | None: ...
-
-    async def put(self, endpoint: str, sha256_hex: str) -> None: ...
-
-
-class FileTrustStore:
-    """Fingerprints recorded on first use, as a JSON object {endpoint: sha256_hex}.
-    Two processes writing at once can lose a record; it is re-recorded on the next connect."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = Path(path)
-        self._lock = threading.Lock()  # not asyncio.Lock: one store may serve several loops
-
-    def _load(self) -> dict[str, str]:
-        try:
-            data = json.loads(self.path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            return {}
-        except (OSError, ValueError) as exc:
-            raise ReaderError(f"cannot read the server trust store {self.path}: {exc}") from exc
-        if not isinstance(data, dict):
-            raise ReaderError(f"the server trust store {self.path} is not a JSON object")
-        return data
-
-    def _put(self, endpoint: str, sha256_hex: str) -> None:
-        with self._lock:
-            data = self._load()
-            data[endpoint] = sha256_hex
-            _write_atomic(self.path, json.dumps(data, indent=2, sort_keys=True).encode(), 0o644)
-
-    async def get(self, endpoint: str) -> str | None:
-        # no lock needed: os.replace means a reader always sees a whole file
-        return (await asyncio.to_thread(self._load)).get(endpoint)
-
-    async def put(self, endpoint: str, sha256_hex: str) -> None:
-        await asyncio.to_thread(self._put, endpoint, sha256_hex)
-
-
-def _write_atomic(path: Path, data: bytes, mode: int) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")  # created 0600
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, mode)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+_NODE_ID_TYPES = {"s": ua.NodeIdType.String, "g": ua.NodeIdType.Guid, "b": ua.NodeIdType.ByteString}
 
 
 class ClientCertificate(NamedTuple):
@@ -232,8 +66,8 @@ def ensure_client_certificate(pki_dir: Path) -> ClientCertificate:
                 [x509.UniformResourceIdentifier(app_uri), x509.DNSName(host)],
                 [ExtendedKeyUsageOID.CLIENT_AUTH], days=3650,
             )
-            _write_atomic(key_path, cert_gen.dump_private_key_as_pem(key), 0o600)
-            _write_atomic(cert_path, cert.public_bytes(Encoding.DER), 0o644)
+            write_atomic(key_path, cert_gen.dump_private_key_as_pem(key), 0o600)
+            write_atomic(cert_path, cert.public_bytes(Encoding.DER), 0o644)
         der = cert_path.read_bytes()
     # The session must announce the ApplicationUri that is in the certificate,
     # even if the hostname changed since it was generated.

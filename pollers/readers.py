@@ -1,56 +1,33 @@
-"""The one way from a stored source to a reader, used by the cloud pollers
-and by test-connection (the edge agent builds the same classes from its
-TOML): check the address policy, then build the reader on the address that
-was checked, never on a fresh resolution of the name."""
+"""The one way from a protocol, an address and a typed config to a reader
+(the cloud pollers, test-connection and the edge agent all build readers
+here), and the helpers every user of a reader shares: connect or close
+again, probe once, the outer timeout. The device library of a protocol is
+imported when a reader of that protocol is made, not before: an edge agent
+with Modbus sources only never loads asyncua."""
 from __future__ import annotations
 
 import asyncio
-import uuid
 from pathlib import Path
 
-from ..server import sources
-from ..server.netpolicy import AddressPolicy, TargetRefused
-from .base import Reader, ReaderError
-from .modbus import ModbusConfig, ModbusReader
-from .opcua import OpcuaConfig, OpcuaReader, TrustStore, endpoint_url
+from ..core.errors import ReaderError
+from .base import Reader
 
 
-def make_reader(protocol: str, host: str, port: int, config: ModbusConfig | OpcuaConfig, *,
-                pki_dir: Path, trust_store: TrustStore) -> Reader:
-    """``config`` is the typed source config, secrets included."""
+def make_reader(protocol: str, host: str, port: int, config, *, pki_dir: Path,
+                trust_store=None, endpoint: str | None = None) -> Reader:
+    """A (not yet connected) reader. ``config`` is the protocol's typed config,
+    secrets included; ``trust_store`` keeps OPC-UA server certificates
+    (``opcua.TrustStore``); ``endpoint`` is an OPC-UA URL to use instead of
+    ``opc.tcp://host:port`` (the edge agent's TOML names one, path included)."""
     if protocol == "modbus":
+        from .modbus import ModbusReader
         return ModbusReader(host, port, config)
     if protocol == "opcua":
-        return OpcuaReader(endpoint_url(host, port), config, pki_dir=pki_dir,
+        from .opcua import OpcuaReader
+        from .opcua_config import endpoint_url
+        return OpcuaReader(endpoint or endpoint_url(host, port), config, pki_dir=pki_dir,
                            trust_store=trust_store)
     raise ValueError(f"unknown protocol {protocol!r}")
-
-
-async def reader_for(source: sources.StoredSource, *, policy: AddressPolicy, pool,
-                     pki_dir: Path) -> Reader:
-    """A (not yet connected) reader for ``source``; ReaderError when the
-    address policy refuses its host."""
-    try:
-        addrs = await asyncio.to_thread(policy.check, source.host, source.port)
-    except TargetRefused as exc:
-        raise ReaderError(str(exc)) from None
-    return make_reader(source.protocol, addrs[0], source.port, source.config, pki_dir=pki_dir,
-                       trust_store=SourceTrustStore(pool, source.id))
-
-
-class SourceTrustStore:
-    """Trust-on-first-use record of an OPC-UA server certificate, kept on the
-    source's row, so every poller process (and test-connection) agrees."""
-
-    def __init__(self, pool, source_id: uuid.UUID) -> None:
-        self._pool = pool
-        self._id = source_id
-
-    async def get(self, endpoint: str) -> str | None:
-        return await sources.certificate_pin(self._pool, self._id)
-
-    async def put(self, endpoint: str, sha256_hex: str) -> None:
-        await sources.record_certificate(self._pool, self._id, sha256_hex)
 
 
 def outer_timeout(timeout_seconds: float | None) -> float:

@@ -8,7 +8,8 @@ import asyncio
 import random
 from typing import Awaitable, Callable
 
-from .base import Reader, ReaderError, ReadResult
+from ..core.errors import ReaderError
+from .base import Reader, ReadResult
 
 BACKOFF_BASE = 1.0      # first reconnect delay, seconds
 BACKOFF_MAX = 60.0      # cap of the reconnect delay

@@ -11,20 +11,20 @@ import logging
 import re
 import time
 
-
+from ..core.config import Settings
+from ..core.errors import (ClientError, ClientGone, DatabaseUnavailable, NotFound, Overloaded,
+                           TooManyRequests)
+from ..core.logs import configure_logging
+from ..core.wire import MAX_BODY_BYTES
 from . import db, fleet, management, metrics, query
 from .bodies import BodyBudget, read_body
-from .compact import compact_forever
-from .config import Settings
+from .compaction import compact_forever
 from .db import DB_DOWN
-from .errors import (ClientError, ClientGone, DatabaseUnavailable, NotFound, Overloaded,
-                     TooManyRequests)
+from .decode import count_readings
 from .http import Request, Response, StreamingResponse
-from .ingest import count_readings
 from .ratelimit import RateLimiter
-from .runtime import Runtime, configure_logging
+from .runtime import Runtime
 from .store import hash_api_key
-from .wire import MAX_BODY_BYTES
 
 log = logging.getLogger("haltless.app")
 
@@ -46,12 +46,12 @@ async def ingest(app: "App", req: Request) -> Response:
         except TooManyRequests:
             metrics.READINGS_REJECTED.labels("rate_limited").inc(n)
             raise
-    body, result = await app.rt.ingestor.ingest_body(req.org, req.body, key)
-    if result is None:  # a replay: counted when it was first answered
+    body, done = await app.rt.ingestor.ingest_body(req.org, req.body, key)
+    if done is None:  # a replay: counted when it was first answered
         return Response(207, body, [(b"idempotency-replayed", b"true")])
-    metrics.READINGS_ACCEPTED.inc(result.accepted_count)
-    for e in result.errors:
-        metrics.READINGS_REJECTED.labels(metrics.reason_of(e.error)).inc()
+    metrics.READINGS_ACCEPTED.inc(done.result.accepted_count)
+    for reason, n in done.reasons.items():
+        metrics.READINGS_REJECTED.labels(reason).inc(n)
     return Response(207, body)
 
 
@@ -110,7 +110,8 @@ class App:
         self._exact, self._patterns = compile_routes(routes if routes is not None else ROUTES)
         self.rt: Runtime | None = None
         self.limiter: RateLimiter | None = None
-        self.budget = BodyBudget(64 * 1024 * 1024)
+        # Replaced at startup by the settings' budget; this is the default's.
+        self.budget = BodyBudget(Settings.body_memory_mb * 1024 * 1024)
         self.outage = Outage()
         self._maintenance: asyncio.Task | None = None
         self._compaction: asyncio.Task | None = None

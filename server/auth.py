@@ -3,7 +3,6 @@ management API (``Authorization: Bearer``). The two never stand in for
 each other: a key is not a JWT, and a JWT is not a key."""
 from __future__ import annotations
 
-import os
 import secrets
 import time
 import uuid
@@ -12,8 +11,9 @@ from pathlib import Path
 import asyncpg
 import jwt
 
+from ..core.errors import ConfigError, Unauthorized
 from . import store
-from .errors import ConfigError, Unauthorized
+from .secretfile import secret_file
 
 JWT_ALGORITHM = "HS256"  # pinned: tokens naming any other algorithm are refused
 JWT_ISSUER = "haltless"
@@ -58,21 +58,7 @@ def jwt_secret(secret: str | None, data_dir: Path) -> str:
     if secret:
         return secret
     path = data_dir / "jwt-secret"
-    try:
-        value = path.read_text().strip()
-    except FileNotFoundError:
-        data_dir.mkdir(parents=True, exist_ok=True)
-        value = secrets.token_urlsafe(48)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        try:
-            os.write(fd, value.encode())
-        except BaseException:
-            os.close(fd)
-            raise
-        else:
-            os.close(fd)
-        # a concurrent starter may have won the race: use whatever is on disk
-        value = path.read_text().strip()
+    value = secret_file(path, lambda: secrets.token_urlsafe(48).encode()).decode().strip()
     if len(value) < 32:
         raise ConfigError(f"{path}: JWT secret is shorter than 32 characters")
     return value

@@ -25,8 +25,8 @@ import asyncio
 import ctypes
 import zlib
 
-from .errors import (ClientError, ClientGone, Overloaded, PayloadTooLarge, RequestTimeout,
-                     UnsupportedMediaType)
+from ..core.errors import (ClientError, ClientGone, Overloaded, PayloadTooLarge, RequestTimeout,
+                           UnsupportedMediaType)
 
 
 class BodyBudget:

@@ -1,6 +1,6 @@
 """Compaction: hot ``reading_chunks`` into compressed ``reading_blocks``.
 
-Writers fill the hot slot of the current arrival hour (``ingest.hot_slot``).
+Writers fill the hot slot of the current arrival hour (``server/hot.py``).
 Once that hour has ended (plus ``GRACE`` for writes still in flight), the
 other slot is compacted, in ONE transaction:
 
@@ -11,15 +11,16 @@ other slot is compacted, in ONE transaction:
     that (series, hour), if any (late data)--> sort_by_time --> pack_ints /
     pack_values --> timelines shared by series with identical timestamps
     --> replace the blocks, COPY the new ones in
-    TRUNCATE the slot, COMMIT
+    TRUNCATE the slot, COMMIT (compaction_state: record_run)
 
 A kill at any point rolls the whole transaction back: nothing is lost or
 written twice, and the next run does the same work again (idempotent). Hot
 data is never deleted row by row; a block is replaced only when late data
 joins it. One process at a time (a session advisory lock) across workers
 and hosts; on a Citus cluster one per shard group instead, on the workers
-(``compact_citus``). ``haltless compact`` also compacts the slot still being written
-(its writers wait meanwhile): what arrives later for that hour is late data.
+(``compact_citus``); ``server/compaction.py`` picks the variant and runs it.
+``haltless compact`` also compacts the slot still being written (its
+writers wait meanwhile): what arrives later for that hour is late data.
 
 Retention (``HALTLESS_RETENTION_DAYS``): readings older than the cutoff are
 not carried into blocks, and block partitions (months) that ended before it
@@ -27,33 +28,20 @@ are dropped whole.
 """
 from __future__ import annotations
 
-import asyncio
 import bisect
 import datetime as _dt
 import hashlib
-import logging
 import os
 import time
 
+from ..core.times import to_dt
 from ..fast import group_chunks, pack_ints, pack_values, sort_by_time, unpack_ints, unpack_values
-from .db import DB_DOWN
-from .ingest import hot_slot
 
-log = logging.getLogger("haltless.compact")
-
-COMPACT_LOCK = 7_291_845_002  # pg_advisory_lock key: one compactor at a time
-GRACE = 120.0       # seconds after its hour ends before a slot is compacted
-EVERY = 30.0        # seconds between checks in haltless serve
 SERIES_PER_BATCH = 256  # series ids per COPY out: bounds the memory of one batch
-EPOCH = _dt.datetime(1970, 1, 1, tzinfo=_dt.timezone.utc)
 BLOCK_COLUMNS = ["series_id", "block_start", "n", "t_first", "t_last", "timeline", "vals",
                  "v_last"]
 TIMELINE_COLUMNS = ["block_start", "id", "n", "ts"]
 CRASH_POINTS = ("after-copy-out", "after-blocks", "before-truncate", "before-commit")
-
-
-def _dt_us(us: int) -> _dt.datetime:
-    return EPOCH + _dt.timedelta(microseconds=us)
 
 
 class Compactor:
@@ -70,6 +58,7 @@ class Compactor:
     def __init__(self, conn, retention_days: int | None = None, crash_at: str | None = None,
                  lock_timeout: float = 10.0) -> None:
         self.conn = conn
+        self.coordinator = conn  # where the catalog and its sequences are
         self.retention_days = retention_days
         self.crash_at = crash_at
         self.lock_timeout = lock_timeout
@@ -125,7 +114,6 @@ class Compactor:
                 start = end
             self._crash("before-truncate")
             await conn.execute(f"TRUNCATE {table}")
-            await self._record(self.readings - before)
             self._crash("before-commit")
         return self.readings - before
 
@@ -134,13 +122,10 @@ class Compactor:
         await self.conn.execute(f"SET LOCAL lock_timeout = '{int(self.lock_timeout * 1000)}ms'")
         await self.conn.execute(f"LOCK TABLE {table} IN EXCLUSIVE MODE")
 
-    async def _record(self, readings: int) -> None:
-        await self.conn.execute(
-            "UPDATE compaction_state SET last_run_at = now(), last_readings = $1,"
-            " last_blocks = $2", readings, self.blocks)
-
     async def _timeline_ids(self, n: int) -> list[int]:
-        return [r[0] for r in await self.conn.fetch(
+        # The sequence lives where the catalog does: this node, or the
+        # Citus coordinator (ShardCompactor).
+        return [r[0] for r in await self.coordinator.fetch(
             "SELECT nextval('reading_timelines_id') FROM generate_series(1, $1)", n)]
 
     async def _partitions(self, first: _dt.datetime, last: _dt.datetime) -> None:
@@ -149,7 +134,7 @@ class Compactor:
     async def _write(self, groups: list, timelines: dict) -> None:
         conn = self.conn
         keys_sid = [g[0] for g in groups]
-        keys_start = [_dt_us(g[1]) for g in groups]
+        keys_start = [to_dt(g[1]) for g in groups]
         # Late data: the blocks already stored for these (series, hour) join in.
         old = await conn.fetch(
             f"DELETE FROM {self.blocks_table} b USING unnest($1::int[], $2::timestamptz[]) AS k (sid, bs)"
@@ -168,7 +153,7 @@ class Compactor:
         cutoff = self.cutoff_us()
         packed = []  # (sid, start, ts, values bytes, timeline bytes, timeline key, last value)
         for sid, bucket_us, ts, vals in groups:
-            start = _dt_us(bucket_us)
+            start = to_dt(bucket_us)
             prior = stored.get((sid, start))
             merged_before = 0
             if prior is not None:
@@ -211,7 +196,7 @@ class Compactor:
         if packed:
             await conn.copy_records_to_table(
                 self.blocks_table, columns=BLOCK_COLUMNS,
-                records=[(sid, start, len(ts), _dt_us(ts[0]), _dt_us(ts[-1]), timelines[key], vb,
+                records=[(sid, start, len(ts), to_dt(ts[0]), to_dt(ts[-1]), timelines[key], vb,
                           last) for sid, start, ts, vb, tsb, key, last in packed])
         self.blocks += len(packed)
         if old and self.series_timelines:  # the replaced blocks' own timelines
@@ -231,89 +216,7 @@ class Compactor:
                 [r["block_start"] for r in old], [r["timeline"] for r in old])
 
 
-async def compact_all(conn, *, include_current: bool, retention_days: int | None = None,
-                      crash_at: str | None = None, now: float | None = None,
-                      dsn: str | None = None, wait: bool = True) -> tuple[int, int]:
-    """Compact the closed slot (when it has rows), and with ``include_current``
-    the slot being written as well. Returns (readings, blocks) written.
-
-    On a Citus cluster (``dsn``: the coordinator's URL), per shard group, each
-    under its own lock: with ``wait`` every group, waiting for the compactor
-    that holds one, else only the groups nobody holds."""
-    current = hot_slot(now)
-    from .compact_citus import compact_shards, is_distributed
-    if await is_distributed(conn):
-        return await compact_shards(
-            conn, dsn, (1 - current, current) if include_current else (1 - current,),
-            retention_days=retention_days, crash_at=crash_at, wait=wait)
-    c = Compactor(conn, retention_days, crash_at)
-    for slot in (1 - current, current) if include_current else (1 - current,):
-        if await c.slot_has_rows(slot):
-            await c.compact_slot(slot)
-    return c.readings, c.blocks
-
-
-async def drop_expired(conn, retention_days: int | None) -> int:
-    """Retention: drop the block partitions (whole months) that ended before
-    the cutoff; the number dropped."""
-    if retention_days is None:
-        return 0
-    return await conn.fetchval(
-        "SELECT haltless_drop_blocks_before(now() - $1 * interval '1 day')", retention_days)
-
-
-async def compact_forever(pool, retention_days: int | None = None, every: float = EVERY,
-                          clock=time.time, dsn: str | None = None) -> None:
-    """Inside every `haltless serve` worker: whoever holds the advisory lock
-    compacts the closed slot once its hour has ended (plus GRACE), and drops
-    block partitions past the retention. On a Citus cluster every worker
-    compacts the shard groups nobody else holds (compact_citus), and whoever
-    holds the advisory lock applies the retention."""
-    distributed = None
-    while True:
-        await asyncio.sleep(every)
-        now = clock()
-        if now % 3600 < GRACE:
-            continue  # writes stamped with the last hour may still be in flight
-        try:
-            async with pool.acquire() as conn:
-                if distributed is None:
-                    from .compact_citus import is_distributed
-                    distributed = await is_distributed(conn)
-                await _compact_once(conn, dsn, retention_days, now, distributed)
-        except DB_DOWN as exc:
-            log.warning("compaction skipped: %s", exc)
-        except asyncio.CancelledError:
-            raise
-        except Exception:  # noqa: BLE001 - retried at the next check; never end the loop
-            log.exception("compaction failed; retrying later")
-
-
-async def _compact_once(conn, dsn: str | None, retention_days: int | None, now: float,
-                        distributed: bool) -> None:
-    """One check of compact_forever. On one node the compaction and the
-    retention both run under the advisory lock: one process at a time. On
-    Citus every process compacts the shard groups nobody else holds (each
-    group has a lock of its own), and only the retention, DDL through the
-    coordinator, takes the advisory lock."""
-    if distributed:
-        await _compact_closed(conn, dsn, retention_days, now)
-    if not await conn.fetchval("SELECT pg_try_advisory_lock($1)", COMPACT_LOCK):
-        return
-    try:
-        if not distributed:
-            await _compact_closed(conn, dsn, retention_days, now)
-        dropped = await drop_expired(conn, retention_days)
-        if dropped:
-            log.info("retention: dropped %d block partitions", dropped)
-    finally:
-        await conn.execute("SELECT pg_advisory_unlock($1)", COMPACT_LOCK)
-
-
-async def _compact_closed(conn, dsn: str | None, retention_days: int | None, now: float) -> None:
-    started = time.monotonic()
-    readings, blocks = await compact_all(conn, include_current=False, dsn=dsn, wait=False,
-                                         retention_days=retention_days, now=now)
-    if blocks:
-        log.info("compacted %d readings into %d blocks in %.1f s", readings, blocks,
-                 time.monotonic() - started)
+async def record_run(conn, readings: int, blocks: int) -> None:
+    """What the last compaction run moved (``compaction_state``, one row)."""
+    await conn.execute("UPDATE compaction_state SET last_run_at = now(), last_readings = $1,"
+                       " last_blocks = $2", readings, blocks)

@@ -118,7 +118,7 @@ def node_dsn(dsn: str, host: str, port: int) -> str:
 
 class ShardCompactor(Compactor):
     """Compactor over one shard group's shards, on a connection to its worker;
-    timeline ids come from the coordinator's sequence."""
+    timeline ids come from the coordinator's sequence (``coordinator``)."""
 
     def __init__(self, conn, coordinator, group: ShardGroup, shards: int = 1, **kw) -> None:
         super().__init__(conn, **kw)
@@ -159,13 +159,6 @@ class ShardCompactor(Compactor):
         # worker_shard_visibility.c); this transaction writes only its group's.
         await conn.execute("SET LOCAL citus.enable_manual_changes_to_shards = on")
         await conn.execute(f"LOCK TABLE {table} IN EXCLUSIVE MODE")
-
-    async def _record(self, readings: int) -> None:
-        pass  # compaction_state lives on the coordinator: compact_shards records the run
-
-    async def _timeline_ids(self, n: int) -> list[int]:
-        return [r[0] for r in await self.coordinator.fetch(
-            "SELECT nextval('reading_timelines_id') FROM generate_series(1, $1)", n)]
 
     async def _partitions(self, first: _dt.datetime, last: _dt.datetime) -> None:
         if self.covered is None or first < self.covered[0] or last > self.covered[1]:
@@ -256,8 +249,4 @@ async def compact_shards(conn, dsn: str | None, slots, *, retention_days: int | 
     finally:
         for w in workers.values():
             await w.close()
-    if blocks:
-        await conn.execute(
-            "UPDATE compaction_state SET last_run_at = now(), last_readings = $1,"
-            " last_blocks = $2", readings, blocks)
     return readings, blocks

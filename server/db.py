@@ -18,8 +18,8 @@ from pathlib import Path
 
 import asyncpg
 
-from .config import Settings
-from .errors import ConfigError, DatabaseUnavailable, SchemaTooNew
+from ..core.config import Settings
+from ..core.errors import ConfigError, DatabaseUnavailable, SchemaTooNew
 
 log = logging.getLogger("haltless.db")
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import importlib.resources
 
-from .errors import NotFound
+from ..core.errors import NotFound
 from .http import Request, Response
 
 UPLOT_VERSION = "1.6.32"

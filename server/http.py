@@ -4,8 +4,8 @@ from __future__ import annotations
 import json
 import uuid
 
-from .errors import NotFound
-from .wire import encoder
+from ..core.errors import NotFound
+from ..core.wire import encoder
 
 
 class Request:

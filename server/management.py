@@ -6,14 +6,13 @@ from __future__ import annotations
 import time
 import uuid
 
-from ..pollers.base import ReaderError
-from ..pollers.readers import outer_timeout, probe_reader, reader_for
-
+from ..core.errors import ReaderError, Unauthorized
+from ..core.wire import Machine, MachineCreate, SourceCreate, SourcePatch, TestConnectionResult
+from ..pollers.readers import outer_timeout, probe_reader
 from . import sources, store
 from .auth import verify_token
-from .errors import Unauthorized
+from .devices import reader_for
 from .http import Request, Response
-from .wire import MachineCreate, SourceCreate, SourcePatch
 
 _known_orgs: dict[uuid.UUID, float] = {}  # organization -> until (monotonic)
 ORG_CACHE_SECONDS = 5.0
@@ -36,9 +35,8 @@ async def authorize(app, req: Request) -> uuid.UUID:
     return org
 
 
-def _machine_json(r) -> dict:
-    return {"id": str(r["id"]), "machine_identifier": r["machine_identifier"], "name": r["name"],
-            "created_at": sources._iso(r["created_at"])}
+def _machine(r) -> Machine:
+    return Machine(r["id"], r["machine_identifier"], r["name"], r["created_at"])
 
 
 # ------------------------------------------------------------------ machines
@@ -49,21 +47,21 @@ async def create_machine(app, req: Request) -> Response:
     async with app.rt.pool.acquire() as conn:
         row = await store.create_machine(conn, org, body.machine_identifier, body.name)
     app.rt.ingestor.catalog.forget_absent(org, body.machine_identifier)
-    return Response(201, _machine_json(row))
+    return Response(201, _machine(row))
 
 
 async def list_machines(app, req: Request) -> Response:
     org = req.org
     async with app.rt.pool.acquire() as conn:
         rows = await store.list_machines(conn, org)
-    return Response(200, [_machine_json(r) for r in rows])
+    return Response(200, [_machine(r) for r in rows])
 
 
 async def get_machine(app, req: Request) -> Response:
     org = req.org
     mid = req.uuid_param("id", "machine")
     async with app.rt.pool.acquire() as conn:
-        return Response(200, _machine_json(await store.get_machine(conn, org, mid)))
+        return Response(200, _machine(await store.get_machine(conn, org, mid)))
 
 
 # ------------------------------------------------------------------ ingest sources
@@ -87,7 +85,7 @@ async def get_source(app, req: Request) -> Response:
     org = req.org
     sid = req.uuid_param("id", "ingest source")
     async with app.rt.pool.acquire() as conn:
-        return Response(200, sources.to_json(await sources.get_row(conn, org, sid)))
+        return Response(200, sources.to_wire(await sources.get_row(conn, org, sid)))
 
 
 async def patch_source(app, req: Request) -> Response:
@@ -122,8 +120,8 @@ async def test_connection(app, req: Request) -> Response:
         ok, message = False, str(exc)
     else:
         ok, message = await probe_reader(reader, outer_timeout(source.config.timeout_seconds))
-    return Response(200, {"success": ok, "message": message,
-                          "latency_ms": round((time.monotonic() - start) * 1000)})
+    return Response(200, TestConnectionResult(ok, message,
+                                              round((time.monotonic() - start) * 1000)))
 
 
 LIMIT = 1024 * 1024

@@ -22,7 +22,7 @@ from prometheus_client import (CONTENT_TYPE_LATEST, CollectorRegistry, Counter, 
                                generate_latest)
 from prometheus_client.core import GaugeMetricFamily
 
-from .ingest import GroupCommitWriter
+from .writer import GroupCommitWriter
 
 MULTIPROCESS = bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
 
@@ -46,18 +46,6 @@ POOL = Gauge("haltless_db_pool_connections", "Database connections of the HTTP w
              ["state"], multiprocess_mode="livesum")
 BODIES = Gauge("haltless_request_body_bytes_held", "Bytes of request bodies held in memory",
                multiprocess_mode="livesum")
-
-# Reasons a reading is refused, as metric labels (few, fixed).
-_REASONS = (("Machine not found", "machine_not_found"), ("Value must be finite", "not_finite"),
-            ("Timestamp is more than", "timestamp_window"))
-
-
-def reason_of(message: str) -> str:
-    for prefix, label in _REASONS:
-        if message.startswith(prefix):
-            return label
-    return "invalid"
-
 
 class MeasuredWriter(GroupCommitWriter):
     """The group-commit writer, timing each transaction and counting what it

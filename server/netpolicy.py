@@ -18,7 +18,7 @@ import ipaddress
 import socket
 import time
 
-from .errors import HaltlessError
+from ..core.errors import TargetRefused
 
 METADATA = {
     ipaddress.ip_address("169.254.169.254"),   # AWS, GCP, Azure, OpenStack, ...
@@ -27,10 +27,6 @@ METADATA = {
     ipaddress.ip_address("100.100.100.200"),   # Alibaba Cloud
 }
 METADATA_NAMES = {"metadata.google.internal", "metadata", "instance-data"}
-
-
-class TargetRefused(HaltlessError):
-    """The address policy refuses this host; str() says why and how to allow it."""
 
 
 def own_addresses() -> set:

@@ -1,5 +1,5 @@
 """``GET /openapi.json``: an OpenAPI 3.1 document generated from the wire
-types (``server/wire.py``, the protocol configs of ``pollers/``) with
+types (``core/wire.py``, the protocol configs of ``pollers/``) with
 ``msgspec.json.schema_components``, so limits such as ``maxItems: 1000`` and
 string lengths come from the same types that decode the requests. The read
 routes take query parameters instead of a body; theirs are described here
@@ -14,10 +14,10 @@ import functools
 
 import msgspec
 
-from ..pollers.modbus import ModbusConfig
-from ..pollers.opcua import OpcuaConfig
-
-from . import query, wire
+from ..core import wire
+from ..pollers.modbus_config import ModbusConfig
+from ..pollers.opcua_config import OpcuaConfig
+from . import query
 
 REF = "#/components/schemas/{name}"
 

@@ -26,13 +26,13 @@ from urllib.parse import parse_qs
 
 import msgspec
 
+from ..core.errors import NotFound, Unprocessable
+from ..core.times import to_us
+from ..core.wire import (AggregatePage, LatestPage, LatestReading, ReadCursor, ReadingsPage,
+                         SeriesBuckets, SeriesReadings)
 from ..fast import aggregate, iso_json, iso_timestamps, unpack_values
 from . import readback
-from .errors import NotFound, Unprocessable
 from .http import Request, Response, StreamingResponse
-from .readback import to_us
-from .wire import (AggregatePage, LatestPage, LatestReading, ReadCursor, ReadingsPage,
-                   SeriesBuckets, SeriesReadings)
 
 DEFAULT_LIMIT = 10_000
 MAX_LIMIT = 100_000

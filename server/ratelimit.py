@@ -22,7 +22,7 @@ import struct
 import time
 from pathlib import Path
 
-from .errors import TooManyRequests
+from ..core.errors import TooManyRequests
 
 SLOTS = 4096
 PROBE = 16

@@ -16,29 +16,13 @@ ids already scoped to one organization by the caller.
 from __future__ import annotations
 
 import bisect
-import datetime as _dt
 from array import array
 from collections.abc import AsyncIterator
 
+from ..core.times import HOUR_US, hour_of, to_dt, to_us
 from ..fast import group_chunks, sort_by_time, unpack_ints, unpack_values
 
-HOUR_US = 3_600_000_000
 BATCH = 1_000_000  # readings decoded at once (16 MB of arrays), at least one hour
-EPOCH = _dt.datetime(1970, 1, 1, tzinfo=_dt.timezone.utc)
-
-
-def to_dt(us: int) -> _dt.datetime:
-    return EPOCH + _dt.timedelta(microseconds=us)
-
-
-def to_us(t: _dt.datetime) -> int:
-    return (t - EPOCH) // _dt.timedelta(microseconds=1)
-
-
-def hour_of(us: int) -> int:
-    return us - us % HOUR_US
-
-
 HOUR_COUNTS = """
 SELECT h, sum(n)::int8 FROM (
     SELECT block_start AS h, n FROM reading_blocks

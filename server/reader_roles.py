@@ -19,7 +19,7 @@ import secrets
 import uuid
 from urllib.parse import quote, urlsplit, urlunsplit
 
-from .errors import Conflict, HaltlessError
+from ..core.errors import Conflict, HaltlessError
 
 READABLE = ("organizations", "machines", "series", "reading_chunks", "reading_blocks",
             "reading_timelines", "readings")

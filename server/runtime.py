@@ -1,29 +1,27 @@
 """What a process that ingests holds, started and closed as one object.
 
-An HTTP worker (``server/app.py``) and a poller process (``pollers/runner.py``)
+An HTTP worker (``server/app.py``) and a poller process (``server/direct.py``)
 hold the same things: settings, a pool, the group-commit writer, the
 ingestor, the secret box that opens source secrets, the address policy and
 the OPC-UA PKI dir. ``prepare()`` runs once per process tree, in the parent
 (start or join the embedded PostgreSQL, migrate, generate the secrets), and
 returns settings that its children take as they are; ``Runtime.start()`` in
 each child then only opens a pool.
-
-``run_until_signal`` is the one way a uvloop process of ours (poller, agent)
-sets up logging and stops on SIGTERM/SIGINT.
 """
 from __future__ import annotations
 
 import asyncio
 import logging
-import signal
 from pathlib import Path
 
+from ..core.config import Settings
 from . import db
 from .auth import ApiKeyCache, jwt_secret
-from .config import Settings
-from .ingest import Catalog, GroupCommitWriter, Ingestor
+from .catalog import Catalog
+from .ingest import Ingestor
 from .netpolicy import AddressPolicy
 from .secretbox import SecretBox
+from .writer import GroupCommitWriter
 
 log = logging.getLogger("haltless.runtime")
 
@@ -80,29 +78,3 @@ class Runtime:
             await self.writer.close()
         if self.pool is not None:
             await self.pool.close()
-
-
-def configure_logging(level: str) -> None:
-    logging.basicConfig(level=level.upper(),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    # Device libraries log per packet (pymodbus dumps every garbled frame in
-    # hex); we report each source's state changes ourselves, once.
-    logging.getLogger("pymodbus").setLevel(logging.CRITICAL)
-    logging.getLogger("asyncua").setLevel(logging.ERROR)
-
-
-def run_until_signal(main, log_level: str):
-    """Run ``main(stop: asyncio.Event)`` on uvloop with our logging; SIGTERM
-    and SIGINT set ``stop``. Returns what ``main`` returns."""
-    import uvloop
-
-    configure_logging(log_level)
-
-    async def outer():
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
-        return await main(stop)
-
-    return uvloop.run(outer())

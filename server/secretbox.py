@@ -16,7 +16,8 @@ from pathlib import Path
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from .errors import ConfigError
+from ..core.errors import ConfigError
+from .secretfile import secret_file
 
 VERSION = b"\x01"
 
@@ -34,17 +35,9 @@ class SecretBox:
         if configured:
             return configured
         path = Path(data_dir) / "encryption-key"
-        if not path.exists():
-            path.parent.mkdir(parents=True, exist_ok=True)
-            try:
-                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            except FileExistsError:
-                pass  # another process made it first
-            else:
-                with os.fdopen(fd, "wb") as f:
-                    f.write(base64.b64encode(os.urandom(32)))
+        raw = secret_file(path, lambda: base64.b64encode(os.urandom(32)))
         try:
-            key = base64.b64decode(path.read_bytes().strip(), validate=True)
+            key = base64.b64decode(raw.strip(), validate=True)
         except (binascii.Error, ValueError):
             key = b""
         if len(key) != 32:

@@ -44,8 +44,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from .config import Settings
-from .errors import ConfigError
+from ..core.config import Settings
+from ..core.errors import ConfigError
 
 STOP_GRACE = 8.0  # seconds between the forwarded SIGTERM and SIGKILL of the group
 WORKER_KILL_TIMEOUT = 5  # granian: seconds a worker may take to stop gracefully

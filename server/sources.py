@@ -2,7 +2,6 @@
 storage with write-only secrets sealed, and the JSON shape the API returns."""
 from __future__ import annotations
 
-import datetime as _dt
 import json
 import uuid
 from typing import Any, NamedTuple
@@ -11,13 +10,13 @@ import asyncpg
 import msgspec
 from msgspec import UNSET
 
-from ..pollers.modbus import ModbusConfig, validate_modbus_config
-from ..pollers.opcua import OpcuaConfig, validate_opcua_config
-
-from .errors import NotFound, Unprocessable
-from .netpolicy import AddressPolicy, TargetRefused
+from ..core.errors import NotFound, TargetRefused, Unprocessable
+from ..core.wire import Source, SourceCreate, SourcePatch, SourceStatus, describe_validation_error
+from ..pollers.modbus_config import ModbusConfig, validate_modbus_config
+from ..pollers.opcua_config import OpcuaConfig, validate_opcua_config
+from .jsontext import decoder, text_problem
+from .netpolicy import AddressPolicy
 from .secretbox import SecretBox
-from .wire import SourceCreate, SourcePatch, describe_validation_error
 
 SECRET_FIELDS = {"opcua": ("password",), "modbus": ()}
 CONFIG_TYPES = {"opcua": OpcuaConfig, "modbus": ModbusConfig}
@@ -31,7 +30,7 @@ def decode_body(body: bytes, typ):
     check names the field they are in; strings PostgreSQL cannot store (NUL,
     lone surrogates, bytes that are not UTF-8) are refused by path."""
     try:
-        doc = _json.decode(body.decode("utf-8", "surrogateescape"))
+        doc = decoder.decode(body.decode("utf-8", "surrogateescape"))
     except json.JSONDecodeError as exc:
         raise Unprocessable(f"request body is not valid JSON: {exc}") from None
     except RecursionError:
@@ -46,31 +45,14 @@ def decode_body(body: bytes, typ):
         raise Unprocessable(describe_validation_error(exc)) from None
 
 
-def _parse_int(digits: str):
-    return int(digits) if len(digits) <= 4300 else float(digits)
-
-
-_json = json.JSONDecoder(parse_int=_parse_int)
-
-
-def _text_problem(v: str) -> str | None:
-    if "\x00" in v:
-        return "contains a NUL character (\\u0000), which cannot be stored"
-    try:
-        v.encode("utf-8")
-    except UnicodeEncodeError:
-        return "is not valid UTF-8 (invalid bytes, or a lone surrogate such as \\ud800)"
-    return None
-
-
 def _check_text(v, path: str) -> None:
     if isinstance(v, str):
-        why = _text_problem(v)
+        why = text_problem(v)
         if why:
             raise Unprocessable(f"{path or 'body'}: {why}")
     elif isinstance(v, dict):
         for k, item in v.items():
-            why = _text_problem(k)
+            why = text_problem(k)
             if why:
                 raise Unprocessable(f"{path or 'body'}: a property name {why}")
             _check_text(item, f"{path}.{k}" if path else k)
@@ -110,10 +92,6 @@ COLUMNS = ("id, machine_id, name, protocol, host, port, poll_interval_seconds, i
            " secrets, created_at, updated_at, last_poll_at, last_success_at, last_error,"
            " last_error_at, readings_written, points_failed, polls_missed, lease_owner,"
            " server_cert_sha256")
-
-
-def _iso(v: _dt.datetime | None) -> str | None:
-    return v.isoformat().replace("+00:00", "Z") if v is not None else None
 
 
 def public_config(row) -> dict:
@@ -165,35 +143,22 @@ async def record_certificate(pool, source_id: uuid.UUID, sha256_hex: str) -> Non
         " AND server_cert_sha256 IS NULL", source_id, sha256_hex)
 
 
-def to_json(row: asyncpg.Record) -> dict:
+def to_wire(row: asyncpg.Record) -> Source:
     """The API shape of a source; secrets are reported as set/not set only."""
     config = public_config(row)
     if row["protocol"] == "opcua":
         config["password_set"] = row["secrets"] is not None
-    return {
-        "id": str(row["id"]),
-        "machine_id": str(row["machine_id"]),
-        "name": row["name"],
-        "protocol": row["protocol"],
-        "host": row["host"],
-        "port": row["port"],
-        "poll_interval_seconds": row["poll_interval_seconds"],
-        "is_active": row["is_active"],
-        "config": config,
-        "created_at": _iso(row["created_at"]),
-        "updated_at": _iso(row["updated_at"]),
-        "status": {
-            "last_poll_at": _iso(row["last_poll_at"]),
-            "last_success_at": _iso(row["last_success_at"]),
-            "last_error": row["last_error"],
-            "last_error_at": _iso(row["last_error_at"]),
-            "readings_written": row["readings_written"],
-            "points_failed": row["points_failed"],
-            "polls_missed": row["polls_missed"],
-            "polled_by": row["lease_owner"],
-            "server_certificate_sha256": row["server_cert_sha256"],
-        },
-    }
+    return Source(
+        id=row["id"], machine_id=row["machine_id"], name=row["name"], protocol=row["protocol"],
+        host=row["host"], port=row["port"], poll_interval_seconds=row["poll_interval_seconds"],
+        is_active=row["is_active"], config=config, created_at=row["created_at"],
+        updated_at=row["updated_at"],
+        status=SourceStatus(
+            last_poll_at=row["last_poll_at"], last_success_at=row["last_success_at"],
+            last_error=row["last_error"], last_error_at=row["last_error_at"],
+            readings_written=row["readings_written"], points_failed=row["points_failed"],
+            polls_missed=row["polls_missed"], polled_by=row["lease_owner"],
+            server_certificate_sha256=row["server_cert_sha256"]))
 
 
 async def _check_machine(conn, org: uuid.UUID, machine_id: uuid.UUID) -> None:
@@ -203,7 +168,7 @@ async def _check_machine(conn, org: uuid.UUID, machine_id: uuid.UUID) -> None:
 
 
 async def create(conn, org: uuid.UUID, body: SourceCreate, box: SecretBox,
-                 policy: AddressPolicy) -> dict:
+                 policy: AddressPolicy) -> Source:
     check_config(body.protocol, body.config)
     check_target(policy, body.host, body.port)
     await _check_machine(conn, org, body.machine_id)
@@ -216,7 +181,7 @@ async def create(conn, org: uuid.UUID, body: SourceCreate, box: SecretBox,
         f" VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10::jsonb, $11) RETURNING {COLUMNS}",
         sid, org, body.machine_id, body.name, body.protocol, body.host, body.port,
         body.poll_interval_seconds, body.is_active, json.dumps(public), sealed)
-    return to_json(row)
+    return to_wire(row)
 
 
 async def get_row(conn, org: uuid.UUID, source_id: uuid.UUID) -> asyncpg.Record:
@@ -227,14 +192,14 @@ async def get_row(conn, org: uuid.UUID, source_id: uuid.UUID) -> asyncpg.Record:
     return row
 
 
-async def list_all(conn, org: uuid.UUID) -> list[dict]:
+async def list_all(conn, org: uuid.UUID) -> list[Source]:
     rows = await conn.fetch(
         f"SELECT {COLUMNS} FROM ingest_sources WHERE org_id = $1 ORDER BY created_at, id", org)
-    return [to_json(r) for r in rows]
+    return [to_wire(r) for r in rows]
 
 
 async def patch(conn, org: uuid.UUID, source_id: uuid.UUID, body: SourcePatch, box: SecretBox,
-                policy: AddressPolicy) -> dict:
+                policy: AddressPolicy) -> Source:
     async with conn.transaction():
         row = await conn.fetchrow(
             f"SELECT {COLUMNS} FROM ingest_sources WHERE org_id = $1 AND id = $2 FOR UPDATE",
@@ -273,7 +238,7 @@ async def patch(conn, org: uuid.UUID, source_id: uuid.UUID, body: SourcePatch, b
             else body.poll_interval_seconds,
             row["is_active"] if body.is_active is UNSET else body.is_active,
             json.dumps(public), sealed)
-    return to_json(new)
+    return to_wire(new)
 
 
 async def delete(conn, org: uuid.UUID, source_id: uuid.UUID) -> None:

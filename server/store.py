@@ -9,7 +9,7 @@ import uuid
 
 import asyncpg
 
-from .errors import Conflict, NotFound, Unprocessable
+from ..core.errors import Conflict, NotFound, Unprocessable
 
 KEY_PREFIX = "hk_"
 

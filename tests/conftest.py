@@ -44,7 +44,7 @@ def twins(kernel: str):
 def serve_compactors(url: str, clock: float, seconds: float, **kw) -> None:
     """Two `haltless serve` workers' compaction loops (compact_forever, one
     pool each) against ``url`` for ``seconds``, by a clock stopped at ``clock``."""
-    from haltless.server.compact import compact_forever
+    from haltless.server.compaction import compact_forever
 
     async def go():
         pools = [await asyncpg.create_pool(url, min_size=1, max_size=2) for _ in range(2)]

@@ -14,9 +14,10 @@ import pytest
 
 from conftest import HALTLESS, ROOT, ServerProcess, fetch, fetchval, make_tenant
 from peers import ModbusPeer, device
-from haltless.pollers.agent import Sender, load_config
+from haltless.pollers.agent_config import load_config
+from haltless.pollers.sender import Sender
 from haltless.pollers.spool import Spool
-from haltless.server.errors import ConfigError
+from haltless.core.errors import ConfigError
 
 CONTRACT_TOML = '''
 [[source]]
@@ -357,7 +358,7 @@ def test_check_prints_a_table_of_every_source(server, tmp_path):
 def test_retry_after_is_read_as_seconds_or_an_http_date():
     import email.utils
 
-    from haltless.pollers.agent import _retry_after
+    from haltless.pollers.sender import _retry_after
     assert _retry_after("7") == 7.0
     assert _retry_after(None) is None and _retry_after("soon") is None
     later = email.utils.formatdate(time.time() + 30, usegmt=True)

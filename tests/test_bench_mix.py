@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench import mix  # noqa: E402
-from haltless.server import wire  # noqa: E402
+from haltless.core import wire  # noqa: E402
 
 END_US = 1_795_000_000_000_000  # a fixed end: byte-identical bodies on every run
 N = 100_000  # 100 ticks: two agent buffers of 50 ticks

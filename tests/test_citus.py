@@ -1,5 +1,5 @@
 """The same server on a Citus cluster (a coordinator and two workers on
-127.0.0.1, tests/citus.py): the migrations distribute the schema, and the
+127.0.0.1, server/localcluster.py): the migrations distribute the schema, and the
 ingest contract, compaction, retention, the read side (view and functions)
 and pollers sharing sources through leases all work through the
 coordinator. Skipped, with the reason, where Citus cannot be built."""
@@ -15,10 +15,11 @@ import uuid
 import asyncpg
 import pytest
 
-from citus import CitusCluster
+from haltless.server.localcluster import CitusCluster
 from conftest import fetch, fetchval, make_tenant, run, serve_compactors, serving
 from haltless.server import compact_citus, db, store
-from haltless.server.compact import CRASH_POINTS, compact_all
+from haltless.server.compact import CRASH_POINTS
+from haltless.server.compaction import compact_all
 from haltless.server.reader_roles import create_reader_role, url_for_role
 from peers import ModbusPeer, device
 from test_ingest import post
@@ -279,8 +280,8 @@ def test_serve_workers_compact_the_closed_slot_per_shard_group_by_themselves(cit
     """compact_forever on the cluster (two serve workers): the closed slot's
     shards are compacted, group by group, and the slot being written is left
     alone."""
-    from haltless.server.compact import GRACE
-    from haltless.server.ingest import hot_slot
+    from haltless.server.compaction import GRACE
+    from haltless.server.hot import hot_slot
 
     t = make_tenant(citus_dsn, machines=("CNC-001",))
     clock = time.time() // 3600 * 3600 + GRACE + 60

@@ -255,8 +255,8 @@ def test_the_readme_needs_nothing_outside_the_clone():
 # ------------------------------------------------------------------ agent config
 
 def test_a_typo_in_an_agent_enum_lists_the_allowed_values(tmp_path):
-    from haltless.pollers.agent import load_config
-    from haltless.server.errors import ConfigError
+    from haltless.pollers.agent_config import load_config
+    from haltless.core.errors import ConfigError
     f = tmp_path / "agent.toml"
     f.write_text('api_url = "http://127.0.0.1:9"\napi_key = "hk_x"\n[[source]]\nname = "a"\n'
                  'machine_identifier = "M"\nprotocol = "opcua"\n[source.opcua]\n'

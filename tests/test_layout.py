@@ -30,7 +30,7 @@ def test_no_module_imports_the_folders_by_their_bare_names():
 
 def test_the_bare_folder_names_are_not_importable_from_an_installed_copy(tmp_path):
     # Run from an empty folder so the checkout is not on sys.path.
-    code = ("import importlib.util, haltless.server.app, haltless.pollers.runner, haltless.fast;"
+    code = ("import importlib.util, haltless.server.app, haltless.server.direct, haltless.fast;"
             "print([n for n in ('server', 'pollers', 'haltless_fast')"
             " if importlib.util.find_spec(n) is not None])")
     out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True,

@@ -13,7 +13,7 @@ import requests
 
 from conftest import fetch, make_tenant
 from peers import ModbusPeer, device
-from haltless.server.config import Settings
+from haltless.core.config import Settings
 from haltless.server.netpolicy import AddressPolicy, TargetRefused
 
 MODBUS_BODY = {

@@ -13,15 +13,9 @@ import pytest
 from pymodbus.server import ModbusTcpServer
 from pymodbus.simulator import DataType, SimData, SimDevice
 
-from haltless.pollers.base import ReaderError
-from haltless.pollers.modbus import (
-    ModbusConfig,
-    ModbusReader,
-    ModbusRegister,
-    PlannedRequest,
-    plan_requests,
-    validate_modbus_config,
-)
+from haltless.core.errors import ReaderError
+from haltless.pollers.modbus import ModbusReader, PlannedRequest, plan_requests
+from haltless.pollers.modbus_config import ModbusConfig, ModbusRegister, validate_modbus_config
 
 HOST = "127.0.0.1"
 

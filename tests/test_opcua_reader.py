@@ -30,17 +30,11 @@ from cryptography.hazmat.primitives.serialization import Encoding
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from haltless.pollers import opcua
-from haltless.pollers.base import ReaderError
-from haltless.pollers.opcua import (
-    FileTrustStore,
-    OpcuaConfig,
-    OpcuaNode,
-    OpcuaReader,
-    endpoint_url,
-    parse_endpoint,
-    raw_tag,
-    validate_opcua_config,
-)
+from haltless.core.errors import ReaderError
+from haltless.pollers.opcua import OpcuaReader
+from haltless.pollers.trust import FileTrustStore
+from haltless.pollers.opcua_config import (OpcuaConfig, OpcuaNode, endpoint_url, parse_endpoint,
+                                           raw_tag, validate_opcua_config)
 
 USER, PASSWORD = "operator", "s3cret-pw"
 GUID = "09087e75-8e5e-499b-954f-f2a9603db28a"

@@ -20,7 +20,7 @@ import requests
 
 from conftest import HALTLESS, ROOT, ServerProcess, fetch, fetchval, run
 from haltless.server import db
-from haltless.server.errors import SchemaTooNew
+from haltless.core.errors import SchemaTooNew
 from test_ingest import post, reading
 
 

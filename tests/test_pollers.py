@@ -344,9 +344,10 @@ def test_the_flusher_commits_in_one_group_reports_each_poll_and_a_failure_to_eac
     import asyncpg
 
     from conftest import make_tenant, run
-    from haltless.pollers.runner import Flusher
-    from haltless.server.ingest import GroupCommitWriter, Ingestor
-    from haltless.server.wire import Reading
+    from haltless.server.direct import Flusher
+    from haltless.server.ingest import Ingestor
+    from haltless.server.writer import GroupCommitWriter
+    from haltless.core.wire import Reading
     t = make_tenant(pg_dsn, machines=("FL-1",))
     now = dt.datetime.now(dt.timezone.utc)
 
@@ -359,7 +360,7 @@ def test_the_flusher_commits_in_one_group_reports_each_poll_and_a_failure_to_eac
         for poll in range(5):
             readings = [Reading("FL-1", now - dt.timedelta(seconds=5 - poll), f"m{j}", float(poll))
                         for j in range(3)]
-            payload, result = await ingestor.prepare(t.org_id, readings)
+            payload, result, _ = await ingestor.prepare(t.org_id, readings)
             flusher.add(payload, lambda exc, p=poll: told.append((p, exc)))
         assert told == []  # buffered, not committed yet
         await flusher.flush()
@@ -368,7 +369,7 @@ def test_the_flusher_commits_in_one_group_reports_each_poll_and_a_failure_to_eac
         rows = await pool.fetch("SELECT c.n FROM reading_chunks c JOIN series s ON s.id = c.series_id"
                                 " JOIN machines m ON m.id = s.machine_id WHERE m.org_id = $1",
                                 t.org_id)
-        payload, _ = await ingestor.prepare(t.org_id, [Reading("FL-1", now, "m0", 9.0)])
+        payload, *_ = await ingestor.prepare(t.org_id, [Reading("FL-1", now, "m0", 9.0)])
         await pool.close()  # no connection to be had any more
         flusher.add(payload, lambda exc: told.append(("late", exc)))
         await asyncio.wait_for(flusher.stop(), 30)

@@ -195,8 +195,8 @@ def test_workers_compact_the_closed_slot_by_themselves_one_at_a_time(pg_dsn, fre
     """Every worker runs compact_forever; the advisory lock lets one at a time
     in, and only the slot of an hour that has ended (plus the grace) is touched."""
     from conftest import serve_compactors
-    from haltless.server.compact import GRACE
-    from haltless.server.ingest import hot_slot
+    from haltless.server.compaction import GRACE
+    from haltless.server.hot import hot_slot
 
     import time
     # A while after the current hour began, by a clock that agrees with the

@@ -1,5 +1,7 @@
-"""One small error tree. Client errors (the caller sent something wrong) are
-kept apart from server errors (we cannot serve right now)."""
+"""One small error tree, shared by the server, the pollers and the edge agent.
+Client errors (the caller sent something wrong) are kept apart from server
+errors (we cannot serve right now); the device side (a reader, the address
+policy) and the agent's sender have their own branches."""
 
 
 class HaltlessError(Exception):
@@ -76,3 +78,40 @@ class DatabaseUnavailable(ServerError):
 
 class SchemaTooNew(ServerError):
     """The database was migrated by a newer haltless than this one."""
+
+
+# ------------------------------------------------------------------ devices
+
+class TargetRefused(HaltlessError):
+    """The address policy refuses this host; str() says why and how to allow it."""
+
+
+class ReaderError(HaltlessError):
+    """The device could not be read at all (connect, auth, security, timeout).
+
+    ``str(exc)`` is a sentence a person can act on, e.g.
+    "connection refused by 127.0.0.1:5020 - is the device on and listening?".
+    """
+
+
+# ------------------------------------------------------------------ the edge agent's sender
+
+class SendError(HaltlessError):
+    """A batch the edge agent pushed was not accepted."""
+
+
+class BatchRejected(SendError):
+    """The server will never take this batch (4xx other than 401/429)."""
+
+
+class KeyRefused(SendError):
+    """The server refused the API key (401): sending stops, the queue stays."""
+
+
+class RetryLater(SendError):
+    """The server cannot be reached, or asked us to come back (429, 5xx);
+    ``after`` is its Retry-After in seconds, when it sent one."""
+
+    def __init__(self, message: str, after: float | None = None) -> None:
+        super().__init__(message)
+        self.after = after

@@ -1,6 +1,8 @@
-"""The cloud poller: separate uvloop processes that poll every active ingest
+"""Direct ingestion (``haltless pollers``): separate uvloop processes that poll every active ingest
 source at its poll_interval_seconds and write through the same validation
-and COPY path as HTTP ingest (``haltless.server.ingest.Ingestor``), with no HTTP hop.
+and COPY path as HTTP ingest (``server/ingest.py``), with no HTTP hop. The
+readers are the edge agent's (``pollers/``); this is the side of them that
+needs the database.
 
 Sharing work between processes (on one host or many, against one
 PostgreSQL) uses leases on the ``ingest_sources`` rows:
@@ -36,13 +38,15 @@ import time
 import uuid
 from pathlib import Path
 
-from ..server import sources
-from ..server.config import Settings
-from ..server.db import DB_DOWN
-from ..server.runtime import Runtime, prepare, run_until_signal
-from ..server.wire import Reading
-from .readers import connected, outer_timeout, reader_for
-from .schedule import PollLoop, Stats
+from ..core.config import Settings
+from ..core.logs import run_until_signal
+from ..core.wire import Reading
+from ..pollers.readers import connected, outer_timeout
+from ..pollers.schedule import PollLoop, Stats
+from . import sources
+from .db import DB_DOWN
+from .devices import reader_for
+from .runtime import Runtime, prepare
 
 log = logging.getLogger("haltless.pollers")
 
@@ -97,7 +101,7 @@ class SourceTask:
                     for s in res.samples]
         err = "; ".join(f"{e.raw_tag}: {e.message}" for e in res.errors[:3]) or None
         try:
-            payload, result = await self.proc.rt.ingestor.prepare(self.org_id, readings)
+            payload, result, _ = await self.proc.rt.ingestor.prepare(self.org_id, readings)
         except Exception as exc:  # noqa: BLE001 - database down: reported, the next poll retries
             self.failed(f"write: {exc}")
             return

