@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import re
+from json.decoder import scanstring
 
 import msgspec
 
@@ -126,7 +127,10 @@ def _unencodable(item: dict) -> str:
 
 _scan = decoder.scan_once
 _WS = re.compile(r"[ \t\n\r]*")
-_CONTAINER_TOKENS = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"|[\[\]{}]')
+# What the stdlib scanner takes for a scalar: numbers, the three literals,
+# and NaN / Infinity / -Infinity (json.dumps writes them).
+_SCALAR = re.compile(r"-?(?:0|[1-9][0-9]*)(?:\.[0-9]+)?(?:[eE][-+]?[0-9]+)?"
+                     r"|true|false|null|NaN|Infinity|-Infinity")
 _TOO_DEEP = object()
 _FIRST = {"[": "an array", '"': "a string", "t": "a boolean", "f": "a boolean", "n": "null",
           "N": "a number", "I": "a number", "-": "a number", **{d: "a number" for d in "0123456789"}}
@@ -162,7 +166,10 @@ def _scan_batch(text: str) -> list:
             if key == "readings" and text.startswith("[", i):
                 readings, i = _scan_items(text, i)
             else:
-                value, i = _scan_value(text, i)
+                try:
+                    value, i = _scan_value(text, i)
+                except RecursionError:  # an unknown member (or "readings") nested too deeply
+                    value, i = _TOO_DEEP, _skip_value(text, i)
                 if key == "readings":
                     readings = value
             if len(keys) < 5:
@@ -182,7 +189,8 @@ def _scan_batch(text: str) -> list:
         raise Unprocessable('request body must be a JSON object {"readings": [...]}; '
                             f"got an object with keys {sorted(keys)}")
     if not isinstance(readings, list):
-        raise Unprocessable(f'"readings" must be an array of readings; got {_kind(readings)}')
+        got = "an object nested too deeply" if readings is _TOO_DEEP else _kind(readings)
+        raise Unprocessable(f'"readings" must be an array of readings; got {got}')
     return readings
 
 
@@ -196,7 +204,7 @@ def _scan_items(text: str, i: int) -> tuple[list, int]:
         try:
             item, i = _scan_value(text, i)
         except RecursionError:
-            item, i = _TOO_DEEP, _skip_container(text, i)
+            item, i = _TOO_DEEP, _skip_value(text, i)
         items.append(item)
         i = ws(text, i).end()
         if text.startswith(",", i):
@@ -218,18 +226,64 @@ def _scan_value(text: str, i: int):
         raise _not_json(text, exc.pos, exc.msg) from None
 
 
-def _skip_container(text: str, i: int) -> int:
-    """The end of the array or object that starts at ``i`` (too deep to parse)."""
-    depth = 0
-    for m in _CONTAINER_TOKENS.finditer(text, i):
-        t = m.group()
-        if t in "[{":
-            depth += 1
-        elif t in "]}":
-            depth -= 1
-            if depth == 0:
-                return m.end()
-    raise _not_json(text, len(text), "a nested value does not end")
+def _skip_value(text: str, i: int) -> int:
+    """Where the JSON value at ``i`` ends, for a value nested too deeply for
+    the stdlib scanner (which recurses): checked as strictly as that scanner
+    checks (strings, escapes, numbers, NaN/Infinity, commas, colons), but
+    with a stack of open containers instead of recursion, so any depth is
+    either valid JSON or a 400 naming the position."""
+    ws = _WS.match
+    closers: list[str] = []
+    while True:
+        i = ws(text, i).end()  # a value starts here
+        c = text[i:i + 1]
+        if c == "{" or c == "[":
+            close = "}" if c == "{" else "]"
+            i = ws(text, i + 1).end()
+            if text.startswith(close, i):
+                i += 1
+            else:
+                closers.append(close)
+                if close == "}":
+                    i = _skip_key(text, i)
+                continue
+        elif c == '"':
+            try:
+                i = scanstring(text, i + 1)[1]
+            except json.JSONDecodeError as exc:
+                raise _not_json(text, exc.pos, exc.msg) from None
+        else:
+            m = _SCALAR.match(text, i)
+            if m is None:
+                raise _not_json(text, i, "expected a value")
+            i = m.end()
+        while closers:  # a value ended: close containers, or on to the next value
+            i = ws(text, i).end()
+            if text.startswith(",", i):
+                i += 1
+                if closers[-1] == "}":
+                    i = _skip_key(text, ws(text, i).end())
+                break
+            if not text.startswith(closers[-1], i):
+                raise _not_json(text, i, f"expected ',' or '{closers[-1]}'")
+            closers.pop()
+            i += 1
+        else:
+            return i
+
+
+def _skip_key(text: str, i: int) -> int:
+    """Past ``"name":`` at ``i`` (white space before it already skipped)."""
+    if not text.startswith('"', i):
+        raise _not_json(text, i, "expected a property name in double quotes")
+    try:
+        i = scanstring(text, i + 1)[1]
+    except json.JSONDecodeError as exc:
+        raise _not_json(text, exc.pos, exc.msg) from None
+    i = _WS.match(text, i).end()
+    if not text.startswith(":", i):
+        raise _not_json(text, i, "expected ':'")
+    return i + 1
 
 
 def _not_json(text: str, pos: int, msg: str) -> ClientError:
