@@ -10,6 +10,8 @@ import sys
 import time
 import uuid
 
+import asyncpg
+
 from ..core.config import Settings
 from ..core.console import print_table
 from ..core.errors import HaltlessError
@@ -24,7 +26,9 @@ def settings_of(args, **overrides) -> Settings:
 
 
 def with_db(fn):
-    """Run ``fn(conn, args, settings)`` on a migrated database connection."""
+    """Run ``fn(conn, args, settings)`` on a migrated database connection. A
+    database that goes away or refuses a statement is one line (exit 2),
+    not a traceback."""
     def run(args):
         s = settings_of(args)
         dsn = db.migrated_url(s)
@@ -35,7 +39,13 @@ def with_db(fn):
                 return await fn(conn, args, s)
             finally:
                 await conn.close()
-        return asyncio.run(go())
+        try:
+            return asyncio.run(go())
+        except db.DB_DOWN as exc:
+            raise HaltlessError(f"the database became unavailable ({exc or type(exc).__name__}); "
+                                "nothing was changed by the failed step, run it again") from None
+        except asyncpg.PostgresError as exc:
+            raise HaltlessError(f"the database refused: {exc}") from None
     return run
 
 
@@ -53,6 +63,9 @@ def cmd_serve(args) -> None:
         sys.exit(code)
 
 
+COMPACT_ATTEMPTS = 3
+
+
 def cmd_compact(args) -> None:
     from .compact import CRASH_POINTS
     from .compaction import compact_and_expire
@@ -63,10 +76,23 @@ def cmd_compact(args) -> None:
     @with_db
     async def run(conn, args, s):
         started = time.monotonic()
-        # Waits for serve's compactor, on one node or per shard group.
-        readings, blocks, dropped = await compact_and_expire(
-            conn, include_current=True, wait=True, retention_days=s.retention_days,
-            crash_at=args.crash_at, dsn=s.database_url)
+        for attempt in range(1, COMPACT_ATTEMPTS + 1):
+            try:
+                # Waits for serve's compactor, on one node or per shard group.
+                readings, blocks, dropped = await compact_and_expire(
+                    conn, include_current=True, wait=True, retention_days=s.retention_days,
+                    crash_at=args.crash_at, dsn=s.database_url)
+                break
+            except asyncpg.LockNotAvailableError:
+                # A writer holding the slot longer than the lock timeout (a
+                # shard move on Citus): the run rolled back whole; try again.
+                if attempt == COMPACT_ATTEMPTS:
+                    raise HaltlessError(
+                        f"compaction could not lock a slot in {COMPACT_ATTEMPTS} tries (a long "
+                        "writer or a shard move holds it); nothing changed, run it again") from None
+                print(f"haltless: compaction waits for a writer of the slot (try {attempt} of "
+                      f"{COMPACT_ATTEMPTS}); retrying", file=sys.stderr)
+                await asyncio.sleep(attempt)
         print(f"compacted {readings} readings into {blocks} blocks in "
               f"{time.monotonic() - started:.1f} s" +
               (f"; dropped {dropped} block partitions past the retention" if dropped else ""))

@@ -242,6 +242,7 @@ async def compact_shards(conn, dsn: str | None, slots, *, retention_days: int | 
                                     group.key)
                         c.readings, c.blocks = counted
                         break
+                await c.vacuum()
                 readings += c.readings
                 blocks += c.blocks
             finally:

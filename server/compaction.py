@@ -20,6 +20,8 @@ import asyncio
 import logging
 import time
 
+import asyncpg
+
 from .compact import Compactor, record_run
 from .compact_citus import compact_shards, is_distributed
 from .db import DB_DOWN
@@ -30,6 +32,7 @@ log = logging.getLogger("haltless.compact")
 COMPACT_LOCK = 7_291_845_002  # pg_advisory_lock key: one compactor at a time
 GRACE = 120.0       # seconds after its hour ends before a slot is compacted
 EVERY = 30.0        # seconds between checks in haltless serve
+RETENTION_WAIT = 10.0  # seconds a partition's detach waits for older readers per run
 
 
 async def compact_all(conn, *, include_current: bool, retention_days: int | None = None,
@@ -54,19 +57,47 @@ async def compact_all(conn, *, include_current: bool, retention_days: int | None
         for slot in slots:
             if await c.slot_has_rows(slot):
                 await c.compact_slot(slot)
+        await c.vacuum()
         readings, blocks = c.readings, c.blocks
     if blocks:
         await record_run(conn, readings, blocks)
     return readings, blocks
 
 
-async def drop_expired(conn, retention_days: int | None) -> int:
+async def drop_expired(conn, retention_days: int | None, distributed: bool = False,
+                       wait: float = RETENTION_WAIT) -> int:
     """Retention: drop the block partitions (whole months) that ended before
-    the cutoff; the number dropped."""
+    the cutoff; the number dropped. On one node each is detached
+    CONCURRENTLY first: that waits (up to ``wait`` seconds) for readers
+    whose snapshot is older, without blocking any reader or writer
+    meanwhile; a partition whose readers outlast the wait is left for the
+    next run (one line in the log), its detach finished then."""
     if retention_days is None:
         return 0
-    return await conn.fetchval(
-        "SELECT haltless_drop_blocks_before(now() - $1 * interval '1 day')", retention_days)
+    if distributed:
+        return await conn.fetchval(
+            "SELECT haltless_drop_blocks_before(now() - $1 * interval '1 day')", retention_days)
+    dropped = 0
+    waiting: set[str] = set()  # parents with a detach left pending: one at a time each
+    for parent, part, pending in sorted(await conn.fetch(
+            "SELECT parent, part, pending FROM haltless_expired_block_partitions("
+            "now() - $1 * interval '1 day')", retention_days), key=lambda r: not r[2]):
+        if parent in waiting:
+            continue
+        how = "FINALIZE" if pending else "CONCURRENTLY"
+        await conn.execute(f"SET lock_timeout = '{int(wait * 1000)}ms'")
+        try:
+            await conn.execute(f'ALTER TABLE "{parent}" DETACH PARTITION "{part}" {how}')
+        except asyncpg.LockNotAvailableError:
+            log.warning("retention: %s waits for readers that began before it was detached; "
+                        "dropped at a later run", part)
+            waiting.add(parent)
+            continue
+        finally:
+            await conn.execute("RESET lock_timeout")
+        await conn.execute(f'DROP TABLE "{part}"')
+        dropped += 1
+    return dropped
 
 
 async def compact_and_expire(conn, *, include_current: bool, wait: bool,
@@ -91,7 +122,7 @@ async def compact_and_expire(conn, *, include_current: bool, wait: bool,
     try:
         if not distributed:
             readings, blocks = await compact_all(conn, **kw)
-        dropped = await drop_expired(conn, retention_days)
+        dropped = await drop_expired(conn, retention_days, distributed)
     finally:
         await conn.execute("SELECT pg_advisory_unlock($1)", COMPACT_LOCK)
     return readings, blocks, dropped
@@ -118,6 +149,10 @@ async def compact_forever(pool, retention_days: int | None = None, every: float 
                                                 distributed=distributed)
         except DB_DOWN as exc:
             log.warning("compaction skipped: %s", exc)
+            continue
+        except asyncpg.LockNotAvailableError:
+            log.warning("compaction skipped: a writer of the slot held it past the lock "
+                        "timeout; retrying at the next check")
             continue
         except asyncio.CancelledError:
             raise

@@ -1,0 +1,163 @@
+"""Readers never stop writers: a reader role's transaction, however long it
+stays open, neither holds off compaction (nor the block partitions it
+creates, nor retention) nor sees the data change under it, and nothing
+acknowledged is lost or doubled."""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import random
+import threading
+import time
+
+import asyncpg
+import pytest
+
+from conftest import fetch, fetchval, make_tenant
+from test_operations import haltless
+from test_storage import compact, hot_count, send
+
+UTC = dt.timezone.utc
+
+
+@pytest.fixture
+def reading_org(pg_dsn, server):
+    """A tenant with hot readings of the last minutes, its reader role's URL,
+    and an empty hot store otherwise."""
+    tenant = make_tenant(pg_dsn, machines=("CNC-001",))
+    compact(pg_dsn)
+    start = dt.datetime.now(UTC).replace(microsecond=0) - dt.timedelta(minutes=5)
+    n = send(server, tenant, start, 120, metrics=5)
+    url = haltless("grafana-role", "--org", tenant.name,
+                   env={"HALTLESS_DATABASE_URL": pg_dsn}).stdout.strip()
+    return tenant, url, n
+
+
+@contextlib.contextmanager
+def reader_held_open(url: str):
+    """A reader role's connection, in its own thread and event loop, inside a
+    REPEATABLE READ transaction that has read every reading (so it holds
+    ACCESS SHARE on every reading table and partition, and the oldest
+    snapshot) until the block ends. Yields a dict: ``seen`` (its count at
+    the start); after the block, ``again`` (its count in the same snapshot
+    at the end) and ``fresh`` (the count in a new transaction)."""
+    ready, release, box = threading.Event(), threading.Event(), {}
+
+    async def hold():
+        conn = await asyncpg.connect(url)
+        try:
+            tr = conn.transaction(isolation="repeatable_read", readonly=True)
+            await tr.start()
+            box["seen"] = await conn.fetchval("SELECT count(*) FROM readings")
+            ready.set()
+            while not release.is_set():
+                await asyncio.sleep(0.05)
+            box["again"] = await conn.fetchval("SELECT count(*) FROM readings")
+            await tr.commit()
+            box["fresh"] = await conn.fetchval("SELECT count(*) FROM readings")
+        finally:
+            ready.set()
+            await conn.close()
+
+    th = threading.Thread(target=lambda: asyncio.run(hold()), daemon=True)
+    th.start()
+    assert ready.wait(60) and "seen" in box, "the reader could not start"
+    try:
+        yield box
+    finally:
+        release.set()
+        th.join(60)
+
+
+def test_a_reader_transaction_held_open_across_a_whole_compaction_does_not_stop_it(
+        pg_dsn, reading_org):
+    tenant, url, n = reading_org
+
+    with reader_held_open(url) as reader:
+        assert reader["seen"] == n
+        # `haltless compact` in another process while the reader stays open.
+        out = compact(pg_dsn)
+        assert f"compacted {n} readings" in out.stdout, out.stdout + out.stderr
+        assert hot_count(pg_dsn) == 0
+    # Its snapshot still saw what it saw; a new one sees every reading once,
+    # now from blocks.
+    assert reader["again"] == reader["fresh"] == n
+    assert tenant.count(pg_dsn) == n
+    assert fetchval(pg_dsn, "SELECT coalesce(sum(b.n), 0) FROM reading_blocks b JOIN series s"
+                    " ON s.id = b.series_id JOIN machines m ON m.id = s.machine_id"
+                    " WHERE m.org_id = $1", tenant.org_id) == n
+
+
+def test_a_reader_does_not_hold_off_the_block_partition_compaction_creates(
+        pg_dsn, server, reading_org):
+    tenant, url, n = reading_org
+    # Readings of a month nobody has written yet: compacting them creates its
+    # block partitions, with a reader holding reading_blocks open.
+    for _ in range(100):
+        month = (dt.datetime.now(UTC) - dt.timedelta(days=random.randint(2500, 3500))).replace(
+            day=3, hour=12, minute=0, second=0, microsecond=0)
+        name = f"reading_blocks_{month.strftime('%Y%m')}"
+        if fetchval(pg_dsn, "SELECT to_regclass($1)::text", name) is None:
+            break
+    else:
+        raise AssertionError("no month without block partitions found")
+    old = send(server, tenant, month, 30, metrics=2)
+
+    with reader_held_open(url) as reader:
+        out = compact(pg_dsn)
+        assert f"compacted {n + old} readings" in out.stdout, out.stdout + out.stderr
+    assert reader["seen"] == reader["again"] == reader["fresh"] == n + old
+    assert fetchval(pg_dsn, "SELECT to_regclass($1)::text", name) == name
+    assert fetchval(pg_dsn, "SELECT count(*) FROM readings WHERE org_id = $1 AND bucket >= $2"
+                    " AND bucket < $2 + interval '1 hour'", tenant.org_id, month) == old
+
+
+def test_retention_waits_for_older_readers_without_blocking_anyone_then_drops(
+        pg_dsn, server, reading_org):
+    tenant, url, n = reading_org
+    gone = dt.datetime.now(UTC) - dt.timedelta(days=90 + random.randint(0, 300))
+    fetch(pg_dsn, "SELECT haltless_block_partitions($1, $1)", gone)
+    name = f"reading_blocks_{gone.strftime('%Y%m')}"
+    retention = {"HALTLESS_RETENTION_DAYS": "30"}
+
+    with reader_held_open(url) as reader:
+        # The reader's snapshot is older than the detach: retention cannot
+        # finish one now (a parent detaches one partition at a time), says
+        # so in one line, and everything else goes on.
+        out = compact(pg_dsn, env=retention)
+        assert "waits for readers that began before" in out.stderr, out.stderr
+        assert "Traceback" not in out.stderr
+        assert fetchval(pg_dsn, "SELECT to_regclass($1)::text", name) == name
+        # Meanwhile writers are not blocked, nor new readers.
+        assert send(server, tenant, dt.datetime.now(UTC).replace(microsecond=0), 1,
+                    metrics=1) == 1
+        assert tenant.count(pg_dsn) == n + 1
+    assert reader["again"] == reader["seen"] == n
+    out = compact(pg_dsn, env=retention)
+    assert "dropped" in out.stdout, out.stdout + out.stderr
+    assert fetchval(pg_dsn, "SELECT to_regclass($1)::text", name) is None
+    assert tenant.count(pg_dsn) == n + 1
+
+
+def test_serves_compactors_compact_the_closed_slot_beside_a_reader(pg_dsn, reading_org):
+    from conftest import serve_compactors
+    from haltless.server.compaction import GRACE
+    from haltless.server.hot import hot_slot
+
+    tenant, url, n = reading_org
+    t = time.time() // 3600 * 3600 + GRACE + 60
+    closed = 1 - hot_slot(t)
+    sid = fetchval(pg_dsn, "INSERT INTO series (machine_id, metric_name) VALUES ($1, 'beside')"
+                   " RETURNING id", tenant.machines["CNC-001"])
+    hour = dt.datetime.now(UTC).replace(minute=0, second=0, microsecond=0)
+    fetch(pg_dsn, f"INSERT INTO reading_chunks_{closed} (series_id, bucket, n, ts, vals)"
+          " VALUES ($1, $2::timestamptz, 2, haltless_chunk_stamps(ARRAY[$2::timestamptz,"
+          " $2::timestamptz + interval '1 s']), ARRAY[1.5, 2.5])", sid, hour)
+
+    with reader_held_open(url) as reader:
+        serve_compactors(pg_dsn, t, 1.5)
+    assert reader["again"] == reader["seen"]
+    assert fetchval(pg_dsn, f"SELECT count(*) FROM reading_chunks_{closed} WHERE series_id = $1",
+                    sid) == 0
+    assert fetchval(pg_dsn, "SELECT count(*) FROM readings WHERE series_id = $1", sid) == 2
