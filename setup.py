@@ -1,16 +1,19 @@
-"""Builds the native kernel, haltless.fast._validate (from haltless_fast/); nothing else.
+"""Builds the native kernels, one extension each from haltless_fast/<kernel>.pyx:
+haltless.fast._validate (ingest) and the codec's _blocks, _chunks, _aggregate
+and _iso (which cimport their shared inline helpers from _shared.pxd);
+nothing else.
 
 HALTLESS_DEBUG=1 builds with bounds checks, wraparound, assertions and -O0 -g
-(the .pyx header sets no checks of its own, so these directives decide).
-HALTLESS_NO_EXTENSIONS=1 at build time skips the extension: the pure-Python
-twin then runs (slower, same answers). A failed compile says so.
+(the .pyx headers set no checks of their own, so these directives decide).
+HALTLESS_NO_EXTENSIONS=1 at build time skips the extensions: the pure-Python
+twins then run (slower, same answers). A failed compile says so.
 """
 import os
 
 from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
 
-KERNELS = ["_validate", "_codec"]
+KERNELS = ["_validate", "_blocks", "_chunks", "_aggregate", "_iso"]
 
 
 def compiler_directives(debug: bool) -> dict:
@@ -44,6 +47,10 @@ def extensions() -> list:
                    extra_compile_args=["-O0", "-g"] if debug else ["-O2"])
          for name in KERNELS],
         compiler_directives=compiler_directives(debug),
+        # The modules are named haltless.fast.* but live in haltless_fast/, so a
+        # relative cimport would look for haltless/fast/_shared.pxd: they cimport
+        # _shared by its bare name from here instead.
+        include_path=["haltless_fast"],
         force=debug,  # a debug build must not reuse a release build's C file
     )
 

@@ -176,7 +176,7 @@ def code_digest() -> str:
     import hashlib
     h = hashlib.sha256()
     for pattern in ("pollers/*.py", "server/*.py", "server/migrations/*.sql", "haltless_fast/*.py",
-                    "haltless_fast/*.pyx"):
+                    "haltless_fast/*.pyx", "haltless_fast/*.pxd"):
         for f in sorted(ROOT.glob(pattern)):
             h.update(str(f.relative_to(ROOT)).encode() + b"\0" + f.read_bytes())
     return h.hexdigest()[:12]

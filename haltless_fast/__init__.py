@@ -1,43 +1,47 @@
-"""The native kernels: the compiled ``_validate`` (ingest) and ``_codec``
-(compacted blocks) when they import, else their pure-Python twins.
-``HALTLESS_NO_EXTENSIONS=1`` forces the twins."""
+"""The native kernels, each bound to its compiled module when that imports,
+else to its pure-Python twin (``<kernel>_py``: same signatures, same answers,
+slower). ``HALTLESS_NO_EXTENSIONS=1`` forces the twins.
+
+``_validate`` is the ingest hot path; ``_blocks`` (the block codec),
+``_chunks`` (hot rows as COPY out), ``_aggregate`` (downsampling) and ``_iso``
+(ISO 8601 text) are the codec. ``COMPILED`` says the ingest kernel is
+compiled, ``CODEC_COMPILED`` that all four codec kernels are."""
+import importlib
 import os
 
-from . import _codec_py, _validate_py
+# flag: {kernel: the names it hands on}; a flag is True when all its kernels are compiled.
+_KERNELS = {
+    "COMPILED": {
+        "_validate": ("encode_batch", "encode_chunks", "RECORD_SIZE", "timestamp_us",
+                      "NOT_FINITE", "TOO_OLD", "TOO_NEW"),
+    },
+    "CODEC_COMPILED": {
+        "_blocks": ("pack_ints", "unpack_ints", "pack_values", "unpack_values", "sort_by_time"),
+        "_chunks": ("from_chunk", "group_chunks"),
+        "_aggregate": ("aggregate",),
+        "_iso": ("iso_timestamps", "iso_json"),
+    },
+}
 
-if os.environ.get("HALTLESS_NO_EXTENSIONS"):
-    _impl, _codec = _validate_py, _codec_py
-else:
-    try:
-        from . import _validate as _impl  # type: ignore[no-redef]
-    except ImportError:  # not built: the twin gives the same answers, slower
-        _impl = _validate_py
-    try:
-        from . import _codec  # type: ignore[no-redef]
-    except ImportError:
-        _codec = _codec_py
 
-encode_batch = _impl.encode_batch
-encode_chunks = _impl.encode_chunks
-RECORD_SIZE = _impl.RECORD_SIZE
-timestamp_us = _impl.timestamp_us
-NOT_FINITE = _impl.NOT_FINITE
-TOO_OLD = _impl.TOO_OLD
-TOO_NEW = _impl.TOO_NEW
-COMPILED = _impl is not _validate_py
+def _load(kernel: str):
+    """The compiled module of ``kernel``, or its twin."""
+    if not os.environ.get("HALTLESS_NO_EXTENSIONS"):
+        try:
+            return importlib.import_module(f"{__name__}.{kernel}")
+        except ImportError:  # not built: the twin gives the same answers, slower
+            pass
+    return importlib.import_module(f"{__name__}.{kernel}_py")
 
-pack_ints = _codec.pack_ints
-unpack_ints = _codec.unpack_ints
-pack_values = _codec.pack_values
-unpack_values = _codec.unpack_values
-from_chunk = _codec.from_chunk
-sort_by_time = _codec.sort_by_time
-group_chunks = _codec.group_chunks
-aggregate = _codec.aggregate
-iso_timestamps = _codec.iso_timestamps
-iso_json = _codec.iso_json
-CODEC_COMPILED = _codec is not _codec_py
 
-__all__ = ["encode_batch", "encode_chunks", "RECORD_SIZE", "group_chunks", "timestamp_us", "NOT_FINITE", "TOO_OLD", "TOO_NEW", "COMPILED",
-           "pack_ints", "unpack_ints", "pack_values", "unpack_values", "from_chunk",
-           "sort_by_time", "aggregate", "iso_timestamps", "iso_json", "CODEC_COMPILED"]
+__all__ = []
+for _flag, _group in _KERNELS.items():
+    _compiled = True
+    for _kernel, _names in _group.items():
+        _module = _load(_kernel)
+        _compiled = _compiled and _module.__name__ == f"{__name__}.{_kernel}"
+        globals().update({name: getattr(_module, name) for name in _names})
+        __all__ += _names
+    globals()[_flag] = _compiled
+    __all__.append(_flag)
+del _flag, _group, _compiled, _kernel, _names, _module

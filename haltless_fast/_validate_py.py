@@ -8,11 +8,11 @@ from __future__ import annotations
 import math
 import struct
 
-PG_EPOCH_US = 946_684_800_000_000  # 2000-01-01T00:00:00Z in Unix microseconds
-HOUR_US = 3_600_000_000
-PAST_LIMIT_US = 3650 * 86_400_000_000
-FUTURE_LIMIT_US = 5 * 60_000_000
-OID_FLOAT8 = 701
+_PG_EPOCH_US = 946_684_800_000_000  # 2000-01-01T00:00:00Z in Unix microseconds
+_HOUR_US = 3_600_000_000
+_PAST_LIMIT_US = 3650 * 86_400_000_000
+_FUTURE_LIMIT_US = 5 * 60_000_000
+_OID_FLOAT8 = 701
 
 # Why a reading is refused: the codes encode_batch returns (the ingestor
 # turns them into the contract's messages and the metrics' reasons).
@@ -62,8 +62,8 @@ def encode_batch(readings, series, now_us, oldest_us=None):
     errors = []
     missing = []
     good = []
-    lo = now_us - PAST_LIMIT_US if oldest_us is None else oldest_us
-    hi = now_us + FUTURE_LIMIT_US
+    lo = now_us - _PAST_LIMIT_US if oldest_us is None else oldest_us
+    hi = now_us + _FUTURE_LIMIT_US
     for i, r in enumerate(readings):
         if r is None:
             continue
@@ -104,15 +104,15 @@ def _encode_chunks(good):
     start = 0
     while start < n:
         sid, ts0, _ = good[start]
-        bucket = ts0 - ts0 % HOUR_US
+        bucket = ts0 - ts0 % _HOUR_US
         end = start + 1
-        while end < n and good[end][0] == sid and good[end][1] - good[end][1] % HOUR_US == bucket:
+        while end < n and good[end][0] == sid and good[end][1] - good[end][1] % _HOUR_US == bucket:
             end += 1
         k = end - start
-        out.append(_row_head.pack(5, 4, sid, 8, bucket - PG_EPOCH_US, 4, k))
+        out.append(_row_head.pack(5, 4, sid, 8, bucket - _PG_EPOCH_US, 4, k))
         out.append(_ts_len.pack(8 * k))  # ts: bytea of k big-endian Unix µs
         out.extend(_ts_elem.pack(g[1]) for g in good[start:end])
-        out.append(_array_head.pack(20 + 12 * k, 1, 0, OID_FLOAT8, k, 1))
+        out.append(_array_head.pack(20 + 12 * k, 1, 0, _OID_FLOAT8, k, 1))
         out.extend(_val_elem.pack(8, g[2]) for g in good[start:end])
         start = end
     return b"".join(out)

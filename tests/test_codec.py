@@ -1,6 +1,7 @@
-"""The block codec: the Cython kernel and its pure-Python twin on the same
-cases, PostgreSQL's array_send bytes into it, and the SQL decoders of
-migration 0004_codec.sql on what it wrote."""
+"""The codec kernels (blocks, hot rows, aggregation, ISO text): each Cython
+kernel and its pure-Python twin on the same cases, PostgreSQL's array_send
+and COPY bytes into them, and the SQL decoders of migration 0004_codec.sql
+on what the block codec wrote."""
 from __future__ import annotations
 
 import datetime as dt
@@ -16,8 +17,11 @@ import asyncpg
 import pytest
 
 from conftest import run, twins
-_codec_py, _codec_c, IMPLS = twins("_codec")
-needs_c = pytest.mark.skipif(_codec_c is None, reason="extension not built")
+blocks_py, blocks_c, BLOCKS = twins("_blocks")
+chunks_py, chunks_c, CHUNKS = twins("_chunks")
+aggregate_py, aggregate_c, AGGREGATE = twins("_aggregate")
+iso_py, iso_c, ISO = twins("_iso")
+needs_blocks_c = pytest.mark.skipif(blocks_c is None, reason="extension not built")
 
 INT64_MIN, INT64_MAX = -(1 << 63), (1 << 63) - 1
 TINY = 5e-324  # the smallest subnormal
@@ -31,9 +35,18 @@ HARD_FLOATS = [
 T0 = 1_795_780_800_000_000  # 2026-11-27T12:00:00Z in Unix µs
 
 
-@pytest.fixture(params=IMPLS)
-def codec(request):
-    return request.param
+def implementations(name: str, params: list):
+    """The fixture ``name``: each implementation of a kernel in turn."""
+    @pytest.fixture(name=name, params=params)
+    def fixture(request):
+        return request.param
+    return fixture
+
+
+blocks = implementations("blocks", BLOCKS)
+chunks = implementations("chunks", CHUNKS)
+aggregation = implementations("aggregation", AGGREGATE)
+iso = implementations("iso", ISO)
 
 
 def same_bits(a, b) -> bool:
@@ -71,89 +84,89 @@ INT_CASES = {
 # ------------------------------------------------------------- packed ints
 
 @pytest.mark.parametrize("name", INT_CASES)
-def test_ints_round_trip_exactly_including_int64_extremes_and_wrapping(codec, name):
+def test_ints_round_trip_exactly_including_int64_extremes_and_wrapping(blocks, name):
     v = INT_CASES[name]
-    packed = codec.pack_ints(array("q", v))
-    out = codec.unpack_ints(packed)
+    packed = blocks.pack_ints(array("q", v))
+    out = blocks.unpack_ints(packed)
     assert type(out) is array and out.typecode == "q" and out.tolist() == v
 
 
-def test_ints_header_layout_for_both_orders(codec):
-    assert codec.pack_ints([10, 20, 25]) == bytes([1, 1, 0, 0, 0, 3]) + (10).to_bytes(8, "big") \
+def test_ints_header_layout_for_both_orders(blocks):
+    assert blocks.pack_ints([10, 20, 25]) == bytes([1, 1, 0, 0, 0, 3]) + (10).to_bytes(8, "big") \
         + bytes([10, 5])
-    assert codec.pack_ints([]) == bytes([1, 0, 0, 0, 0, 0]) + bytes(8)
-    steady = codec.pack_ints(range(0, 10 ** 7, 10 ** 6))  # constant step: no residuals
+    assert blocks.pack_ints([]) == bytes([1, 0, 0, 0, 0, 0]) + bytes(8)
+    steady = blocks.pack_ints(range(0, 10 ** 7, 10 ** 6))  # constant step: no residuals
     assert steady == bytes([2, 0, 0, 0, 0, 10]) + bytes(8) + (10 ** 6).to_bytes(8, "big")
-    assert codec.pack_ints([-1, -2])[14:] == b"\xff"  # two's complement, one byte
+    assert blocks.pack_ints([-1, -2])[14:] == b"\xff"  # two's complement, one byte
 
 
-def test_ints_equal_sizes_go_to_order_1(codec):
+def test_ints_equal_sizes_go_to_order_1(blocks):
     # order 1: 14 + 4 deltas x 2 bytes = 22; order 2: 22 + 3 x 0 = 22
-    assert codec.pack_ints([0, 1000, 2000, 3000, 4000])[:2] == bytes([1, 2])
-    assert codec.pack_ints([0, 1000, 2000, 3000, 4000, 5000])[:2] == bytes([2, 0])
+    assert blocks.pack_ints([0, 1000, 2000, 3000, 4000])[:2] == bytes([1, 2])
+    assert blocks.pack_ints([0, 1000, 2000, 3000, 4000, 5000])[:2] == bytes([2, 0])
 
 
-def test_ints_width_is_the_smallest_that_holds_every_residual(codec):
+def test_ints_width_is_the_smallest_that_holds_every_residual(blocks):
     for delta, w in [(0, 0), (127, 1), (-128, 1), (128, 2), (-129, 2), (32767, 2), (-32768, 2),
                      (32768, 4), (-(1 << 31), 4), (1 << 31, 8), (INT64_MIN, 8)]:
-        packed = codec.pack_ints([0, delta])
+        packed = blocks.pack_ints([0, delta])
         assert packed[:2] == bytes([1, w]), delta
-        assert codec.unpack_ints(packed).tolist() == [0, delta]
+        assert blocks.unpack_ints(packed).tolist() == [0, delta]
 
 
-def test_timestamps_at_1s_with_jitter_and_gaps_round_trip(codec):
+def test_timestamps_at_1s_with_jitter_and_gaps_round_trip(blocks):
     rnd = random.Random(11)
     ts = jittered_timestamps(rnd, 3600)
-    packed = codec.pack_ints(ts)
-    assert packed[0] == 2 and codec.unpack_ints(packed).tolist() == ts
+    packed = blocks.pack_ints(ts)
+    assert packed[0] == 2 and blocks.unpack_ints(packed).tolist() == ts
     steady = jittered_timestamps(rnd, 3600, gaps=False)
-    assert codec.pack_ints(steady)[:2] == bytes([2, 2])  # jitter differences < 2**15
+    assert blocks.pack_ints(steady)[:2] == bytes([2, 2])  # jitter differences < 2**15
 
 
-def test_pack_ints_takes_sequences_and_refuses_what_is_not_int64(codec):
-    want = codec.pack_ints(array("q", [1, 5, 9]))
-    assert codec.pack_ints([1, 5, 9]) == codec.pack_ints((1, 5, 9)) == want
-    assert codec.pack_ints(range(1, 10, 4)) == want
+def test_pack_ints_takes_sequences_and_refuses_what_is_not_int64(blocks):
+    want = blocks.pack_ints(array("q", [1, 5, 9]))
+    assert blocks.pack_ints([1, 5, 9]) == blocks.pack_ints((1, 5, 9)) == want
+    assert blocks.pack_ints(range(1, 10, 4)) == want
     with pytest.raises(ValueError, match="does not fit int64"):
-        codec.pack_ints([0, 1 << 63])
+        blocks.pack_ints([0, 1 << 63])
     with pytest.raises(TypeError):
-        codec.pack_ints([1.5])
+        blocks.pack_ints([1.5])
 
 
 # ------------------------------------------------------------------ values
 
-def test_hard_floats_round_trip_bit_exactly_alone_and_together(codec):
+def test_hard_floats_round_trip_bit_exactly_alone_and_together(blocks):
     for x in HARD_FLOATS:
         for block in ([x], [x, x], [x, -x, x], [1.0, x, 0.5]):
-            out = codec.unpack_values(codec.pack_values(block))
+            out = blocks.unpack_values(blocks.pack_values(block))
             assert same_bits(out, block), (x, block)
-    assert same_bits(codec.unpack_values(codec.pack_values(HARD_FLOATS)), HARD_FLOATS)
+    assert same_bits(blocks.unpack_values(blocks.pack_values(HARD_FLOATS)), HARD_FLOATS)
 
 
-def test_random_finite_bit_patterns_round_trip(codec):
+def test_random_finite_bit_patterns_round_trip(blocks):
     rnd = random.Random(5)
     for n in (0, 1, 2, 3, 17, 1000):
         v = [finite_random_float(rnd) for _ in range(n)]
-        packed = codec.pack_values(array("d", v))
+        packed = blocks.pack_values(array("d", v))
         assert packed[0] == 0x58 or n < 2
-        assert same_bits(codec.unpack_values(packed), v)
+        assert same_bits(blocks.unpack_values(packed), v)
 
 
-def test_decimal_mode_takes_the_smallest_exponent_and_small_ints(codec):
-    walk = codec.pack_values([72.5, 72.6, 72.4, 72.5])
+def test_decimal_mode_takes_the_smallest_exponent_and_small_ints(blocks):
+    walk = blocks.pack_values([72.5, 72.6, 72.4, 72.5])
     assert walk[:2] == b"D\x01" and walk[2:4] == bytes([1, 1])
-    assert codec.unpack_ints(walk[2:]).tolist() == [725, 726, 724, 725]
-    assert codec.pack_values([1.15, 1.2, 1.25])[:2] == b"D\x02"
-    assert codec.pack_values([3.0, 4.0, 5.0, 7.0])[:2] == b"D\x00"
-    assert codec.pack_values([0.001, 0.002, 0.004])[:2] == b"D\x03"
+    assert blocks.unpack_ints(walk[2:]).tolist() == [725, 726, 724, 725]
+    assert blocks.pack_values([1.15, 1.2, 1.25])[:2] == b"D\x02"
+    assert blocks.pack_values([3.0, 4.0, 5.0, 7.0])[:2] == b"D\x00"
+    assert blocks.pack_values([0.001, 0.002, 0.004])[:2] == b"D\x03"
     # -0.0 is never decimal: k = 0 decodes to +0.0
-    assert codec.pack_values([-0.0, 1.5, 2.5])[0] == 0x58
-    assert codec.pack_values([0.0, 1.5, 2.5])[:2] == b"D\x01"
+    assert blocks.pack_values([-0.0, 1.5, 2.5])[0] == 0x58
+    assert blocks.pack_values([0.0, 1.5, 2.5])[:2] == b"D\x01"
     # 0.1 * 3 == 0.30000000000000004 is no 1-digit decimal (its 17 digits are)
-    assert codec.pack_values([0.1 * i for i in range(3600)])[0] == 0x58
+    assert blocks.pack_values([0.1 * i for i in range(3600)])[0] == 0x58
 
 
-def test_decimal_series_round_trip_with_small_widths(codec):
+def test_decimal_series_round_trip_with_small_widths(blocks):
     rnd = random.Random(3)
     walk, x = [], 1.0
     for _ in range(500):
@@ -167,21 +180,21 @@ def test_decimal_series_round_trip_with_small_widths(codec):
         "1e-17 steps": ([1e-17, 2e-17, -3e-17, 4e-17], b"D\x11\x01\x01"),
     }
     for name, (v, head) in cases.items():
-        packed = codec.pack_values(v)
+        packed = blocks.pack_values(v)
         assert packed.startswith(head), name
-        assert same_bits(codec.unpack_values(packed), v), name
+        assert same_bits(blocks.unpack_values(packed), v), name
 
 
-def test_empty_one_and_two_values(codec):
+def test_empty_one_and_two_values(blocks):
     for v in ([], [1.5], [1.5, -0.0], [TINY, MAX]):
-        packed = codec.pack_values(v)
-        assert same_bits(codec.unpack_values(packed), v)
-    assert codec.pack_values([]) == b"X\x00" + bytes(12)
-    out = codec.unpack_values(codec.pack_values([]))
+        packed = blocks.pack_values(v)
+        assert same_bits(blocks.unpack_values(packed), v)
+    assert blocks.pack_values([]) == b"X\x00" + bytes(12)
+    out = blocks.unpack_values(blocks.pack_values([]))
     assert type(out) is array and out.typecode == "d" and len(out) == 0
 
 
-@needs_c
+@needs_blocks_c
 def test_cython_and_python_emit_identical_bytes_on_random_blocks():
     rnd = random.Random(7)
     for _ in range(300):
@@ -193,30 +206,30 @@ def test_cython_and_python_emit_identical_bytes_on_random_blocks():
                             for _ in range(n)],
                 3: lambda: wrapping(n),
                 4: lambda: [i * i * rnd.choice([1, 3, 1000]) for i in range(n)]}[kind]()
-        assert _codec_c.pack_ints(ints) == _codec_py.pack_ints(ints)
+        assert blocks_c.pack_ints(ints) == blocks_py.pack_ints(ints)
         vals = {0: lambda: [finite_random_float(rnd) for _ in range(n)],
                 1: lambda: [round(rnd.uniform(-100, 100), rnd.randrange(8)) for _ in range(n)],
                 2: lambda: [rnd.choice(HARD_FLOATS + [math.nan, -math.inf]) for _ in range(n)],
                 3: lambda: [rnd.gauss(0, 1) for _ in range(n)],
                 4: lambda: [round(rnd.uniform(-1e6, 1e6)) / 10 ** rnd.randrange(18)
                             for _ in range(n)]}[kind]()
-        packed = _codec_c.pack_values(vals)
-        assert packed == _codec_py.pack_values(vals)
-        assert _codec_c.unpack_values(packed).tobytes() == _codec_py.unpack_values(packed).tobytes()
+        packed = blocks_c.pack_values(vals)
+        assert packed == blocks_py.pack_values(vals)
+        assert blocks_c.unpack_values(packed).tobytes() == blocks_py.unpack_values(packed).tobytes()
 
 
 # --------------------------------------------------------- corrupt input
 
-def _valid_blocks(codec):
+def _valid_blocks(blocks):
     rnd = random.Random(2)
-    return [("ints", codec.pack_ints(v)) for v in ([], [1], [1, 300, 70000], wrapping(6),
+    return [("ints", blocks.pack_ints(v)) for v in ([], [1], [1, 300, 70000], wrapping(6),
                                                    jittered_timestamps(rnd, 40))] + \
-           [("values", codec.pack_values(v)) for v in ([], [1.5], [72.5, 72.6, 72.4],
+           [("values", blocks.pack_values(v)) for v in ([], [1.5], [72.5, 72.6, 72.4],
                                                        HARD_FLOATS, [0.1 * i for i in range(9)])]
 
 
-def _unpack(codec, kind, data):
-    return (codec.unpack_ints if kind == "ints" else codec.unpack_values)(data)
+def _unpack(blocks, kind, data):
+    return (blocks.unpack_ints if kind == "ints" else blocks.unpack_values)(data)
 
 
 def _corrupt_blocks():
@@ -236,89 +249,89 @@ def _corrupt_blocks():
     ]
 
 
-def test_truncated_extended_and_corrupt_blocks_raise_value_error(codec):
-    for kind, data in _valid_blocks(codec):
+def test_truncated_extended_and_corrupt_blocks_raise_value_error(blocks):
+    for kind, data in _valid_blocks(blocks):
         for cut in range(len(data)):
             with pytest.raises(ValueError, match="truncated"):
-                _unpack(codec, kind, data[:cut])
+                _unpack(blocks, kind, data[:cut])
         with pytest.raises(ValueError, match="truncated or corrupt"):
-            _unpack(codec, kind, data + b"\x00")
+            _unpack(blocks, kind, data + b"\x00")
     for kind, data, what in _corrupt_blocks():
         with pytest.raises(ValueError, match=what):
-            _unpack(codec, kind, data)
+            _unpack(blocks, kind, data)
     with pytest.raises(TypeError):
-        codec.unpack_values("X")
+        blocks.unpack_values("X")
 
 
-def test_random_byte_flips_never_crash(codec):
+def test_random_byte_flips_never_crash(blocks):
     rnd = random.Random(9)
     # Not the blocks of w = 0, where a flipped count is a valid block of up to
     # 16 M readings: slow to decode here and no test of robustness.
-    for kind, data in _valid_blocks(codec):
+    for kind, data in _valid_blocks(blocks):
         if (data[3] if data[0] == 0x44 else data[1]) == 0:
             continue
         for _ in range(200):
             b = bytearray(data)
             b[rnd.randrange(len(b))] = rnd.randrange(256)
             try:
-                _unpack(codec, kind, bytes(b))
+                _unpack(blocks, kind, bytes(b))
             except ValueError:
                 pass
 
 
-@needs_c
+@needs_blocks_c
 def test_both_implementations_give_the_same_error_messages():
     for kind, data, _ in _corrupt_blocks():
         msgs = []
-        for codec in (_codec_py, _codec_c):
+        for impl in (blocks_py, blocks_c):
             with pytest.raises(ValueError) as info:
-                _unpack(codec, kind, data)
+                _unpack(impl, kind, data)
             msgs.append(str(info.value))
         assert msgs[0] == msgs[1]
 
 
 # ----------------------------------------------------------------- sorting
 
-def test_sort_by_time_orders_by_timestamp_then_value_bits(codec):
+def test_sort_by_time_orders_by_timestamp_then_value_bits(blocks):
     rnd = random.Random(4)
     ts = array("q", [rnd.choice([T0, T0 + 1, T0 - 5, rnd.randint(0, 1 << 60)]) for _ in range(2000)])
     vals = array("d", [rnd.choice([0.0, -0.0, 1.5, -1.5, math.inf, rnd.random()])
                        for _ in range(2000)])
     bits = array("Q", vals.tobytes())
     want = sorted(zip(ts, bits))
-    codec.sort_by_time(ts, vals)
+    blocks.sort_by_time(ts, vals)
     assert list(zip(ts, array("Q", vals.tobytes()))) == want
     empty_t, empty_v = array("q"), array("d")
-    codec.sort_by_time(empty_t, empty_v)
+    blocks.sort_by_time(empty_t, empty_v)
     assert len(empty_t) == len(empty_v) == 0
 
 
-def test_sort_by_time_refuses_mismatched_arrays(codec):
+def test_sort_by_time_refuses_mismatched_arrays(blocks):
     with pytest.raises(ValueError, match="2 timestamps but 1 values"):
-        codec.sort_by_time(array("q", [2, 1]), array("d", [1.0]))
+        blocks.sort_by_time(array("q", [2, 1]), array("d", [1.0]))
     with pytest.raises(TypeError, match="ts must be an array"):
-        codec.sort_by_time([2, 1], array("d", [1.0, 2.0]))
+        blocks.sort_by_time([2, 1], array("d", [1.0, 2.0]))
     with pytest.raises(TypeError, match="vals must be an array"):
-        codec.sort_by_time(array("q", [2, 1]), array("f", [1.0, 2.0]))
+        blocks.sort_by_time(array("q", [2, 1]), array("f", [1.0, 2.0]))
 
 
-def test_sort_by_time_leaves_ordered_input_alone_and_fixes_an_unordered_tie(codec):
+def test_sort_by_time_leaves_ordered_input_alone_and_fixes_an_unordered_tie(blocks):
     ts = array("q", [1, 2, 2, 3])
     vals = array("d", [5.0, 1.0, 2.0, -1.0])
-    codec.sort_by_time(ts, vals)
+    blocks.sort_by_time(ts, vals)
     assert list(ts) == [1, 2, 2, 3] and list(vals) == [5.0, 1.0, 2.0, -1.0]
     ts, vals = array("q", [1, 2, 2]), array("d", [0.0, 2.0, 1.0])  # tie out of bit order
-    codec.sort_by_time(ts, vals)
+    blocks.sort_by_time(ts, vals)
     assert list(vals) == [0.0, 1.0, 2.0]
 
 
 # ------------------------------------------------------------- aggregation
 
-def test_aggregate_buckets_align_to_the_epoch_and_skip_empty_ones(codec):
+def test_aggregate_buckets_align_to_the_epoch_and_skip_empty_ones(aggregation):
     minute = 60_000_000
     ts = array("q", [-1, 0, 59_999_999, 60_000_000, 3 * minute + 5, 3 * minute + 6])
     vals = array("d", [7.0, 1.0, 3.0, -2.5, 0.1, 0.2])
-    starts, count, s, lo, hi, first, last = codec.aggregate(ts, vals, minute)
+    starts, count, s, lo, hi, first, last = aggregation.aggregate(ts, vals, minute)
     assert list(starts) == [-minute, 0, minute, 3 * minute]
     assert list(count) == [1, 2, 1, 2]
     assert list(s) == [7.0, 4.0, -2.5, 0.1 + 0.2]
@@ -326,35 +339,35 @@ def test_aggregate_buckets_align_to_the_epoch_and_skip_empty_ones(codec):
     assert list(first) == [7.0, 1.0, -2.5, 0.1] and list(last) == [7.0, 3.0, -2.5, 0.2]
     assert all(a.typecode == "q" for a in (starts, count))
     assert all(a.typecode == "d" for a in (s, lo, hi, first, last))
-    assert [list(a) for a in codec.aggregate(array("q"), array("d"), minute)] == [[]] * 7
+    assert [list(a) for a in aggregation.aggregate(array("q"), array("d"), minute)] == [[]] * 7
 
 
 def test_aggregate_agrees_between_twins_on_random_data():
-    if _codec_c is None:
+    if aggregate_c is None:
         pytest.skip("extension not built")
     rnd = random.Random(9)
     ts = array("q", sorted(rnd.randint(-10**12, 10**12) for _ in range(5000)))
     vals = array("d", [rnd.choice(HARD_FLOATS[:12]) for _ in range(5000)])
     for interval in (1, 999_983, 60_000_000, 86_400_000_000 * 31):
-        a = _codec_py.aggregate(ts, vals, interval)
-        b = _codec_c.aggregate(ts, vals, interval)
+        a = aggregate_py.aggregate(ts, vals, interval)
+        b = aggregate_c.aggregate(ts, vals, interval)
         assert [x.tobytes() for x in a] == [x.tobytes() for x in b]
 
 
-def test_aggregate_refuses_unsorted_or_mismatched_input(codec):
+def test_aggregate_refuses_unsorted_or_mismatched_input(aggregation):
     with pytest.raises(ValueError, match="not sorted at index 1"):
-        codec.aggregate(array("q", [2, 1]), array("d", [1.0, 2.0]), 10)
+        aggregation.aggregate(array("q", [2, 1]), array("d", [1.0, 2.0]), 10)
     with pytest.raises(ValueError, match="2 timestamps but 1 values"):
-        codec.aggregate(array("q", [1, 2]), array("d", [1.0]), 10)
+        aggregation.aggregate(array("q", [1, 2]), array("d", [1.0]), 10)
     with pytest.raises(ValueError, match="interval_us must be at least 1"):
-        codec.aggregate(array("q", [1]), array("d", [1.0]), 0)
+        aggregation.aggregate(array("q", [1]), array("d", [1.0]), 0)
     with pytest.raises(TypeError, match="ts must be an array"):
-        codec.aggregate([1], array("d", [1.0]), 10)
+        aggregation.aggregate([1], array("d", [1.0]), 10)
 
 
 # ---------------------------------------------------------------- ISO 8601
 
-def test_iso_timestamps_match_datetime_from_year_1_to_9999(codec):
+def test_iso_timestamps_match_datetime_from_year_1_to_9999(iso):
     rnd = random.Random(11)
     epoch = dt.datetime(1970, 1, 1, tzinfo=dt.timezone.utc)
     lo, hi = -62_135_596_800_000_000, 253_402_300_799_999_999
@@ -362,18 +375,18 @@ def test_iso_timestamps_match_datetime_from_year_1_to_9999(codec):
     us += [rnd.randint(lo, hi) for _ in range(3000)]
     want = [(epoch + dt.timedelta(microseconds=u)).isoformat(timespec="microseconds")
             .replace("+00:00", "Z") for u in us]
-    assert codec.iso_timestamps(array("q", us)) == want
-    assert codec.iso_timestamps(array("q", [T0 + 213])) == ["2026-11-27T12:00:00.000213Z"]
+    assert iso.iso_timestamps(array("q", us)) == want
+    assert iso.iso_timestamps(array("q", [T0 + 213])) == ["2026-11-27T12:00:00.000213Z"]
     with pytest.raises(ValueError, match="outside the years 1 to 9999"):
-        codec.iso_timestamps(array("q", [hi + 1]))
+        iso.iso_timestamps(array("q", [hi + 1]))
     with pytest.raises(ValueError, match="outside the years 1 to 9999"):
-        codec.iso_timestamps(array("q", [lo - 1]))
+        iso.iso_timestamps(array("q", [lo - 1]))
     with pytest.raises(TypeError, match="must be an array"):
-        codec.iso_timestamps([0])
-    assert codec.iso_json(array("q", us)) == json.dumps(want, separators=(",", ":")).encode()
-    assert codec.iso_json(array("q")) == b"[]"
+        iso.iso_timestamps([0])
+    assert iso.iso_json(array("q", us)) == json.dumps(want, separators=(",", ":")).encode()
+    assert iso.iso_json(array("q")) == b"[]"
     with pytest.raises(ValueError, match="outside the years 1 to 9999"):
-        codec.iso_json(array("q", [0, hi + 1]))
+        iso.iso_json(array("q", [0, hi + 1]))
 
 
 # ------------------------------------------------------ PostgreSQL arrays
@@ -388,7 +401,7 @@ def pg(dsn, sql, *args):
     return run(go())
 
 
-def test_from_chunk_reads_a_hot_row_of_real_postgres(codec, pg_dsn):
+def test_from_chunk_reads_a_hot_row_of_real_postgres(chunks, pg_dsn):
     # ts as migration 0008 stores it (haltless_chunk_stamps), vals through array_send.
     utc = dt.timezone.utc
     stamps = [dt.datetime(2026, 11, 27, 12, 0, 0, 123456, utc), dt.datetime(1999, 12, 31, 23, 59,
@@ -396,7 +409,7 @@ def test_from_chunk_reads_a_hot_row_of_real_postgres(codec, pg_dsn):
     vals = HARD_FLOATS[:4]
     row = pg(pg_dsn, "SELECT haltless_chunk_stamps($1::timestamptz[]), array_send($2::float8[])",
              stamps, vals)
-    ts, out = codec.from_chunk(row[0], row[1])
+    ts, out = chunks.from_chunk(row[0], row[1])
     epoch = dt.datetime(1970, 1, 1, tzinfo=utc)
     assert ts.tolist() == [(s - epoch) // dt.timedelta(microseconds=1) for s in stamps]
     assert ts.typecode == "q" and out.typecode == "d" and same_bits(out, vals)
@@ -405,10 +418,10 @@ def test_from_chunk_reads_a_hot_row_of_real_postgres(codec, pg_dsn):
               row[0], vals)[0]
     assert back == sorted(stamps, reverse=True)
     empty = pg(pg_dsn, "SELECT haltless_chunk_stamps('{}'), array_send('{}'::float8[])")
-    assert [len(a) for a in codec.from_chunk(empty[0], empty[1])] == [0, 0]
+    assert [len(a) for a in chunks.from_chunk(empty[0], empty[1])] == [0, 0]
 
 
-def test_from_chunk_refuses_what_is_not_a_hot_row(codec, pg_dsn):
+def test_from_chunk_refuses_what_is_not_a_hot_row(chunks, pg_dsn):
     good_ts, good_vals = pg(pg_dsn, "SELECT haltless_chunk_stamps(ARRAY[now(), now()]),"
                                     " array_send(ARRAY[1.0, 2.0]::float8[])")
     bad = pg(pg_dsn, "SELECT array_send(ARRAY[1, 2]::int8[]),"
@@ -425,10 +438,10 @@ def test_from_chunk_refuses_what_is_not_a_hot_row(codec, pg_dsn):
         (good_ts, good_vals[:10], "shorter than an array header"),
     ]:
         with pytest.raises(ValueError, match=what):
-            codec.from_chunk(ts_bin, vals_bin)
+            chunks.from_chunk(ts_bin, vals_bin)
 
 
-def test_group_chunks_joins_the_rows_of_each_series_and_hour_from_real_copy_out(codec, pg_dsn):
+def test_group_chunks_joins_the_rows_of_each_series_and_hour_from_real_copy_out(chunks, pg_dsn):
     # Rows as the ingest kernel writes them (several group commits: rows of
     # one (series, hour) that overlap in time), COPYed into a scratch table
     # shaped like reading_chunks and COPYed out again, as compaction and the
@@ -469,19 +482,19 @@ def test_group_chunks_joins_the_rows_of_each_series_and_hour_from_real_copy_out(
         finally:
             await c.close()
     data = run(round_trip())
-    groups = codec.group_chunks(data)
+    groups = chunks.group_chunks(data)
     assert [(g[0], g[1]) for g in groups] == sorted(want)
     for sid, bucket, ts, vals in groups:
         assert ts.typecode == "q" and vals.typecode == "d"
         got = sorted(zip(ts.tolist(), (struct.pack(">d", v) for v in vals)))
         assert got == sorted(want[(sid, bucket)])
-    for other in (_codec_py, _codec_c or _codec_py):  # the twins agree to the bit
+    for other in (chunks_py, chunks_c or chunks_py):  # the twins agree to the bit
         assert [(g[0], g[1], g[2].tolist(), g[3].tobytes()) for g in other.group_chunks(data)] == \
             [(g[0], g[1], g[2].tolist(), g[3].tobytes()) for g in groups]
     for bad, what in [(data[:-2], "truncated"), (b"PGCOPY\n\xff\r\n\x01" + data[11:], "signature"),
                       (data + b"x", "after the trailer")]:
         with pytest.raises(ValueError, match=what):
-            codec.group_chunks(bad)
+            chunks.group_chunks(bad)
 
 
 # ----------------------------------------------------------- SQL decoders
@@ -503,14 +516,14 @@ def sql_decode(dsn, int_blocks, value_blocks):
     return run(go())
 
 
-def test_sql_decoders_match_the_encoder_in_both_orders_and_both_modes(codec, pg_dsn):
+def test_sql_decoders_match_the_encoder_in_both_orders_and_both_modes(blocks, pg_dsn):
     rnd = random.Random(8)
     ints = list(INT_CASES.values()) + [jittered_timestamps(rnd, 3600)]
     for bits in (5, 13, 29, 61):  # every width in order 1 ([0, x, 0]) and order 2 (a trend)
         ints.append([0, 1 << bits, 0])
         noise = 1 << (bits - 2)
         ints.append([(i << 50) + rnd.randint(-noise, noise) for i in range(30)])
-    int_blocks = [codec.pack_ints(v) for v in ints]
+    int_blocks = [blocks.pack_ints(v) for v in ints]
     assert {b[:2] for b in int_blocks} >= {bytes([o, w]) for o, w in [
         (1, 0), (1, 1), (1, 2), (1, 4), (1, 8), (2, 0), (2, 1), (2, 2), (2, 4)]}
     vals = [[x] for x in HARD_FLOATS] + [HARD_FLOATS, [], [72.5, 72.6, 72.4],
@@ -520,7 +533,7 @@ def test_sql_decoders_match_the_encoder_in_both_orders_and_both_modes(codec, pg_
                                          [-1.5, -2.25, 3.75, -0.0625],
                                          [finite_random_float(rnd) for _ in range(300)],
                                          [-math.inf, math.inf, 0.0]]
-    value_blocks = [codec.pack_values(v) for v in vals]
+    value_blocks = [blocks.pack_values(v) for v in vals]
     assert {b[:2] for b in value_blocks} >= {b"D\x00", b"D\x01", b"D\x11", b"X\x00", b"X\x08"}
     got_ints, got_vals = sql_decode(pg_dsn, int_blocks, value_blocks)
     assert got_ints == ints
@@ -535,7 +548,7 @@ def test_sql_rebuilds_every_exponent_and_subnormal_exactly(pg_dsn):
         for m in (0, 1, (1 << 52) - 1, rnd.getrandbits(52)):
             bits += [e << 52 | m, 1 << 63 | e << 52 | m]
     vals = list(struct.unpack(f"<{len(bits)}d", struct.pack(f"<{len(bits)}Q", *bits)))
-    _, (got,) = sql_decode(pg_dsn, [], [_codec_py.pack_values(vals)])
+    _, (got,) = sql_decode(pg_dsn, [], [blocks_py.pack_values(vals)])
     assert got == struct.pack(f">{len(vals)}d", *vals)
 
 
@@ -544,8 +557,8 @@ def test_sql_decoders_reject_corrupt_blocks(pg_dsn):
         c = await asyncpg.connect(pg_dsn)
         try:
             for kind, data, what in _corrupt_blocks() + [
-                    ("ints", _codec_py.pack_ints([1, 2, 3])[:-1], "truncated"),
-                    ("values", _codec_py.pack_values(HARD_FLOATS) + b"\x00", "truncated")]:
+                    ("ints", blocks_py.pack_ints([1, 2, 3])[:-1], "truncated"),
+                    ("values", blocks_py.pack_values(HARD_FLOATS) + b"\x00", "truncated")]:
                 fn = "haltless_unpack_ints" if kind == "ints" else "haltless_unpack_values"
                 with pytest.raises(asyncpg.RaiseError, match=what.replace("0x5a", "90")):
                     await c.fetch(f"SELECT * FROM {fn}($1)", data)
@@ -556,7 +569,7 @@ def test_sql_decoders_reject_corrupt_blocks(pg_dsn):
 
 # ------------------------------------------------------------------- size
 
-def test_a_realistic_hour_compresses_to_well_under_4_bytes_per_reading(codec, capsys):
+def test_a_realistic_hour_compresses_to_well_under_4_bytes_per_reading(blocks, capsys):
     rnd = random.Random(2026)
     n = 3600
     ts = jittered_timestamps(rnd, n, gaps=False)
@@ -568,11 +581,11 @@ def test_a_realistic_hour_compresses_to_well_under_4_bytes_per_reading(codec, ca
     setpoint = [72.5] * n
     vibration = [rnd.gauss(0.0, 0.02) + 0.5 for _ in range(n)]
     sizes = {name: len(block) / n for name, block in [
-        ("timestamps (1 s, +-500 us jitter)", codec.pack_ints(ts)),
-        ("temperature (0.1 walk)", codec.pack_values(temp)),
-        ("counter", codec.pack_values(counter)),
-        ("setpoint (constant)", codec.pack_values(setpoint)),
-        ("vibration (noisy float)", codec.pack_values(vibration)),
+        ("timestamps (1 s, +-500 us jitter)", blocks.pack_ints(ts)),
+        ("temperature (0.1 walk)", blocks.pack_values(temp)),
+        ("counter", blocks.pack_values(counter)),
+        ("setpoint (constant)", blocks.pack_values(setpoint)),
+        ("vibration (noisy float)", blocks.pack_values(vibration)),
     ]}
     with capsys.disabled():
         print("\n" + "\n".join(f"  {v:6.3f} B/value  {k}" for k, v in sizes.items()))
@@ -586,11 +599,15 @@ def test_a_realistic_hour_compresses_to_well_under_4_bytes_per_reading(codec, ca
 
 
 def test_the_package_binds_the_compiled_codec_unless_told_not_to():
-    code = "import haltless.fast as f; print(f.CODEC_COMPILED, f.pack_ints.__module__)"
+    # one function of each codec kernel: where the package took it from
+    code = ("import haltless.fast as f; print(f.CODEC_COMPILED, *(g.__module__ for g in"
+            " (f.pack_ints, f.group_chunks, f.aggregate, f.iso_json)))")
     forced = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                             env={"HALTLESS_NO_EXTENSIONS": "1", "PATH": ""}, check=True)
-    assert forced.stdout.split() == ["False", "haltless.fast._codec_py"]
-    if _codec_c is not None:
+    kernels = ["haltless.fast._blocks", "haltless.fast._chunks", "haltless.fast._aggregate",
+               "haltless.fast._iso"]
+    assert forced.stdout.split() == ["False", *(f"{k}_py" for k in kernels)]
+    if None not in (blocks_c, chunks_c, aggregate_c, iso_c):
         normal = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                                 env={"PATH": ""}, check=True)
-        assert normal.stdout.split()[0] == "True"
+        assert normal.stdout.split() == ["True", *kernels]

@@ -48,12 +48,17 @@ def test_the_wheel_holds_only_haltless_and_no_generated_c(tmp_path):
     assert {t for t in top if not t.endswith(".dist-info")} == {"haltless"}
     assert not [n for n in names if n.endswith(".c")]
     assert "haltless/server/migrations/0001_initial.sql" in names
-    assert "haltless/fast/_validate.pyx" in names
     assert "haltless/server/migrations/0006_read_side.sql" in names
     for static in ("index.html", "fleet.js", "fleet.css", "uPlot.iife.min.js", "uPlot.min.css",
                    "uPlot-LICENSE.txt"):  # the fleet page works from the wheel alone
         assert f"haltless/server/static/{static}" in names
-    assert any(n.startswith("haltless/fast/_validate.") and n.endswith(".so") for n in names)
+    # each kernel: its source, stub, twin and extension; and the helpers they cimport
+    for kernel in ("_validate", "_blocks", "_chunks", "_aggregate", "_iso"):
+        for suffix in (".pyx", ".pyi", "_py.py"):
+            assert f"haltless/fast/{kernel}{suffix}" in names
+        assert any(n.startswith(f"haltless/fast/{kernel}.") and n.endswith(".so") for n in names)
+    assert "haltless/fast/_shared.pxd" in names and "haltless/fast/_shared_py.py" in names
+    assert not [n for n in names if n.startswith("haltless/fast/_codec")]
 
 
 def test_a_debug_build_really_has_bounds_checks(tmp_path):

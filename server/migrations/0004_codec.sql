@@ -1,6 +1,6 @@
 -- Decoders of compacted reading blocks in plain SQL, bit-exact with
 -- haltless.fast.unpack_ints / unpack_values (the format is documented in
--- haltless_fast/_codec_py.py). The format is byte-aligned and big-endian
+-- haltless_fast/_blocks_py.py). The format is byte-aligned and big-endian
 -- precisely so that these can be set-based queries: every residual sits at
 -- an offset computed from its index, and the running sums are window
 -- aggregates. PostgreSQL 14+ (bit_xor, SQL-standard function bodies).

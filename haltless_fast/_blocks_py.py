@@ -1,4 +1,4 @@
-"""Block codec for compacted readings (pure-Python twin of ``_codec.pyx``).
+"""Block codec for compacted readings (pure-Python twin of ``_blocks.pyx``).
 
 A block is one series' readings of one hour or so: int64 timestamps (Unix µs)
 and float64 values, stored as two byte strings. Every field is whole bytes,
@@ -39,15 +39,11 @@ corrupt count cannot make a decoder allocate gigabytes.
 """
 from __future__ import annotations
 
-import datetime as _dt
-import sys
 from array import array
 from itertools import accumulate
 from math import copysign
 
-MAX_COUNT = 1 << 24  # 16,777,216: 4.6 hours at 1 kHz; a block is meant to be ~1 hour
-PG_EPOCH_US = 946_684_800_000_000  # 2000-01-01T00:00:00Z in Unix microseconds
-OID_FLOAT8 = 701
+from ._shared_py import MAX_COUNT, as_bytes, check_count, from_be, to_be
 
 _INT64_MIN = -(1 << 63)
 _INT64_MAX = (1 << 63) - 1
@@ -55,7 +51,6 @@ _MASK64 = (1 << 64) - 1
 _TWO53 = float(1 << 53)
 _P10 = [float(10 ** d) for d in range(18)]  # exact: 10**d = 5**d * 2**d, 5**d < 2**53
 _SIGNED = {1: "b", 2: "h", 4: "i", 8: "q"}
-_LITTLE = sys.byteorder == "little"
 assert all(array(c).itemsize == w for w, c in _SIGNED.items()) and array("Q").itemsize == 8
 
 
@@ -78,26 +73,6 @@ def _signed_width(xs: list[int]) -> int:
     return 8
 
 
-def _be(typecode: str, xs) -> bytes:
-    a = array(typecode, xs)
-    if _LITTLE:
-        a.byteswap()
-    return a.tobytes()
-
-
-def _from_be(typecode: str, data) -> array:
-    a = array(typecode)
-    a.frombytes(data)
-    if _LITTLE:
-        a.byteswap()
-    return a
-
-
-def _check_count(n: int) -> None:
-    if n > MAX_COUNT:
-        raise ValueError(f"a block holds at most {MAX_COUNT:,} readings, got {n:,}; "
-                         "compact into smaller blocks")
-
 
 def _as_array(values, typecode: str) -> array:
     if type(values) is array and values.typecode == typecode:
@@ -111,7 +86,7 @@ def _as_array(values, typecode: str) -> array:
 
 def _pack_int_list(v) -> bytes:
     n = len(v)
-    _check_count(n)
+    check_count(n)
     head = bytearray(b"\x01\x00")
     head += n.to_bytes(4, "big") + (v[0] if n else 0).to_bytes(8, "big", signed=True)
     if n < 2:
@@ -123,20 +98,14 @@ def _pack_int_list(v) -> bytes:
     if n >= 3 and 22 + (n - 2) * w2 < 14 + (n - 1) * w1:
         head[0:2] = bytes((2, w2))
         return bytes(head) + d[0].to_bytes(8, "big", signed=True) + (
-            _be(_SIGNED[w2], dd) if w2 else b"")
+            to_be(_SIGNED[w2], dd) if w2 else b"")
     head[1] = w1
-    return bytes(head) + (_be(_SIGNED[w1], d) if w1 else b"")
+    return bytes(head) + (to_be(_SIGNED[w1], d) if w1 else b"")
 
 
 def pack_ints(values) -> bytes:
     """Encode int64s (``array('q')`` or any sequence of ints) as packed ints."""
     return _pack_int_list(_as_array(values, "q").tolist())
-
-
-def _bytes(data, what: str) -> bytes:
-    if not isinstance(data, (bytes, bytearray, memoryview)):
-        raise TypeError(f"{what}: expected bytes, got {type(data).__name__}")
-    return bytes(data)
 
 
 def _unpack_int_list(data: bytes, what: str) -> list[int]:
@@ -151,7 +120,7 @@ def _unpack_int_list(data: bytes, what: str) -> list[int]:
     if w not in (0, 1, 2, 4, 8):
         raise ValueError(f"{what}: width {w} at byte 1 is not 0, 1, 2, 4 or 8; "
                          "the block is corrupt")
-    _check_count(n)
+    check_count(n)
     if order == 2 and n < 2:
         raise ValueError(f"{what}: order 2 needs at least 2 values, the header says {n}; "
                          "the block is corrupt")
@@ -165,7 +134,7 @@ def _unpack_int_list(data: bytes, what: str) -> list[int]:
     first = int.from_bytes(data[6:14], "big", signed=True)
     if n == 1:
         return [first]
-    res = _from_be(_SIGNED[w], data[head:]).tolist() if w else [0] * (n - order)
+    res = from_be(_SIGNED[w], data[head:]).tolist() if w else [0] * (n - order)
     if order == 2:
         res = list(accumulate(res, initial=int.from_bytes(data[14:22], "big", signed=True)))
     v = list(accumulate(res, initial=first))
@@ -174,7 +143,7 @@ def _unpack_int_list(data: bytes, what: str) -> list[int]:
 
 def unpack_ints(data: bytes) -> array:
     """Decode packed ints; ValueError when the block is truncated or corrupt."""
-    return array("q", _unpack_int_list(_bytes(data, "packed ints"), "packed ints"))
+    return array("q", _unpack_int_list(as_bytes(data, "packed ints"), "packed ints"))
 
 
 def _decimal_exponent(v: list[float]) -> tuple[int, list[int]] | None:
@@ -204,7 +173,7 @@ def pack_values(values) -> bytes:
     """Encode float64s (``array('d')`` or any sequence of floats), bit-exact."""
     a = _as_array(values, "d")
     n = len(a)
-    _check_count(n)
+    check_count(n)
     bits = array("Q", a.tobytes()).tolist()
     xs = [b ^ p for p, b in zip(bits, bits[1:])]
     wx = (max(xs, default=0).bit_length() + 7) // 8
@@ -220,7 +189,7 @@ def pack_values(values) -> bytes:
     out[2:6] = n.to_bytes(4, "big")
     out[6:14] = (bits[0] if n else 0).to_bytes(8, "big")
     if wx and n > 1:
-        be = _be("Q", xs)
+        be = to_be("Q", xs)
         for j in range(wx):  # byte j of each residual is byte 8-wx+j of its uint64
             out[14 + j::wx] = be[8 - wx + j::8]
     return bytes(out)
@@ -228,7 +197,7 @@ def pack_values(values) -> bytes:
 
 def unpack_values(data: bytes) -> array:
     """Decode a values block; ValueError when it is truncated or corrupt."""
-    data = _bytes(data, "values")
+    data = as_bytes(data, "values")
     size = len(data)
     if size < 2:
         raise ValueError(f"values: {size} bytes is shorter than the 2-byte header; "
@@ -251,7 +220,7 @@ def unpack_values(data: bytes) -> array:
     n = int.from_bytes(data[2:6], "big")
     if w > 8:
         raise ValueError(f"values: width {w} at byte 1 is above 8; the block is corrupt")
-    _check_count(n)
+    check_count(n)
     need = 14 + max(n - 1, 0) * w
     if size != need:
         raise ValueError(f"values: {size} bytes where the header (n={n}, width={w}) needs "
@@ -261,61 +230,10 @@ def unpack_values(data: bytes) -> array:
     be = bytearray(8 * (n - 1))
     for j in range(w):
         be[8 - w + j::8] = data[14 + j::w]
-    xs = _from_be("Q", be)
+    xs = from_be("Q", be)
     bits = array("Q", accumulate(xs, int.__xor__, initial=int.from_bytes(data[6:14], "big")))
     return array("d", bits.tobytes())
 
-
-def _pg_array(data: bytes, oid: int, what: str) -> tuple[int, int]:
-    """Check the array_send header; return (element count, offset of the first element)."""
-    size = len(data)
-    if size < 12:
-        raise ValueError(f"{what}: {size} bytes is shorter than an array header (12)")
-    ndim, flags, elem = (int.from_bytes(data[o:o + 4], "big", signed=True) for o in (0, 4, 8))
-    if elem != oid:
-        raise ValueError(f"{what}: element type oid {elem}, expected {oid}; "
-                         "send the column through array_send() unchanged")
-    if flags != 0:
-        raise ValueError(f"{what}: the array has NULLs (flag {flags}); a block cannot hold them")
-    if ndim == 0:
-        n, head = 0, 12
-    elif ndim == 1:
-        if size < 20:
-            raise ValueError(f"{what}: {size} bytes is shorter than a 1-D array header (20)")
-        n, head = int.from_bytes(data[12:16], "big", signed=True), 20
-    else:
-        raise ValueError(f"{what}: {ndim} dimensions; only 1-D arrays are blocks")
-    if n < 0 or size != head + 12 * n:
-        raise ValueError(f"{what}: {size} bytes do not hold the {n} elements of 12 bytes "
-                         "its header declares; the array is truncated or corrupt")
-    _check_count(n)
-    for i in range(n):
-        if data[head + 12 * i:head + 12 * i + 4] != b"\x00\x00\x00\x08":
-            raise ValueError(f"{what}: element {i} is not 8 bytes long (NULL or corrupt)")
-    return n, head
-
-
-def _chunk_stamps(ts_bin: bytes, what: str = "ts") -> array:
-    """The bytea ``ts`` of a ``reading_chunks`` row: big-endian Unix µs, 8 bytes each."""
-    if len(ts_bin) % 8:
-        raise ValueError(f"{what}: {len(ts_bin)} bytes is not a whole number of 8-byte "
-                         "timestamps; the column is truncated or corrupt")
-    _check_count(len(ts_bin) // 8)
-    return _from_be("q", ts_bin)
-
-
-def from_chunk(ts_bin: bytes, vals_bin: bytes) -> tuple[array, array]:
-    """Parse one ``reading_chunks`` row: ``ts`` as stored (bytea, big-endian
-    Unix µs) and ``array_send(vals)`` (``float8[]``, 1-D, no NULLs), into
-    ``array('q')`` and ``array('d')`` of the same length."""
-    ts = _chunk_stamps(_bytes(ts_bin, "ts"))
-    vals_bin = _bytes(vals_bin, "float8[]")
-    nv, hv = _pg_array(vals_bin, OID_FLOAT8, "float8[]")
-    if len(ts) != nv:
-        raise ValueError(f"{len(ts)} timestamps but {nv} values; a chunk pairs them one to one")
-    vals = array("d", _from_be("Q", b"".join(
-        vals_bin[hv + 12 * i + 4:hv + 12 * i + 12] for i in range(nv))).tobytes())
-    return ts, vals
 
 
 def sort_by_time(ts: array, vals: array) -> None:
@@ -333,127 +251,3 @@ def sort_by_time(ts: array, vals: array) -> None:
     pairs = sorted(zip(ts, bits))
     ts[:] = array("q", [t for t, _ in pairs])
     vals[:] = array("d", array("Q", [b for _, b in pairs]).tobytes())
-
-
-# ------------------------------------------------------------------ aggregation
-
-def aggregate(ts: array, vals: array, interval_us: int) -> tuple:
-    """Downsample readings sorted by time into buckets of ``interval_us``
-    aligned to the Unix epoch: ``(starts, count, sum, min, max, first, last)``,
-    one element per non-empty bucket (``array('q')`` for starts and count,
-    ``array('d')`` for the rest)."""
-    if type(ts) is not array or ts.typecode != "q":
-        raise TypeError("aggregate: ts must be an array('q')")
-    if type(vals) is not array or vals.typecode != "d":
-        raise TypeError("aggregate: vals must be an array('d')")
-    if interval_us < 1:
-        raise ValueError(f"aggregate: interval_us must be at least 1, got {interval_us}")
-    if len(ts) != len(vals):
-        raise ValueError(f"aggregate: {len(ts)} timestamps but {len(vals)} values")
-    for i in range(1, len(ts)):
-        if ts[i] < ts[i - 1]:
-            raise ValueError(f"aggregate: timestamps are not sorted at index {i}; "
-                             "sort_by_time first")
-    starts, count = array("q"), array("q")
-    s, lo, hi, first, last = (array("d") for _ in range(5))
-    cur = None
-    for t, x in zip(ts, vals):
-        q = t // interval_us
-        if q != cur:
-            cur = q
-            starts.append(q * interval_us)
-            count.append(1)
-            s.append(x)
-            lo.append(x)
-            hi.append(x)
-            first.append(x)
-            last.append(x)
-        else:
-            count[-1] += 1
-            s[-1] += x
-            if x < lo[-1]:
-                lo[-1] = x
-            if x > hi[-1]:
-                hi[-1] = x
-            last[-1] = x
-    return starts, count, s, lo, hi, first, last
-
-
-# ------------------------------------------------------------------ ISO 8601
-
-_EPOCH = _dt.datetime(1970, 1, 1)
-_MIN_US = -62_135_596_800_000_000  # 0001-01-01T00:00:00Z
-_MAX_US = 253_402_300_799_999_999  # 9999-12-31T23:59:59.999999Z
-
-
-def iso_timestamps(ts: array) -> list[str]:
-    """Unix µs (``array('q')``) as ISO 8601 strings in UTC with six fraction
-    digits and ``Z``: ``2026-11-28T00:45:59.000213Z``."""
-    if type(ts) is not array or ts.typecode != "q":
-        raise TypeError("iso_timestamps: ts must be an array('q')")
-    out = []
-    for us in ts:
-        if not _MIN_US <= us <= _MAX_US:
-            raise ValueError(f"iso_timestamps: {us} µs is outside the years 1 to 9999")
-        out.append((_EPOCH + _dt.timedelta(microseconds=us)).isoformat(timespec="microseconds") + "Z")
-    return out
-
-
-def iso_json(ts: array) -> bytes:
-    """The JSON array of ``iso_timestamps(ts)``, as bytes."""
-    if type(ts) is not array or ts.typecode != "q":
-        raise TypeError("iso_json: ts must be an array('q')")
-    return ("[" + ",".join(f'"{s}"' for s in iso_timestamps(ts)) + "]").encode()
-
-
-# ------------------------------------------------- reading_chunks, as COPY out
-
-COPY_SIGNATURE = b"PGCOPY\n\xff\r\n\x00"
-
-
-def group_chunks(data) -> list:
-    """Parse the binary COPY output of ``(series_id int4, bucket timestamptz,
-    ts bytea, vals float8[])`` ordered by (series_id, bucket), and merge
-    consecutive rows of one (series_id, bucket): a list of ``(series_id,
-    bucket in Unix µs, ts array('q'), vals array('d'))``, readings in the
-    order the rows held them (``sort_by_time`` orders them)."""
-    data = _bytes(data, "COPY data")
-    if data[:11] != COPY_SIGNATURE or len(data) < 19:
-        raise ValueError("COPY data: not PostgreSQL's binary COPY format (bad signature)")
-    p = 19 + int.from_bytes(data[15:19], "big")
-    out: list = []
-    key = None
-    while True:
-        if p + 2 > len(data):
-            raise ValueError("COPY data: truncated (no trailer)")
-        nf = int.from_bytes(data[p:p + 2], "big", signed=True)
-        p += 2
-        if nf == -1:
-            break
-        if nf != 4:
-            raise ValueError(f"COPY data: a row of {nf} fields, expected 4 "
-                             "(series_id, bucket, ts, vals)")
-        fields = []
-        for _ in range(4):
-            if p + 4 > len(data):
-                raise ValueError("COPY data: truncated inside a row")
-            n = int.from_bytes(data[p:p + 4], "big", signed=True)
-            if n < 0 or p + 4 + n > len(data):
-                raise ValueError("COPY data: a NULL or truncated field")
-            fields.append(data[p + 4:p + 4 + n])
-            p += 4 + n
-        if len(fields[0]) != 4 or len(fields[1]) != 8:
-            raise ValueError("COPY data: series_id must be int4 and bucket timestamptz")
-        sid = int.from_bytes(fields[0], "big", signed=True)
-        bucket = int.from_bytes(fields[1], "big", signed=True) + PG_EPOCH_US
-        ts, vals = from_chunk(fields[2], fields[3])
-        if (sid, bucket) != key:
-            key = (sid, bucket)
-            out.append((sid, bucket, ts, vals))
-        else:
-            out[-1][2].extend(ts)
-            out[-1][3].extend(vals)
-            _check_count(len(out[-1][2]))
-    if p != len(data):
-        raise ValueError("COPY data: bytes after the trailer")
-    return out

@@ -1,0 +1,11 @@
+from array import array
+from collections.abc import Iterable
+from typing import Final
+
+MAX_COUNT: Final[int]
+
+def pack_ints(values: array | Iterable[int]) -> bytes: ...
+def unpack_ints(data: bytes | bytearray | memoryview) -> array: ...  # array('q')
+def pack_values(values: array | Iterable[float]) -> bytes: ...
+def unpack_values(data: bytes | bytearray | memoryview) -> array: ...  # array('d')
+def sort_by_time(ts: array, vals: array) -> None: ...  # array('q'), array('d'), in place
