@@ -12,7 +12,7 @@ import os
 # flag: {kernel: the names it hands on}; a flag is True when all its kernels are compiled.
 _KERNELS = {
     "COMPILED": {
-        "_validate": ("encode_batch", "encode_chunks", "RECORD_SIZE", "timestamp_us",
+        "_validate": ("encode_batch", "encode_chunks", "MAX_ROW", "RECORD_SIZE", "timestamp_us",
                       "NOT_FINITE", "TOO_OLD", "TOO_NEW"),
     },
     "CODEC_COMPILED": {

@@ -1,6 +1,7 @@
 import datetime
 from typing import Any, Final
 
+MAX_ROW: Final[int]  # readings per reading_chunks row at most
 RECORD_SIZE: Final[int]  # bytes of one packed record (int32 series, int64 µs, float64)
 NOT_FINITE: Final[int]  # the refusal codes in encode_batch's errors
 TOO_OLD: Final[int]

@@ -46,6 +46,13 @@ ctypedef struct Good:
 DEF RECORD = 20
 RECORD_SIZE = RECORD
 
+# Readings per reading_chunks row at most: a row of 500 is 8,072 bytes on disk, under
+# the hot tables' toast_tuple_target of 8,160 (migration 0011), so PostgreSQL
+# never compresses a hot row (pglz took 300-480 ns a reading of a row of
+# 150-400 readings, more than the COPY itself; bench/README "Ingest").
+DEF MAX_ROW_READINGS = 500
+MAX_ROW = MAX_ROW_READINGS
+
 
 cdef int _cmp_good(const void* a, const void* b) noexcept nogil:
     cdef const Good* x = <const Good*>a
@@ -125,7 +132,7 @@ cdef Py_ssize_t _encode_chunks(Good* good, Py_ssize_t n, unsigned char* out) noe
         sid = good[start].sid
         bucket = good[start].ts - (good[start].ts % HOUR_US + HOUR_US) % HOUR_US
         end = start + 1
-        while end < n and good[end].sid == sid:
+        while end < n and good[end].sid == sid and end - start < MAX_ROW_READINGS:
             b = good[end].ts - (good[end].ts % HOUR_US + HOUR_US) % HOUR_US
             if b != bucket:
                 break

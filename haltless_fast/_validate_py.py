@@ -41,6 +41,11 @@ def timestamp_us(dt) -> int:
 _record = struct.Struct("<iqd")  # series id, Unix microseconds, value: 20 bytes
 RECORD_SIZE = _record.size
 
+# Readings per reading_chunks row at most: a row of 500 is 8,072 bytes on disk, under
+# the hot tables' toast_tuple_target of 8,160 (migration 0011), so PostgreSQL
+# never compresses a hot row (see _validate.pyx).
+MAX_ROW = 500
+
 
 def encode_batch(readings, series, now_us, oldest_us=None):
     """Validate a decoded batch; pack the good readings as records.
@@ -91,7 +96,8 @@ def encode_batch(readings, series, now_us, oldest_us=None):
 def encode_chunks(records) -> bytes:
     """The binary COPY rows of ``reading_chunks`` for packed records (of one
     request or of many concatenated): one row per (series, hour) with the
-    readings sorted by time, and no COPY header or trailer."""
+    readings sorted by time, MAX_ROW readings at most (more make several
+    rows), and no COPY header or trailer."""
     if len(records) % RECORD_SIZE:
         raise ValueError(f"records: {len(records)} bytes is not a multiple of {RECORD_SIZE}")
     good = sorted(_record.iter_unpack(records))
@@ -106,7 +112,8 @@ def _encode_chunks(good):
         sid, ts0, _ = good[start]
         bucket = ts0 - ts0 % _HOUR_US
         end = start + 1
-        while end < n and good[end][0] == sid and good[end][1] - good[end][1] % _HOUR_US == bucket:
+        while (end < n and end - start < MAX_ROW and good[end][0] == sid
+               and good[end][1] - good[end][1] % _HOUR_US == bucket):
             end += 1
         k = end - start
         out.append(_row_head.pack(5, 4, sid, 8, bucket - _PG_EPOCH_US, 4, k))

@@ -168,3 +168,16 @@ def test_the_package_binds_the_compiled_kernel_unless_told_not_to():
         normal = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                                 env={"PATH": ""}, check=True)
         assert normal.stdout.strip() == "True"
+
+
+def test_a_series_hour_of_more_than_max_row_readings_becomes_several_rows(k):
+    t0 = NOW.replace(minute=0)
+    n = 2 * k.MAX_ROW + 7
+    rs = [R(t0 + dt.timedelta(milliseconds=i), float(i)) for i in range(n)]
+    payload, accepted, errors, missing = k.encode_batch(rs, SERIES, NOW_US)
+    rows = parse_rows(k.encode_chunks(payload))
+    assert [len(r[2]) for r in rows] == [k.MAX_ROW, k.MAX_ROW, 7]
+    assert {r[:2] for r in rows} == {(1, t0)}
+    assert [v for r in rows for _, v in r[2]] == [float(i) for i in range(n)]
+    # 500 readings make a row of 8,072 bytes on disk: under the hot tables' toast_tuple_target.
+    assert k.MAX_ROW == 500
