@@ -49,18 +49,13 @@ ROOT = Path(__file__).resolve().parent.parent
 if __package__ in (None, ""):
     sys.path.insert(0, str(ROOT))
 
+from haltless.server.localcluster import free_port  # noqa: E402
+
 HOST = "127.0.0.1"
 STATS_EVERY = 10.0  # seconds between the poller's stats lines (server/direct.py)
 
 
 # ================================================================== helpers
-
-def free_port() -> int:
-    import socket
-    with socket.socket() as s:
-        s.bind((HOST, 0))
-        return s.getsockname()[1]
-
 
 class DB:
     """A synchronous handle on one asyncpg connection."""

@@ -31,7 +31,6 @@ import json
 import os
 import platform
 import random
-import socket
 import statistics
 import subprocess
 import sys
@@ -49,6 +48,7 @@ import requests  # noqa: E402
 from bench import mix  # noqa: E402
 from haltless.server import db, store  # noqa: E402
 from haltless.server.auth import issue_token  # noqa: E402
+from haltless.server.localcluster import free_port  # noqa: E402
 
 HALTLESS = [sys.executable, "-m", "haltless.server.cli"]
 TARGETS_MS = {"raw": 30.0, "aggregate": 15.0, "latest": 10.0}
@@ -196,9 +196,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         orgs = asyncio.run(setup(dsn))
         env = {**os.environ, "HALTLESS_DATABASE_URL": dsn, "HALTLESS_DATA_DIR": str(work)}
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            port = sock.getsockname()[1]
+        port = free_port()
         log = open(work / "serve.log", "ab")
         proc = subprocess.Popen(HALTLESS + ["serve", "--port", str(port), "--workers",
                                             str(args.workers)], env=env, stdout=log,

@@ -19,7 +19,6 @@ import http.client
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -36,6 +35,7 @@ import asyncpg  # noqa: E402
 from bench import loadgen  # noqa: E402
 from bench import procstat as ps  # noqa: E402
 from haltless.server import db, store  # noqa: E402
+from haltless.server.localcluster import free_port  # noqa: E402
 
 MACHINES = 50
 METRICS = 20
@@ -127,12 +127,6 @@ class DB:
     def close(self) -> None:
         self.loop.run_until_complete(self.conn.close())
         self.loop.close()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_healthy(port: int, proc: subprocess.Popen, log: Path, timeout: float = 90.0) -> None:

@@ -47,6 +47,7 @@ import asyncpg  # noqa: E402
 from bench import loadgen, mix  # noqa: E402
 from bench import procstat as ps  # noqa: E402
 from bench import run as ingest_bench  # noqa: E402  (its server and database helpers)
+from haltless.server.localcluster import free_port  # noqa: E402
 
 # Every table that holds readings, by its root: partitions, indexes and TOAST
 # count through pg_partition_tree + pg_total_relation_size; absent ones add 0.
@@ -257,7 +258,7 @@ def run_shape(shape: str, data: mix.Mix, admin_dsn: str, pg_pid: int, args, work
     proc = None
     log = work / f"serve-{shape}.log"
     if not direct:
-        port = ingest_bench.free_port()
+        port = free_port()
         with log.open("w") as logf:
             proc = subprocess.Popen(ingest_bench._haltless_argv(port, args.workers), cwd=ROOT,
                                     env=env, stdout=logf, stderr=subprocess.STDOUT)
