@@ -49,6 +49,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if __package__ in (None, ""):
     sys.path.insert(0, str(ROOT))
 
+from bench.syncdb import DB  # noqa: E402
 from haltless.server.localcluster import free_port  # noqa: E402
 
 HOST = "127.0.0.1"
@@ -56,31 +57,6 @@ STATS_EVERY = 10.0  # seconds between the poller's stats lines (server/direct.py
 
 
 # ================================================================== helpers
-
-class DB:
-    """A synchronous handle on one asyncpg connection."""
-
-    def __init__(self, dsn: str) -> None:
-        import asyncpg
-        self.loop = asyncio.new_event_loop()
-        self.conn = self.loop.run_until_complete(asyncpg.connect(dsn))
-
-    def run(self, coro):
-        return self.loop.run_until_complete(coro)
-
-    def val(self, sql: str, *args):
-        return self.run(self.conn.fetchval(sql, *args))
-
-    def fetch(self, sql: str, *args):
-        return self.run(self.conn.fetch(sql, *args))
-
-    def execute(self, sql: str, *args):
-        return self.run(self.conn.execute(sql, *args))
-
-    def close(self) -> None:
-        self.run(self.conn.close())
-        self.loop.close()
-
 
 COUNT_SQL = ("SELECT (SELECT coalesce(sum(n), 0) FROM reading_chunks)"
              " + (SELECT coalesce(sum(n), 0) FROM reading_blocks)")

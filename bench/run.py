@@ -30,10 +30,9 @@ ROOT = Path(__file__).resolve().parent.parent
 if __package__ in (None, ""):
     sys.path.insert(0, str(ROOT))
 
-import asyncpg  # noqa: E402
-
 from bench import loadgen  # noqa: E402
 from bench import procstat as ps  # noqa: E402
+from bench.syncdb import DB  # noqa: E402
 from haltless.server import db, store  # noqa: E402
 from haltless.server.localcluster import free_port  # noqa: E402
 
@@ -99,35 +98,6 @@ TARGETS = {
 
 
 # ------------------------------------------------------------------ helpers
-
-class DB:
-    """A synchronous handle on one asyncpg connection, for counting."""
-
-    def __init__(self, dsn: str) -> None:
-        self.loop = asyncio.new_event_loop()
-        self.conn = self.loop.run_until_complete(asyncpg.connect(dsn))
-
-    def val(self, sql: str):
-        return self.loop.run_until_complete(self.conn.fetchval(sql))
-
-    def execute(self, sql: str) -> None:
-        self.loop.run_until_complete(self.conn.execute(sql))
-
-    def drained(self, sql: str, settle: float = 0.5, timeout: float = 30.0) -> int:
-        """The count once it stops moving (in-flight requests committed)."""
-        last, end = self.val(sql), time.monotonic() + timeout
-        while time.monotonic() < end:
-            time.sleep(settle)
-            now = self.val(sql)
-            if now == last:
-                return now
-            last = now
-        return last
-
-    def close(self) -> None:
-        self.loop.run_until_complete(self.conn.close())
-        self.loop.close()
-
 
 def wait_healthy(port: int, proc: subprocess.Popen, log: Path, timeout: float = 90.0) -> None:
     end = time.monotonic() + timeout

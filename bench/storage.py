@@ -47,6 +47,7 @@ import asyncpg  # noqa: E402
 from bench import loadgen, mix  # noqa: E402
 from bench import procstat as ps  # noqa: E402
 from bench import run as ingest_bench  # noqa: E402  (its server and database helpers)
+from bench.syncdb import DB  # noqa: E402
 from haltless.server.localcluster import free_port  # noqa: E402
 
 # Every table that holds readings, by its root: partitions, indexes and TOAST
@@ -80,12 +81,8 @@ TARGETS = {"agent": "agent", "live": "live", "pollers": "pollers", "push": "poll
 POLL_FLUSH_TICKS = 10
 
 
-class BenchDB(ingest_bench.DB):
-    def fetch(self, sql: str, *args) -> list:
-        return self.loop.run_until_complete(self.conn.fetch(sql, *args))
-
-    def val(self, sql: str, *args):
-        return self.loop.run_until_complete(self.conn.fetchval(sql, *args))
+class BenchDB(DB):
+    """The database handle, plus WAL positions and the readings tables' sizes."""
 
     def lsn(self) -> str:
         return self.val(WAL_LSN_SQL)
