@@ -49,6 +49,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if __package__ in (None, ""):
     sys.path.insert(0, str(ROOT))
 
+from bench import procstat as ps  # noqa: E402
 from bench.syncdb import DB  # noqa: E402
 from haltless.server.localcluster import free_port  # noqa: E402
 
@@ -103,38 +104,14 @@ def start_device(kind: str, extra: list[str], log: Path, timeout: float) -> tupl
     reader.start()
     reader.join(timeout)
     if not line or not line[0].startswith("READY"):
-        stop_proc(proc)
+        ps.stop_process(proc, timeout=10)
         raise RuntimeError(f"{kind} device not ready within {timeout:.0f} s "
                            f"(exit {proc.returncode}):\n{log.read_text()[-3000:]}")
     words = line[0].split()
     return proc, int(words[1]), line[0].strip()
 
 
-def stop_proc(proc: subprocess.Popen, timeout: float = 10.0) -> None:
-    """SIGTERM, then SIGKILL after ``timeout``; each by its own pid."""
-    if proc.poll() is None:
-        try:
-            proc.terminate()
-        except ProcessLookupError:
-            pass
-        try:
-            proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            try:
-                proc.kill()
-            except ProcessLookupError:
-                pass
-            proc.wait(5)
-    for f in (proc.stdout, proc.stderr):
-        if f is not None:
-            try:
-                f.close()
-            except OSError:
-                pass
-
-
 def versions(dbh: DB) -> dict:
-    from bench import procstat as ps
     v = ps.versions(("pymodbus", "asyncua", "asyncpg", "uvloop", "msgspec", "haltless"),
                     dbh.val("SHOW server_version"))
     v["code_sha256"] = code_digest()
@@ -157,7 +134,6 @@ def tree_cpu(root: int) -> float:
     """CPU seconds of a process tree, including children it has already
     reaped (the root's cutime/cstime): PostgreSQL backends and autovacuum
     workers come and go, and summing only the live ones can even go down."""
-    from bench import procstat as ps
     f = ps._stat(root)
     reaped = (int(f[13]) + int(f[14])) / ps.TICK if f is not None else 0.0
     return ps.cpu_seconds(ps.tree(root)) + reaped
@@ -301,7 +277,6 @@ def opcua_layout(args) -> tuple[list[list[int]], list[int]]:
 # ================================================================== one scenario
 
 def run_scenario(kind: str, args, dsn: str, pg_pid: int, work: Path, stamp: str) -> dict:
-    from bench import procstat as ps
 
     print(f"== scenario {kind}")
     devices: list[subprocess.Popen] = []
@@ -456,7 +431,7 @@ def run_scenario(kind: str, args, dsn: str, pg_pid: int, work: Path, stamp: str)
             try:
                 _, err = profiler.communicate(timeout=30)
             except subprocess.TimeoutExpired:
-                stop_proc(profiler)
+                ps.stop_process(profiler, timeout=10)
                 err = "py-spy did not finish"
             if profiler.returncode != 0:
                 print(f"  py-spy failed: {err[-500:]}")
@@ -523,7 +498,7 @@ def run_scenario(kind: str, args, dsn: str, pg_pid: int, work: Path, stamp: str)
         if poller is not None:
             ps.stop_process(poller, timeout=15)
         if profiler is not None and profiler.poll() is None:
-            stop_proc(profiler)
+            ps.stop_process(profiler, timeout=10)
         for d in devices:
             if d.poll() is None:
                 try:
@@ -531,7 +506,7 @@ def run_scenario(kind: str, args, dsn: str, pg_pid: int, work: Path, stamp: str)
                 except ProcessLookupError:
                     pass
         for d in devices:
-            stop_proc(d)
+            ps.stop_process(d, timeout=10)
 
 
 def gc_summary(path: Path, t0: float, t1: float) -> dict:
@@ -664,7 +639,6 @@ def markdown(records: list[dict], head: dict) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
-    from bench import procstat as ps
     from haltless.server import db
 
     p = argparse.ArgumentParser(prog="python -m bench.pollers", description=__doc__,

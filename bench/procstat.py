@@ -167,7 +167,8 @@ def _start_time(pid: int) -> str | None:
 
 def stop_process(proc: subprocess.Popen, timeout: float = 15.0) -> None:
     """SIGTERM the process; SIGKILL it and its descendants (each by pid, checked
-    against its start time) if anything is left after ``timeout``."""
+    against its start time) if anything is left after ``timeout``; close the
+    pipes it was given. The one way bench/ stops what it started."""
     family = [(pid, _start_time(pid)) for pid in tree(proc.pid)]
     if proc.poll() is None:
         proc.send_signal(signal.SIGTERM)
@@ -186,6 +187,12 @@ def stop_process(proc: subprocess.Popen, timeout: float = 15.0) -> None:
                 pass
     if proc.returncode is None:
         proc.wait(5)
+    for pipe in (proc.stdin, proc.stdout, proc.stderr):
+        if pipe is not None:
+            try:
+                pipe.close()
+            except OSError:
+                pass
 
 
 def machine_info() -> dict:
