@@ -46,9 +46,9 @@ import asyncpg  # noqa: E402
 import requests  # noqa: E402
 
 from bench import mix  # noqa: E402
+from bench.run import haltless_server  # noqa: E402
 from haltless.server import db, store  # noqa: E402
 from haltless.server.auth import issue_token  # noqa: E402
-from haltless.server.localcluster import free_port  # noqa: E402
 
 HALTLESS = [sys.executable, "-m", "haltless.server.cli"]
 TARGETS_MS = {"raw": 30.0, "aggregate": 15.0, "latest": 10.0}
@@ -196,19 +196,8 @@ def main(argv: list[str] | None = None) -> None:
     try:
         orgs = asyncio.run(setup(dsn))
         env = {**os.environ, "HALTLESS_DATABASE_URL": dsn, "HALTLESS_DATA_DIR": str(work)}
-        port = free_port()
-        log = open(work / "serve.log", "ab")
-        proc = subprocess.Popen(HALTLESS + ["serve", "--port", str(port), "--workers",
-                                            str(args.workers)], env=env, stdout=log,
-                                stderr=subprocess.STDOUT, start_new_session=True)
-        url = f"http://127.0.0.1:{port}"
-        try:
-            for _ in range(300):
-                try:
-                    if requests.get(url + "/healthz", timeout=1).ok:
-                        break
-                except requests.ConnectionError:
-                    time.sleep(0.1)
+        with haltless_server(dsn, work, args.workers, work / "serve.log") as (_, port):
+            url = f"http://127.0.0.1:{port}"
             secret = (work / "jwt-secret").read_text().strip()
             day_token = issue_token(secret, orgs["day"][0], 3600)
             fleet_token = issue_token(secret, orgs["fleet"][0], 3600)
@@ -235,9 +224,6 @@ def main(argv: list[str] | None = None) -> None:
                            "fleet_readings": fleet_n}
                     records.append(rec)
                     print(json.dumps(rec))
-        finally:
-            proc.terminate()
-            proc.wait(15)
     finally:
         db.stop_embedded(work)
     head = {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
