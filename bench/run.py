@@ -116,21 +116,27 @@ def wait_healthy(port: int, proc: subprocess.Popen, log: Path, timeout: float = 
 
 
 @contextlib.contextmanager
-def haltless_server(dsn: str, data_dir: Path, workers: int, log: Path, env: dict | None = None):
-    """`haltless serve` against ``dsn`` on a free 127.0.0.1 port, healthy:
-    yields (process, port); stopped, with every process it started, on exit.
-    The one way bench/ tools start our server (fuzz, hostile, storage)."""
+def serving(argv_for_port, env: dict, log: Path):
+    """The server ``argv_for_port(port)`` starts, on a free 127.0.0.1 port, once it
+    answers /healthz: yields (process, port); stopped, with every process it
+    started, on exit. The one way bench/ tools start a server."""
     port = free_port()
     with log.open("wb") as out:
-        proc = subprocess.Popen(
-            _haltless_argv(port, workers), cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
-            env={**os.environ, "HALTLESS_DATABASE_URL": dsn, "HALTLESS_DATA_DIR": str(data_dir),
-                 **(env or {})})
+        proc = subprocess.Popen(argv_for_port(port), cwd=ROOT, env=env, stdout=out,
+                                stderr=subprocess.STDOUT)
     try:
         wait_healthy(port, proc, log)
         yield proc, port
     finally:
         ps.stop_process(proc)
+
+
+def haltless_server(dsn: str, data_dir: Path, workers: int, log: Path, env: dict | None = None):
+    """`haltless serve --workers N` against ``dsn``, as ``serving`` runs it
+    (fuzz, hostile, query, storage)."""
+    env = {**os.environ, "HALTLESS_DATABASE_URL": dsn, "HALTLESS_DATA_DIR": str(data_dir),
+           **(env or {})}
+    return serving(lambda port: _haltless_argv(port, workers), env, log)
 
 
 def run_load(url: str, key: str, bodies: Path, duration: float, connections: int,
@@ -186,20 +192,18 @@ def run_target(name: str, dsn: str, pg_pid: int, args, work: Path, stamp: str) -
     print(f"== {name}: {t['server']}")
     idents = loadgen.machine_ids(MACHINES)
     key = asyncio.run(t["setup"](dsn, idents))
-    dbh = DB(dsn)
-    dbh.val("CHECKPOINT")  # same starting point for both targets
-    port = free_port()
     log = work / f"{name}.log"
     env = dict(os.environ, HALTLESS_DATABASE_URL=dsn, HALTLESS_DATA_DIR=str(work / "data"),
                BASELINE_DATABASE_URL=dsn)
-    with log.open("w") as logf:
-        proc = subprocess.Popen(t["argv"](port, args.workers), cwd=ROOT, env=env,
-                                stdout=logf, stderr=subprocess.STDOUT)
-    rss = ps.RssSampler(proc.pid)
     profile_path = None
-    try:
-        wait_healthy(port, proc, log)
+    with contextlib.ExitStack() as stack:
+        dbh = stack.enter_context(DB(dsn))
+        dbh.val("CHECKPOINT")  # same starting point for both targets
+        proc, port = stack.enter_context(
+            serving(lambda port: t["argv"](port, args.workers), env, log))
+        rss = ps.RssSampler(proc.pid)
         rss.start()
+        stack.callback(rss.stop)
         url = f"http://127.0.0.1:{port}"
         bodies = work / f"bodies-{name}"
         loadgen.write_bodies(loadgen.make_bodies(time.time(), args.bodies, MACHINES, METRICS,
@@ -238,10 +242,6 @@ def run_target(name: str, dsn: str, pg_pid: int, args, work: Path, stamp: str) -
             except subprocess.TimeoutExpired:
                 ps.stop_process(spy)
                 profile_path = None
-    finally:
-        rss.stop()
-        ps.stop_process(proc)
-        dbh.close()
     wall = cpu1["machine"][1] - cpu0["machine"][1]
     pct = lambda secs: round(100 * secs / wall, 1) if wall > 0 else None  # noqa: E731
     cpu = {"server": pct(cpu1["server"] - cpu0["server"]),

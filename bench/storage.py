@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import datetime as dt
 import json
 import os
@@ -48,7 +49,6 @@ from bench import loadgen, mix  # noqa: E402
 from bench import procstat as ps  # noqa: E402
 from bench import run as ingest_bench  # noqa: E402  (its server and database helpers)
 from bench.syncdb import DB  # noqa: E402
-from haltless.server.localcluster import free_port  # noqa: E402
 
 # Every table that holds readings, by its root: partitions, indexes and TOAST
 # count through pg_partition_tree + pg_total_relation_size; absent ones add 0.
@@ -252,41 +252,32 @@ def run_shape(shape: str, data: mix.Mix, admin_dsn: str, pg_pid: int, args, work
     n_bodies = loadgen.write_bodies_file(mix.bodies(data, body_shape), bodies)
     env = dict(os.environ, HALTLESS_DATABASE_URL=dsn, HALTLESS_DATA_DIR=str(work / "data"))
     env.update(args.serve_env)
-    proc = None
     log = work / f"serve-{shape}.log"
-    if not direct:
-        port = free_port()
-        with log.open("w") as logf:
-            proc = subprocess.Popen(ingest_bench._haltless_argv(port, args.workers), cwd=ROOT,
-                                    env=env, stdout=logf, stderr=subprocess.STDOUT)
+    server = (contextlib.nullcontext((None, None)) if direct else
+              ingest_bench.haltless_server(dsn, work / "data", args.workers, log, args.serve_env))
     h = BenchDB(dsn)
     try:
-        if proc is not None:
-            ingest_bench.wait_healthy(port, proc, log)
-        empty = h.sizes()["total_bytes"]  # the schema's own pages, partitions made ahead
-        h.val("CHECKPOINT")
-        lsn0 = h.lsn()
-        cpu0 = (ps.cpu_seconds(ps.tree(proc.pid)) if proc else 0.0, ps.cpu_seconds(ps.tree(pg_pid)))
-        if direct:
-            argv = [sys.executable, "-m", "bench.storage", "--pollers-path", dsn, str(bodies),
-                    str(POLL_FLUSH_TICKS * mix.MACHINES)]
-        else:
-            argv = [sys.executable, "-m", "bench.loadgen", "--url", f"http://127.0.0.1:{port}",
-                    "--key", key, "--connections", str(args.connections), "--once", str(bodies)]
-        code, _wall, load_cpu, out = run_child(argv, dict(os.environ), work / f"load-{shape}.out")
-        if code != 0:
-            raise RuntimeError(f"load generator failed ({code}):\n{out[-3000:]}")
-        res = json.loads(out.strip().splitlines()[-1])
-        wal = h.wal_since(lsn0)  # every answer is in: everything accepted is committed
-        cpu1 = (ps.cpu_seconds(ps.tree(proc.pid)) if proc else load_cpu,
-                ps.cpu_seconds(ps.tree(pg_pid)))
-        if direct:
-            load_cpu = 0.0  # the driver is the server here: counted as such
-    finally:
-        if proc is not None:
-            ps.stop_process(proc)
-    bodies.unlink()
-    try:
+        with server as (proc, port):
+            empty = h.sizes()["total_bytes"]  # the schema's own pages, partitions made ahead
+            h.val("CHECKPOINT")
+            lsn0 = h.lsn()
+            cpu0 = (ps.cpu_seconds(ps.tree(proc.pid)) if proc else 0.0, ps.cpu_seconds(ps.tree(pg_pid)))
+            if direct:
+                argv = [sys.executable, "-m", "bench.storage", "--pollers-path", dsn, str(bodies),
+                        str(POLL_FLUSH_TICKS * mix.MACHINES)]
+            else:
+                argv = [sys.executable, "-m", "bench.loadgen", "--url", f"http://127.0.0.1:{port}",
+                        "--key", key, "--connections", str(args.connections), "--once", str(bodies)]
+            code, _wall, load_cpu, out = run_child(argv, dict(os.environ), work / f"load-{shape}.out")
+            if code != 0:
+                raise RuntimeError(f"load generator failed ({code}):\n{out[-3000:]}")
+            res = json.loads(out.strip().splitlines()[-1])
+            wal = h.wal_since(lsn0)  # every answer is in: everything accepted is committed
+            cpu1 = (ps.cpu_seconds(ps.tree(proc.pid)) if proc else load_cpu,
+                    ps.cpu_seconds(ps.tree(pg_pid)))
+            if direct:
+                load_cpu = 0.0  # the driver is the server here: counted as such
+        bodies.unlink()
         count = h.val("SELECT count(*) FROM readings")
         chunk_rows = (h.val("SELECT count(*) FROM reading_chunks")
                       if h.val("SELECT to_regclass('reading_chunks') IS NOT NULL") else None)
