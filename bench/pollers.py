@@ -130,15 +130,6 @@ def code_digest() -> str:
     return h.hexdigest()[:12]
 
 
-def tree_cpu(root: int) -> float:
-    """CPU seconds of a process tree, including children it has already
-    reaped (the root's cutime/cstime): PostgreSQL backends and autovacuum
-    workers come and go, and summing only the live ones can even go down."""
-    f = ps._stat(root)
-    reaped = (int(f[13]) + int(f[14])) / ps.TICK if f is not None else 0.0
-    return ps.cpu_seconds(ps.tree(root)) + reaped
-
-
 def py_spy() -> str | None:
     exe = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
     return exe if Path(exe).exists() or shutil.which(exe) else None
@@ -375,7 +366,7 @@ def run_scenario(kind: str, args, dsn: str, pg_pid: int, work: Path, stamp: str)
         def cpu_now() -> dict:
             return {"poller": ps.cpu_seconds(ps.tree(poller.pid)),
                     "devices": ps.cpu_seconds([q for d in devices for q in ps.tree(d.pid)]),
-                    "postgres": tree_cpu(pg_pid)}
+                    "postgres": ps.cpu_seconds(ps.tree(pg_pid))}
 
         windows = max(1, math.ceil(args.duration / STATS_EVERY))
         dbh = DB(dsn)
