@@ -140,8 +140,8 @@ def run_one(target: str, args, stamp: str) -> list[dict]:
         if cluster is not None:
             cluster.stop()
             shutil.rmtree(work, ignore_errors=True)
-        elif ingest.stop_postgres(work):
-            shutil.rmtree(work, ignore_errors=True)
+        else:
+            ps.stop_bench_postgres(work)
     return records
 
 

@@ -200,14 +200,16 @@ async def fuzz(url: str, key: str, token: str, machine_id: str, source_id: str, 
 
 def main(argv=None) -> None:
     import os
-    import shutil
     import tempfile
     import uuid
     from pathlib import Path
 
-    from haltless.server import db, store
+    import asyncpg
+
+    from bench import procstat as ps
+    from bench.run import haltless_server, setup_haltless
+    from haltless.server import store
     from haltless.server.auth import issue_token, jwt_secret
-    from haltless.core.config import Settings
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--requests", type=int, default=10_000)
@@ -218,28 +220,28 @@ def main(argv=None) -> None:
     work = Path(tempfile.mkdtemp(prefix="haltless-fuzz-"))
     work.chmod(0o755)
     data = work / "data"
-    dsn = db.migrated_url(Settings(data_dir=data))
+    data.mkdir()
+    dsn, _pg_pid, busy, hogs = ps.start_bench_postgres(work)
 
-    async def setup():
-        import asyncpg
+    async def add_source():
+        """CNC-001 in the default organization, and an inactive Modbus source of it."""
         c = await asyncpg.connect(dsn)
         try:
             org = await store.org_id(c, None)
             machine = (await store.create_machine(c, org, "CNC-001"))["id"]
-            k = (await store.create_key(c, org, "fuzz"))[0]
             sid = uuid.uuid4()
             await c.execute(
                 "INSERT INTO ingest_sources (id, org_id, machine_id, name, protocol, host, port,"
                 " poll_interval_seconds, is_active, config) VALUES ($1, $2, $3, 's', 'modbus',"
                 " '10.1.2.3', 502, 10, false, $4::jsonb)", sid, org, machine,
                 json.dumps({"registers": [{"address": 1, "metric_name": "t"}]}))
-            return org, machine, k, sid
+            return org, machine, sid
         finally:
             await c.close()
-    org, machine, key, sid = asyncio.run(setup())
-    token = issue_token(jwt_secret(None, data), org, 3600)
-    from bench.run import haltless_server
     try:
+        key = asyncio.run(setup_haltless(dsn, []))
+        org, machine, sid = asyncio.run(add_source())
+        token = issue_token(jwt_secret(None, data), org, 3600)
         with haltless_server(dsn, data, 2, work / "server.log") as (_, port):
             started = time.monotonic()
             res = asyncio.run(fuzz(f"http://127.0.0.1:{port}", key, token, str(machine),
@@ -249,8 +251,7 @@ def main(argv=None) -> None:
         if "Traceback" in server_log:
             (root / "bench" / "results" / "fuzz-last-server.log").write_text(server_log)
     finally:
-        db.stop_embedded(data)
-        shutil.rmtree(work, ignore_errors=True)
+        ps.stop_bench_postgres(work)
     fivexx = sum(v for k, v in res["counts"].items() if k.startswith("5"))
     record = {"bench": "fuzz", "at": dt.datetime.now(dt.timezone.utc).isoformat(),
               "cpus": os.cpu_count(), "requests": args.requests, "seed": args.seed,

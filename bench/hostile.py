@@ -23,7 +23,6 @@ import json
 import os
 import platform
 import resource
-import shutil
 import socket
 import statistics
 import sys
@@ -39,7 +38,8 @@ ROOT = Path(__file__).resolve().parent.parent
 if __package__ in (None, ""):
     sys.path.insert(0, str(ROOT))
 
-from bench.run import haltless_server  # noqa: E402
+from bench import procstat as ps  # noqa: E402
+from bench.run import haltless_server, setup_haltless  # noqa: E402
 
 BIG = 10 * 1024 * 1024 - 1
 
@@ -161,28 +161,15 @@ def main(argv=None) -> None:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
-    from haltless.server import db, store
-    from haltless.core.config import Settings
     work = Path(tempfile.mkdtemp(prefix="haltless-hostile-"))
     work.chmod(0o755)
-    dsn = db.migrated_url(Settings(data_dir=work / "data"))
-
-    async def make_key():
-        import asyncpg
-        c = await asyncpg.connect(dsn)
-        try:
-            org = await store.org_id(c, None)  # the default organization
-            await store.create_machine(c, org, "CNC-001")
-            return (await store.create_key(c, org, "bench"))[0]
-        finally:
-            await c.close()
-    key = asyncio.run(make_key())
+    dsn, _pg_pid, busy, hogs = ps.start_bench_postgres(work)
     try:
+        key = asyncio.run(setup_haltless(dsn, ["CNC-001"]))
         with haltless_server(dsn, work / "data", args.workers, work / "server.log") as (srv, port):
             out = probe(f"http://127.0.0.1:{port}", key, port, srv, args)
     finally:
-        db.stop_embedded(work / "data")
-        shutil.rmtree(work, ignore_errors=True)
+        ps.stop_bench_postgres(work)
     record = {"bench": "hostile", "at": dt.datetime.now(dt.timezone.utc).isoformat(),
               "machine": {"cpus": os.cpu_count(), "kernel": platform.release(),
                           "memory_gb": round(psutil.virtual_memory().total / 2**30, 1)},

@@ -630,8 +630,6 @@ def markdown(records: list[dict], head: dict) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
-    from haltless.server import db
-
     p = argparse.ArgumentParser(prog="python -m bench.pollers", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--scenario", choices=["modbus", "opcua", "both"], default="both")
@@ -696,15 +694,7 @@ def main(argv: list[str] | None = None) -> None:
                   f"lag p99 worst {r['lag_ms']['p99_worst']} ms, missed {r['missed']}, "
                   f"failed {r['failed']} -> {bar_cell(r)}")
     finally:
-        try:
-            db.stop_embedded(work)
-        except Exception as exc:  # noqa: BLE001 - report, keep the dir
-            print(f"could not stop the embedded PostgreSQL in {work}/pg: {exc}")
-        else:
-            if not (work / "pg" / "postmaster.pid").exists():
-                shutil.rmtree(work, ignore_errors=True)
-            else:
-                print(f"PostgreSQL still running in {work}/pg")
+        ps.stop_bench_postgres(work)
     if not records:
         return
     day = now.strftime("%Y-%m-%d")

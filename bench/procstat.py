@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import platform
+import shutil
 import signal
 import subprocess
 import threading
@@ -234,16 +235,38 @@ def versions(packages: tuple[str, ...], postgres: str | None) -> dict:
     return v
 
 
+def idle_check() -> tuple[float, list[str]]:
+    """busy_elsewhere(), said on screen when the machine is not idle: a run
+    then measures with less than the whole machine."""
+    busy, hogs = busy_elsewhere()
+    if busy > 20:
+        print(f"WARNING: the machine is not idle ({busy}% of a core busy before the run): "
+              + "; ".join(hogs))
+    return busy, hogs
+
+
 def start_bench_postgres(work: Path) -> tuple[str, int, float, list[str]]:
-    """Start the embedded PostgreSQL both benchmarks use, in ``work``, and
+    """Start the embedded PostgreSQL the benchmarks use, in ``work``, and
     check the machine is idle. Returns (dsn, postmaster pid, busy %, hogs)."""
     from haltless.server import db
 
     print(f"starting embedded PostgreSQL in {work}/pg")
     dsn = db.start_embedded(work)
     pg_pid = int((work / "pg" / "postmaster.pid").read_text().split()[0])
-    busy, hogs = busy_elsewhere()
-    if busy > 20:
-        print(f"WARNING: the machine is not idle ({busy}% of a core busy before the run): "
-              + "; ".join(hogs))
-    return dsn, pg_pid, busy, hogs
+    return (dsn, pg_pid, *idle_check())
+
+
+def stop_bench_postgres(work: Path) -> None:
+    """Stop start_bench_postgres's PostgreSQL (this process is its only user)
+    and remove ``work``; keep ``work``, and say so, if PostgreSQL did not stop."""
+    from haltless.server import db
+
+    try:
+        db.stop_embedded(work)
+    except Exception as exc:  # noqa: BLE001 - keep the data dir; report
+        print(f"could not stop the embedded PostgreSQL in {work}/pg: {exc}")
+        return
+    if (work / "pg" / "postmaster.pid").exists():
+        print(f"PostgreSQL still running in {work}/pg; left in place")
+        return
+    shutil.rmtree(work, ignore_errors=True)

@@ -46,6 +46,7 @@ import asyncpg  # noqa: E402
 import requests  # noqa: E402
 
 from bench import mix  # noqa: E402
+from bench import procstat as ps  # noqa: E402
 from bench.run import haltless_server  # noqa: E402
 from haltless.server import db, store  # noqa: E402
 from haltless.server.auth import issue_token  # noqa: E402
@@ -192,7 +193,7 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     work = Path(tempfile.mkdtemp(prefix="haltless-bench-query-"))
     work.chmod(0o755)
-    dsn = db.start_embedded(work)
+    dsn, _pg_pid, busy, hogs = ps.start_bench_postgres(work)
     try:
         orgs = asyncio.run(setup(dsn))
         env = {**os.environ, "HALTLESS_DATABASE_URL": dsn, "HALTLESS_DATA_DIR": str(work)}
@@ -225,7 +226,7 @@ def main(argv: list[str] | None = None) -> None:
                     records.append(rec)
                     print(json.dumps(rec))
     finally:
-        db.stop_embedded(work)
+        ps.stop_bench_postgres(work)
     head = {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
             "machine": f"{platform.machine()}, {os.cpu_count()} cores", "python": sys.version.split()[0],
             "workers": args.workers, "repeat": args.repeat}

@@ -43,7 +43,9 @@ STEPS = 50  # timestamps per body: 20 metrics x 50 = 1,000 readings
 
 # ------------------------------------------------------------------ targets
 
-async def _setup_haltless(dsn: str, idents: list[str]) -> str:
+async def setup_haltless(dsn: str, idents: list[str]) -> str:
+    """Migrated, machines ``idents`` in the default organization, and a new API key
+    for it (the key): what `haltless machines add` / `haltless keys create` do."""
     conn = await db.connect(dsn)
     try:
         await db.migrate(conn)
@@ -89,7 +91,7 @@ TARGETS = {
                      server="FastAPI + pydantic + asyncpg executemany, uvicorn",
                      count="SELECT count(*) FROM baseline_readings",
                      vacuum="VACUUM (ANALYZE) baseline_readings"),
-    "haltless": dict(setup=_setup_haltless, argv=_haltless_argv,
+    "haltless": dict(setup=setup_haltless, argv=_haltless_argv,
                      server="haltless serve (granian + msgspec + group-commit COPY)",
                      count=("SELECT (SELECT coalesce(sum(n), 0) FROM reading_chunks)"
                      " + (SELECT coalesce(sum(n), 0) FROM reading_blocks)"),
@@ -270,19 +272,6 @@ def run_target(name: str, dsn: str, pg_pid: int, args, work: Path, stamp: str) -
     }
 
 
-def stop_postgres(work: Path) -> bool:
-    """Let go of the embedded PostgreSQL (this process is its only user, so it stops)."""
-    try:
-        if hasattr(db, "stop_embedded"):
-            db.stop_embedded(work)
-        elif hasattr(getattr(db, "_embedded", None), "cleanup"):  # older server.db
-            db._embedded.cleanup()
-        return not (work / "pg" / "postmaster.pid").exists()
-    except Exception as exc:  # noqa: BLE001 - keep the data dir; report
-        print(f"could not stop the embedded PostgreSQL in {work}/pg: {exc}")
-        return False
-
-
 # ------------------------------------------------------------------ report
 
 def versions(dsn: str, use_wrk: bool) -> dict:
@@ -374,8 +363,7 @@ def main(argv: list[str] | None = None) -> None:
         for name in names:
             records.append(run_target(name, dsn, pg_pid, args, work, stamp))
     finally:
-        if stop_postgres(work):
-            shutil.rmtree(work, ignore_errors=True)
+        ps.stop_bench_postgres(work)
     base = next((r["readings_per_s"] for r in records if r["target"] == "baseline"), None)
     for r in records:
         r["ratio_vs_baseline"] = round(r["readings_per_s"] / base, 2) if base else None

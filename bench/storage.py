@@ -32,7 +32,6 @@ import contextlib
 import datetime as dt
 import json
 import os
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -247,7 +246,7 @@ def run_shape(shape: str, data: mix.Mix, admin_dsn: str, pg_pid: int, args, work
                              if direct else f"haltless serve --workers {args.workers}")
           + f", {mix.body_count(data, body_shape):,} bodies")
     dsn = create_database(admin_dsn, f"bench_{shape}")
-    key = asyncio.run(ingest_bench._setup_haltless(dsn, mix.machine_ids()))
+    key = asyncio.run(ingest_bench.setup_haltless(dsn, mix.machine_ids()))
     bodies = work / f"bodies-{shape}.jsonl"
     n_bodies = loadgen.write_bodies_file(mix.bodies(data, body_shape), bodies)
     env = dict(os.environ, HALTLESS_DATABASE_URL=dsn, HALTLESS_DATA_DIR=str(work / "data"))
@@ -508,8 +507,7 @@ def main(argv: list[str] | None = None) -> None:
         for shape in shapes:
             records.append(run_shape(shape, data, dsn, pg_pid, args, work))
     finally:
-        if ingest_bench.stop_postgres(work):
-            shutil.rmtree(work, ignore_errors=True)
+        ps.stop_bench_postgres(work)
     base = next((r for r in records if r["target"] == "narrow"), None)
     for r in records:
         r["vs_narrow"] = None if base is None else {
