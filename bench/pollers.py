@@ -35,7 +35,6 @@ import datetime as dt
 import json
 import math
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -128,11 +127,6 @@ def code_digest() -> str:
         for f in sorted(ROOT.glob(pattern)):
             h.update(str(f.relative_to(ROOT)).encode() + b"\0" + f.read_bytes())
     return h.hexdigest()[:12]
-
-
-def py_spy() -> str | None:
-    exe = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
-    return exe if Path(exe).exists() or shutil.which(exe) else None
 
 
 # Where the poller's main-thread samples go, first match from the leaf up
@@ -379,10 +373,8 @@ def run_scenario(kind: str, args, dsn: str, pg_pid: int, work: Path, stamp: str)
             busy0 = ps.machine_busy()
             ticks0 = ps.all_ticks()
             if args.profile:
-                exe = py_spy()
-                if exe is None:
-                    print("  --profile: py-spy is not installed (pip install py-spy); not profiling")
-                else:
+                exe = ps.py_spy()
+                if exe is not None:
                     prof_path = args.out / f"pollers-{stamp}-{kind}-profile.txt"
                     print(f"  profiling the poller with py-spy -> {prof_path}")
                     # --native unwinds C/Cython frames (uvloop, asyncpg) too; it has

@@ -6,6 +6,7 @@ import platform
 import shutil
 import signal
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -233,6 +234,16 @@ def versions(packages: tuple[str, ...], postgres: str | None) -> dict:
                               text=True).stdout.strip()
     v["git"] = git("rev-parse", "--short", "HEAD") + ("+dirty" if git("status", "--porcelain") else "")
     return v
+
+
+def py_spy() -> str | None:
+    """The py-spy executable (on PATH or beside this Python), or None, said on
+    screen: --profile then records nothing."""
+    exe = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
+    if Path(exe).exists() or shutil.which(exe):
+        return exe
+    print("  --profile: py-spy is not installed (pip install py-spy); not profiling")
+    return None
 
 
 def idle_check() -> tuple[float, list[str]]:

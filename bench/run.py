@@ -176,9 +176,8 @@ def top_snapshot(delay: float, dest: Path) -> threading.Thread:
 
 
 def start_profiler(pid: int, duration: float, dest: Path) -> subprocess.Popen | None:
-    exe = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
-    if not Path(exe).exists() and shutil.which(exe) is None:
-        print("  --profile: py-spy is not installed (pip install py-spy); not profiling")
+    exe = ps.py_spy()
+    if exe is None:
         return None
     print(f"  profiling with py-spy -> {dest}")
     return subprocess.Popen([exe, "record", "--pid", str(pid), "--subprocesses", "--rate", "100",
