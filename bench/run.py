@@ -14,9 +14,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import datetime as dt
 import http.client
-import json
 import os
 import shutil
 import subprocess
@@ -32,6 +30,7 @@ if __package__ in (None, ""):
 
 from bench import loadgen  # noqa: E402
 from bench import procstat as ps  # noqa: E402
+from bench import results  # noqa: E402
 from bench.syncdb import DB  # noqa: E402
 from haltless.server import db, store  # noqa: E402
 from haltless.server.localcluster import free_port  # noqa: E402
@@ -273,29 +272,15 @@ def run_target(name: str, dsn: str, pg_pid: int, args, work: Path, stamp: str) -
 
 # ------------------------------------------------------------------ report
 
-def versions(dsn: str, use_wrk: bool) -> dict:
-    dbh = DB(dsn)
-    v = ps.versions(("granian", "msgspec", "asyncpg", "uvloop", "fastapi", "uvicorn", "pydantic",
-                     "httptools", "haltless"), dbh.val("SHOW server_version"))
-    dbh.close()
-    if use_wrk:
-        v["wrk"] = subprocess.run(["wrk", "-v"], capture_output=True, text=True).stdout.split()[1]
-    return v
-
-
 def markdown(records: list[dict], head: dict) -> str:
-    m, ld, v = head["machine"], head["load"], head["versions"]
+    m, ld = head["machine"], head["load"]
     lines = [
-        f"## Ingest benchmark {head['date']} (run {head['run_id']})", "",
-        f"- machine: {m['nproc']} CPUs ({m['cpu_model']}), {m['mem_gib']} GiB RAM, {m['kernel']}",
+        *results.header_lines(head, "Ingest benchmark"),
         f"- load: {ld['tool']}, {ld['connections']} connections, {ld['duration_s']:g} s per target "
         f"after {ld['warmup_s']:g} s warm-up; {ld['readings_per_batch']:,} readings per batch "
         f"({ld['machines']} machines x {ld['metrics']} metrics, shape {ld.get('shape', 'agent')}, "
         f"{ld['bodies']} distinct bodies); "
         f"{ld['workers']} server workers; load generator, servers and PostgreSQL share the machine",
-        f"- CPU busy before the run (idle check, 1 s): {head['busy_before_run']['cpu_pct']}% of one core"
-        + (f" - {'; '.join(head['busy_before_run']['top'])}" if head['busy_before_run']['top'] else ""),
-        "- versions: " + ", ".join(f"{k} {val}" for k, val in v.items() if val is not None),
         "",
         "| target | readings/s committed | vs baseline | batches/s | p50 ms | p99 ms | non-207 "
         "| RSS peak / end MB | CPU % server / postgres / loadgen |",
@@ -339,26 +324,24 @@ def main(argv: list[str] | None = None) -> None:
     if args.loadgen == "wrk" and shutil.which("wrk") is None:
         p.error("--loadgen wrk: wrk is not on PATH")
     args.use_wrk = {"auto": shutil.which("wrk") is not None, "wrk": True, "builtin": False}[args.loadgen]
-    args.out = args.out.resolve()
-    args.out.mkdir(parents=True, exist_ok=True)
-    now = dt.datetime.now(dt.timezone.utc)
-    stamp = now.strftime("%Y%m%dT%H%M%SZ")
+    run = results.Run("ingest", args.out)
+    args.out, stamp = run.out, run.run_id
     names = [args.only] if args.only else ["baseline", "haltless"]
 
     work = Path(tempfile.mkdtemp(prefix="haltless-bench-"))
     records: list[dict] = []
     try:
         dsn, pg_pid, busy, hogs = ps.start_bench_postgres(work)
-        head = {"run_id": stamp, "date": now.isoformat(timespec="seconds"),
-                "busy_before_run": {"cpu_pct": busy, "top": hogs},
-                "machine": ps.machine_info(), "versions": versions(dsn, args.use_wrk),
-                "load": {"tool": "wrk" if args.use_wrk else "builtin",
-                         "duration_s": args.duration, "warmup_s": args.warmup,
-                         "connections": args.connections, "workers": args.workers,
-                         "readings_per_batch": METRICS * STEPS, "machines": MACHINES,
-                         "shape": args.shape,
-                         "metrics": METRICS, "timestamps_per_body": STEPS, "spacing_ms": 10,
-                         "bodies": args.bodies}}
+        head = run.header(
+            results.versions("fastapi", "uvicorn", "pydantic", "httptools", dsn=dsn,
+                             wrk=args.use_wrk), (busy, hogs),
+            load={"tool": "wrk" if args.use_wrk else "builtin",
+                  "duration_s": args.duration, "warmup_s": args.warmup,
+                  "connections": args.connections, "workers": args.workers,
+                  "readings_per_batch": METRICS * STEPS, "machines": MACHINES,
+                  "shape": args.shape,
+                  "metrics": METRICS, "timestamps_per_body": STEPS, "spacing_ms": 10,
+                  "bodies": args.bodies})
         for name in names:
             records.append(run_target(name, dsn, pg_pid, args, work, stamp))
     finally:
@@ -366,13 +349,7 @@ def main(argv: list[str] | None = None) -> None:
     base = next((r["readings_per_s"] for r in records if r["target"] == "baseline"), None)
     for r in records:
         r["ratio_vs_baseline"] = round(r["readings_per_s"] / base, 2) if base else None
-    day = now.strftime("%Y-%m-%d")
-    with (args.out / f"ingest-{day}.jsonl").open("a") as f:
-        for r in records:
-            f.write(json.dumps({**head, **r}) + "\n")
     md = markdown(records, head)
-    with (args.out / f"ingest-{day}.md").open("a") as f:
-        f.write(md + "\n")
     print()
     print(md)
     for r in records:
@@ -380,7 +357,7 @@ def main(argv: list[str] | None = None) -> None:
             print(f"{r['target']}: non-207 {r['batches']['non_207']}, socket errors "
                   f"{r['batches']['socket_errors']}, samples {r['batches']['error_samples'][:3]}, "
                   f"server log: {r['server_log_problems'][:5]}")
-    print(f"results: {args.out}/ingest-{day}.jsonl and .md")
+    run.append(records, md)
 
 
 if __name__ == "__main__":

