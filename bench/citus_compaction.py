@@ -36,10 +36,12 @@ from haltless.server import db  # noqa: E402
 from haltless.server.compact import Compactor  # noqa: E402
 from haltless.server.compaction import compact_all  # noqa: E402
 
+# ts: n big-endian Unix microseconds since migration 0008 (haltless_chunk_stamps)
 LOAD = """
 INSERT INTO reading_chunks_0 (series_id, bucket, n, ts, vals)
 SELECT s, $1::timestamptz, $3,
-       ARRAY(SELECT $1::timestamptz + (r * $3 + i) * interval '1 s' FROM generate_series(0, $3 - 1) i),
+       haltless_chunk_stamps(ARRAY(SELECT $1::timestamptz + (r * $3 + i) * interval '1 s'
+                                   FROM generate_series(0, $3 - 1) i)),
        ARRAY(SELECT round((20 + ((s * 7 + r * 13 + i) % 97) / 10.0)::numeric, 1)::float8
              FROM generate_series(0, $3 - 1) i)
 FROM generate_series(1, $2) s, generate_series(0, $4 - 1) r
