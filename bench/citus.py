@@ -195,7 +195,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--bodies", type=int, default=100)
     p.add_argument("--shapes", default="agent,wide")
     p.add_argument("--targets", default="single,citus")
-    p.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
+    p.add_argument("--out", type=Path, default=results.RESULTS)
     p.add_argument("--citus-setting", action="append", default=[], metavar="NAME=VALUE",
                    help="a postgresql.conf line for every Citus node (repeatable)")
     args = p.parse_args(argv)

@@ -23,7 +23,13 @@ import gzip
 import json
 import random
 import re
+import sys
 import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+if __package__ in (None, ""):
+    sys.path.insert(0, str(ROOT))
 
 HUGE = "1" * 5000
 VALUES = [
@@ -199,14 +205,13 @@ async def fuzz(url: str, key: str, token: str, machine_id: str, source_id: str, 
 
 
 def main(argv=None) -> None:
-    import os
     import tempfile
     import uuid
-    from pathlib import Path
 
     import asyncpg
 
     from bench import procstat as ps
+    from bench import results
     from bench.run import haltless_server, setup_haltless
     from haltless.server import store
     from haltless.server.auth import issue_token, jwt_secret
@@ -215,8 +220,9 @@ def main(argv=None) -> None:
     ap.add_argument("--requests", type=int, default=10_000)
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--concurrency", type=int, default=16)
+    ap.add_argument("--out", type=Path, default=results.RESULTS)
     args = ap.parse_args(argv)
-    root = Path(__file__).resolve().parent.parent
+    run = results.Run("fuzz", args.out)
     work = Path(tempfile.mkdtemp(prefix="haltless-fuzz-"))
     work.chmod(0o755)
     data = work / "data"
@@ -239,6 +245,7 @@ def main(argv=None) -> None:
         finally:
             await c.close()
     try:
+        run.header(results.versions("httpx", dsn=dsn), (busy, hogs))
         key = asyncio.run(setup_haltless(dsn, []))
         org, machine, sid = asyncio.run(add_source())
         token = issue_token(jwt_secret(None, data), org, 3600)
@@ -249,20 +256,17 @@ def main(argv=None) -> None:
             took = time.monotonic() - started
         server_log = (work / "server.log").read_text(errors="replace")
         if "Traceback" in server_log:
-            (root / "bench" / "results" / "fuzz-last-server.log").write_text(server_log)
+            (run.out / "fuzz-last-server.log").write_text(server_log)
     finally:
         ps.stop_bench_postgres(work)
     fivexx = sum(v for k, v in res["counts"].items() if k.startswith("5"))
-    record = {"bench": "fuzz", "at": dt.datetime.now(dt.timezone.utc).isoformat(),
-              "cpus": os.cpu_count(), "requests": args.requests, "seed": args.seed,
+    record = {"requests": args.requests, "seed": args.seed,
               "seconds": round(took, 1), "5xx": fivexx,
               "tracebacks_in_server_log": server_log.count("Traceback"),
               "server_exceptions": sorted(set(re.findall(
                   r"\n([A-Za-z_][\w.]*(?:Error|Exception)\b[^\n]*)", server_log)))[:10], **res}
     print(json.dumps(record, indent=1))
-    results = root / "bench" / "results"
-    with open(results / f"fuzz-{dt.date.today().isoformat()}.jsonl", "a") as f:
-        f.write(json.dumps(record) + "\n")
+    run.append([record])
     if fivexx:
         raise SystemExit(1)
 

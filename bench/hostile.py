@@ -20,8 +20,6 @@ import argparse
 import asyncio
 import datetime as dt
 import json
-import os
-import platform
 import resource
 import socket
 import statistics
@@ -39,6 +37,7 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(ROOT))
 
 from bench import procstat as ps  # noqa: E402
+from bench import results  # noqa: E402
 from bench.run import haltless_server, setup_haltless  # noqa: E402
 
 BIG = 10 * 1024 * 1024 - 1
@@ -157,7 +156,9 @@ def main(argv=None) -> None:
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--idle", type=int, default=2500)
     ap.add_argument("--bodies", type=int, default=100)
+    ap.add_argument("--out", type=Path, default=results.RESULTS)
     args = ap.parse_args(argv)
+    run = results.Run("hostile", args.out)
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
@@ -165,21 +166,16 @@ def main(argv=None) -> None:
     work.chmod(0o755)
     dsn, _pg_pid, busy, hogs = ps.start_bench_postgres(work)
     try:
+        run.header(results.versions(dsn=dsn), (busy, hogs))
         key = asyncio.run(setup_haltless(dsn, ["CNC-001"]))
         with haltless_server(dsn, work / "data", args.workers, work / "server.log") as (srv, port):
             out = probe(f"http://127.0.0.1:{port}", key, port, srv, args)
     finally:
         ps.stop_bench_postgres(work)
-    record = {"bench": "hostile", "at": dt.datetime.now(dt.timezone.utc).isoformat(),
-              "machine": {"cpus": os.cpu_count(), "kernel": platform.release(),
-                          "memory_gb": round(psutil.virtual_memory().total / 2**30, 1)},
-              "workers": args.workers, "idle_connections": args.idle, "body_clients": args.bodies,
+    record = {"workers": args.workers, "idle_connections": args.idle, "body_clients": args.bodies,
               **out}
     print(json.dumps(record, indent=1))
-    results = ROOT / "bench" / "results"
-    results.mkdir(exist_ok=True)
-    with open(results / f"hostile-{dt.date.today().isoformat()}.jsonl", "a") as f:
-        f.write(json.dumps(record) + "\n")
+    run.append([record])
 
 
 if __name__ == "__main__":

@@ -635,7 +635,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--profile-rate", type=int, default=100, help="py-spy samples per second")
     p.add_argument("--trace-gc", action="store_true",
                    help="diagnostic: run the poller under a wrapper that times its garbage collections")
-    p.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
+    p.add_argument("--out", type=Path, default=results.RESULTS)
     args = p.parse_args(argv)
     if args.profile_native:
         args.profile = True

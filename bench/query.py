@@ -26,10 +26,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import datetime as dt
 import json
 import os
-import platform
 import random
 import statistics
 import subprocess
@@ -47,6 +45,7 @@ import requests  # noqa: E402
 
 from bench import mix  # noqa: E402
 from bench import procstat as ps  # noqa: E402
+from bench import results  # noqa: E402
 from bench.run import haltless_server  # noqa: E402
 from haltless.server import db, store  # noqa: E402
 from haltless.server.auth import issue_token  # noqa: E402
@@ -182,19 +181,36 @@ async def setup(dsn: str):
         await c.close()
 
 
+def markdown(records: list[dict], head: dict) -> str:
+    lines = [*results.header_lines(head, "Query benchmark"),
+             f"- `haltless serve --workers {head['workers']}`; each query {head['repeat']} times "
+             "after 3 warm-ups over one keep-alive connection; server time from Server-Timing",
+             "",
+             "| storage | query | series | rows | server median ms | server p90 ms "
+             "| client median ms | client p90 ms | target ms (server) |",
+             "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    lines += [f"| {r['storage']} | {r['query']} | {r['series']} | {r['rows']:,} "
+              f"| {r['server_median_ms']} | {r['server_p90_ms']} | {r['median_ms']} "
+              f"| {r['p90_ms']} | {r['target_ms']:g} |" for r in records]
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--metrics", type=int, default=20, help="series of DAY-001 (1-20)")
     ap.add_argument("--repeat", type=int, default=20)
     ap.add_argument("--workers", type=int, default=1)
-    ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--out", type=Path, default=results.RESULTS)
     ap.add_argument("--explain", action="store_true",
                     help="print EXPLAIN ANALYZE of the latest query per storage")
     args = ap.parse_args(argv)
+    run = results.Run("query", args.out)
     work = Path(tempfile.mkdtemp(prefix="haltless-bench-query-"))
     work.chmod(0o755)
     dsn, _pg_pid, busy, hogs = ps.start_bench_postgres(work)
     try:
+        head = run.header(results.versions("requests", dsn=dsn), (busy, hogs),
+                          workers=args.workers, repeat=args.repeat)
         orgs = asyncio.run(setup(dsn))
         env = {**os.environ, "HALTLESS_DATABASE_URL": dsn, "HALTLESS_DATA_DIR": str(work)}
         with haltless_server(dsn, work, args.workers, work / "serve.log") as (_, port):
@@ -227,23 +243,9 @@ def main(argv: list[str] | None = None) -> None:
                     print(json.dumps(rec))
     finally:
         ps.stop_bench_postgres(work)
-    head = {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-            "machine": f"{platform.machine()}, {os.cpu_count()} cores", "python": sys.version.split()[0],
-            "workers": args.workers, "repeat": args.repeat}
-    table = [f"query benchmark, {head['date']}, {head['machine']}, {args.workers} worker(s)", "",
-             "| storage | query | series | rows | server median ms | server p90 ms "
-             "| client median ms | client p90 ms | target ms (server) |",
-             "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
-    table += [f"| {r['storage']} | {r['query']} | {r['series']} | {r['rows']:,} "
-              f"| {r['server_median_ms']} | {r['server_p90_ms']} | {r['median_ms']} "
-              f"| {r['p90_ms']} | {r['target_ms']:g} |" for r in records]
-    print("\n".join(table), file=sys.stderr)
-    if args.out:
-        args.out.mkdir(parents=True, exist_ok=True)
-        stamp = head["date"].replace(":", "")
-        (args.out / f"query-{stamp}.jsonl").write_text(
-            "\n".join(json.dumps({**head, **r}) for r in records) + "\n")
-        (args.out / f"query-{stamp}.md").write_text("\n".join(table) + "\n")
+    md = markdown(records, head)
+    print(md, file=sys.stderr)
+    run.append(records, md)
 
 
 if __name__ == "__main__":

@@ -311,7 +311,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--connections", type=int, default=64)
     p.add_argument("--workers", type=int, default=2, help="server worker processes (both targets)")
     p.add_argument("--only", choices=sorted(TARGETS))
-    p.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
+    p.add_argument("--out", type=Path, default=results.RESULTS)
     p.add_argument("--warmup", type=float, default=3.0, help="warm-up load per target (s)")
     p.add_argument("--bodies", type=int, default=100, help="distinct request bodies to rotate")
     p.add_argument("--loadgen", choices=["auto", "wrk", "builtin"], default="auto")

@@ -445,7 +445,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seed", type=int, default=8)
     p.add_argument("--serve-env", type=_env_pair, action="append", default=[], metavar="NAME=VALUE",
                    help="extra environment for haltless serve and compact (repeatable)")
-    p.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
+    p.add_argument("--out", type=Path, default=results.RESULTS)
     p.add_argument("--narrow-loader", metavar="DSN", help=argparse.SUPPRESS)
     p.add_argument("--end-us", type=int, help=argparse.SUPPRESS)
     p.add_argument("--pollers-path", nargs=3, metavar=("DSN", "BODIES", "PER_FLUSH"),
