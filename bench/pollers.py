@@ -248,22 +248,17 @@ class Scenario:
     poller: subprocess.Popen | None = None
     profiler: subprocess.Popen | None = None
     rss: ps.RssSampler | None = None
+    # its files in the work dir
+    device_log: Path = field(init=False)
+    stats_file: Path = field(init=False)
+    poller_log: Path = field(init=False)
+    gc_trace: Path = field(init=False)
 
-    @property
-    def device_log(self) -> Path:
-        return self.work / f"devices-{self.kind}.log"
-
-    @property
-    def stats_file(self) -> Path:
-        return self.work / f"stats-{self.kind}.jsonl"
-
-    @property
-    def poller_log(self) -> Path:
-        return self.work / f"poller-{self.kind}.log"
-
-    @property
-    def gc_trace(self) -> Path:
-        return self.work / f"gc-{self.kind}.jsonl"
+    def __post_init__(self) -> None:
+        self.device_log = self.work / f"devices-{self.kind}.log"
+        self.stats_file = self.work / f"stats-{self.kind}.jsonl"
+        self.poller_log = self.work / f"poller-{self.kind}.log"
+        self.gc_trace = self.work / f"gc-{self.kind}.jsonl"
 
     @property
     def windows(self) -> int:
