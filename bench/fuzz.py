@@ -204,16 +204,33 @@ async def fuzz(url: str, key: str, token: str, machine_id: str, source_id: str, 
             "no_http_answer": transport}
 
 
-def main(argv=None) -> None:
-    import tempfile
+async def add_source(dsn: str) -> tuple:
+    """CNC-001 in the default organization and an inactive Modbus source of it:
+    (organization id, machine id, source id)."""
     import uuid
 
     import asyncpg
 
+    from haltless.server import store
+    c = await asyncpg.connect(dsn)
+    try:
+        org = await store.org_id(c, None)
+        machine = (await store.create_machine(c, org, "CNC-001"))["id"]
+        sid = uuid.uuid4()
+        await c.execute(
+            "INSERT INTO ingest_sources (id, org_id, machine_id, name, protocol, host, port,"
+            " poll_interval_seconds, is_active, config) VALUES ($1, $2, $3, 's', 'modbus',"
+            " '10.1.2.3', 502, 10, false, $4::jsonb)", sid, org, machine,
+            json.dumps({"registers": [{"address": 1, "metric_name": "t"}]}))
+        return org, machine, sid
+    finally:
+        await c.close()
+
+
+def main(argv=None) -> None:
     from bench import procstat as ps
     from bench import results
     from bench.run import haltless_server, setup_haltless
-    from haltless.server import store
     from haltless.server.auth import issue_token, jwt_secret
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -223,31 +240,12 @@ def main(argv=None) -> None:
     ap.add_argument("--out", type=Path, default=results.RESULTS)
     args = ap.parse_args(argv)
     run = results.Run("fuzz", args.out)
-    work = Path(tempfile.mkdtemp(prefix="haltless-fuzz-"))
-    work.chmod(0o755)
-    data = work / "data"
-    data.mkdir()
-    dsn, _pg_pid, busy, hogs = ps.start_bench_postgres(work)
-
-    async def add_source():
-        """CNC-001 in the default organization, and an inactive Modbus source of it."""
-        c = await asyncpg.connect(dsn)
-        try:
-            org = await store.org_id(c, None)
-            machine = (await store.create_machine(c, org, "CNC-001"))["id"]
-            sid = uuid.uuid4()
-            await c.execute(
-                "INSERT INTO ingest_sources (id, org_id, machine_id, name, protocol, host, port,"
-                " poll_interval_seconds, is_active, config) VALUES ($1, $2, $3, 's', 'modbus',"
-                " '10.1.2.3', 502, 10, false, $4::jsonb)", sid, org, machine,
-                json.dumps({"registers": [{"address": 1, "metric_name": "t"}]}))
-            return org, machine, sid
-        finally:
-            await c.close()
-    try:
-        run.header(results.versions("httpx", dsn=dsn), (busy, hogs))
+    with ps.bench_postgres("haltless-fuzz-") as (work, dsn, _pg_pid, idle):
+        run.header(results.versions("httpx", dsn=dsn), idle)
+        data = work / "data"
+        data.mkdir()
         key = asyncio.run(setup_haltless(dsn, []))
-        org, machine, sid = asyncio.run(add_source())
+        org, machine, sid = asyncio.run(add_source(dsn))
         token = issue_token(jwt_secret(None, data), org, 3600)
         with haltless_server(dsn, data, 2, work / "server.log") as (_, port):
             started = time.monotonic()
@@ -257,8 +255,6 @@ def main(argv=None) -> None:
         server_log = (work / "server.log").read_text(errors="replace")
         if "Traceback" in server_log:
             (run.out / "fuzz-last-server.log").write_text(server_log)
-    finally:
-        ps.stop_bench_postgres(work)
     fivexx = sum(v for k, v in res["counts"].items() if k.startswith("5"))
     record = {"requests": args.requests, "seed": args.seed,
               "seconds": round(took, 1), "5xx": fivexx,

@@ -24,7 +24,6 @@ import resource
 import socket
 import statistics
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -162,16 +161,11 @@ def main(argv=None) -> None:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
-    work = Path(tempfile.mkdtemp(prefix="haltless-hostile-"))
-    work.chmod(0o755)
-    dsn, _pg_pid, busy, hogs = ps.start_bench_postgres(work)
-    try:
-        run.header(results.versions(dsn=dsn), (busy, hogs))
+    with ps.bench_postgres("haltless-hostile-") as (work, dsn, _pg_pid, idle):
+        run.header(results.versions(dsn=dsn), idle)
         key = asyncio.run(setup_haltless(dsn, ["CNC-001"]))
         with haltless_server(dsn, work / "data", args.workers, work / "server.log") as (srv, port):
             out = probe(f"http://127.0.0.1:{port}", key, port, srv, args)
-    finally:
-        ps.stop_bench_postgres(work)
     record = {"workers": args.workers, "idle_connections": args.idle, "body_clients": args.bodies,
               **out}
     print(json.dumps(record, indent=1))

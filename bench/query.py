@@ -32,7 +32,6 @@ import random
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -205,11 +204,8 @@ def main(argv: list[str] | None = None) -> None:
                     help="print EXPLAIN ANALYZE of the latest query per storage")
     args = ap.parse_args(argv)
     run = results.Run("query", args.out)
-    work = Path(tempfile.mkdtemp(prefix="haltless-bench-query-"))
-    work.chmod(0o755)
-    dsn, _pg_pid, busy, hogs = ps.start_bench_postgres(work)
-    try:
-        head = run.header(results.versions("requests", dsn=dsn), (busy, hogs),
+    with ps.bench_postgres("haltless-bench-query-") as (work, dsn, _pg_pid, idle):
+        head = run.header(results.versions("requests", dsn=dsn), idle,
                           workers=args.workers, repeat=args.repeat)
         orgs = asyncio.run(setup(dsn))
         env = {**os.environ, "HALTLESS_DATABASE_URL": dsn, "HALTLESS_DATA_DIR": str(work)}
@@ -241,8 +237,6 @@ def main(argv: list[str] | None = None) -> None:
                            "fleet_readings": fleet_n}
                     records.append(rec)
                     print(json.dumps(rec))
-    finally:
-        ps.stop_bench_postgres(work)
     md = markdown(records, head)
     print(md, file=sys.stderr)
     run.append(records, md)

@@ -19,7 +19,6 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -328,13 +327,11 @@ def main(argv: list[str] | None = None) -> None:
     args.out, stamp = run.out, run.run_id
     names = [args.only] if args.only else ["baseline", "haltless"]
 
-    work = Path(tempfile.mkdtemp(prefix="haltless-bench-"))
     records: list[dict] = []
-    try:
-        dsn, pg_pid, busy, hogs = ps.start_bench_postgres(work)
+    with ps.bench_postgres("haltless-bench-") as (work, dsn, pg_pid, idle):
         head = run.header(
             results.versions("fastapi", "uvicorn", "pydantic", "httptools", dsn=dsn,
-                             wrk=args.use_wrk), (busy, hogs),
+                             wrk=args.use_wrk), idle,
             load={"tool": "wrk" if args.use_wrk else "builtin",
                   "duration_s": args.duration, "warmup_s": args.warmup,
                   "connections": args.connections, "workers": args.workers,
@@ -344,8 +341,6 @@ def main(argv: list[str] | None = None) -> None:
                   "bodies": args.bodies})
         for name in names:
             records.append(run_target(name, dsn, pg_pid, args, work, stamp))
-    finally:
-        ps.stop_bench_postgres(work)
     base = next((r["readings_per_s"] for r in records if r["target"] == "baseline"), None)
     for r in records:
         r["ratio_vs_baseline"] = round(r["readings_per_s"] / base, 2) if base else None

@@ -33,7 +33,6 @@ import json
 import os
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -473,13 +472,10 @@ def main(argv: list[str] | None = None) -> None:
     gorilla = mix.gorilla_bytes_per_reading(data)
     print(f"generated {data.readings:,} readings in {time.perf_counter() - t:.1f} s; "
           f"Gorilla {gorilla:.2f} B/reading")
-    work = Path(tempfile.mkdtemp(prefix="haltless-storage-"))
-    work.chmod(0o755)  # the embedded server may run as its own system user
     records: list[dict] = []
-    try:
-        dsn, pg_pid, busy, hogs = ps.start_bench_postgres(work)
+    with ps.bench_postgres("haltless-storage-") as (work, dsn, pg_pid, idle):
         head = run.header(
-            results.versions(dsn=dsn), (busy, hogs),
+            results.versions(dsn=dsn), idle,
             parameters={"readings": args.readings, "seed": args.seed,
                         "end": mix.iso_us(data.end_us), "end_us": data.end_us,
                         "shapes": shapes, "workers": args.workers,
@@ -491,8 +487,6 @@ def main(argv: list[str] | None = None) -> None:
             records.append(run_narrow(data, dsn, pg_pid, args, work))
         for shape in shapes:
             records.append(run_shape(shape, data, dsn, pg_pid, args, work))
-    finally:
-        ps.stop_bench_postgres(work)
     base = next((r for r in records if r["target"] == "narrow"), None)
     for r in records:
         r["vs_narrow"] = None if base is None else {
