@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import datetime as dt
-import json
 import os
 import shutil
 import statistics
@@ -34,6 +32,7 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(ROOT))
 
 from bench import procstat as ps  # noqa: E402
+from bench import results  # noqa: E402
 from bench import run as ingest  # noqa: E402
 from haltless.server.localcluster import CitusCluster  # noqa: E402
 from haltless.server import db  # noqa: E402
@@ -116,7 +115,7 @@ def run_one(target: str, args, stamp: str) -> list[dict]:
             cluster = CitusCluster(workers=2, fsync=True, settings=args.citus_settings).start()
             dsn = cluster.dsn
             roots = node_pids(cluster)
-            busy, hogs = ps.busy_elsewhere()
+            busy, hogs = ps.idle_check()
         for shape in args.shapes:
             (work / shape).mkdir()
             a = argparse.Namespace(**{**vars(args), "shape": shape, "only": "haltless",
@@ -140,16 +139,21 @@ def run_one(target: str, args, stamp: str) -> list[dict]:
         if cluster is not None:
             cluster.stop()
             shutil.rmtree(work, ignore_errors=True)
-        elif ingest.stop_postgres(work):
-            shutil.rmtree(work, ignore_errors=True)
+        else:
+            ps.stop_bench_postgres(work)
     return records
 
 
 def markdown(records: list[dict], head: dict) -> str:
-    lines = [f"### {head['date']} one node vs Citus (coordinator + 2 workers), same box",
-             "", f"{head['machine']}; load {head['load']}", "",
-             "| target | shape | readings/s | vs single | p50 / p99 ms | PostgreSQL CPU % of a core"
-             " (whole target) | server CPU % |", "|---|---|---:|---:|---|---|---:|"]
+    ld = head["load"]
+    lines = [
+        *results.header_lines(head, "Citus benchmark (one node vs coordinator + 2 workers, same box)"),
+        f"- load: {ld['tool']}, {ld['connections']} connections, {ld['duration_s']:g} s per shape, "
+        f"{ld['workers']} `haltless serve` workers with {ld['writer_connections']} writer "
+        f"connection(s) each; Citus settings {ld['citus_settings'] or 'none'}; the idle check of "
+        "each target is in its records", "",
+        "| target | shape | readings/s | vs single | p50 / p99 ms | PostgreSQL CPU % of a core"
+        " (whole target) | server CPU % |", "|---|---|---:|---:|---|---|---:|"]
     single = {r["shape"]: r["readings_per_s"] for r in records
               if r["target"] == "single" and "readings_per_s" in r}
     for r in records:
@@ -191,7 +195,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--bodies", type=int, default=100)
     p.add_argument("--shapes", default="agent,wide")
     p.add_argument("--targets", default="single,citus")
-    p.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
+    p.add_argument("--out", type=Path, default=results.RESULTS)
     p.add_argument("--citus-setting", action="append", default=[], metavar="NAME=VALUE",
                    help="a postgresql.conf line for every Citus node (repeatable)")
     args = p.parse_args(argv)
@@ -202,29 +206,21 @@ def main(argv: list[str] | None = None) -> None:
     args.shapes = args.shapes.split(",")
     args.use_wrk = shutil.which("wrk") is not None
     args.profile = False
-    args.out = args.out.resolve()
-    args.out.mkdir(parents=True, exist_ok=True)
-    now = dt.datetime.now(dt.timezone.utc)
-    stamp = now.strftime("%Y%m%dT%H%M%SZ")
-    head = {"run_id": stamp, "date": now.isoformat(timespec="seconds"),
-            "machine": ps.machine_info(),
-            "load": {"tool": "wrk" if args.use_wrk else "builtin", "duration_s": args.duration,
-                     "connections": args.connections, "workers": args.workers,
-                     "writer_connections": int(os.environ.get(
-                         "HALTLESS_WRITER_CONNECTIONS", Settings().writer_connections)),
-                     "citus_settings": args.citus_settings}}
+    run = results.Run("citus", args.out)
+    head = run.header(
+        results.versions(wrk=args.use_wrk),
+        load={"tool": "wrk" if args.use_wrk else "builtin", "duration_s": args.duration,
+              "connections": args.connections, "workers": args.workers,
+              "writer_connections": int(os.environ.get(
+                  "HALTLESS_WRITER_CONNECTIONS", Settings().writer_connections)),
+              "citus_settings": args.citus_settings})
     records = []
     for target in args.targets.split(","):
         print(f"=== {target}")
-        records += run_one(target, args, stamp)
-    day = now.strftime("%Y-%m-%d")
-    with (args.out / f"citus-{day}.jsonl").open("a") as f:
-        for r in records:
-            f.write(json.dumps({**head, **r}) + "\n")
+        records += run_one(target, args, run.run_id)
     md = markdown(records, head)
-    with (args.out / f"citus-{day}.md").open("a") as f:
-        f.write(md + "\n\n")
     print(md)
+    run.append(records, md)
 
 
 if __name__ == "__main__":

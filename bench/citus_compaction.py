@@ -9,7 +9,8 @@ two at once (two processes, as two API hosts would).
 One cluster (coordinator + 2 workers on 127.0.0.1, fsync on); before each
 mode the same hot rows are loaded into slot 0 (``series`` x ``rows`` chunk
 rows of ``per-row`` readings, one hour, 1 s apart, one-decimal values) and
-the blocks emptied. JSON lines out, one per mode. One 2-core box: the three
+the blocks emptied. One JSON line per mode, appended to
+bench/results/citus-compaction-<date>.jsonl. One 2-core box: the three
 postmasters and the compactors share its cores, so two compactors can at
 best use both (bench/README "Citus").
 """
@@ -20,7 +21,6 @@ import asyncio
 import datetime as dt
 import json
 import multiprocessing
-import platform
 import sys
 import time
 from pathlib import Path
@@ -31,15 +31,18 @@ if __package__ in (None, ""):
 
 import asyncpg  # noqa: E402
 
+from bench import results  # noqa: E402
 from haltless.server.localcluster import CitusCluster  # noqa: E402
 from haltless.server import db  # noqa: E402
 from haltless.server.compact import Compactor  # noqa: E402
 from haltless.server.compaction import compact_all  # noqa: E402
 
+# ts: n big-endian Unix microseconds since migration 0008 (haltless_chunk_stamps)
 LOAD = """
 INSERT INTO reading_chunks_0 (series_id, bucket, n, ts, vals)
 SELECT s, $1::timestamptz, $3,
-       ARRAY(SELECT $1::timestamptz + (r * $3 + i) * interval '1 s' FROM generate_series(0, $3 - 1) i),
+       haltless_chunk_stamps(ARRAY(SELECT $1::timestamptz + (r * $3 + i) * interval '1 s'
+                                   FROM generate_series(0, $3 - 1) i)),
        ARRAY(SELECT round((20 + ((s * 7 + r * 13 + i) % 97) / 10.0)::numeric, 1)::float8
              FROM generate_series(0, $3 - 1) i)
 FROM generate_series(1, $2) s, generate_series(0, $4 - 1) r
@@ -102,11 +105,11 @@ def main(argv=None) -> None:
     p.add_argument("--per-row", type=int, default=60, help="readings per chunk row")
     p.add_argument("--modes", default="coordinator,groups-1,groups-2")
     p.add_argument("--repeat", type=int, default=2)
-    p.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
+    p.add_argument("--out", type=Path, default=results.RESULTS)
     args = p.parse_args(argv)
     if reason := CitusCluster.skip_reason():
         sys.exit(f"bench.citus_compaction: {reason}")
-    stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    run = results.Run("citus-compaction", args.out)
     records = []
     with CitusCluster(workers=2, fsync=True) as cluster:
         async def migrate():
@@ -116,6 +119,8 @@ def main(argv=None) -> None:
             finally:
                 await conn.close()
         asyncio.run(migrate())
+        run.header(results.versions(dsn=cluster.dsn), series=args.series, rows=args.rows,
+                   per_row=args.per_row)
         for _ in range(args.repeat):
             for mode in args.modes.split(","):
                 n = asyncio.run(load(cluster.dsn, args))
@@ -124,15 +129,12 @@ def main(argv=None) -> None:
                 per = run_mode(mode, cluster.dsn)
                 secs = time.perf_counter() - t0
                 assert sum(per) == n, (mode, per, n)
-                r = {"date": stamp, "mode": mode, "readings": n, "seconds": round(secs, 2),
+                r = {"mode": mode, "readings": n, "seconds": round(secs, 2),
                      "us_per_reading": round(secs * 1e6 / n, 3), "per_compactor": per,
-                     "loadavg_1m_before": float(load1), "machine": platform.machine(),
-                     "cpus": multiprocessing.cpu_count()}
+                     "loadavg_1m_before": float(load1)}
                 print(json.dumps(r), flush=True)
                 records.append(r)
-    args.out.mkdir(parents=True, exist_ok=True)
-    with open(args.out / f"citus-compaction-{stamp}.jsonl", "w") as f:
-        f.writelines(json.dumps(r) + "\n" for r in records)
+    run.append(records)
 
 
 if __name__ == "__main__":

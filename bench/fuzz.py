@@ -23,7 +23,13 @@ import gzip
 import json
 import random
 import re
+import sys
 import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+if __package__ in (None, ""):
+    sys.path.insert(0, str(ROOT))
 
 HUGE = "1" * 5000
 VALUES = [
@@ -198,48 +204,49 @@ async def fuzz(url: str, key: str, token: str, machine_id: str, source_id: str, 
             "no_http_answer": transport}
 
 
-def main(argv=None) -> None:
-    import os
-    import shutil
-    import tempfile
+async def add_source(dsn: str) -> tuple:
+    """CNC-001 in the default organization and an inactive Modbus source of it:
+    (organization id, machine id, source id)."""
     import uuid
-    from pathlib import Path
 
-    from haltless.server import db, store
+    import asyncpg
+
+    from haltless.server import store
+    c = await asyncpg.connect(dsn)
+    try:
+        org = await store.org_id(c, None)
+        machine = (await store.create_machine(c, org, "CNC-001"))["id"]
+        sid = uuid.uuid4()
+        await c.execute(
+            "INSERT INTO ingest_sources (id, org_id, machine_id, name, protocol, host, port,"
+            " poll_interval_seconds, is_active, config) VALUES ($1, $2, $3, 's', 'modbus',"
+            " '10.1.2.3', 502, 10, false, $4::jsonb)", sid, org, machine,
+            json.dumps({"registers": [{"address": 1, "metric_name": "t"}]}))
+        return org, machine, sid
+    finally:
+        await c.close()
+
+
+def main(argv=None) -> None:
+    from bench import procstat as ps
+    from bench import results
+    from bench.run import haltless_server, setup_haltless
     from haltless.server.auth import issue_token, jwt_secret
-    from haltless.core.config import Settings
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--requests", type=int, default=10_000)
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--concurrency", type=int, default=16)
+    ap.add_argument("--out", type=Path, default=results.RESULTS)
     args = ap.parse_args(argv)
-    root = Path(__file__).resolve().parent.parent
-    work = Path(tempfile.mkdtemp(prefix="haltless-fuzz-"))
-    work.chmod(0o755)
-    data = work / "data"
-    dsn = db.migrated_url(Settings(data_dir=data))
-
-    async def setup():
-        import asyncpg
-        c = await asyncpg.connect(dsn)
-        try:
-            org = await store.org_id(c, None)
-            machine = (await store.create_machine(c, org, "CNC-001"))["id"]
-            k = (await store.create_key(c, org, "fuzz"))[0]
-            sid = uuid.uuid4()
-            await c.execute(
-                "INSERT INTO ingest_sources (id, org_id, machine_id, name, protocol, host, port,"
-                " poll_interval_seconds, is_active, config) VALUES ($1, $2, $3, 's', 'modbus',"
-                " '10.1.2.3', 502, 10, false, $4::jsonb)", sid, org, machine,
-                json.dumps({"registers": [{"address": 1, "metric_name": "t"}]}))
-            return org, machine, k, sid
-        finally:
-            await c.close()
-    org, machine, key, sid = asyncio.run(setup())
-    token = issue_token(jwt_secret(None, data), org, 3600)
-    from bench.run import haltless_server
-    try:
+    run = results.Run("fuzz", args.out)
+    with ps.bench_postgres("haltless-fuzz-") as (work, dsn, _pg_pid, idle):
+        run.header(results.versions("httpx", dsn=dsn), idle)
+        data = work / "data"
+        data.mkdir()
+        key = asyncio.run(setup_haltless(dsn, []))
+        org, machine, sid = asyncio.run(add_source(dsn))
+        token = issue_token(jwt_secret(None, data), org, 3600)
         with haltless_server(dsn, data, 2, work / "server.log") as (_, port):
             started = time.monotonic()
             res = asyncio.run(fuzz(f"http://127.0.0.1:{port}", key, token, str(machine),
@@ -247,21 +254,15 @@ def main(argv=None) -> None:
             took = time.monotonic() - started
         server_log = (work / "server.log").read_text(errors="replace")
         if "Traceback" in server_log:
-            (root / "bench" / "results" / "fuzz-last-server.log").write_text(server_log)
-    finally:
-        db.stop_embedded(data)
-        shutil.rmtree(work, ignore_errors=True)
+            (run.out / "fuzz-last-server.log").write_text(server_log)
     fivexx = sum(v for k, v in res["counts"].items() if k.startswith("5"))
-    record = {"bench": "fuzz", "at": dt.datetime.now(dt.timezone.utc).isoformat(),
-              "cpus": os.cpu_count(), "requests": args.requests, "seed": args.seed,
+    record = {"requests": args.requests, "seed": args.seed,
               "seconds": round(took, 1), "5xx": fivexx,
               "tracebacks_in_server_log": server_log.count("Traceback"),
               "server_exceptions": sorted(set(re.findall(
                   r"\n([A-Za-z_][\w.]*(?:Error|Exception)\b[^\n]*)", server_log)))[:10], **res}
     print(json.dumps(record, indent=1))
-    results = root / "bench" / "results"
-    with open(results / f"fuzz-{dt.date.today().isoformat()}.jsonl", "a") as f:
-        f.write(json.dumps(record) + "\n")
+    run.append([record])
     if fivexx:
         raise SystemExit(1)
 

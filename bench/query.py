@@ -26,16 +26,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import datetime as dt
 import json
 import os
-import platform
 import random
-import socket
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -47,6 +43,9 @@ import asyncpg  # noqa: E402
 import requests  # noqa: E402
 
 from bench import mix  # noqa: E402
+from bench import procstat as ps  # noqa: E402
+from bench import results  # noqa: E402
+from bench.run import haltless_server  # noqa: E402
 from haltless.server import db, store  # noqa: E402
 from haltless.server.auth import issue_token  # noqa: E402
 
@@ -181,36 +180,37 @@ async def setup(dsn: str):
         await c.close()
 
 
+def markdown(records: list[dict], head: dict) -> str:
+    lines = [*results.header_lines(head, "Query benchmark"),
+             f"- `haltless serve --workers {head['workers']}`; each query {head['repeat']} times "
+             "after 3 warm-ups over one keep-alive connection; server time from Server-Timing",
+             "",
+             "| storage | query | series | rows | server median ms | server p90 ms "
+             "| client median ms | client p90 ms | target ms (server) |",
+             "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    lines += [f"| {r['storage']} | {r['query']} | {r['series']} | {r['rows']:,} "
+              f"| {r['server_median_ms']} | {r['server_p90_ms']} | {r['median_ms']} "
+              f"| {r['p90_ms']} | {r['target_ms']:g} |" for r in records]
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--metrics", type=int, default=20, help="series of DAY-001 (1-20)")
     ap.add_argument("--repeat", type=int, default=20)
     ap.add_argument("--workers", type=int, default=1)
-    ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--out", type=Path, default=results.RESULTS)
     ap.add_argument("--explain", action="store_true",
                     help="print EXPLAIN ANALYZE of the latest query per storage")
     args = ap.parse_args(argv)
-    work = Path(tempfile.mkdtemp(prefix="haltless-bench-query-"))
-    work.chmod(0o755)
-    dsn = db.start_embedded(work)
-    try:
+    run = results.Run("query", args.out)
+    with ps.bench_postgres("haltless-bench-query-") as (work, dsn, _pg_pid, idle):
+        head = run.header(results.versions("requests", dsn=dsn), idle,
+                          workers=args.workers, repeat=args.repeat)
         orgs = asyncio.run(setup(dsn))
         env = {**os.environ, "HALTLESS_DATABASE_URL": dsn, "HALTLESS_DATA_DIR": str(work)}
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            port = sock.getsockname()[1]
-        log = open(work / "serve.log", "ab")
-        proc = subprocess.Popen(HALTLESS + ["serve", "--port", str(port), "--workers",
-                                            str(args.workers)], env=env, stdout=log,
-                                stderr=subprocess.STDOUT, start_new_session=True)
-        url = f"http://127.0.0.1:{port}"
-        try:
-            for _ in range(300):
-                try:
-                    if requests.get(url + "/healthz", timeout=1).ok:
-                        break
-                except requests.ConnectionError:
-                    time.sleep(0.1)
+        with haltless_server(dsn, work, args.workers, work / "serve.log") as (_, port):
+            url = f"http://127.0.0.1:{port}"
             secret = (work / "jwt-secret").read_text().strip()
             day_token = issue_token(secret, orgs["day"][0], 3600)
             fleet_token = issue_token(secret, orgs["fleet"][0], 3600)
@@ -237,28 +237,9 @@ def main(argv: list[str] | None = None) -> None:
                            "fleet_readings": fleet_n}
                     records.append(rec)
                     print(json.dumps(rec))
-        finally:
-            proc.terminate()
-            proc.wait(15)
-    finally:
-        db.stop_embedded(work)
-    head = {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-            "machine": f"{platform.machine()}, {os.cpu_count()} cores", "python": sys.version.split()[0],
-            "workers": args.workers, "repeat": args.repeat}
-    table = [f"query benchmark, {head['date']}, {head['machine']}, {args.workers} worker(s)", "",
-             "| storage | query | series | rows | server median ms | server p90 ms "
-             "| client median ms | client p90 ms | target ms (server) |",
-             "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
-    table += [f"| {r['storage']} | {r['query']} | {r['series']} | {r['rows']:,} "
-              f"| {r['server_median_ms']} | {r['server_p90_ms']} | {r['median_ms']} "
-              f"| {r['p90_ms']} | {r['target_ms']:g} |" for r in records]
-    print("\n".join(table), file=sys.stderr)
-    if args.out:
-        args.out.mkdir(parents=True, exist_ok=True)
-        stamp = head["date"].replace(":", "")
-        (args.out / f"query-{stamp}.jsonl").write_text(
-            "\n".join(json.dumps({**head, **r}) for r in records) + "\n")
-        (args.out / f"query-{stamp}.md").write_text("\n".join(table) + "\n")
+    md = markdown(records, head)
+    print(md, file=sys.stderr)
+    run.append(records, md)
 
 
 if __name__ == "__main__":

@@ -14,15 +14,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import datetime as dt
 import http.client
-import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -31,11 +27,12 @@ ROOT = Path(__file__).resolve().parent.parent
 if __package__ in (None, ""):
     sys.path.insert(0, str(ROOT))
 
-import asyncpg  # noqa: E402
-
 from bench import loadgen  # noqa: E402
 from bench import procstat as ps  # noqa: E402
+from bench import results  # noqa: E402
+from bench.syncdb import DB  # noqa: E402
 from haltless.server import db, store  # noqa: E402
+from haltless.server.localcluster import free_port  # noqa: E402
 
 MACHINES = 50
 METRICS = 20
@@ -44,7 +41,9 @@ STEPS = 50  # timestamps per body: 20 metrics x 50 = 1,000 readings
 
 # ------------------------------------------------------------------ targets
 
-async def _setup_haltless(dsn: str, idents: list[str]) -> str:
+async def setup_haltless(dsn: str, idents: list[str]) -> str:
+    """Migrated, machines ``idents`` in the default organization, and a new API key
+    for it (the key): what `haltless machines add` / `haltless keys create` do."""
     conn = await db.connect(dsn)
     try:
         await db.migrate(conn)
@@ -90,7 +89,7 @@ TARGETS = {
                      server="FastAPI + pydantic + asyncpg executemany, uvicorn",
                      count="SELECT count(*) FROM baseline_readings",
                      vacuum="VACUUM (ANALYZE) baseline_readings"),
-    "haltless": dict(setup=_setup_haltless, argv=_haltless_argv,
+    "haltless": dict(setup=setup_haltless, argv=_haltless_argv,
                      server="haltless serve (granian + msgspec + group-commit COPY)",
                      count=("SELECT (SELECT coalesce(sum(n), 0) FROM reading_chunks)"
                      " + (SELECT coalesce(sum(n), 0) FROM reading_blocks)"),
@@ -99,41 +98,6 @@ TARGETS = {
 
 
 # ------------------------------------------------------------------ helpers
-
-class DB:
-    """A synchronous handle on one asyncpg connection, for counting."""
-
-    def __init__(self, dsn: str) -> None:
-        self.loop = asyncio.new_event_loop()
-        self.conn = self.loop.run_until_complete(asyncpg.connect(dsn))
-
-    def val(self, sql: str):
-        return self.loop.run_until_complete(self.conn.fetchval(sql))
-
-    def execute(self, sql: str) -> None:
-        self.loop.run_until_complete(self.conn.execute(sql))
-
-    def drained(self, sql: str, settle: float = 0.5, timeout: float = 30.0) -> int:
-        """The count once it stops moving (in-flight requests committed)."""
-        last, end = self.val(sql), time.monotonic() + timeout
-        while time.monotonic() < end:
-            time.sleep(settle)
-            now = self.val(sql)
-            if now == last:
-                return now
-            last = now
-        return last
-
-    def close(self) -> None:
-        self.loop.run_until_complete(self.conn.close())
-        self.loop.close()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def wait_healthy(port: int, proc: subprocess.Popen, log: Path, timeout: float = 90.0) -> None:
     end = time.monotonic() + timeout
@@ -152,21 +116,27 @@ def wait_healthy(port: int, proc: subprocess.Popen, log: Path, timeout: float = 
 
 
 @contextlib.contextmanager
-def haltless_server(dsn: str, data_dir: Path, workers: int, log: Path, env: dict | None = None):
-    """`haltless serve` against ``dsn`` on a free 127.0.0.1 port, healthy:
-    yields (process, port); stopped, with every process it started, on exit.
-    The one way bench/ tools start our server (fuzz, hostile, storage)."""
+def serving(argv_for_port, env: dict, log: Path):
+    """The server ``argv_for_port(port)`` starts, on a free 127.0.0.1 port, once it
+    answers /healthz: yields (process, port); stopped, with every process it
+    started, on exit. The one way bench/ tools start a server."""
     port = free_port()
     with log.open("wb") as out:
-        proc = subprocess.Popen(
-            _haltless_argv(port, workers), cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
-            env={**os.environ, "HALTLESS_DATABASE_URL": dsn, "HALTLESS_DATA_DIR": str(data_dir),
-                 **(env or {})})
+        proc = subprocess.Popen(argv_for_port(port), cwd=ROOT, env=env, stdout=out,
+                                stderr=subprocess.STDOUT)
     try:
         wait_healthy(port, proc, log)
         yield proc, port
     finally:
         ps.stop_process(proc)
+
+
+def haltless_server(dsn: str, data_dir: Path, workers: int, log: Path, env: dict | None = None):
+    """`haltless serve --workers N` against ``dsn``, as ``serving`` runs it
+    (fuzz, hostile, query, storage)."""
+    env = {**os.environ, "HALTLESS_DATABASE_URL": dsn, "HALTLESS_DATA_DIR": str(data_dir),
+           **(env or {})}
+    return serving(lambda port: _haltless_argv(port, workers), env, log)
 
 
 def run_load(url: str, key: str, bodies: Path, duration: float, connections: int,
@@ -204,9 +174,8 @@ def top_snapshot(delay: float, dest: Path) -> threading.Thread:
 
 
 def start_profiler(pid: int, duration: float, dest: Path) -> subprocess.Popen | None:
-    exe = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
-    if not Path(exe).exists() and shutil.which(exe) is None:
-        print("  --profile: py-spy is not installed (pip install py-spy); not profiling")
+    exe = ps.py_spy()
+    if exe is None:
         return None
     print(f"  profiling with py-spy -> {dest}")
     return subprocess.Popen([exe, "record", "--pid", str(pid), "--subprocesses", "--rate", "100",
@@ -222,20 +191,18 @@ def run_target(name: str, dsn: str, pg_pid: int, args, work: Path, stamp: str) -
     print(f"== {name}: {t['server']}")
     idents = loadgen.machine_ids(MACHINES)
     key = asyncio.run(t["setup"](dsn, idents))
-    dbh = DB(dsn)
-    dbh.val("CHECKPOINT")  # same starting point for both targets
-    port = free_port()
     log = work / f"{name}.log"
     env = dict(os.environ, HALTLESS_DATABASE_URL=dsn, HALTLESS_DATA_DIR=str(work / "data"),
                BASELINE_DATABASE_URL=dsn)
-    with log.open("w") as logf:
-        proc = subprocess.Popen(t["argv"](port, args.workers), cwd=ROOT, env=env,
-                                stdout=logf, stderr=subprocess.STDOUT)
-    rss = ps.RssSampler(proc.pid)
     profile_path = None
-    try:
-        wait_healthy(port, proc, log)
+    with contextlib.ExitStack() as stack:
+        dbh = stack.enter_context(DB(dsn))
+        dbh.val("CHECKPOINT")  # same starting point for both targets
+        proc, port = stack.enter_context(
+            serving(lambda port: t["argv"](port, args.workers), env, log))
+        rss = ps.RssSampler(proc.pid)
         rss.start()
+        stack.callback(rss.stop)
         url = f"http://127.0.0.1:{port}"
         bodies = work / f"bodies-{name}"
         loadgen.write_bodies(loadgen.make_bodies(time.time(), args.bodies, MACHINES, METRICS,
@@ -274,10 +241,6 @@ def run_target(name: str, dsn: str, pg_pid: int, args, work: Path, stamp: str) -
             except subprocess.TimeoutExpired:
                 ps.stop_process(spy)
                 profile_path = None
-    finally:
-        rss.stop()
-        ps.stop_process(proc)
-        dbh.close()
     wall = cpu1["machine"][1] - cpu0["machine"][1]
     pct = lambda secs: round(100 * secs / wall, 1) if wall > 0 else None  # noqa: E731
     cpu = {"server": pct(cpu1["server"] - cpu0["server"]),
@@ -306,44 +269,17 @@ def run_target(name: str, dsn: str, pg_pid: int, args, work: Path, stamp: str) -
     }
 
 
-def stop_postgres(work: Path) -> bool:
-    """Let go of the embedded PostgreSQL (this process is its only user, so it stops)."""
-    try:
-        if hasattr(db, "stop_embedded"):
-            db.stop_embedded(work)
-        elif hasattr(getattr(db, "_embedded", None), "cleanup"):  # older server.db
-            db._embedded.cleanup()
-        return not (work / "pg" / "postmaster.pid").exists()
-    except Exception as exc:  # noqa: BLE001 - keep the data dir; report
-        print(f"could not stop the embedded PostgreSQL in {work}/pg: {exc}")
-        return False
-
-
 # ------------------------------------------------------------------ report
 
-def versions(dsn: str, use_wrk: bool) -> dict:
-    dbh = DB(dsn)
-    v = ps.versions(("granian", "msgspec", "asyncpg", "uvloop", "fastapi", "uvicorn", "pydantic",
-                     "httptools", "haltless"), dbh.val("SHOW server_version"))
-    dbh.close()
-    if use_wrk:
-        v["wrk"] = subprocess.run(["wrk", "-v"], capture_output=True, text=True).stdout.split()[1]
-    return v
-
-
 def markdown(records: list[dict], head: dict) -> str:
-    m, ld, v = head["machine"], head["load"], head["versions"]
+    m, ld = head["machine"], head["load"]
     lines = [
-        f"## Ingest benchmark {head['date']} (run {head['run_id']})", "",
-        f"- machine: {m['nproc']} CPUs ({m['cpu_model']}), {m['mem_gib']} GiB RAM, {m['kernel']}",
+        *results.header_lines(head, "Ingest benchmark"),
         f"- load: {ld['tool']}, {ld['connections']} connections, {ld['duration_s']:g} s per target "
         f"after {ld['warmup_s']:g} s warm-up; {ld['readings_per_batch']:,} readings per batch "
         f"({ld['machines']} machines x {ld['metrics']} metrics, shape {ld.get('shape', 'agent')}, "
         f"{ld['bodies']} distinct bodies); "
         f"{ld['workers']} server workers; load generator, servers and PostgreSQL share the machine",
-        f"- CPU busy before the run (idle check, 1 s): {head['busy_before_run']['cpu_pct']}% of one core"
-        + (f" - {'; '.join(head['busy_before_run']['top'])}" if head['busy_before_run']['top'] else ""),
-        "- versions: " + ", ".join(f"{k} {val}" for k, val in v.items() if val is not None),
         "",
         "| target | readings/s committed | vs baseline | batches/s | p50 ms | p99 ms | non-207 "
         "| RSS peak / end MB | CPU % server / postgres / loadgen |",
@@ -374,7 +310,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--connections", type=int, default=64)
     p.add_argument("--workers", type=int, default=2, help="server worker processes (both targets)")
     p.add_argument("--only", choices=sorted(TARGETS))
-    p.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
+    p.add_argument("--out", type=Path, default=results.RESULTS)
     p.add_argument("--warmup", type=float, default=3.0, help="warm-up load per target (s)")
     p.add_argument("--bodies", type=int, default=100, help="distinct request bodies to rotate")
     p.add_argument("--loadgen", choices=["auto", "wrk", "builtin"], default="auto")
@@ -387,41 +323,28 @@ def main(argv: list[str] | None = None) -> None:
     if args.loadgen == "wrk" and shutil.which("wrk") is None:
         p.error("--loadgen wrk: wrk is not on PATH")
     args.use_wrk = {"auto": shutil.which("wrk") is not None, "wrk": True, "builtin": False}[args.loadgen]
-    args.out = args.out.resolve()
-    args.out.mkdir(parents=True, exist_ok=True)
-    now = dt.datetime.now(dt.timezone.utc)
-    stamp = now.strftime("%Y%m%dT%H%M%SZ")
+    run = results.Run("ingest", args.out)
+    args.out, stamp = run.out, run.run_id
     names = [args.only] if args.only else ["baseline", "haltless"]
 
-    work = Path(tempfile.mkdtemp(prefix="haltless-bench-"))
     records: list[dict] = []
-    try:
-        dsn, pg_pid, busy, hogs = ps.start_bench_postgres(work)
-        head = {"run_id": stamp, "date": now.isoformat(timespec="seconds"),
-                "busy_before_run": {"cpu_pct": busy, "top": hogs},
-                "machine": ps.machine_info(), "versions": versions(dsn, args.use_wrk),
-                "load": {"tool": "wrk" if args.use_wrk else "builtin",
-                         "duration_s": args.duration, "warmup_s": args.warmup,
-                         "connections": args.connections, "workers": args.workers,
-                         "readings_per_batch": METRICS * STEPS, "machines": MACHINES,
-                         "shape": args.shape,
-                         "metrics": METRICS, "timestamps_per_body": STEPS, "spacing_ms": 10,
-                         "bodies": args.bodies}}
+    with ps.bench_postgres("haltless-bench-") as (work, dsn, pg_pid, idle):
+        head = run.header(
+            results.versions("fastapi", "uvicorn", "pydantic", "httptools", dsn=dsn,
+                             wrk=args.use_wrk), idle,
+            load={"tool": "wrk" if args.use_wrk else "builtin",
+                  "duration_s": args.duration, "warmup_s": args.warmup,
+                  "connections": args.connections, "workers": args.workers,
+                  "readings_per_batch": METRICS * STEPS, "machines": MACHINES,
+                  "shape": args.shape,
+                  "metrics": METRICS, "timestamps_per_body": STEPS, "spacing_ms": 10,
+                  "bodies": args.bodies})
         for name in names:
             records.append(run_target(name, dsn, pg_pid, args, work, stamp))
-    finally:
-        if stop_postgres(work):
-            shutil.rmtree(work, ignore_errors=True)
     base = next((r["readings_per_s"] for r in records if r["target"] == "baseline"), None)
     for r in records:
         r["ratio_vs_baseline"] = round(r["readings_per_s"] / base, 2) if base else None
-    day = now.strftime("%Y-%m-%d")
-    with (args.out / f"ingest-{day}.jsonl").open("a") as f:
-        for r in records:
-            f.write(json.dumps({**head, **r}) + "\n")
     md = markdown(records, head)
-    with (args.out / f"ingest-{day}.md").open("a") as f:
-        f.write(md + "\n")
     print()
     print(md)
     for r in records:
@@ -429,7 +352,7 @@ def main(argv: list[str] | None = None) -> None:
             print(f"{r['target']}: non-207 {r['batches']['non_207']}, socket errors "
                   f"{r['batches']['socket_errors']}, samples {r['batches']['error_samples'][:3]}, "
                   f"server log: {r['server_log_problems'][:5]}")
-    print(f"results: {args.out}/ingest-{day}.jsonl and .md")
+    run.append(records, md)
 
 
 if __name__ == "__main__":

