@@ -96,11 +96,12 @@ main()
 
 
 def code_digest() -> str:
-    """SHA-256 (12 hex) of the code under test (pollers/, server/, haltless_fast/),
-    so a run on a dirty tree can still be matched to the code it measured."""
+    """SHA-256 (12 hex) of the code under test (core/, pollers/, server/,
+    haltless_fast/), so a run on a dirty tree can still be matched to the code
+    it measured."""
     import hashlib
     h = hashlib.sha256()
-    for pattern in ("pollers/*.py", "server/*.py", "server/migrations/*.sql", "haltless_fast/*.py",
+    for pattern in ("core/*.py", "pollers/*.py", "server/*.py", "server/migrations/*.sql", "haltless_fast/*.py",
                     "haltless_fast/*.pyx", "haltless_fast/*.pxd"):
         for f in sorted(ROOT.glob(pattern)):
             h.update(str(f.relative_to(ROOT)).encode() + b"\0" + f.read_bytes())
