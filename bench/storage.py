@@ -155,7 +155,9 @@ async def _pollers_path(dsn: str, bodies: Path, per_flush: int) -> dict:
     t0 = time.perf_counter()
     with bodies.open("rb") as f:
         for line in f:
-            payload, result, _ = await ingestor.prepare(org, *decode_batch(line.rstrip(b"\n")))
+            # strict: Reading structs with datetimes, as server/direct.py builds them
+            payload, result, _ = await ingestor.prepare(
+                org, *decode_batch(line.rstrip(b"\n"), strict=True))
             flusher.add(payload, done(result))
             polls += 1
             if polls % per_flush == 0:

@@ -40,6 +40,24 @@ class IngestBatch(msgspec.Struct, gc=False):
     readings: Annotated[list[Reading], Meta(max_length=MAX_READINGS)]
 
 
+class FastReading(msgspec.Struct, gc=False):
+    """A reading as the ingest fast path decodes it: the timestamp as text and
+    no bounds, which cost msgspec ~300 ns a reading (datetime objects, length
+    checks); the kernel parses and bounds them itself, and hands a reading it
+    cannot vouch for back (RECHECK) to the strict decode into ``Reading``,
+    whose errors name the field."""
+    machine_identifier: str
+    timestamp: str
+    metric_name: str
+    value: float
+    unit: str | None = None
+    raw_tag: str | None = None
+
+
+class FastBatch(msgspec.Struct, gc=False):
+    readings: Annotated[list[FastReading], Meta(max_length=MAX_READINGS)]
+
+
 class ReadingError(msgspec.Struct, gc=False):
     index: int
     machine_identifier: str | None
@@ -206,6 +224,7 @@ class ReadCursor(msgspec.Struct, array_like=True):
 
 
 batch_decoder = msgspec.json.Decoder(IngestBatch)
+fast_decoder = msgspec.json.Decoder(FastBatch)
 encoder = msgspec.json.Encoder()
 
 

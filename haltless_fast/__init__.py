@@ -13,7 +13,8 @@ import os
 _KERNELS = {
     "COMPILED": {
         "_validate": ("encode_batch", "encode_chunks", "MAX_ROW", "RECORD_SIZE", "timestamp_us",
-                      "NOT_FINITE", "TOO_OLD", "TOO_NEW"),
+                      "parse_timestamp", "SeriesIndex", "NOT_FINITE", "TOO_OLD", "TOO_NEW",
+                      "RECHECK"),
     },
     "CODEC_COMPILED": {
         "_blocks": ("pack_ints", "unpack_ints", "pack_values", "unpack_values", "sort_by_time"),

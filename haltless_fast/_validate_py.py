@@ -5,7 +5,9 @@ and the test-suite runs every kernel case against both.
 """
 from __future__ import annotations
 
+import datetime as _dt
 import math
+import re
 import struct
 
 _PG_EPOCH_US = 946_684_800_000_000  # 2000-01-01T00:00:00Z in Unix microseconds
@@ -19,6 +21,7 @@ _OID_FLOAT8 = 701
 NOT_FINITE = 1
 TOO_OLD = 2
 TOO_NEW = 3
+RECHECK = 4
 
 _row_head = struct.Struct("!hiiiqii")  # 5 fields; series_id; bucket; n
 _array_head = struct.Struct("!iiiiii")  # byte length; ndim, flags, oid, dim, lbound
@@ -47,48 +50,120 @@ RECORD_SIZE = _record.size
 MAX_ROW = 500
 
 
-def encode_batch(readings, series, now_us, oldest_us=None):
+class SeriesIndex:
+    """The series ids an organization's readings map to, by (machine_identifier,
+    metric_name, unit, raw_tag); None for unit or raw_tag is "". The compiled
+    twin keeps the keys as UTF-8 in an open-addressing table with a seeded
+    hash, so a lookup costs no tuple and no str hash; here it is a dict."""
+
+    __slots__ = ("_ids",)
+
+    def __init__(self) -> None:
+        self._ids: dict[tuple[str, str, str, str], int] = {}
+
+    def add(self, machine_identifier, metric_name, unit, raw_tag, series_id):
+        self._ids[(machine_identifier, metric_name, unit or "", raw_tag or "")] = series_id
+
+    def get(self, machine_identifier, metric_name, unit, raw_tag):
+        return self._ids.get((machine_identifier, metric_name, unit or "", raw_tag or ""))
+
+    def clear(self):
+        self._ids.clear()
+
+    def __len__(self):
+        return len(self._ids)
+
+
+# The timestamps the kernel parses itself: RFC 3339 as clients send it, a
+# strict subset of what msgspec's datetime accepts (T and Z upper case, at
+# most 6 fraction digits, an offset with a colon or none: UTC), giving the
+# same instant. Anything else is RECHECK: decoded again by msgspec.
+_RFC3339 = re.compile(r"([0-9]{4})-([0-9]{2})-([0-9]{2})T([0-9]{2}):([0-9]{2}):([0-9]{2})"
+                      r"(?:\.([0-9]{1,6}))?(Z|[+-][0-9]{2}:[0-9]{2})?")
+_DAYS = (0, 31, 28, 31, 30, 31, 30, 31, 31, 30, 31, 30, 31)
+# Field lengths in characters, as the contract's Reading type bounds them
+# (core/wire.py): machine_identifier and metric_name 1-200, unit 64, raw_tag 200.
+_LIMITS = ((1, 200), (1, 200), (0, 64), (0, 200))
+
+
+def parse_timestamp(text: str) -> int | None:
+    """Unix microseconds of an RFC 3339 timestamp the kernel takes, else None."""
+    m = _RFC3339.fullmatch(text)
+    if m is None:
+        return None
+    y, mo, d, h, mi, sec = (int(g) for g in m.groups()[:6])
+    leap = y % 4 == 0 and (y % 100 != 0 or y % 400 == 0)
+    if not (y >= 1 and 1 <= mo <= 12 and 1 <= d <= _DAYS[mo] + (mo == 2 and leap)
+            and h <= 23 and mi <= 59 and sec <= 59):
+        return None
+    frac = int((m.group(7) or "0").ljust(6, "0"))
+    off = 0
+    zone = m.group(8)
+    if zone and zone != "Z":
+        oh, om = int(zone[1:3]), int(zone[4:6])
+        if oh > 23 or om > 59:
+            return None
+        off = (oh * 60 + om) * 60_000_000 * (1 if zone[0] == "+" else -1)
+    days = _dt.date(y, mo, d).toordinal() - 719_163
+    return (days * 86_400 + h * 3600 + mi * 60 + sec) * 1_000_000 + frac - off
+
+
+def encode_batch(readings, index, now_us, oldest_us=None):
     """Validate a decoded batch; pack the good readings as records.
 
-    ``readings``: list of ``haltless.core.wire.Reading`` (or None for a reading the
-    caller already rejected). ``series``: ``{(machine_identifier, metric_name,
-    unit or "", raw_tag or ""): series_id}``. ``now_us``: server clock.
-    ``oldest_us`` (default: 3,650 days before ``now_us``) is the oldest
-    timestamp accepted (a retention shorter than the contract's window).
+    ``readings``: list of ``haltless.core.wire.Reading`` (timestamps as
+    datetimes, lengths already bounded), or of ``FastReading`` (timestamps
+    as text, lengths unchecked), or None for a reading the caller already
+    rejected. ``index``: the organization's ``SeriesIndex``. ``now_us``:
+    server clock. ``oldest_us`` (default: 3,650 days before ``now_us``) is the
+    oldest timestamp accepted (a retention shorter than the contract's window).
 
     Returns ``(records, accepted, errors, missing)``: ``errors`` is a list of
-    ``(index, code)``, the code NOT_FINITE, TOO_OLD (before ``oldest_us``)
-    or TOO_NEW (more than 5 minutes ahead of ``now_us``); ``missing`` the indices of otherwise valid readings
-    whose series is not in ``series``. ``records`` holds one 20-byte record
+    ``(index, code)``, the code NOT_FINITE, TOO_OLD (before ``oldest_us``),
+    TOO_NEW (more than 5 minutes ahead of ``now_us``) or RECHECK (a text
+    timestamp the kernel does not parse, or a field outside its length: the
+    caller decodes the body again strictly, which says exactly what is
+    wrong, or takes it); ``missing`` the indices of otherwise valid readings
+    whose series is not in ``index``. ``records`` holds one 20-byte record
     (``RECORD_SIZE``) per good reading, in input order, for ``encode_chunks``;
-    it is None when anything is missing, because the caller resolves those
-    and calls again.
+    it is None when anything is missing or to recheck, because the caller
+    resolves those and calls again.
     """
     errors = []
     missing = []
     good = []
+    recheck = False
     lo = now_us - _PAST_LIMIT_US if oldest_us is None else oldest_us
     hi = now_us + _FUTURE_LIMIT_US
     for i, r in enumerate(readings):
         if r is None:
             continue
+        t = r.timestamp
+        if type(t) is str:
+            fields = (r.machine_identifier, r.metric_name, r.unit or "", r.raw_tag or "")
+            ts = parse_timestamp(t)
+            if ts is None or not all(a <= len(f) <= b for f, (a, b) in zip(fields, _LIMITS)):
+                errors.append((i, RECHECK))
+                recheck = True
+                continue
+        else:
+            ts = timestamp_us(t)
         v = r.value
         if not math.isfinite(v):
             errors.append((i, NOT_FINITE))
             continue
-        ts = timestamp_us(r.timestamp)
         if ts < lo:
             errors.append((i, TOO_OLD))
             continue
         if ts > hi:
             errors.append((i, TOO_NEW))
             continue
-        sid = series.get((r.machine_identifier, r.metric_name, r.unit or "", r.raw_tag or ""))
+        sid = index.get(r.machine_identifier, r.metric_name, r.unit, r.raw_tag)
         if sid is None:
             missing.append(i)
             continue
         good.append(_record.pack(sid, ts, v))
-    if missing:
+    if missing or recheck:
         return None, 0, errors, missing
     return b"".join(good), len(good), errors, missing
 

@@ -13,6 +13,8 @@ import uuid
 
 import asyncpg
 
+from ..fast import SeriesIndex
+
 ERR_MACHINE_NOT_FOUND = "Machine not found"
 SERIES_CACHE_LIMIT = 1_000_000  # per organization; cleared (not evicted) past this
 
@@ -23,7 +25,7 @@ class OrgCatalog:
     __slots__ = ("series", "absent")
 
     def __init__(self) -> None:
-        self.series: dict[tuple[str, str, str, str], int] = {}
+        self.series = SeriesIndex()  # (machine, metric, unit, raw_tag) -> series id
         self.absent: dict[str, float] = {}  # machine_identifier -> until (monotonic)
 
 
@@ -36,7 +38,7 @@ class Catalog:
         self._orgs: dict[uuid.UUID, OrgCatalog] = {}
         self._negative_ttl = negative_ttl
 
-    def series_of(self, org_id: uuid.UUID) -> dict:
+    def series_of(self, org_id: uuid.UUID) -> SeriesIndex:
         cat = self._orgs.get(org_id)
         if cat is None:
             cat = self._orgs[org_id] = OrgCatalog()
@@ -89,7 +91,7 @@ class Catalog:
                     " ON s.machine_id = k.machine_id AND s.metric_name = k.metric_name"
                     "  AND s.unit = k.unit AND s.raw_tag = k.raw_tag", *cols)
                 for sid, ident, metric, unit, raw_tag in rows:
-                    cat.series[(ident, metric, unit, raw_tag)] = sid
+                    cat.series.add(ident, metric, unit, raw_tag, sid)
         errors = {}
         for k, idx in keys.items():
             if k[0] not in machines:

@@ -16,18 +16,20 @@ from json.decoder import scanstring
 import msgspec
 
 from ..core.errors import ClientError, Unprocessable
-from ..core.wire import MAX_READINGS, Reading, batch_decoder, describe_validation_error
+from ..core.wire import (MAX_READINGS, Reading, batch_decoder, describe_validation_error,
+                         fast_decoder)
 from .jsontext import NOT_UTF8, decoder, text_problem, utf8
 
 
-def decode_batch(body: bytes) -> tuple[list, dict[int, str], list]:
-    """Returns (readings, errors, raw): readings[i] is a Reading or None when
-    errors[i] says why not; raw[i] is the reading as sent (slow path only).
+def decode_batch(body: bytes, strict: bool = False) -> tuple[list, dict[int, str], list]:
+    """Returns (readings, errors, raw): readings[i] is a Reading (a
+    FastReading unless ``strict``) or None when errors[i] says why not;
+    raw[i] is the reading as sent (slow path only).
 
     A body with ``\\u0000`` takes the slow path too: msgspec accepts NUL in
     strings, PostgreSQL refuses it, so it must be found reading by reading."""
     try:
-        readings = batch_decoder.decode(body).readings
+        readings = (batch_decoder if strict else fast_decoder).decode(body).readings
     except msgspec.ValidationError as exc:
         if str(exc).endswith(f"length <= {MAX_READINGS} - at `$.readings`"):
             raise _too_many(count_readings(body) or None) from None

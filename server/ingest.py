@@ -22,7 +22,7 @@ import asyncpg
 
 from ..core.errors import DatabaseUnavailable, Unprocessable
 from ..core.wire import IngestResult, ReadingError, encoder
-from ..fast import NOT_FINITE, TOO_NEW, TOO_OLD, encode_batch
+from ..fast import NOT_FINITE, RECHECK, TOO_NEW, TOO_OLD, encode_batch
 from .catalog import Catalog
 from .decode import decode_batch, echo_identifier
 from .writer import GroupCommitWriter
@@ -36,6 +36,10 @@ REASON_INVALID = "invalid"                      # malformed: a field missing, wr
 REASON_MACHINE = "machine_not_found"
 KERNEL_REASONS = {NOT_FINITE: "not_finite", TOO_OLD: "timestamp_window", TOO_NEW: "timestamp_window"}
 REASON_RETENTION = "retention"                  # older than HALTLESS_RETENTION_DAYS
+
+
+class _Recheck(Exception):
+    """The kernel returned RECHECK: decode the body strictly (prepare_body)."""
 
 
 class Prepared(NamedTuple):
@@ -73,14 +77,14 @@ class Ingestor:
         of an earlier request with the same Idempotency-Key (then nothing
         was written)."""
         if idempotency_key is None:
-            done = await self.prepare(org_id, *decode_batch(body))
+            done = await self.prepare_body(org_id, body)
             await self.writer.write(done.payload)
             return encoder.encode(done.result), done
         digest = hashlib.sha256(body).digest()
         stored = await self._stored(org_id, idempotency_key, digest)
         if stored is not None:
             return stored, None
-        done = await self.prepare(org_id, *decode_batch(body))
+        done = await self.prepare_body(org_id, body)
         encoded = encoder.encode(done.result)
         if await self.writer.write(done.payload, (org_id, idempotency_key, digest, encoded)):
             return encoded, done
@@ -101,6 +105,16 @@ class Ingestor:
                                 "use a new key for a new batch")
         return bytes(row["response"])
 
+    async def prepare_body(self, org_id: uuid.UUID, body: bytes) -> Prepared:
+        """``prepare`` of a request body: decoded fast (FastReading), and again
+        strictly when the kernel cannot vouch for a reading (RECHECK: a
+        timestamp form it does not parse, a field beyond its bounds); the
+        strict decode (and its slow path) then names what is wrong."""
+        try:
+            return await self.prepare(org_id, *decode_batch(body))
+        except _Recheck:
+            return await self.prepare(org_id, *decode_batch(body, strict=True))
+
     async def prepare(self, org_id: uuid.UUID, readings: list, errors: dict[int, str] | None = None,
                       raw: list | None = None) -> Prepared:
         """Validate and encode: the COPY rows of the good readings, and the
@@ -118,6 +132,8 @@ class Ingestor:
             payload, accepted, kerr, missing = encode_batch(
                 readings, series, now_us,
                 None if self.retention_us is None else now_us - self.retention_us)
+            if payload is None and (not missing or any(c == RECHECK for _, c in kerr)):
+                raise _Recheck()  # only FastReadings can make it
             if not missing:
                 break
             if attempt == 2:

@@ -20,16 +20,23 @@ EMPTY = inspect.Parameter.empty
 
 
 def stub(kernel: str) -> tuple[set[str], dict[str, ast.FunctionDef]]:
-    """The public names of ``<kernel>.pyi``, and its functions by name."""
+    """The public names of ``<kernel>.pyi``, and its functions by name (a
+    class's methods as ``Class.method``, dunders left out: their slot
+    wrappers have no signature of their own)."""
     names, functions = set(), {}
     for node in ast.parse((FAST / f"{kernel}.pyi").read_text()).body:
         if isinstance(node, ast.FunctionDef):
             functions[node.name] = node
+        elif isinstance(node, ast.ClassDef):
+            names.add(node.name)
+            for m in node.body:
+                if isinstance(m, ast.FunctionDef) and not m.name.startswith("__"):
+                    functions[f"{node.name}.{m.name}"] = m
         elif isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
             names.add(node.target.id)
         elif isinstance(node, ast.Assign):
             names.update(t.id for t in node.targets if isinstance(t, ast.Name))
-    return {n for n in names | set(functions) if not n.startswith("_")}, functions
+    return {n for n in names | set(functions) if not n.startswith("_") and "." not in n}, functions
 
 
 def stub_parameters(node: ast.FunctionDef) -> list[tuple]:
@@ -48,8 +55,13 @@ def stub_parameters(node: ast.FunctionDef) -> list[tuple]:
     return [(name, k, EMPTY if d is None else ast.literal_eval(d)) for name, k, d in found]
 
 
-def parameters(function) -> list[tuple]:
-    return [(p.name, p.kind, p.default) for p in inspect.signature(function).parameters.values()]
+def parameters(module, name: str) -> list[tuple]:
+    """(name, kind, default) of each parameter of ``module.<name>`` (dotted
+    for a method)."""
+    target = module
+    for part in name.split("."):
+        target = getattr(target, part)
+    return [(p.name, p.kind, p.default) for p in inspect.signature(target).parameters.values()]
 
 
 def public_names(module) -> set[str]:
@@ -82,7 +94,7 @@ def test_the_stub_names_exactly_what_the_module_defines(kernel, module):
 def test_each_stub_function_has_the_modules_parameters(kernel, module):
     _, functions = stub(kernel)
     for name, node in functions.items():
-        assert stub_parameters(node) == parameters(getattr(module, name)), f"{kernel}.pyi: {name}"
+        assert stub_parameters(node) == parameters(module, name), f"{kernel}.pyi: {name}"
 
 
 @pytest.mark.parametrize("kernel", KERNELS)
@@ -90,4 +102,6 @@ def test_each_stub_function_states_its_parameter_and_return_types(kernel):
     _, functions = stub(kernel)
     for name, node in functions.items():
         args = node.args.posonlyargs + node.args.args + node.args.kwonlyargs
+        if "." in name:
+            args = args[1:]  # self
         assert node.returns and all(a.annotation for a in args), f"{kernel}.pyi: {name}"
