@@ -41,11 +41,10 @@ class IngestBatch(msgspec.Struct, gc=False):
 
 
 class FastReading(msgspec.Struct, gc=False):
-    """A reading as the ingest fast path decodes it: the timestamp as text and
-    no bounds, which cost msgspec ~300 ns a reading (datetime objects, length
-    checks); the kernel parses and bounds them itself, and hands a reading it
-    cannot vouch for back (RECHECK) to the strict decode into ``Reading``,
-    whose errors name the field."""
+    """A reading the kernel read from its JSON text (RawBatch), decoded when
+    its fields are needed as Python objects: a series the catalog has not
+    seen, an error that echoes the machine_identifier. The timestamp stays
+    text and the bounds are the kernel's (it checked them)."""
     machine_identifier: str
     timestamp: str
     metric_name: str
@@ -54,8 +53,11 @@ class FastReading(msgspec.Struct, gc=False):
     raw_tag: str | None = None
 
 
-class FastBatch(msgspec.Struct, gc=False):
-    readings: Annotated[list[FastReading], Meta(max_length=MAX_READINGS)]
+class RawBatch(msgspec.Struct, gc=False):
+    """The batch as the ingest fast path decodes it: msgspec checks the whole
+    body is well-formed JSON and splits it into each reading's JSON text,
+    which the kernel reads in place (no str, float or Struct per reading)."""
+    readings: Annotated[list[msgspec.Raw], Meta(max_length=MAX_READINGS)]
 
 
 class ReadingError(msgspec.Struct, gc=False):
@@ -224,7 +226,8 @@ class ReadCursor(msgspec.Struct, array_like=True):
 
 
 batch_decoder = msgspec.json.Decoder(IngestBatch)
-fast_decoder = msgspec.json.Decoder(FastBatch)
+fast_decoder = msgspec.json.Decoder(RawBatch)
+fast_reading_decoder = msgspec.json.Decoder(FastReading)
 encoder = msgspec.json.Encoder()
 
 

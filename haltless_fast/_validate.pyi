@@ -25,7 +25,8 @@ class SeriesIndex:
 
 # -> (records, accepted, errors as (index, code), missing)
 def encode_batch(
-    readings: list[Any | None],  # core.wire Reading or FastReading, or None to skip
+    readings: list[Any | None],  # msgspec.Raw (a reading's JSON text), core.wire Reading or
+                                 # FastReading, or None to skip
     index: SeriesIndex,
     now_us: int,
     oldest_us: int | None = None,

@@ -10,6 +10,8 @@ import math
 import re
 import struct
 
+from msgspec import Raw
+
 _PG_EPOCH_US = 946_684_800_000_000  # 2000-01-01T00:00:00Z in Unix microseconds
 _HOUR_US = 3_600_000_000
 _PAST_LIMIT_US = 3650 * 86_400_000_000
@@ -108,6 +110,76 @@ def parse_timestamp(text: str) -> int | None:
     return (days * 86_400 + h * 3600 + mi * 60 + sec) * 1_000_000 + frac - off
 
 
+# The fields of a reading given as msgspec.Raw (the JSON text of one reading
+# object), read as the compiled kernel reads them; None is RECHECK (see
+# _validate.pyx, "raw readings", for the rules).
+_WS = re.compile(rb"[ \t\n\r]*")
+_STRING = re.compile(rb'"([^"\\\x00-\x1f]*)"')
+_NUMBER = re.compile(rb"(-?)((?:0|[1-9][0-9]*)(\.[0-9]+)?([eE][-+]?[0-9]+)?)")
+_NAMES = ("machine_identifier", "timestamp", "metric_name", "unit", "raw_tag", "value")
+_REQUIRED = {"machine_identifier", "timestamp", "metric_name", "value"}
+
+
+def _raw_string(data: bytes, i: int):
+    m = _STRING.match(data, i)
+    if m is None:
+        return None, i
+    try:
+        return m.group(1).decode("utf-8"), m.end()
+    except UnicodeDecodeError:
+        return None, i
+
+
+def _scan_reading(data: bytes):
+    """(machine_identifier, timestamp, metric_name, unit, raw_tag, value), with
+    "" for an absent or null unit or raw_tag, or None (RECHECK)."""
+    i = _WS.match(data, 0).end()
+    if not data.startswith(b"{", i):
+        return None
+    i = _WS.match(data, i + 1).end()
+    if data.startswith(b"}", i):
+        return None
+    fields = {"unit": "", "raw_tag": ""}
+    seen = set()
+    while True:
+        key, i = _raw_string(data, i)
+        if key not in _NAMES or key in seen:
+            return None
+        seen.add(key)
+        i = _WS.match(data, i).end()
+        if not data.startswith(b":", i):
+            return None
+        i = _WS.match(data, i + 1).end()
+        if key == "value":
+            m = _NUMBER.match(data, i)
+            if m is None or len(m.group(2)) > 63:
+                return None
+            integer = m.group(3) is None and m.group(4) is None
+            v = float(int(m.group(2))) if integer else float(m.group(2))
+            if not math.isfinite(v):
+                return None
+            fields[key] = (0.0 if integer and v == 0.0 else -v) if m.group(1) else v
+            i = m.end()
+        elif data.startswith(b'"', i):
+            fields[key], i = _raw_string(data, i)
+            if fields[key] is None:
+                return None
+        elif key in ("unit", "raw_tag") and data.startswith(b"null", i):
+            i += 4
+        else:
+            return None
+        i = _WS.match(data, i).end()
+        if data.startswith(b",", i):
+            i = _WS.match(data, i + 1).end()
+            continue
+        if data.startswith(b"}", i):
+            break
+        return None
+    if _WS.match(data, i + 1).end() != len(data) or not _REQUIRED <= seen:
+        return None
+    return tuple(fields[k] for k in _NAMES)
+
+
 def encode_batch(readings, index, now_us, oldest_us=None):
     """Validate a decoded batch; pack the good readings as records.
 
@@ -137,6 +209,26 @@ def encode_batch(readings, index, now_us, oldest_us=None):
     hi = now_us + _FUTURE_LIMIT_US
     for i, r in enumerate(readings):
         if r is None:
+            continue
+        if type(r) is Raw:
+            fields = _scan_reading(bytes(r))
+            ts = parse_timestamp(fields[1]) if fields is not None else None
+            if ts is None or not all(a <= len(f) <= b for f, (a, b) in
+                                     zip(fields[:1] + fields[2:5], _LIMITS)):
+                errors.append((i, RECHECK))
+                recheck = True
+                continue
+            if ts < lo:
+                errors.append((i, TOO_OLD))
+                continue
+            if ts > hi:
+                errors.append((i, TOO_NEW))
+                continue
+            sid = index.get(fields[0], fields[2], fields[3], fields[4])
+            if sid is None:
+                missing.append(i)
+                continue
+            good.append(_record.pack(sid, ts, fields[5]))
             continue
         t = r.timestamp
         if type(t) is str:

@@ -17,14 +17,14 @@ import msgspec
 
 from ..core.errors import ClientError, Unprocessable
 from ..core.wire import (MAX_READINGS, Reading, batch_decoder, describe_validation_error,
-                         fast_decoder)
+                         fast_decoder, fast_reading_decoder)
 from .jsontext import NOT_UTF8, decoder, text_problem, utf8
 
 
 def decode_batch(body: bytes, strict: bool = False) -> tuple[list, dict[int, str], list]:
-    """Returns (readings, errors, raw): readings[i] is a Reading (a
-    FastReading unless ``strict``) or None when errors[i] says why not;
-    raw[i] is the reading as sent (slow path only).
+    """Returns (readings, errors, raw): readings[i] is a Reading (its JSON
+    text as msgspec.Raw unless ``strict``, see ``as_reading``) or None when
+    errors[i] says why not; raw[i] is the reading as sent (slow path only).
 
     A body with ``\\u0000`` takes the slow path too: msgspec accepts NUL in
     strings, PostgreSQL refuses it, so it must be found reading by reading."""
@@ -39,6 +39,12 @@ def decode_batch(body: bytes, strict: bool = False) -> tuple[list, dict[int, str
     if b"\\" in body and b"\\u0000" in body:  # memchr first: most bodies hold no escape
         return _decode_slow(body)
     return readings, {}, []
+
+
+def as_reading(item):
+    """A reading of decode_batch's with attributes: the text of a fast-path
+    reading decoded (the kernel read it already, so it decodes)."""
+    return fast_reading_decoder.decode(item) if type(item) is msgspec.Raw else item
 
 
 def count_readings(body: bytes) -> int:
@@ -304,7 +310,7 @@ def echo_identifier(readings: list, raw: list, i: int) -> str | None:
     is valid text of the allowed length (never a 1 MB string back)."""
     r = readings[i]
     if r is not None:
-        return r.machine_identifier
+        return as_reading(r).machine_identifier
     item = raw[i] if i < len(raw) else None
     ident = item.get("machine_identifier") if isinstance(item, dict) else None
     if isinstance(ident, str) and 0 < len(ident) <= 200 and "\x00" not in ident and utf8(ident):

@@ -24,7 +24,7 @@ from ..core.errors import DatabaseUnavailable, Unprocessable
 from ..core.wire import IngestResult, ReadingError, encoder
 from ..fast import NOT_FINITE, RECHECK, TOO_NEW, TOO_OLD, encode_batch
 from .catalog import Catalog
-from .decode import decode_batch, echo_identifier
+from .decode import as_reading, decode_batch, echo_identifier
 from .writer import GroupCommitWriter
 
 # The contract's messages for what the kernel refuses, and the reason each
@@ -138,9 +138,11 @@ class Ingestor:
                 break
             if attempt == 2:
                 raise DatabaseUnavailable("series cache is churning; retry")
+            readings = list(readings)
+            for i in missing:
+                readings[i] = as_reading(readings[i])
             found = await self.catalog.resolve(self.pool, org_id, readings, missing)
             if found:
-                readings = list(readings)
                 for i, msg in found.items():
                     readings[i] = None
                     errors[i] = msg

@@ -9,7 +9,7 @@ import random
 import pytest
 
 from haltless.core.errors import ClientError
-from haltless.server.decode import count_readings, decode_batch
+from haltless.server.decode import as_reading, count_readings, decode_batch
 
 READING = {"machine_identifier": "M", "timestamp": "2026-01-01T00:00:00Z", "metric_name": "m",
            "value": 1.0}
@@ -55,7 +55,7 @@ def test_any_depth_in_an_unknown_member_is_accepted_or_a_per_reading_error(depth
     if where == "unknown field of a reading" and depth >= 1000:  # README: ~900 levels
         assert readings[0] is None and "nested too deeply" in errors[0]
     else:
-        assert errors == {} and readings[0].machine_identifier == "M"
+        assert errors == {} and as_reading(readings[0]).machine_identifier == "M"
 
 
 @pytest.mark.parametrize(("bad", "message"), [

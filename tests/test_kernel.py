@@ -332,3 +332,122 @@ def test_reading_fields_are_read_by_offset_exactly_as_getattr_reads_them():
     assert _validate_c._reading_fields(Other())[3] == 2.0
     index = index_of(_validate_c, SERIES_IDS)
     assert _validate_c.encode_batch([Other()], index, NOW_US)[1] == 1
+
+
+# ------------------------------------------------------------ raw readings (the fast path)
+
+def raw(text: str):
+    """One reading's JSON text as the fast path hands it to the kernel."""
+    import msgspec
+    return msgspec.json.decode(("[" + text + "]").encode(), type=list[msgspec.Raw])[0]
+
+
+def strict(text: str):
+    import msgspec
+    from haltless.core.wire import Reading
+    return msgspec.json.decode(text.encode(), type=Reading)
+
+
+NUMBERS = ["72.5", "-0", "0", "-0.0", "0.0", "1e5", "1E-5", "-12.75e+2", "123456789012345678",
+           "9007199254740993", "0.1", "0.30000000000000004", "2.2250738585072014e-308", "5e-324",
+           "1.7976931348623157e308", "4.9406564584124654e-324", "1e-400", "123.4567890123456789",
+           "100000000000000000000000", "7.0e22", "1e23", "8.98846567431158e307"]
+
+
+@pytest.mark.parametrize("number", NUMBERS)
+def test_a_raw_readings_value_is_the_float_msgspec_decodes(k, index, number):
+    text = ('{"machine_identifier": "M", "timestamp": "2026-11-27T11:30:00Z", '
+            f'"metric_name": "t", "value": {number}}}')
+    got = k.encode_batch([raw(text)], index, NOW_US)
+    want = k.encode_batch([strict(text)], index, NOW_US)
+    assert got == want and got[1] == 1
+    assert struct.unpack("<iqd", got[0])[2].hex() == float(strict(text).value).hex()
+
+
+def test_raw_and_strictly_decoded_readings_make_the_same_records_on_random_readings(k):
+    import json
+    rnd = random.Random(5)
+    ids = {(f"M{m}-ä", f"x{x}", u, r): m * 100 + x * 4 + j + 1 for m in range(3) for x in range(4)
+           for j, (u, r) in enumerate([("", ""), ("°C", ""), ("", "ns2_i1"), ("bar", "hr10")])}
+    index = index_of(k, ids)
+    for _ in range(400):
+        (m, x, u, r), _sid = rnd.choice(list(ids.items()))
+        fields = [("machine_identifier", m), ("metric_name", x),
+                  ("timestamp", (NOW - dt.timedelta(seconds=rnd.randint(-200, 10**6),
+                                                    microseconds=rnd.randint(0, 999999))
+                                 ).isoformat().replace("+00:00", rnd.choice(["Z", "+00:00"]))),
+                  ("value", rnd.choice([rnd.uniform(-1e6, 1e6), rnd.randint(-10**6, 10**6),
+                                        round(rnd.gauss(50, 5), rnd.randint(0, 6))]))]
+        if u or rnd.random() < 0.3:
+            fields.append(("unit", u or None))
+        if r or rnd.random() < 0.3:
+            fields.append(("raw_tag", r or None))
+        rnd.shuffle(fields)
+        sep = rnd.choice([(",", ":"), (", ", ": "), (" ,\n", " :\t")])
+        text = json.dumps(dict(fields), separators=sep, ensure_ascii=rnd.random() < 0.2)
+        want = k.encode_batch([strict(text)], index, NOW_US)
+        got = k.encode_batch([raw(text)], index, NOW_US)
+        if "\\u" in text:  # an escape: the kernel leaves it to the strict decode
+            assert got[2] == [(0, k.RECHECK)]
+        else:
+            assert got == want, text
+
+
+@pytest.mark.parametrize("text", [
+    '{"machine_identifier": "M\\u0041", "timestamp": "2026-11-27T11:30:00Z", "metric_name": "t", "value": 1}',
+    '{"machine_identifier": "M", "timestamp": "2026-11-27T11:30:00Z", "metric_name": "t", "value": 1, "x": 1}',
+    '{"machine_identifier": "M", "machine_identifier": "M", "timestamp": "2026-11-27T11:30:00Z", "metric_name": "t", "value": 1}',
+    '{"machine_identifier": "M", "timestamp": "2026-11-27T11:30:00Z", "metric_name": "t"}',
+    '{"machine_identifier": null, "timestamp": "2026-11-27T11:30:00Z", "metric_name": "t", "value": 1}',
+    '{"machine_identifier": "M", "timestamp": "2026-11-27T11:30:00Z", "metric_name": "t", "value": "1"}',
+    '{"machine_identifier": "M", "timestamp": "2026-11-27T11:30:00Z", "metric_name": "t", "value": true}',
+    '{"machine_identifier": "M", "timestamp": "2026-11-27T11:30:00Z", "metric_name": "t", "value": 1e400}',
+    '{"machine_identifier": "M", "timestamp": "2026-11-27T11:30:00Z", "metric_name": "t", "value": 1, "unit": 5}',
+    '{"machine_identifier": "M", "timestamp": "2026-11-27t11:30:00Z", "metric_name": "t", "value": 1}',
+    '{"machine_identifier": "", "timestamp": "2026-11-27T11:30:00Z", "metric_name": "t", "value": 1}',
+    '{"machine_identifier": "M", "timestamp": "2026-11-27T11:30:00Z", "metric_name": "t", "value": '
+    + "1" * 70 + "}",
+    "{}", "[1]", '"text"', "1",
+])
+def test_raw_readings_the_kernel_does_not_read_exactly_are_rechecked(k, index, text):
+    assert k.encode_batch([raw(text)], index, NOW_US) == (None, 0, [(0, k.RECHECK)], [])
+
+
+def test_invalid_utf8_in_a_raw_reading_is_rechecked(k, index):
+    import msgspec
+    for bad in (b"\xff", b"\xed\xa0\x80", b"\xc0\xaf", b"\xf4\x90\x80\x80", b"\xe2\x82"):
+        body = (b'[{"machine_identifier": "M' + bad + b'", "timestamp": "2026-11-27T11:30:00Z",'
+                b' "metric_name": "t", "value": 1}]')
+        item = msgspec.json.decode(body, type=list[msgspec.Raw])[0]
+        assert k.encode_batch([item], index, NOW_US)[2] == [(0, k.RECHECK)], bad
+
+
+def test_the_twins_read_mutated_raw_readings_alike():
+    if _validate_c is None:
+        pytest.skip("extension not built")
+    import msgspec
+    rnd = random.Random(3)
+    base = ('{"machine_identifier": "M", "timestamp": "2026-11-27T11:30:00.5+01:00", '
+            '"metric_name": "u", "value": -12.5e-1, "unit": "c", "raw_tag": "ns2_i1"}').encode()
+    alphabet = b'{}[]":,. -+0123456789eEnulltrueMcu\\\t\n\xc3\xa4\xff'
+    ic, ipy = index_of(_validate_c, SERIES_IDS), index_of(_validate_py, SERIES_IDS)
+    checked = 0
+    for _ in range(5000):
+        b = bytearray(base)
+        for _ in range(rnd.randint(1, 3)):
+            j = rnd.randrange(len(b))
+            op = rnd.random()
+            if op < 0.4:
+                b[j] = rnd.choice(alphabet)
+            elif op < 0.7:
+                del b[j]
+            else:
+                b.insert(j, rnd.choice(alphabet))
+        try:
+            item = msgspec.json.decode(b"[" + bytes(b) + b"]", type=list[msgspec.Raw])[0]
+        except (msgspec.DecodeError, msgspec.ValidationError):
+            continue
+        checked += 1
+        assert _validate_c.encode_batch([item], ic, NOW_US) == \
+            _validate_py.encode_batch([item], ipy, NOW_US), bytes(b)
+    assert checked > 1000
