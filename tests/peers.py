@@ -75,7 +75,8 @@ class OpcuaPeer:
     SignAndEncrypt; one user) on its own loop thread."""
 
     def __init__(self) -> None:
-        from test_opcua_reader import free_port, make_server_cert
+        from helpers import free_port
+        from test_opcua_reader import make_server_cert
         self.port = free_port()
         self.cert = make_server_cert("e2e-server")
         self.lt = LoopThread()

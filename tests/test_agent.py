@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from conftest import HALTLESS, ROOT, ServerProcess, fetch, fetchval, make_tenant
+from helpers import HALTLESS, ROOT, ServerProcess, fetch, fetchval, make_tenant, reading
 from peers import ModbusPeer, device
 from haltless.pollers.agent_config import load_config
 from haltless.pollers.sender import Sender
@@ -147,7 +147,6 @@ def test_a_full_queue_drops_oldest_or_newest_as_configured(tmp_path):
 def test_a_batch_sent_but_not_acknowledged_is_resent_with_its_key_and_stored_once(
         server, pg_dsn, tmp_path):
     t = make_tenant(pg_dsn, machines=("CNC-001",))
-    from test_ingest import reading
     import json
 
     async def go():

@@ -17,8 +17,7 @@ import psutil
 import pytest
 import requests
 
-from conftest import ServerProcess, make_tenant
-from test_ingest import post, reading
+from helpers import ServerProcess, make_tenant, post, reading, wait_for
 
 HEADER_TIMEOUT = 2
 BODY_TIMEOUT = 2
@@ -45,16 +44,6 @@ def workers(srv) -> list[psutil.Process]:
         return granian_main(srv).children()
     except (psutil.NoSuchProcess, IndexError):
         return []
-
-
-def wait_for(pred, timeout=30.0, what="condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        v = pred()
-        if v:
-            return v
-        time.sleep(0.1)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
 def healthz_ms(srv, n=9) -> float:
@@ -109,7 +98,7 @@ def test_a_killed_worker_is_replaced_while_the_other_keeps_serving(srv, pg_dsn):
         time.sleep(0.05)
     assert failures <= 1
     wait_for(lambda: len(workers(srv)) == 2 and victim not in {w.pid for w in workers(srv)},
-             what="a new worker")
+             timeout=30, every=0.1, what="a new worker")
     assert post(srv, t.key, {"readings": [reading()]}).status_code == 207
 
 
@@ -122,11 +111,11 @@ def test_a_worker_dying_twice_quickly_does_not_take_the_service_down(srv, pg_dsn
     before = {w.pid for w in workers(srv)}
     psutil.Process(min(before)).send_signal(signal.SIGKILL)
     new = wait_for(lambda: [w.pid for w in workers(srv) if w.pid not in before],
-                   what="the respawned worker")
+                   timeout=30, every=0.1, what="the respawned worker")
     psutil.Process(new[0]).send_signal(signal.SIGKILL)  # again, at once
-    wait_for(lambda: _granian_pid(srv) not in (None, first), timeout=20,
+    wait_for(lambda: _granian_pid(srv) not in (None, first), timeout=20, every=0.1,
              what="granian started again")
-    wait_for(lambda: _up(srv), timeout=40, what="the service back")
+    wait_for(lambda: _up(srv), timeout=40, every=0.1, what="the service back")
     assert srv.proc.poll() is None  # `haltless serve` itself never stopped
     assert post(srv, t.key, {"readings": [reading()]}).status_code == 207
     assert "starting it again" in srv.log()

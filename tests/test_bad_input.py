@@ -12,8 +12,7 @@ import jwt
 import pytest
 import requests
 
-from conftest import make_tenant
-from test_ingest import now_iso, post, reading
+from helpers import make_tenant, now_iso, post, reading
 from test_management import MODBUS_BODY, Api
 
 HUGE = "1" * 5000  # int() refuses more than 4,300 digits

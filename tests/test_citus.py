@@ -16,16 +16,15 @@ import asyncpg
 import pytest
 
 from haltless.server.localcluster import CitusCluster
-from conftest import fetch, fetchval, make_tenant, run, serve_compactors, serving
+from helpers import (fetch, fetchval, haltless, make_tenant, post, run, serve_compactors,
+                     serving, wait_for)
 from haltless.server import compact_citus, db, store
 from haltless.server.compact import CRASH_POINTS
 from haltless.server.compaction import compact_all
 from haltless.server.reader_roles import create_reader_role, url_for_role
 from peers import ModbusPeer, device
-from test_ingest import post
 from test_management import MODBUS_BODY, Api
-from test_operations import haltless
-from test_pollers import Pollers, wait_for
+from test_pollers import Pollers
 from test_sql_access import as_role
 from test_storage import compact, send, snapshot
 

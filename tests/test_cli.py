@@ -16,9 +16,7 @@ import psutil
 import pytest
 import requests
 
-from conftest import HALTLESS, ROOT, ServerProcess, free_port
-from test_ingest import post, reading
-from test_operations import _postmasters, haltless
+from helpers import HALTLESS, ROOT, ServerProcess, free_port, haltless, post, postmasters, reading
 
 
 def one_line_error(p: subprocess.CompletedProcess) -> str:
@@ -42,7 +40,7 @@ def test_data_dir_works_before_and_after_the_command(public_tmp):
         assert "Traceback" not in p.stderr
     assert "CNC-9" in p.stdout
     assert (data / "pg" / "PG_VERSION").exists()
-    assert not _postmasters((data / "pg").resolve())  # the last command stopped it
+    assert not postmasters((data / "pg").resolve())  # the last command stopped it
 
 
 def test_the_agent_says_it_takes_no_database_flags(tmp_path):
@@ -190,17 +188,17 @@ def test_a_sigkilled_server_does_not_leave_postgres_running_forever(public_tmp, 
     srv.proc.wait(10)
     srv.stop()
     time.sleep(0.5)
-    assert _postmasters(pgdata), "the postmaster should have outlived the killed server"
+    assert postmasters(pgdata), "the postmaster should have outlived the killed server"
     dead = json.loads((pgdata / ".handle_pids.json").read_text())
     assert dead and not any(psutil.pid_exists(p) for p in dead)
     env = {"HALTLESS_DATABASE_URL": None, "HALTLESS_DATA_DIR": str(data)}
     haltless("orgs", "list", env=env)  # joins the orphan, and as its last live holder stops it
     deadline = time.monotonic() + 10
-    while _postmasters(pgdata) and time.monotonic() < deadline:
+    while postmasters(pgdata) and time.monotonic() < deadline:
         time.sleep(0.2)
-    assert not _postmasters(pgdata)
+    assert not postmasters(pgdata)
     haltless("orgs", "list", env=env)  # and the next command starts and stops its own
-    assert not _postmasters(pgdata)
+    assert not postmasters(pgdata)
 
 
 def test_a_deleted_data_dir_answers_503_at_once(public_tmp, tmp_path):
@@ -219,7 +217,7 @@ def test_a_deleted_data_dir_answers_503_at_once(public_tmp, tmp_path):
         assert statuses == [503] * 5
     finally:
         srv.stop()
-        for p in _postmasters((data / "pg").resolve()):
+        for p in postmasters((data / "pg").resolve()):
             p.kill()
 
 

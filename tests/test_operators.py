@@ -19,8 +19,7 @@ import zlib
 import pytest
 import requests
 
-from conftest import ServerProcess, make_tenant
-from test_ingest import post, reading
+from helpers import ServerProcess, make_tenant, post, reading
 
 RATE = 500  # readings per second per key
 

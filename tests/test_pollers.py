@@ -10,7 +10,7 @@ import uuid
 
 import pytest
 
-from conftest import HALTLESS, ROOT, fetch
+from helpers import HALTLESS, ROOT, fetch, make_tenant, run, wait_for
 from peers import ModbusPeer, device
 from test_management import MODBUS_BODY, Api
 
@@ -35,16 +35,6 @@ class Pollers:
 
     def log(self):
         return self.log_path.read_text(errors="replace")
-
-
-def wait_for(pred, timeout=20.0, every=0.2, what="condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        v = pred()
-        if v:
-            return v
-        time.sleep(every)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
 def series_rows(dsn, source_machine, metric):
@@ -142,7 +132,6 @@ def test_two_poller_processes_share_sources_hand_them_over_and_survive_a_kill(se
     again at a random moment of the new owner's first second, which failed
     about 2% of handovers; 30 sources handed over 5 times each way (300
     handovers) caught it in every run."""
-    from conftest import make_tenant
     n, cycles = 30, 5
     t = make_tenant(pg_dsn, machines=[f"M{i}" for i in range(n)])
     api = Api(server, server.token(t.org_id))
@@ -343,7 +332,6 @@ def test_the_flusher_commits_in_one_group_reports_each_poll_and_a_failure_to_eac
 
     import asyncpg
 
-    from conftest import make_tenant, run
     from haltless.server.direct import Flusher
     from haltless.server.ingest import Ingestor
     from haltless.server.writer import GroupCommitWriter

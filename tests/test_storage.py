@@ -9,10 +9,8 @@ import struct
 
 import pytest
 
-from conftest import ServerProcess, fetch, fetchval, make_tenant
-from conftest import run as run_async
-from test_ingest import post
-from test_operations import haltless
+from helpers import ServerProcess, fetch, fetchval, haltless, make_tenant, post, serve_compactors
+from helpers import run as run_async
 
 UTC = dt.timezone.utc
 HARD = [-0.0, 0.0, 5e-324, 2.2250738585072014e-308, 2.225073858507201e-308,
@@ -194,7 +192,6 @@ def test_sql_decoders_agree_with_the_kernel_on_hard_values(pg_dsn):
 def test_workers_compact_the_closed_slot_by_themselves_one_at_a_time(pg_dsn, fresh):
     """Every worker runs compact_forever; the advisory lock lets one at a time
     in, and only the slot of an hour that has ended (plus the grace) is touched."""
-    from conftest import serve_compactors
     from haltless.server.compaction import GRACE
     from haltless.server.hot import hot_slot
 
