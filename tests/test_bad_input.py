@@ -1,4 +1,4 @@
-"""No 500 for bad input (issue 10): every input the fuzzer turned into a 500
+"""No 500 for bad input: every input the fuzzer turned into a 500
 is a clear 4xx, or in an ingest batch a per-reading error with the rest
 accepted (the agent retries a 5xx forever)."""
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""The command line as a new user meets it: flags where they type them, one
+"""The command line as a new user meets it: help for every command, orgs,
+machines, keys and tokens managed from it, flags where they type them, one
 clear line for each mistake, a server that stops when told and that never
 acknowledges a write it could lose."""
 from __future__ import annotations
@@ -10,13 +11,16 @@ import socket
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
 
+import jwt
 import psutil
 import pytest
 import requests
 
-from helpers import HALTLESS, ROOT, ServerProcess, free_port, haltless, post, postmasters, reading
+from helpers import (HALTLESS, ROOT, ServerProcess, fetchval, free_port, haltless, post, postmasters,
+                     reading)
 
 
 def one_line_error(p: subprocess.CompletedProcess) -> str:
@@ -100,6 +104,59 @@ def test_a_privileged_port_as_an_ordinary_user_names_the_port():
         line = f.read()
     os.waitpid(pid, 0)
     assert "port 80" in line and "permission denied" in line and "--port 8000" in line
+
+
+# ------------------------------------------------------------------ orgs, machines, keys, settings
+
+def test_every_cli_command_has_help():
+    for args in (["--help"], ["serve", "--help"], ["orgs", "create", "--help"],
+                 ["orgs", "list", "--help"], ["machines", "add", "--help"],
+                 ["machines", "list", "--help"], ["keys", "create", "--help"],
+                 ["keys", "list", "--help"], ["keys", "revoke", "--help"],
+                 ["token", "create", "--help"], ["migrate", "--help"]):
+        p = haltless(*args)
+        assert "usage: haltless" in p.stdout, args
+
+
+def test_cli_manages_orgs_machines_keys_and_tokens(server, pg_dsn, tmp_path):
+    env = {"HALTLESS_DATABASE_URL": pg_dsn, "HALTLESS_DATA_DIR": str(tmp_path)}
+    org = f"acme-{uuid.uuid4().hex[:6]}"
+    org_id = uuid.UUID(haltless("orgs", "create", org, env=env).stdout.strip())
+    assert org in haltless("orgs", "list", env=env).stdout
+    dup = haltless("orgs", "create", org, env=env, check=False)
+    assert dup.returncode == 2 and "already exists" in dup.stderr
+    mid = uuid.UUID(haltless("machines", "add", "CNC-001", "--name", "Mill", "--org", org,
+                             env=env).stdout.strip())
+    listing = haltless("machines", "list", "--org", org, env=env).stdout
+    assert str(mid) in listing and "Mill" in listing
+    missing = haltless("machines", "list", "--org", "nope", env=env, check=False)
+    assert missing.returncode == 2 and "no organization named 'nope'" in missing.stderr
+    key = haltless("keys", "create", "--name", "edge", "--org", org, env=env).stdout.strip()
+    assert key.startswith("hk_") and len(key) > 40
+    keys = haltless("keys", "list", "--org", org, env=env).stdout
+    assert key not in keys and key[:10] in keys
+    stored = fetchval(pg_dsn, "SELECT key_hash FROM api_keys WHERE org_id = $1", org_id)
+    assert key.encode() not in bytes(stored)
+    # The key works for ingest; revoking it from the CLI stops it.
+    assert post(server, key, {"readings": [reading()]}).json()["accepted_count"] == 1
+    key_id = keys.splitlines()[1].split()[0]
+    haltless("keys", "revoke", key_id, "--org", org, env=env)
+    time.sleep(0.7)
+    assert post(server, key, {"readings": [reading()]}).status_code == 401
+    # A management token names the organization and expires.
+    tok = haltless("token", "create", "--org", org, "--ttl", "60", env=env).stdout.strip()
+    secret = (tmp_path / "jwt-secret").read_text()
+    claims = jwt.decode(tok, secret, algorithms=["HS256"])
+    assert claims["org"] == str(org_id) and claims["exp"] - claims["iat"] == 60
+    assert oct((tmp_path / "jwt-secret").stat().st_mode & 0o777) == "0o600"
+
+
+def test_bad_settings_fail_at_start_with_the_variable_named(tmp_path):
+    p = haltless("machines", "list", env={"HALTLESS_PORT": "eighty", "HALTLESS_DATA_DIR": str(tmp_path)},
+                 check=False)
+    assert p.returncode == 2 and "HALTLESS_PORT='eighty'" in p.stderr
+    p = haltless("machines", "list", env={"HALTLESS_DATABASE_URL": "mysql://x"}, check=False)
+    assert p.returncode == 2 and "postgresql://" in p.stderr
 
 
 # ------------------------------------------------------------------ bad database URLs

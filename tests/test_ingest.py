@@ -1,5 +1,6 @@
-"""POST /api/v1/ingest against the real server process and PostgreSQL,
-case by case as in the contract ("HTTP Push") and issue #2."""
+"""POST /api/v1/ingest against the real server process and PostgreSQL, case
+by case as in the contract ("HTTP Push", docs/contract.md): what is stored,
+who may write, whole-batch refusals, per-reading errors, concurrency."""
 from __future__ import annotations
 
 import contextlib

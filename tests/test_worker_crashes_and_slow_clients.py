@@ -1,7 +1,9 @@
-"""Availability under hostile traffic (issue 10): a dead worker is replaced
-while the others serve, idle and stalled connections are bounded and timed
-out, a request that may not write is answered without its body being read,
-and the memory held for bodies in flight is bounded.
+"""The server keeps serving through crashed workers and slow or hostile
+clients: a killed worker is replaced while the other serves (and granian's
+crash loop exit is survived), idle and stalled connections are closed after
+their timeouts, a request that may not write is answered without its body
+being read, the memory held for bodies in flight is bounded, and a client
+leaving mid-body is one log line.
 
 One server of its own (2 workers) with short timeouts, so the tests wait
 seconds, not the production defaults."""
