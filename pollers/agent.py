@@ -135,8 +135,12 @@ class Agent:
             if batch is None:
                 self.new_data.clear()
                 try:
-                    await asyncio.wait_for(self.new_data.wait(), 1.0)
-                except asyncio.TimeoutError:
+                    # Not wait_for, which on Python 3.11 can swallow the
+                    # cancel of shutdown when new data arrives at that moment
+                    # (see pollers/schedule.py), and this loop would go on.
+                    async with asyncio.timeout(1.0):
+                        await self.new_data.wait()
+                except TimeoutError:
                     pass
                 continue
             try:

@@ -123,17 +123,25 @@ class PollLoop:
         if self.reader is None:
             if loop.time() < self.reconnect_at:
                 return
+            # asyncio.timeout, not asyncio.wait_for: on Python 3.11, wait_for
+            # returns the result instead of raising when the task is cancelled
+            # in the same loop iteration as the awaited call completes. The
+            # cancel of stop() was lost, this loop polled on, and the poller
+            # process that had stopped it hung (its rebalancing, or its exit
+            # on SIGTERM: test_pollers' handover test, ~1 run in 20).
             try:
-                self.reader = await asyncio.wait_for(self.make_reader(), self.timeout)
-            except asyncio.TimeoutError:
+                async with asyncio.timeout(self.timeout):
+                    self.reader = await self.make_reader()
+            except TimeoutError:
                 self.fail(f"connect: no answer within {self.timeout:.0f} s")
                 return
             except ReaderError as exc:
                 self.fail(f"connect: {exc}")
                 return
         try:
-            res = await asyncio.wait_for(self.reader.read(), self.timeout)
-        except (ReaderError, asyncio.TimeoutError) as exc:
+            async with asyncio.timeout(self.timeout):  # not wait_for: see above
+                res = await self.reader.read()
+        except (ReaderError, TimeoutError) as exc:
             await self.close()
             self.fail(str(exc) or f"read: no answer within {self.timeout:.0f} s")
             return
