@@ -11,7 +11,10 @@
   ``serving`` (the suite's server, for a fixture to yield from),
   ``serve_compactors`` (two serve workers' compaction loops).
 - Ingest: ``now_iso``, ``reading`` (one reading as the API takes it) and
-  ``post`` (POST /api/v1/ingest).
+  ``post`` (POST /api/v1/ingest), ``wait_until_every_worker_refuses`` (a
+  revoked key, once no worker's cache passes it any more).
+- Metrics: ``scrape`` (GET /metrics), ``metric`` (a sum out of its text),
+  ``workers``, ``multiproc_dir`` and ``worker_counts`` (a counter per worker).
 - Waiting: ``wait_for(pred)``, a condition polled until true or a deadline:
   the way tests wait for something to happen, never a fixed sleep.
 - ``free_port`` (haltless.server.localcluster's, the one definition) and
@@ -41,7 +44,8 @@ from haltless.server.localcluster import free_port
 
 __all__ = ["ROOT", "HALTLESS", "haltless", "postmasters", "run", "fetch", "fetchval", "Tenant",
            "make_tenant", "ServerProcess", "serving",
-           "serve_compactors", "now_iso", "reading", "post", "wait_for", "free_port", "twins"]
+           "serve_compactors", "scrape", "metric", "workers", "multiproc_dir", "worker_counts",
+           "now_iso", "reading", "post", "wait_until_every_worker_refuses", "wait_for", "free_port", "twins"]
 
 ROOT = Path(__file__).resolve().parent.parent
 HALTLESS = [sys.executable, "-m", "haltless.server.cli"]
@@ -249,6 +253,60 @@ def serve_compactors(url: str, clock: float, seconds: float, **kw) -> None:
     run(go())
 
 
+def scrape(server) -> str:
+    """GET /metrics: the Prometheus text, summed over the server's workers."""
+    r = requests.get(server.url + "/metrics", timeout=10)
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
+    return r.text
+
+
+def metric(text: str, name: str, **labels) -> float:
+    """The sum of ``name``'s samples in ``text`` that carry ``labels``."""
+    total = 0.0
+    for line in text.splitlines():
+        if not line.startswith(name + "{") and not line.startswith(name + " "):
+            continue
+        if all(f'{k}="{v}"' in line for k, v in labels.items()):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+def workers(server) -> list:
+    """The live granian workers of a ServerProcess (psutil.Process each)."""
+    import psutil
+    try:
+        return psutil.Process(server.proc.pid).children()[0].children()
+    except (psutil.NoSuchProcess, IndexError):
+        return []
+
+
+def multiproc_dir(server) -> str:
+    """Where the workers of a ServerProcess keep their metrics files."""
+    import psutil
+    granian = psutil.Process(server.proc.pid).children()[0]
+    return granian.environ()["PROMETHEUS_MULTIPROC_DIR"]
+
+
+def worker_counts(server, name: str, **labels) -> dict[int, float]:
+    """A counter as each live worker counted it (its own file in the
+    multiprocess dir), by pid: which worker answered what, where /metrics
+    gives only the sum."""
+    from prometheus_client.multiprocess import MultiProcessCollector
+    d = Path(multiproc_dir(server))
+    out = {}
+    for w in workers(server):
+        f = d / f"counter_{w.pid}.db"
+        total = 0.0
+        if f.exists():
+            for m in MultiProcessCollector.merge([str(f)], accumulate=False):
+                for sample in m.samples:
+                    if sample.name == name and all(sample.labels.get(k) == v
+                                                   for k, v in labels.items()):
+                        total += sample.value
+        out[w.pid] = total
+    return out
+
+
 # ------------------------------------------------------------------ ingest
 
 def now_iso(delta: dt.timedelta = dt.timedelta()) -> str:
@@ -270,3 +328,21 @@ def post(server, key, body, **kw) -> requests.Response:
         headers["X-API-Key"] = key
     headers.update(kw.pop("headers", {}))
     return requests.post(server.url + "/api/v1/ingest", data=data, headers=headers, timeout=30, **kw)
+
+
+def wait_until_every_worker_refuses(server, key: str) -> None:
+    """After ``key`` was revoked, each worker of ``server`` passes it until
+    its cache entry expires (HALTLESS_AUTH_CACHE_SECONDS): probe with an
+    empty batch (it stores nothing while the key still passes) over fresh
+    connections until every live worker has answered one with 401."""
+    def refused():
+        return worker_counts(server, "haltless_http_requests_total", route="/api/v1/ingest",
+                             status="401")
+    before = refused()
+
+    def every_worker_refused():
+        post(server, key, {"readings": []}, headers={"Connection": "close"})
+        now = refused()
+        return len(now) == server.workers and all(n > before.get(w, 0) for w, n in now.items())
+    wait_for(every_worker_refused, timeout=20, every=0.05,
+             what="every worker to refuse the revoked key")
