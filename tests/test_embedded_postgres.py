@@ -9,14 +9,13 @@ import errno
 import json
 import os
 import re
-import time
 from pathlib import Path
 
 import asyncpg
 import pytest
 import requests
 
-from helpers import ServerProcess, fetchval, haltless, post, postmasters, reading
+from helpers import ServerProcess, fetchval, haltless, post, postmasters, reading, wait_for
 from haltless.server import db
 
 
@@ -52,12 +51,8 @@ def test_embedded_postgres_is_shared_by_server_and_cli_and_outages_answer_503(pu
         assert requests.get(srv.url + "/healthz", timeout=10).status_code == 200
 
         dsn = db.start_embedded(data)  # as any haltless process would: same socket, same options
-        deadline = time.monotonic() + 20
-        while True:  # the server reconnects by itself
-            r = post(srv, key, body)
-            if r.status_code == 207 or time.monotonic() > deadline:
-                break
-            time.sleep(0.2)
+        r = wait_for(lambda: (r := post(srv, key, body)).status_code == 207 and r,
+                     what="the server to reconnect by itself")
         assert r.json() == {"accepted_count": 1, "rejected_count": 0, "errors": []}
         # The outage is logged as a change of state, twice, not once per request.
         lines = [ln for ln in srv.log()[mark:].splitlines() if "WARNING" in ln or "ERROR" in ln]
@@ -147,14 +142,18 @@ def test_kill_9_of_the_postmaster_under_load_gives_503s_never_a_500(public_tmp, 
         threads = [threading.Thread(target=load) for _ in range(4)]
         for t in threads:
             t.start()
-        time.sleep(2)
-        postmasters(pgdata)[0].kill()
-        time.sleep(4)
+        wait_for(lambda: statuses.get(207, 0) >= 20, what="the load being served")
+        victim = postmasters(pgdata)[0]
+        backends = victim.children()
+        victim.kill()
+        wait_for(lambda: statuses.get(503, 0) >= 50, timeout=30, what="50 requests answered 503")
+        # A new postmaster can start once the old one's backends have noticed and left.
+        wait_for(lambda: not any(p.is_running() for p in [victim, *backends]), timeout=30,
+                 what="the killed postmaster's backends to exit")
         down = statuses.get(207, 0)
         db.start_embedded(data)
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline and statuses.get(207, 0) < down + 20:
-            time.sleep(0.2)
+        wait_for(lambda: statuses.get(207, 0) >= down + 20, timeout=30,
+                 what="20 requests stored after the restart")
         stop.set()
         for t in threads:
             t.join(30)
