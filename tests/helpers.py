@@ -235,21 +235,33 @@ def serving(dsn: str, tmp_path_factory, name: str):
     srv.stop()
 
 
-def serve_compactors(url: str, clock: float, seconds: float, **kw) -> None:
+def serve_compactors(url: str, clock: float, until: str, *args, timeout: float = 60.0,
+                     **kw) -> None:
     """Two `haltless serve` workers' compaction loops (compact_forever, one
-    pool each) against ``url`` for ``seconds``, by a clock stopped at ``clock``."""
+    pool each) against ``url``, by a clock stopped at ``clock``, until the
+    query ``until`` (with ``args``) answers true: their work seen done, or an
+    AssertionError after ``timeout`` seconds."""
     from haltless.server.compaction import compact_forever
 
     async def go():
         pools = [await asyncpg.create_pool(url, min_size=1, max_size=2) for _ in range(2)]
         tasks = [asyncio.create_task(compact_forever(p, every=0.05, clock=lambda: clock, **kw))
                  for p in pools]
-        await asyncio.sleep(seconds)
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        for p in pools:
-            await p.close()
+        try:
+            deadline = time.monotonic() + timeout
+            while not await pools[0].fetchval(until, *args):
+                for task in tasks:
+                    if task.done():  # compact_forever never returns: an error ends the wait
+                        task.result()
+                if time.monotonic() >= deadline:
+                    raise AssertionError(f"compactors not done after {timeout}s: {until}")
+                await asyncio.sleep(0.1)
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            for p in pools:
+                await p.close()
     run(go())
 
 

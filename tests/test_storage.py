@@ -215,7 +215,7 @@ def test_workers_compact_the_closed_slot_by_themselves_one_at_a_time(pg_dsn, fre
               " VALUES ($1, $2::timestamptz, 2, haltless_chunk_stamps(ARRAY[$2::timestamptz, $2::timestamptz + interval '1 s']),"
               " ARRAY[1.5, 2.5])", sid, hour)
 
-    serve_compactors(pg_dsn, t, 1.5)
+    serve_compactors(pg_dsn, t, f"SELECT count(*) = 0 FROM reading_chunks_{closed}")
     assert fetchval(pg_dsn, f"SELECT count(*) FROM reading_chunks_{closed}") == 0
     assert fetchval(pg_dsn, f"SELECT count(*) FROM reading_chunks_{current} WHERE series_id = $1",
                     sid) == 1  # the hour still being written is left alone
