@@ -14,7 +14,7 @@ import asyncpg
 import pytest
 
 from haltless.server import db
-from helpers import Tenant, make_tenant, run, serving
+from helpers import Tenant, make_tenant, run, serving, start_test_postgres, stop_test_postgres
 # Still importable from here for test_codec.py and test_kernel.py (`run`,
 # `twins`), whose imports are another change's to move to helpers.
 from helpers import twins  # noqa: F401
@@ -23,7 +23,8 @@ from helpers import twins  # noqa: F401
 @pytest.fixture(scope="session")
 def pg_dsn(tmp_path_factory):
     """A migrated database: a fresh one on HALTLESS_DATABASE_URL's server, or
-    an embedded PostgreSQL in a temporary directory."""
+    an embedded PostgreSQL in a temporary directory, stopped and removed by
+    a watchdog if pytest is killed before it can do so itself."""
     outer = os.environ.get("HALTLESS_DATABASE_URL")
     if outer:
         name = f"haltless_test_{uuid.uuid4().hex[:8]}"
@@ -42,7 +43,7 @@ def pg_dsn(tmp_path_factory):
         # server runs as its own system user when the tests run as root.
         pgdir = Path(tempfile.mkdtemp(prefix="haltless-test-pg-"))
         pgdir.chmod(0o755)
-        dsn = db.start_embedded(pgdir)
+        dsn, watchdog = start_test_postgres(pgdir)
 
     async def migrate():
         c = await asyncpg.connect(dsn)
@@ -53,8 +54,7 @@ def pg_dsn(tmp_path_factory):
     run(migrate())
     yield dsn
     if not outer:
-        db.stop_embedded(pgdir)
-        shutil.rmtree(pgdir, ignore_errors=True)
+        stop_test_postgres(pgdir, watchdog)
     if outer:
         async def drop():
             c = await asyncpg.connect(outer)

@@ -6,7 +6,8 @@
   ``postmasters(pgdata)`` (the PostgreSQL servers running on a data dir).
 - The database: ``run(coro)``, ``fetch``/``fetchval`` (one query on a fresh
   connection), ``make_tenant`` (an organization with machines and an API
-  key: a ``Tenant``).
+  key: a ``Tenant``), ``start_test_postgres``/``stop_test_postgres`` (the
+  suite's embedded PostgreSQL, watched by ``tests/pg_watchdog.py``).
 - The server: ``ServerProcess`` (`haltless serve` on a free port),
   ``serving`` (the suite's server, for a fixture to yield from),
   ``serve_compactors`` (two serve workers' compaction loops).
@@ -39,16 +40,17 @@ import asyncpg
 import pytest
 import requests
 
-from haltless.server import store
+from haltless.server import db, store
 from haltless.server.localcluster import free_port
 
 __all__ = ["ROOT", "HALTLESS", "haltless", "postmasters", "run", "fetch", "fetchval", "Tenant",
-           "make_tenant", "ServerProcess", "serving",
+           "make_tenant", "start_test_postgres", "stop_test_postgres", "ServerProcess", "serving",
            "serve_compactors", "scrape", "metric", "workers", "multiproc_dir", "worker_counts",
            "now_iso", "reading", "post", "wait_until_every_worker_refuses", "wait_for", "free_port", "twins"]
 
 ROOT = Path(__file__).resolve().parent.parent
 HALTLESS = [sys.executable, "-m", "haltless.server.cli"]
+WATCHDOG = Path(__file__).resolve().parent / "pg_watchdog.py"
 
 
 # ------------------------------------------------------------------ commands and processes
@@ -127,6 +129,39 @@ def fetch(dsn, sql, *args):
 def fetchval(dsn, sql, *args):
     rows = fetch(dsn, sql, *args)
     return rows[0][0] if rows else None
+
+
+def start_test_postgres(data_dir: Path) -> tuple[str, subprocess.Popen]:
+    """The suite's embedded PostgreSQL in ``data_dir`` (0755 and outside
+    pytest's 0700 tree: as root it runs as its own system user), watched by
+    tests/pg_watchdog.py, which stops it and removes ``data_dir`` if this
+    process dies without doing so (a CI timeout's SIGKILL). Returns (DSN,
+    the watchdog); ``stop_test_postgres`` undoes both.
+
+    The watchdog starts first, so a kill while PostgreSQL starts is covered
+    too (unless the postmaster comes up after the watchdog has looked)."""
+    watchdog = subprocess.Popen(
+        [sys.executable, str(WATCHDOG), str(os.getpid()), str(data_dir)],
+        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        start_new_session=True)  # a signal to our process group does not reach it
+    try:
+        return db.start_embedded(data_dir), watchdog
+    except BaseException:
+        watchdog.kill()
+        watchdog.wait()
+        raise
+
+
+def stop_test_postgres(data_dir: Path, watchdog: subprocess.Popen) -> None:
+    """Stop the postmaster and remove ``data_dir``, then the watchdog, whose
+    work that was (it stays until then, in case we die half way)."""
+    import shutil
+    try:
+        db.stop_embedded(data_dir)
+        shutil.rmtree(data_dir, ignore_errors=True)
+    finally:
+        watchdog.kill()
+        watchdog.wait()
 
 
 @dataclass
