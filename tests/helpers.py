@@ -46,7 +46,8 @@ from haltless.server.localcluster import free_port
 __all__ = ["ROOT", "HALTLESS", "haltless", "postmasters", "run", "fetch", "fetchval", "Tenant",
            "make_tenant", "start_test_postgres", "stop_test_postgres", "ServerProcess", "serving",
            "serve_compactors", "scrape", "metric", "workers", "multiproc_dir", "worker_counts",
-           "now_iso", "reading", "post", "wait_until_every_worker_refuses", "wait_for", "free_port", "twins"]
+           "now_iso", "reading", "post", "wait_until_every_worker_refuses", "wait_for", "free_port",
+           "twins"]
 
 ROOT = Path(__file__).resolve().parent.parent
 HALTLESS = [sys.executable, "-m", "haltless.server.cli"]
