@@ -36,7 +36,7 @@ from .agent_config import AgentConfig, AgentSource, load_config, reader_config
 from .base import ReadResult
 from .opcua_config import parse_endpoint
 from .readers import connected, make_reader, outer_timeout, probe_reader
-from .schedule import PollLoop, Stats
+from .schedule import PollLoop, Stats, raise_if_cancelled
 from .sender import Sender
 from .spool import Spool
 from .textfile import write_textfile
@@ -131,12 +131,16 @@ class Agent:
     async def send_forever(self) -> None:
         failures = 0
         while True:
+            raise_if_cancelled()  # shutdown cancels this loop; see its docstring
             batch = await self.spool.next_batch()
             if batch is None:
                 self.new_data.clear()
                 try:
-                    await asyncio.wait_for(self.new_data.wait(), 1.0)
-                except asyncio.TimeoutError:
+                    # Not wait_for, which on Python 3.11 can drop the cancel
+                    # of shutdown when new data arrives at that moment.
+                    async with asyncio.timeout(1.0):
+                        await self.new_data.wait()
+                except TimeoutError:
                     pass
                 continue
             try:

@@ -15,6 +15,17 @@ BACKOFF_BASE = 1.0      # first reconnect delay, seconds
 BACKOFF_MAX = 60.0      # cap of the reconnect delay
 
 
+def raise_if_cancelled() -> None:
+    """Raise the cancel that something this task awaited dropped. On Python
+    3.11 asyncio.wait_for returns the result instead of raising when the
+    cancel lands as the awaited call completes, and pymodbus awaits its
+    connect and each request that way. A stopped PollLoop polled on, and the
+    poller process that stopped it waited for it forever (in its rebalancing,
+    or its exit on SIGTERM): test_pollers' handover test, about 1 run in 20."""
+    if asyncio.current_task().cancelling():
+        raise asyncio.CancelledError
+
+
 class Stats:
     """Poll-start lag samples and counters, for status lines and bench/."""
 
@@ -83,6 +94,7 @@ class PollLoop:
             next_t = self._first_at  # the previous owner's schedule, kept
         try:
             while True:
+                raise_if_cancelled()
                 delay = next_t - loop.time()
                 if delay > 0:
                     await asyncio.sleep(delay)
@@ -123,17 +135,21 @@ class PollLoop:
         if self.reader is None:
             if loop.time() < self.reconnect_at:
                 return
+            # asyncio.timeout, not wait_for, which can drop a cancel (see run()).
             try:
-                self.reader = await asyncio.wait_for(self.make_reader(), self.timeout)
-            except asyncio.TimeoutError:
+                async with asyncio.timeout(self.timeout):
+                    self.reader = await self.make_reader()
+                raise_if_cancelled()  # not on to a read the stop did not want
+            except TimeoutError:
                 self.fail(f"connect: no answer within {self.timeout:.0f} s")
                 return
             except ReaderError as exc:
                 self.fail(f"connect: {exc}")
                 return
         try:
-            res = await asyncio.wait_for(self.reader.read(), self.timeout)
-        except (ReaderError, asyncio.TimeoutError) as exc:
+            async with asyncio.timeout(self.timeout):  # not wait_for (see run())
+                res = await self.reader.read()
+        except (ReaderError, TimeoutError) as exc:
             await self.close()
             self.fail(str(exc) or f"read: no answer within {self.timeout:.0f} s")
             return

@@ -35,17 +35,30 @@ class LoopThread:
 
 class ModbusPeer:
     """A pymodbus TCP server with the given devices; stop() and start() again
-    on the same port to simulate a device that goes away and comes back."""
+    on the same port to simulate a device that goes away and comes back.
+    ``requests`` counts the requests it was sent, ``connections`` the
+    connections open to it: what a poller does to the device, seen from it."""
 
     def __init__(self, devices, port: int = 0) -> None:
         self.devices = devices
         self.port = port
         self.lt = LoopThread()
         self.server = None
+        self.requests = 0
+        self.connections = 0
+
+    def _pdu(self, sending: bool, pdu):
+        if not sending:
+            self.requests += 1
+        return pdu
+
+    def _connect(self, connected: bool) -> None:
+        self.connections += 1 if connected else -1
 
     def start(self) -> "ModbusPeer":
         async def go():
-            self.server = ModbusTcpServer(self.devices, address=(HOST, self.port))
+            self.server = ModbusTcpServer(self.devices, address=(HOST, self.port),
+                                          trace_pdu=self._pdu, trace_connect=self._connect)
             await self.server.serve_forever(background=True)
             return self.server.transport.sockets[0].getsockname()[1]
         self.port = self.lt.call(go())
@@ -75,7 +88,8 @@ class OpcuaPeer:
     SignAndEncrypt; one user) on its own loop thread."""
 
     def __init__(self) -> None:
-        from test_opcua_reader import free_port, make_server_cert
+        from helpers import free_port
+        from test_opcua_reader import make_server_cert
         self.port = free_port()
         self.cert = make_server_cert("e2e-server")
         self.lt = LoopThread()

@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from conftest import HALTLESS, ROOT, ServerProcess, fetch, fetchval, make_tenant
+from helpers import HALTLESS, ROOT, ServerProcess, fetch, fetchval, make_tenant, reading, wait_for
 from peers import ModbusPeer, device
 from haltless.pollers.agent_config import load_config
 from haltless.pollers.sender import Sender
@@ -147,7 +147,6 @@ def test_a_full_queue_drops_oldest_or_newest_as_configured(tmp_path):
 def test_a_batch_sent_but_not_acknowledged_is_resent_with_its_key_and_stored_once(
         server, pg_dsn, tmp_path):
     t = make_tenant(pg_dsn, machines=("CNC-001",))
-    from test_ingest import reading
     import json
 
     async def go():
@@ -271,19 +270,16 @@ def test_agent_survives_a_server_outage_and_delivers_every_reading_once(pg_dsn, 
     with ModbusPeer([device(1, {100: 725}, {102: 1500})]) as peer:
         agent = AgentProcess(agent_toml(tmp_path, peer.port, srv.url, t.key), tmp_path / "agent.log")
         try:
-            deadline = time.monotonic() + 20
-            while t.count(pg_dsn) < 10 and time.monotonic() < deadline:
-                time.sleep(0.2)
+            wait_for(lambda: t.count(pg_dsn) >= 10, what="ten readings delivered")
             srv.stop()
-            time.sleep(3)  # readings pile up on disk meanwhile
-            assert spooled_total(tmp_path)[1] > 0
-            queued, age = agent_queue(tmp_path)  # from the agent's own metrics textfile
-            assert queued > 0 and age > 0
+            # Readings pile up on disk meanwhile, and the agent's own metrics
+            # textfile says so.
+            wait_for(lambda: spooled_total(tmp_path)[1] > 0, what="readings queued on disk")
+            wait_for(lambda: (q := agent_queue(tmp_path))[0] > 0 and q[1] > 0,
+                     what="the metrics file to show a queue")
             srv.start(tmp_path / "server.log")
-            time.sleep(4)
-            deadline = time.monotonic() + 20
-            while agent_queue(tmp_path)[0] and time.monotonic() < deadline:
-                time.sleep(0.5)
+            # Delivered once the server is back: the metrics file shows the queue drained.
+            wait_for(lambda: agent_queue(tmp_path)[0] == 0, timeout=40, what="the queue drained")
         finally:
             agent.stop()
             srv.stop()
@@ -307,11 +303,16 @@ def test_agent_killed_mid_send_and_restarted_loses_and_duplicates_nothing(server
         cfg = agent_toml(tmp_path, peer.port, server.url, t.key, interval=0.1)
         for n in range(3):
             agent = AgentProcess(cfg, tmp_path / f"agent{n}.log")
-            time.sleep(1.5 + 0.37 * n)
+            time.sleep(1.5 + 0.37 * n)  # the moment of the kill, a different one each time
             agent.stop(signal.SIGKILL)
+        queued_before = spooled_total(tmp_path)[0]
         agent = AgentProcess(cfg, tmp_path / "agent-last.log")
-        time.sleep(2)
+        # The last one sends what the killed ones left queued (the queue's ids
+        # are sent in order, so they are in once that many are stored).
+        wait_for(lambda: t.count(pg_dsn) >= queued_before, timeout=30,
+                 what="the killed agents' queue delivered")
         agent.stop()
+    assert queued_before > 0
     assert_exactly_once(pg_dsn, t, tmp_path)
 
 
@@ -319,7 +320,8 @@ def test_a_refused_api_key_stops_sending_and_keeps_readings_queued(server, pg_ds
     with ModbusPeer([device(1, {100: 725}, {102: 1500})]) as peer:
         agent = AgentProcess(agent_toml(tmp_path, peer.port, server.url, "hk_wrong"),
                              tmp_path / "agent.log")
-        time.sleep(3)
+        wait_for(lambda: "Sending stopped" in agent.log(), what="the refusal logged")
+        wait_for(lambda: spooled_total(tmp_path)[0] > 0, what="readings queued")
         agent.stop()
     log = agent.log()
     assert "refused the API key (401" in log and "Sending stopped" in log

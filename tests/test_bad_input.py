@@ -1,4 +1,4 @@
-"""No 500 for bad input (issue 10): every input the fuzzer turned into a 500
+"""No 500 for bad input: every input the fuzzer turned into a 500
 is a clear 4xx, or in an ingest batch a per-reading error with the rest
 accepted (the agent retries a 5xx forever)."""
 from __future__ import annotations
@@ -12,8 +12,7 @@ import jwt
 import pytest
 import requests
 
-from conftest import make_tenant
-from test_ingest import now_iso, post, reading
+from helpers import make_tenant, now_iso, post, reading
 from test_management import MODBUS_BODY, Api
 
 HUGE = "1" * 5000  # int() refuses more than 4,300 digits

@@ -11,21 +11,21 @@ import json
 import signal
 import time
 import uuid
+from collections import Counter
 
 import asyncpg
 import pytest
 
 from haltless.server.localcluster import CitusCluster
-from conftest import fetch, fetchval, make_tenant, run, serve_compactors, serving
+from helpers import (fetch, fetchval, haltless, make_tenant, post, run, serve_compactors,
+                     serving, wait_for)
 from haltless.server import compact_citus, db, store
 from haltless.server.compact import CRASH_POINTS
 from haltless.server.compaction import compact_all
 from haltless.server.reader_roles import create_reader_role, url_for_role
 from peers import ModbusPeer, device
-from test_ingest import post
 from test_management import MODBUS_BODY, Api
-from test_operations import haltless
-from test_pollers import Pollers, wait_for
+from test_pollers import Pollers
 from test_sql_access import as_role
 from test_storage import compact, send, snapshot
 
@@ -255,7 +255,13 @@ def test_two_compactors_work_on_different_shard_groups_at_once(citus_server, cit
             await w.execute(f"LOCK TABLE {first.chunks[slot]} IN ROW SHARE MODE")
             a = asyncio.create_task(compact_all(coord[1], include_current=True, wait=False,
                                                 dsn=citus_dsn))
-            await asyncio.sleep(1.0)
+            waiting = "SELECT count(*) FROM pg_locks WHERE NOT granted AND relation = $1::regclass"
+            for _ in range(300):  # A holds the group and waits for its shard
+                if await w.fetchval(waiting, first.chunks[slot]):
+                    break
+                await asyncio.sleep(0.1)
+            else:
+                raise AssertionError("compactor A never reached the held shard")
             assert not a.done()
             b = await compact_all(coord[2], include_current=True, wait=False, dsn=citus_dsn)
             left = await coord[0].fetch("SELECT DISTINCT series_id FROM reading_chunks"
@@ -297,7 +303,8 @@ def test_serve_workers_compact_the_closed_slot_per_shard_group_by_themselves(cit
               " ARRAY[1.5, 2.5]"
               " FROM unnest($1::int[]) x", series, hour, 10 * slot)
 
-    serve_compactors(citus_dsn, clock, 4, dsn=citus_dsn)
+    serve_compactors(citus_dsn, clock, "SELECT count(*) = 0 FROM reading_chunks WHERE slot = $1"
+                     " AND series_id = ANY($2::int[])", closed, series, dsn=citus_dsn)
     left = {r[0]: r[1] for r in fetch(citus_dsn, "SELECT slot, count(*) FROM reading_chunks"
                                       " WHERE series_id = ANY($1::int[]) GROUP BY 1", series)}
     assert left == {current: 24}
@@ -345,7 +352,16 @@ def test_a_shard_move_waits_for_the_compaction_of_its_group(citus_server, citus_
             move = asyncio.create_task(coord[2].execute(
                 "SELECT citus_move_shard_placement($1, $2, $3, $2, $4,"
                 " shard_transfer_mode => 'block_writes')", g.key, g.host, g.port, other))
-            await asyncio.sleep(2.0)
+            # The move waits for the compaction: the compactor's coordinator
+            # session (its shard metadata lock) blocks it.
+            mover, compactor = coord[2].get_server_pid(), coord[1].get_server_pid()
+            for _ in range(300):
+                if compactor in (await coord[0].fetchval("SELECT pg_blocking_pids($1)", mover)
+                                 or []) or move.done():
+                    break
+                await asyncio.sleep(0.1)
+            else:
+                raise AssertionError("the move was never blocked by the compaction")
             moving_early = move.done()
             await tx.rollback()
             await w.close()
@@ -450,14 +466,21 @@ def test_two_poller_processes_share_sources_through_leases_on_the_cluster(citus_
                 return {r[0]: r[1] for r in fetch(
                     citus_dsn, "SELECT id, lease_owner FROM ingest_sources WHERE id = ANY($1::uuid[])",
                     ids)}
-            wait_for(lambda: len(set(owners().values()) - {None}) == 2
-                     and None not in owners().values(), timeout=30, what="both processes polling")
-            a_owner = next(o for o in set(owners().values()) if o.split(":")[1] != str(b.proc.pid))
+            # Settled (two sources each), and read from one look at the table:
+            # the rebalancing passes through moments where a source has no owner.
+            settled = wait_for(lambda: (o := owners()) and sorted(Counter(o.values()).values()) == [2, 2]
+                               and None not in o.values() and o, timeout=30,
+                               what="both processes polling two sources each")
+            a_owner = next(o for o in set(settled.values()) if o.split(":")[1] != str(b.proc.pid))
             a.kill(signal.SIGKILL)
             killed_at = time.time()
             wait_for(lambda: a_owner not in owners().values() and None not in owners().values(),
                      timeout=15, what="takeover")
-            time.sleep(3)
+            wait_for(lambda: fetch(
+                citus_dsn, "SELECT count(*) FROM (SELECT machine_id FROM readings WHERE"
+                " machine_id = ANY($1::uuid[]) AND timestamp > to_timestamp($2) GROUP BY 1"
+                " HAVING count(*) >= 2) m", list(t.machines.values()), killed_at + 1)[0][0] == 4,
+                what="two polls of every source after the kill")
         finally:
             a.kill()
             b.kill(signal.SIGTERM)

@@ -14,8 +14,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from conftest import ROOT, make_tenant
-from test_ingest import post
+from helpers import ROOT, make_tenant, post
 from test_query import iso, us
 
 CHROMIUM = "/usr/bin/chromium"

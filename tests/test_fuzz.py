@@ -8,7 +8,7 @@ import json
 import uuid
 
 from bench.fuzz import fuzz
-from conftest import make_tenant
+from helpers import make_tenant
 from test_management import MODBUS_BODY, Api
 
 

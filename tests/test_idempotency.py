@@ -8,8 +8,7 @@ import uuid
 
 import requests
 
-from conftest import fetchval, make_tenant
-from test_ingest import reading
+from helpers import fetchval, make_tenant, reading
 
 
 def post(server, key, body, idem):

@@ -1,5 +1,6 @@
-"""POST /api/v1/ingest against the real server process and PostgreSQL,
-case by case as in the contract ("HTTP Push") and issue #2."""
+"""POST /api/v1/ingest against the real server process and PostgreSQL, case
+by case as in the contract ("HTTP Push", docs/contract.md): what is stored,
+who may write, whole-batch refusals, per-reading errors, concurrency."""
 from __future__ import annotations
 
 import contextlib
@@ -11,7 +12,8 @@ import threading
 
 import requests
 
-from conftest import fetch, fetchval, make_tenant
+from helpers import (fetch, fetchval, make_tenant, now_iso, post, reading, wait_for,
+                     wait_until_every_worker_refuses)
 
 CONTRACT_EXAMPLE = '''
 import requests
@@ -45,26 +47,6 @@ headers={"X-API-Key": API_KEY},
 
 print(response.json())
 '''
-
-
-def now_iso(delta: dt.timedelta = dt.timedelta()) -> str:
-    return (dt.datetime.now(dt.timezone.utc) + delta).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
-
-
-def reading(machine="CNC-001", metric="temperature", value=72.5, ts=None, **extra):
-    r = {"machine_identifier": machine, "timestamp": ts or now_iso(), "metric_name": metric,
-         "value": value}
-    r.update(extra)
-    return r
-
-
-def post(server, key, body, **kw):
-    data = body if isinstance(body, (bytes, str)) or hasattr(body, "__next__") else json.dumps(body)
-    headers = {"Content-Type": "application/json"}
-    if key is not None:
-        headers["X-API-Key"] = key
-    headers.update(kw.pop("headers", {}))
-    return requests.post(server.url + "/api/v1/ingest", data=data, headers=headers, timeout=30, **kw)
 
 
 # ------------------------------------------------------------------ contract
@@ -125,12 +107,12 @@ def test_missing_unknown_and_revoked_keys_get_401_and_store_nothing(server, pg_d
         assert r.status_code == 401, key
         assert expect in r.json()["detail"]
     assert tenant.count(pg_dsn) == 0
-    # Revoke through the CLI's store function, then wait out the documented cache TTL (0.5 s here).
+    # Revoke, then wait until every worker has seen it (each caches a key for
+    # HALTLESS_AUTH_CACHE_SECONDS, 0.5 s here).
     assert post(server, tenant.key, body).status_code == 207
     key_id = fetchval(pg_dsn, "SELECT id FROM api_keys WHERE org_id = $1", tenant.org_id)
     fetch(pg_dsn, "UPDATE api_keys SET revoked_at = now() WHERE id = $1", key_id)
-    import time
-    time.sleep(0.7)
+    wait_until_every_worker_refuses(server, tenant.key)
     r = post(server, tenant.key, body)
     assert r.status_code == 401 and "revoked" in r.json()["detail"]
     assert tenant.count(pg_dsn) == 1
@@ -256,9 +238,11 @@ def test_a_machine_added_while_serving_is_found_on_the_next_batch(server, pg_dsn
     assert post(server, tenant.key, body).json()["errors"][0]["error"] == "Machine not found"
     fetch(pg_dsn, "INSERT INTO machines (org_id, machine_identifier) VALUES ($1, 'LATE-1')",
           tenant.org_id)
-    import time
-    time.sleep(0.6)  # unknown identifiers are remembered for HALTLESS_AUTH_CACHE_SECONDS
-    assert post(server, tenant.key, body).json()["accepted_count"] == 1
+    # Unknown identifiers are remembered for HALTLESS_AUTH_CACHE_SECONDS (0.5 s
+    # here): refused (and not stored) until then, accepted after.
+    wait_for(lambda: post(server, tenant.key, body).json()["accepted_count"] == 1, timeout=10,
+             every=0.1, what="the new machine to be found")
+    assert tenant.count(pg_dsn, "LATE-1") == 1
 
 
 def test_empty_batch_is_accepted_with_zero_counts(server, tenant):

@@ -11,7 +11,7 @@ import jwt
 import pytest
 import requests
 
-from conftest import fetch, make_tenant
+from helpers import fetch, make_tenant
 from peers import ModbusPeer, device
 from haltless.core.config import Settings
 from haltless.server.netpolicy import AddressPolicy, TargetRefused

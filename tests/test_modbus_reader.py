@@ -4,18 +4,18 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
-import socket
 import struct
-import time
 
 import msgspec
 import pytest
+from pymodbus.client import AsyncModbusTcpClient
 from pymodbus.server import ModbusTcpServer
 from pymodbus.simulator import DataType, SimData, SimDevice
 
 from haltless.core.errors import ReaderError
 from haltless.pollers.modbus import ModbusReader, PlannedRequest, plan_requests
 from haltless.pollers.modbus_config import ModbusConfig, ModbusRegister, validate_modbus_config
+from helpers import free_port
 
 HOST = "127.0.0.1"
 
@@ -73,6 +73,13 @@ async def modbus_server(devices, port: int = 0):
         await asyncio.sleep(0.01)  # let the server's connection transports finish closing
 
 
+async def until(condition, timeout: float = 10.0) -> None:
+    """Wait, on the running loop, until ``condition()`` is true (TimeoutError after ``timeout``)."""
+    async with asyncio.timeout(timeout):
+        while not condition():
+            await asyncio.sleep(0.01)
+
+
 def cfg(*registers: ModbusRegister, unit_id: int = 1, timeout: float = 1.0) -> ModbusConfig:
     return ModbusConfig(registers=list(registers), unit_id=unit_id, timeout_seconds=timeout)
 
@@ -84,12 +91,6 @@ async def read_once(port: int, config: ModbusConfig):
         return await reader.read()
     finally:
         await reader.close()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind((HOST, 0))
-        return s.getsockname()[1]
 
 
 # ------------------------------------------------------- reading values
@@ -329,36 +330,56 @@ def test_read_before_connect_raises_reader_error_and_close_never_raises():
     asyncio.run(main())
 
 
-def test_silent_server_raises_reader_error_naming_the_timeout_within_about_the_timeout():
+def modbus_answer(request: bytes, value: int) -> bytes:
+    """A Modbus TCP answer of one register to ``request`` (FC3 or FC4)."""
+    tid, unit, fc = request[0:2], request[6], request[7]
+    return tid + b"\x00\x00\x00\x05" + bytes([unit, fc, 2]) + value.to_bytes(2, "big")
+
+
+def test_silent_server_raises_reader_error_naming_the_timeout_once_it_has_passed():
+    """A device that takes the request and does not answer: the read fails
+    naming the timeout, after one request (no retries hidden in the wait).
+    It did wait: a reader with a longer timeout, asked first, is still
+    waiting then, and reads the answer that comes after."""
     async def main():
-        connections = []
+        asked: dict[int, list[bytes]] = {}  # connection number -> requests
+        writers = []
 
-        async def swallow(reader, writer):
-            connections.append(writer)
+        async def silent(reader, writer):
+            n = len(writers)
+            writers.append(writer)
             with contextlib.suppress(ConnectionError):
-                while await reader.read(1024):
-                    pass
+                while data := await reader.read(1024):
+                    asked.setdefault(n, []).append(data)
 
-        server = await asyncio.start_server(swallow, HOST, 0)
+        server = await asyncio.start_server(silent, HOST, 0)
         port = server.sockets[0].getsockname()[1]
-        reader = ModbusReader(HOST, port, cfg(ModbusRegister(0, "x"), timeout=0.3))
+        patient = ModbusReader(HOST, port, cfg(ModbusRegister(0, "x"), timeout=30))
+        short = ModbusReader(HOST, port, cfg(ModbusRegister(0, "x"), timeout=0.3))
         try:
-            await reader.connect()
-            started = time.monotonic()
+            await patient.connect()  # connection 0
+            await short.connect()    # connection 1
+            waiting = asyncio.create_task(patient.read())
             with pytest.raises(ReaderError) as exc:
-                await reader.read()
-            elapsed = time.monotonic() - started
+                await asyncio.wait_for(short.read(), 10)
+            still_waiting = not waiting.done()
+            await until(lambda: 0 in asked)
+            writers[0].write(modbus_answer(asked[0][0], 42))
+            late = await asyncio.wait_for(waiting, 10)
         finally:
-            await reader.close()
-            for writer in connections:
+            await patient.close()
+            await short.close()
+            for writer in writers:
                 writer.close()
             server.close()
             await server.wait_closed()
-        return str(exc.value), elapsed, port
+        return str(exc.value), port, len(asked.get(1, [])), still_waiting, late
 
-    message, elapsed, port = asyncio.run(main())
+    message, port, requests, still_waiting, late = asyncio.run(main())
     assert message == f"no response from {HOST}:{port} within 0.3 s (unit 1)"
-    assert 0.25 <= elapsed < 1.0
+    assert requests == 1
+    assert still_waiting, "the reader with a 30 s timeout had given up when the 0.3 s one did"
+    assert [s.value for s in late.samples] == [42.0]
 
 
 def test_device_that_goes_away_fails_the_read_and_reads_again_only_after_close_and_connect():
@@ -368,13 +389,20 @@ def test_device_that_goes_away_fails_the_read_and_reads_again_only_after_close_a
             reader = ModbusReader(HOST, port, cfg(ModbusRegister(0, "x"), timeout=0.5))
             await reader.connect()
             first = await reader.read()
+            # A pymodbus client left to reconnect by itself (as the library
+            # would): the clock for "ours would have reconnected by now".
+            reconnecting = AsyncModbusTcpClient(HOST, port=port, retries=0, reconnect_delay=0.1,
+                                                reconnect_delay_max=0.2)
+            assert await reconnecting.connect()
         with pytest.raises(ReaderError) as gone:
             await reader.read()
         await reader.close()
         with pytest.raises(ReaderError, match="refused"):
             await reader.connect()
+        await until(lambda: not reconnecting.connected)
         async with modbus_server(dev, port=port):
-            await asyncio.sleep(0.3)  # pymodbus would have reconnected by now if it were allowed to
+            await until(lambda: reconnecting.connected)
+            reconnecting.close()
             with pytest.raises(ReaderError, match="connect"):
                 await reader.read()
             await reader.close()

@@ -8,12 +8,12 @@ import textwrap
 
 import pytest
 
-from conftest import fetch, make_tenant
+from helpers import fetch, make_tenant, wait_for
 from peers import OpcuaPeer
 from test_agent import AgentProcess, assert_exactly_once
 from test_management import OPCUA_BODY, Api
 from test_opcua_reader import PASSWORD, USER
-from test_pollers import Pollers, series_rows, wait_for
+from test_pollers import Pollers, series_rows
 
 
 @pytest.fixture(scope="module")

@@ -35,6 +35,7 @@ from haltless.pollers.opcua import OpcuaReader
 from haltless.pollers.trust import FileTrustStore
 from haltless.pollers.opcua_config import (OpcuaConfig, OpcuaNode, endpoint_url, parse_endpoint,
                                            raw_tag, validate_opcua_config)
+from helpers import free_port
 
 USER, PASSWORD = "operator", "s3cret-pw"
 GUID = "09087e75-8e5e-499b-954f-f2a9603db28a"
@@ -46,12 +47,6 @@ ALL_POLICIES = [
     ua.SecurityPolicyType.Basic256Sha256_SignAndEncrypt,
 ]
 MAX_NODES_PER_READ = ua.NodeId(ua.ObjectIds.Server_ServerCapabilities_OperationLimits_MaxNodesPerRead)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class OneUserManager:

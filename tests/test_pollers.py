@@ -2,6 +2,7 @@
 real `haltless pollers` processes from real pymodbus devices on 127.0.0.1."""
 from __future__ import annotations
 
+import datetime as dt
 import os
 import signal
 import subprocess
@@ -10,7 +11,7 @@ import uuid
 
 import pytest
 
-from conftest import HALTLESS, ROOT, fetch
+from helpers import HALTLESS, ROOT, fetch, make_tenant, run, wait_for
 from peers import ModbusPeer, device
 from test_management import MODBUS_BODY, Api
 
@@ -37,16 +38,6 @@ class Pollers:
         return self.log_path.read_text(errors="replace")
 
 
-def wait_for(pred, timeout=20.0, every=0.2, what="condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        v = pred()
-        if v:
-            return v
-        time.sleep(every)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-
-
 def series_rows(dsn, source_machine, metric):
     return fetch(dsn, "SELECT timestamp, value, unit, raw_tag FROM readings"
                  " WHERE machine_id = $1 AND metric_name = $2 ORDER BY timestamp",
@@ -66,16 +57,45 @@ def api(server, tenant):
     return Api(server, server.token(tenant.org_id))
 
 
+def polled_since(dsn, machine, metric, since: dt.datetime) -> int:
+    """Readings of ``machine``'s ``metric`` polled after ``since``."""
+    return fetch(dsn, "SELECT count(*) FROM readings WHERE machine_id = $1 AND metric_name = $2"
+                 " AND timestamp > $3", machine, metric, since)[0][0]
+
+
+def assert_polled_no_more(dsn, peer, mid, metric, reference) -> int:
+    """The poller lets go of ``peer``'s device (closes its connection), and
+    while it polls the ``reference`` machine (another source, another device,
+    the same process) three more times, ``mid`` gets no reading and the
+    device no request. Returns ``mid``'s readings."""
+    wait_for(lambda: peer.connections == 0, what="the poller to close the device's connection")
+    let_go, requests = dt.datetime.now(dt.timezone.utc), peer.requests
+    # One flush per process, in poll order: once a reference reading polled
+    # after this moment is stored, every reading polled before it is too.
+    wait_for(lambda: polled_since(dsn, reference, "temperature", let_go) >= 1,
+             what="a later poll of the reference source")
+    n = len(series_rows(dsn, mid, metric))
+    wait_for(lambda: polled_since(dsn, reference, "temperature", let_go) >= 4,
+             what="three more polls of the reference source")
+    assert len(series_rows(dsn, mid, metric)) == n
+    assert peer.requests == requests and peer.connections == 0
+    return n
+
+
 def test_modbus_source_is_polled_and_follows_changes_without_restart(server, api, tenant, pg_dsn,
                                                                      tmp_path):
-    mid = tenant.machines["CNC-001"]
-    with ModbusPeer([device(1, {100: 725, 101: 42}, {102: 1500})]) as peer:
+    mid, reference = tenant.machines["CNC-001"], tenant.machines["CNC-002"]
+    with ModbusPeer([device(1, {100: 725, 101: 42}, {102: 1500})]) as peer, \
+            ModbusPeer([device(1, {100: 1})]) as other:
         body = {**MODBUS_BODY, "machine_id": str(mid), "port": peer.port, "poll_interval_seconds": 1}
         body["config"] = {"registers": [
             *MODBUS_BODY["config"]["registers"],
             {"address": 102, "count": 1, "register_type": "input", "metric_name": "motor_speed",
              "unit": "rpm", "scale": 1.0, "offset": 0.0}]}
         src = api.post("/api/v1/ingest-sources", body).json()
+        assert api.post("/api/v1/ingest-sources", {
+            **MODBUS_BODY, "name": "reference", "machine_id": str(reference), "port": other.port,
+            "poll_interval_seconds": 1}).status_code == 201
         pollers = Pollers(server, tmp_path / "pollers.log")
         try:
             rows = wait_for(lambda: series_rows(pg_dsn, mid, "temperature"), what="first reading")
@@ -93,18 +113,12 @@ def test_modbus_source_is_polled_and_follows_changes_without_restart(server, api
             wait_for(lambda: series_rows(pg_dsn, mid, "pressure"), what="patched register")
             # deactivate: polling stops
             api.patch(f"/api/v1/ingest-sources/{src['id']}", {"is_active": False})
-            time.sleep(2.5)
-            n = len(series_rows(pg_dsn, mid, "pressure"))
-            time.sleep(2.5)
-            assert len(series_rows(pg_dsn, mid, "pressure")) == n
+            n = assert_polled_no_more(pg_dsn, peer, mid, "pressure", reference)
             # reactivate, then delete: it stops again
             api.patch(f"/api/v1/ingest-sources/{src['id']}", {"is_active": True})
             wait_for(lambda: len(series_rows(pg_dsn, mid, "pressure")) > n, what="reactivated")
             api.delete(f"/api/v1/ingest-sources/{src['id']}")
-            time.sleep(2.5)
-            n = len(series_rows(pg_dsn, mid, "pressure"))
-            time.sleep(2.5)
-            assert len(series_rows(pg_dsn, mid, "pressure")) == n
+            assert_polled_no_more(pg_dsn, peer, mid, "pressure", reference)
         finally:
             pollers.kill(signal.SIGTERM)
 
@@ -142,7 +156,6 @@ def test_two_poller_processes_share_sources_hand_them_over_and_survive_a_kill(se
     again at a random moment of the new owner's first second, which failed
     about 2% of handovers; 30 sources handed over 5 times each way (300
     handovers) caught it in every run."""
-    from conftest import make_tenant
     n, cycles = 30, 5
     t = make_tenant(pg_dsn, machines=[f"M{i}" for i in range(n)])
     api = Api(server, server.token(t.org_id))
@@ -160,6 +173,15 @@ def test_two_poller_processes_share_sources_hand_them_over_and_survive_a_kill(se
         def owned_by(pollers):
             return [o for o in owners().values() if o and o.split(":")[1] == str(pollers.proc.pid)]
 
+        def polled_by_all_since(when: dt.datetime, times: int = 1) -> bool:
+            return fetch(pg_dsn, "SELECT count(*) FROM (SELECT machine_id FROM readings"
+                         " WHERE machine_id = ANY($1::uuid[]) AND timestamp > $2 GROUP BY 1"
+                         " HAVING count(*) >= $3) m", list(t.machines.values()), when,
+                         times)[0][0] == n
+
+        def now():
+            return dt.datetime.now(dt.timezone.utc)
+
         a = Pollers(server, tmp_path / "a.log")
         b = None
         try:
@@ -168,48 +190,58 @@ def test_two_poller_processes_share_sources_hand_them_over_and_survive_a_kill(se
                 b = Pollers(server, tmp_path / f"b{cycle}.log")
                 wait_for(lambda: len(owned_by(b)) == n // 2 and len(owned_by(a)) == n // 2,
                          what=f"cycle {cycle}: half handed to the second process")
-                time.sleep(1.5)
+                handed = now()  # each source polled by its new owner before the next handover
+                wait_for(lambda: polled_by_all_since(handed), what=f"cycle {cycle}: polls after it")
                 b.kill(signal.SIGTERM)
                 wait_for(lambda: len(owned_by(a)) == n, what=f"cycle {cycle}: all handed back")
-                time.sleep(1.5)
+                handed = now()
+                wait_for(lambda: polled_by_all_since(handed), what=f"cycle {cycle}: polls after it")
             b = Pollers(server, tmp_path / "b.log")
             wait_for(lambda: len(owned_by(b)) == n // 2, what="both processes polling")
             a_owner = owned_by(a)[0]
             a.kill(signal.SIGKILL)
-            killed_at = time.time()
+            killed_at = now()
+            # Taken over once the dead process's leases (3 s) expire, at the
+            # next tick: 8 s from the kill is "about two poll intervals" and more.
             wait_for(lambda: a_owner not in owners().values() and None not in owners().values(),
-                     timeout=15, what="takeover")
-            took = time.time() - killed_at
-            time.sleep(3)
+                     timeout=8, what="the survivor to take over the killed process's sources")
+            wait_for(lambda: polled_by_all_since(killed_at + dt.timedelta(seconds=1), times=2),
+                     what="two polls of every source after the kill")
         finally:
             a.kill()
             if b is not None:
                 b.kill(signal.SIGTERM)
-    assert took < 8, took  # lease 3 s + one tick; "about two poll intervals" at 1 s is 2-4 s
     twice = []
     for i in range(n):
-        ts = [r["timestamp"].timestamp() for r in series_rows(pg_dsn, t.machines[f"M{i}"], "temperature")]
+        ts = [r["timestamp"] for r in series_rows(pg_dsn, t.machines[f"M{i}"], "temperature")]
         assert ts, f"source {i} never polled"
-        gaps = [b - a for a, b in zip(ts, ts[1:])]
+        gaps = [(b - a).total_seconds() for a, b in zip(ts, ts[1:])]
         if min(gaps) <= 0.5:
             twice.append(f"source {i} polled twice at once: {min(gaps):.3f} s apart")
-        assert ts[-1] > killed_at + 1, f"source {i} not polled after the kill"
+        assert ts[-1] > killed_at + dt.timedelta(seconds=1), f"source {i} not polled after the kill"
     assert not twice, twice
 
 
 def test_a_dead_device_does_not_delay_the_others(server, api, tenant, pg_dsn, tmp_path):
+    """A device that accepts the connection and never answers holds its own
+    poll for the 2 s timeout; the good device beside it is polled meanwhile,
+    on its 1 s schedule, no slot missed."""
     import asyncio
 
     from peers import LoopThread
     lt = LoopThread()
 
     conns = []
+    hangs: list[tuple[float, float]] = []  # (a request arrived, the poller gave up on it)
 
     async def black_hole():  # accepts connections, never answers
         async def handle(reader, writer):
             conns.append(writer)
+            asked = None
             while await reader.read(1 << 16):
-                pass
+                asked = asked or time.time()
+            if asked is not None:
+                hangs.append((asked, time.time()))
         srv = await asyncio.start_server(handle, "127.0.0.1", 0)
         return srv, srv.sockets[0].getsockname()[1]
     hole, hole_port = lt.call(black_hole())
@@ -223,16 +255,23 @@ def test_a_dead_device_does_not_delay_the_others(server, api, tenant, pg_dsn, tm
                 assert api.post("/api/v1/ingest-sources", body).status_code == 201
             pollers = Pollers(server, tmp_path / "pollers.log")
             try:
-                wait_for(lambda: len(series_rows(pg_dsn, good_mid, "temperature")) >= 8, timeout=30,
-                         what="eight polls of the good device")
+                wait_for(lambda: len(hangs) >= 2, timeout=30, what="two polls of the dead device")
+                # everything polled while they hung is stored by the next flush
+                last = hangs[1][1]
+                wait_for(lambda: (rows := series_rows(pg_dsn, good_mid, "temperature"))
+                         and rows[-1]["timestamp"].timestamp() > last,
+                         what="a poll of the good device after them")
             finally:
                 pollers.kill(signal.SIGTERM)
     finally:
         lt.call(_close_server(hole, conns))
         lt.close()
-    ts = [r["timestamp"].timestamp() for r in series_rows(pg_dsn, good_mid, "temperature")]
-    gaps = [b - a for a, b in zip(ts, ts[1:])]
-    assert max(gaps) < 1.5, gaps  # 1 s schedule kept while the other device hangs for 2 s a poll
+    good = [r["timestamp"].timestamp() for r in series_rows(pg_dsn, good_mid, "temperature")]
+    for asked, gave_up in hangs[:2]:
+        assert [t for t in good if asked < t < gave_up], \
+            f"the good device was not polled while the dead one hung ({asked}..{gave_up}): {good}"
+    st = fetch(pg_dsn, "SELECT polls_missed FROM ingest_sources WHERE machine_id = $1", good_mid)
+    assert st[0]["polls_missed"] == 0  # its schedule kept: no slot skipped
     assert series_rows(pg_dsn, dead_mid, "temperature") == []
     st = fetch(pg_dsn, "SELECT last_error FROM ingest_sources WHERE machine_id = $1", dead_mid)[0]
     assert st["last_error"] and str(hole_port) in st["last_error"]
@@ -271,11 +310,13 @@ def test_a_device_answering_garbage_is_logged_once_by_name_without_hex_dumps(ser
     lt = LoopThread()
 
     conns = []
+    asked = []  # one per request
 
     async def garbage():  # answers every request with bytes that are not Modbus
         async def handle(reader, writer):
             conns.append(writer)
             while await reader.read(1 << 16):
+                asked.append(1)
                 writer.write(b"\x00\x01\xde\xad\xbe\xef garbage \xff" * 3)
         srv = await asyncio.start_server(handle, "127.0.0.1", 0)
         return srv, srv.sockets[0].getsockname()[1]
@@ -290,7 +331,11 @@ def test_a_device_answering_garbage_is_logged_once_by_name_without_hex_dumps(ser
         pollers = Pollers(server, tmp_path / "pollers.log")
         try:
             wait_for(lambda: src["id"] in pollers.log(), what="the source's failure logged")
-            time.sleep(4)  # several more failed polls
+            # Several more failed polls: a poll's request comes once the one
+            # before it has failed (and was logged, or not), so two more are
+            # done when the third more request arrives.
+            more = len(asked) + 3
+            wait_for(lambda: len(asked) >= more, timeout=30, what="three more requests")
         finally:
             pollers.kill(signal.SIGTERM)
     finally:
@@ -318,12 +363,19 @@ def test_polls_are_committed_together_each_flush_and_a_stop_flushes_first(server
         try:
             first = wait_for(lambda: len(series_rows(pg_dsn, mid, "temperature")), what="a flush")
             assert first >= 3, first  # ~4 s of polls at once, not one by one
-            time.sleep(2.5)  # polled since that flush, not yet committed...
+            # Polled since the last flush, not committed yet: 3 more requests
+            # than stored readings are 2 polls done (one may be in flight) ...
+            seen = {}
+
+            def uncommitted() -> bool:
+                seen["committed"] = len(series_rows(pg_dsn, mid, "temperature"))
+                return peer.requests - seen["committed"] >= 3
+            wait_for(uncommitted, what="polls since the last flush")
         finally:
-            pollers.kill(signal.SIGTERM)  # ...until the stop
+            pollers.kill(signal.SIGTERM)  # ... until the stop, which commits them
         api.patch(f"/api/v1/ingest-sources/{src['id']}", {"is_active": False})
     ts = [r["timestamp"] for r in series_rows(pg_dsn, mid, "temperature")]
-    assert len(ts) >= first + 2, (first, len(ts))
+    assert len(ts) >= seen["committed"] + 2, (seen, len(ts))
     rows = fetch(pg_dsn, "SELECT n FROM reading_chunks c JOIN series s ON s.id = c.series_id"
                  " WHERE s.machine_id = $1 AND s.metric_name = 'temperature'", mid)
     assert sum(r["n"] for r in rows) == len(ts)
@@ -343,7 +395,6 @@ def test_the_flusher_commits_in_one_group_reports_each_poll_and_a_failure_to_eac
 
     import asyncpg
 
-    from conftest import make_tenant, run
     from haltless.server.direct import Flusher
     from haltless.server.ingest import Ingestor
     from haltless.server.writer import GroupCommitWriter

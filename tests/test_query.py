@@ -14,8 +14,7 @@ import struct
 import pytest
 import requests
 
-from conftest import fetchval, make_tenant
-from test_ingest import post
+from helpers import fetch, fetchval, make_tenant, post, run
 from test_storage import compact
 
 UTC = dt.timezone.utc
@@ -492,7 +491,6 @@ def test_a_bucket_cut_by_the_end_of_a_span_is_joined(pg_dsn, stored):
     an hour's end is summed from both spans."""
     import asyncpg
     from array import array
-    from conftest import run
     from haltless.fast import aggregate
     from haltless.server import query, readback
 
@@ -524,7 +522,6 @@ def test_a_bucket_cut_by_the_end_of_a_span_is_joined(pg_dsn, stored):
 
 
 def test_latest_decodes_blocks_written_before_migration_0006(server, pg_dsn):
-    from conftest import fetch
     tenant = make_tenant(pg_dsn, machines=("CNC-001",))
     data = Data(tenant, server.token(tenant.org_id), 0)
     start = us(dt.datetime.now(UTC).replace(microsecond=0)) - 600_000_000
@@ -566,7 +563,6 @@ def test_latest_probes_the_index_of_the_newest_hot_row(pg_dsn):
     # 3,600 one-reading rows per series (a poller's hour): the newest is found
     # by a backward probe of (series_id, bucket, haltless_chunk_last(ts)), not
     # by reading the series' rows and sorting them.
-    from conftest import fetch
     from haltless.server.query import LATEST
     tenant = make_tenant(pg_dsn, machines=("CNC-001",))
     sid = fetchval(pg_dsn, "INSERT INTO series (machine_id, metric_name) VALUES ($1, 'p')"

