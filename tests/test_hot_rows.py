@@ -5,8 +5,7 @@ from __future__ import annotations
 
 import datetime as dt
 
-from conftest import fetch, make_tenant
-from test_ingest import post
+from helpers import fetch, make_tenant, post
 
 UTC = dt.timezone.utc
 

@@ -8,7 +8,7 @@ import struct
 
 import pytest
 
-from conftest import twins
+from helpers import twins
 from haltless.core.wire import Reading
 
 _validate_py, _validate_c, IMPLS = twins("_validate")

@@ -14,8 +14,7 @@ import time
 import asyncpg
 import pytest
 
-from conftest import fetch, fetchval, make_tenant
-from test_operations import haltless
+from helpers import fetch, fetchval, haltless, make_tenant
 from test_storage import compact, hot_count, send
 
 UTC = dt.timezone.utc
@@ -141,7 +140,7 @@ def test_retention_waits_for_older_readers_without_blocking_anyone_then_drops(
 
 
 def test_serves_compactors_compact_the_closed_slot_beside_a_reader(pg_dsn, reading_org):
-    from conftest import serve_compactors
+    from helpers import serve_compactors
     from haltless.server.compaction import GRACE
     from haltless.server.hot import hot_slot
 
@@ -156,7 +155,8 @@ def test_serves_compactors_compact_the_closed_slot_beside_a_reader(pg_dsn, readi
           " $2::timestamptz + interval '1 s']), ARRAY[1.5, 2.5])", sid, hour)
 
     with reader_held_open(url) as reader:
-        serve_compactors(pg_dsn, t, 1.5)
+        serve_compactors(pg_dsn, t, f"SELECT count(*) = 0 FROM reading_chunks_{closed}"
+                         " WHERE series_id = $1", sid)
     assert reader["again"] == reader["seen"]
     assert fetchval(pg_dsn, f"SELECT count(*) FROM reading_chunks_{closed} WHERE series_id = $1",
                     sid) == 0

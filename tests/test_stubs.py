@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import twins
+from helpers import twins
 
 FAST = Path(__file__).resolve().parent.parent / "haltless_fast"
 KERNELS = sorted(p.stem for p in FAST.glob("*.pyx"))
