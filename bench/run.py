@@ -30,6 +30,7 @@ if __package__ in (None, ""):
 from bench import loadgen  # noqa: E402
 from bench import procstat as ps  # noqa: E402
 from bench import results  # noqa: E402
+from bench import stages  # noqa: E402
 from bench.syncdb import DB  # noqa: E402
 from haltless.server import db, store  # noqa: E402
 from haltless.server.localcluster import free_port  # noqa: E402
@@ -222,8 +223,13 @@ def run_target(name: str, dsn: str, pg_pid: int, args, work: Path, stamp: str) -
         cpu0 = {"server": ps.cpu_seconds(ps.tree(proc.pid)), "postgres": ps.cpu_seconds(ps.tree(pg_pid)),
                 "machine": ps.machine_busy(), "all": ps.all_ticks(), "self": sum(os.times()[:2])}
         print(f"  load {args.duration:g} s, {args.connections} connections")
-        res, load_cpu = run_load(url, key, bodies, args.duration, args.connections,
-                                 args.use_wrk, work / f"{name}-load.out")
+        sampler = (stages.Sampler(work / f"{name}-perf.data", args.duration)
+                   if args.stages and name == "haltless" else contextlib.nullcontext())
+        with sampler:
+            res, load_cpu = run_load(url, key, bodies, args.duration, args.connections,
+                                     args.use_wrk, work / f"{name}-load.out")
+        # the processes that did the work, while they still exist
+        roles = {"server": set(ps.tree(proc.pid)), "postgres": set(ps.tree(pg_pid))}
         cpu1 = {"server": ps.cpu_seconds(ps.tree(proc.pid)), "postgres": ps.cpu_seconds(ps.tree(pg_pid)),
                 "machine": ps.machine_busy(), "all": ps.all_ticks(), "self": sum(os.times()[:2])}
         ours = set(ps.tree(proc.pid)) | set(ps.tree(pg_pid)) | {os.getpid()}
@@ -253,6 +259,8 @@ def run_target(name: str, dsn: str, pg_pid: int, args, work: Path, stamp: str) -
     cpu["busiest_others"] = ps.top_others(cpu0["all"], cpu1["all"], ours, wall)
     committed = after - before
     log_text = log.read_text(errors="replace")
+    stage_table = (sampler.table(roles, committed) if isinstance(sampler, stages.Sampler)
+                   else None)
     return {
         "target": name, "server": t["server"], "tool": res["tool"],
         "readings_committed": committed,
@@ -266,6 +274,7 @@ def run_target(name: str, dsn: str, pg_pid: int, args, work: Path, stamp: str) -
         "cpu_pct_of_one_core": cpu,
         "server_log_problems": server_log_problems(log_text),
         "profile": str(profile_path) if profile_path else None,
+        "stages": stage_table,
     }
 
 
@@ -281,15 +290,16 @@ def markdown(records: list[dict], head: dict) -> str:
         f"{ld['bodies']} distinct bodies); "
         f"{ld['workers']} server workers; load generator, servers and PostgreSQL share the machine",
         "",
-        "| target | readings/s committed | vs baseline | batches/s | p50 ms | p99 ms | non-207 "
-        "| RSS peak / end MB | CPU % server / postgres / loadgen |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---|",
+        "| shape | target | readings/s committed | vs baseline | batches/s | p50 ms | p99 ms "
+        "| non-207 | RSS peak / end MB | CPU % server / postgres / loadgen |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for r in records:
         c = r["cpu_pct_of_one_core"]
         ratio = f"{r['ratio_vs_baseline']:.2f}x" if r.get("ratio_vs_baseline") else "n/a"
         lines.append(
-            f"| {r['target']}{' (profiled)' if r['profile'] else ''} | {r['readings_per_s']:,.0f} "
+            f"| {r.get('shape', ld.get('shape'))} | {r['target']}"
+            f"{' (profiled)' if r['profile'] else ''} | {r['readings_per_s']:,.0f} "
             f"| {ratio} | {r['batches']['requests_per_s']:,.1f} | {r['latency_ms']['p50']:,.1f} "
             f"| {r['latency_ms']['p99']:,.1f} | {r['batches']['non_207']} "
             f"| {r['rss_mb']['peak']:,.0f} / {r['rss_mb']['end']:,.0f} "
@@ -300,6 +310,11 @@ def markdown(records: list[dict], head: dict) -> str:
             lines.append(f"- other processes busy during {r['target']}: "
                          + "; ".join(r["cpu_pct_of_one_core"]["busiest_others"]))
     lines.append(f"CPU % is of one core (the machine has {m['nproc']}: 100 = one core busy).")
+    lines.append("")
+    for r in records:
+        if r.get("stages"):
+            lines += stages.markdown(f"Where {r['target']}'s CPU went, shape {r.get('shape')}",
+                                     r["stages"])
     return "\n".join(lines) + "\n"
 
 
@@ -314,18 +329,25 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--warmup", type=float, default=3.0, help="warm-up load per target (s)")
     p.add_argument("--bodies", type=int, default=100, help="distinct request bodies to rotate")
     p.add_argument("--loadgen", choices=["auto", "wrk", "builtin"], default="auto")
-    p.add_argument("--shape", choices=["agent", "wide"], default="agent",
-                   help="agent: one machine's 20 metrics x 50 timestamps per batch; wide: "
-                        "1,000 series x 1 timestamp per batch (worst case for chunked storage)")
+    p.add_argument("--shape", choices=["both", "agent", "wide"], default="both",
+                   help="agent (buffered): one machine's 20 metrics x 50 timestamps per batch; "
+                        "wide (live): 1,000 series x 1 timestamp per batch (one poll of 50 "
+                        "machines); both (default): each, with its own baseline run")
     p.add_argument("--profile", action="store_true",
                    help="record our server with py-spy (flamegraph SVG in --out)")
+    p.add_argument("--stages", action="store_true",
+                   help="sample the whole machine with perf during haltless's timed load and "
+                        "print CPU per reading by stage (bench/stages.py)")
     args = p.parse_args(argv)
     if args.loadgen == "wrk" and shutil.which("wrk") is None:
         p.error("--loadgen wrk: wrk is not on PATH")
     args.use_wrk = {"auto": shutil.which("wrk") is not None, "wrk": True, "builtin": False}[args.loadgen]
+    if args.stages and stages.available():
+        p.error(f"--stages: {stages.available()}")
     run = results.Run("ingest", args.out)
     args.out, stamp = run.out, run.run_id
     names = [args.only] if args.only else ["baseline", "haltless"]
+    shapes = ["agent", "wide"] if args.shape == "both" else [args.shape]
 
     records: list[dict] = []
     with ps.bench_postgres("haltless-bench-") as (work, dsn, pg_pid, idle):
@@ -339,10 +361,14 @@ def main(argv: list[str] | None = None) -> None:
                   "shape": args.shape,
                   "metrics": METRICS, "timestamps_per_body": STEPS, "spacing_ms": 10,
                   "bodies": args.bodies})
-        for name in names:
-            records.append(run_target(name, dsn, pg_pid, args, work, stamp))
-    base = next((r["readings_per_s"] for r in records if r["target"] == "baseline"), None)
+        for shape in shapes:
+            for name in names:
+                records.append({"shape": shape, **run_target(
+                    name, dsn, pg_pid, argparse.Namespace(**{**vars(args), "shape": shape}),
+                    work, stamp)})
     for r in records:
+        base = next((b["readings_per_s"] for b in records
+                     if b["target"] == "baseline" and b["shape"] == r["shape"]), None)
         r["ratio_vs_baseline"] = round(r["readings_per_s"] / base, 2) if base else None
     md = markdown(records, head)
     print()
