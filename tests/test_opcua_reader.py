@@ -29,7 +29,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
-from haltless.pollers import opcua
+from haltless.pollers import opcua_session
 from haltless.core.errors import ReaderError
 from haltless.pollers.opcua import OpcuaReader
 from haltless.pollers.trust import FileTrustStore
@@ -332,10 +332,10 @@ def test_server_rejecting_our_certificate_names_its_path_and_fingerprint(loop, o
 
 def test_client_certificate_is_generated_once_and_reused(loop, opc, tmp_path, monkeypatch):
     calls = []
-    real = opcua.cert_gen.generate_private_key
-    monkeypatch.setattr(opcua.cert_gen, "generate_private_key", lambda: calls.append(1) or real())
+    real = opcua_session.cert_gen.generate_private_key
+    monkeypatch.setattr(opcua_session.cert_gen, "generate_private_key", lambda: calls.append(1) or real())
     pki = tmp_path / "pki"
-    threads = [threading.Thread(target=opcua.ensure_client_certificate, args=(pki,)) for _ in range(4)]
+    threads = [threading.Thread(target=opcua_session.ensure_client_certificate, args=(pki,)) for _ in range(4)]
     for t in threads:
         t.start()
     for t in threads:
