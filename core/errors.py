@@ -94,6 +94,12 @@ class ReaderError(HaltlessError):
     """
 
 
+class DeviceUnreachable(ReaderError):
+    """Nothing answered at the device's address (connection refused, no
+    route): trying again costs the device nothing, so reconnects back off to
+    10 s at most instead of 60 (``pollers/backoff.py``)."""
+
+
 # ------------------------------------------------------------------ the edge agent's sender
 
 class SendError(HaltlessError):

@@ -1,18 +1,19 @@
 """One device on a fixed schedule: the loop shared by the cloud poller and
 the edge agent. It is the single owner of its connection's reconnects
-(exponential backoff with jitter), and a slow or dead device only delays its
-own loop."""
+(``backoff.py``: exponential with jitter), and a slow or dead device only
+delays its own loop."""
 from __future__ import annotations
 
 import asyncio
+import datetime as _dt
 import random
 from typing import Awaitable, Callable
 
-from ..core.errors import ReaderError
-from .base import Reader, ReadResult
+from ..core.errors import DeviceUnreachable, ReaderError
+from .backoff import Backoff
+from .base import Reader, ReadResult, utcnow
 
-BACKOFF_BASE = 1.0      # first reconnect delay, seconds
-BACKOFF_MAX = 60.0      # cap of the reconnect delay
+GapCallback = Callable[[_dt.datetime, "_dt.datetime | None"], None]
 
 
 def raise_if_cancelled() -> None:
@@ -55,6 +56,9 @@ class PollLoop:
 
     ``on_error(message)`` hears of every failed connect or read;
     ``on_missed(n)`` of poll slots skipped because a poll overran;
+    ``on_gap(since, until)`` of a gap in the data: ``(last good read, None)``
+    when a connection that had read fails, ``(since, first good read
+    after)`` when reads come again;
     ``may_poll(now)`` can veto a poll (the cloud poller's lease check).
     """
 
@@ -65,18 +69,22 @@ class PollLoop:
                  stats: Stats,
                  on_missed: Callable[[int], None] = lambda n: None,
                  may_poll: Callable[[float], bool] = lambda now: True,
-                 name: str = "source", first_at: float | None = None) -> None:
+                 name: str = "source", first_at: float | None = None,
+                 on_gap: GapCallback = lambda since, until: None) -> None:
         self.interval = interval
         self.timeout = timeout
         self.make_reader = make_reader
         self.sink = sink
         self.on_error = on_error
         self.on_missed = on_missed
+        self.on_gap = on_gap
         self.may_poll = may_poll
         self.stats = stats
         self.reader: Reader | None = None
-        self.failures = 0
+        self.backoff = Backoff()
         self.reconnect_at = 0.0
+        self.last_read: _dt.datetime | None = None  # wall time of the last good read
+        self.gap_since: _dt.datetime | None = None  # data stopped then, not back yet
         self.pending_sink: asyncio.Task | None = None
         # Loop time before which the next poll must not start: one interval
         # after the last poll began. A process handing the source over passes
@@ -144,8 +152,9 @@ class PollLoop:
                 self.fail(f"connect: no answer within {self.timeout:.0f} s")
                 return
             except ReaderError as exc:
-                self.fail(f"connect: {exc}")
+                self.fail(f"connect: {exc}", isinstance(exc, DeviceUnreachable))
                 return
+            self.backoff.connected()
         try:
             async with asyncio.timeout(self.timeout):  # not wait_for (see run())
                 res = await self.reader.read()
@@ -153,16 +162,20 @@ class PollLoop:
             await self.close()
             self.fail(str(exc) or f"read: no answer within {self.timeout:.0f} s")
             return
-        self.failures = 0
+        self.last_read = utcnow()
+        if self.gap_since is not None:
+            self.on_gap(self.gap_since, self.last_read)
+            self.gap_since = None
         if self.pending_sink is not None and not self.pending_sink.done():
             await self.pending_sink  # one sink in flight per source: order and memory bounded
         # The sink (a database write, a disk queue) runs beside the schedule,
         # so a slow write does not push the next poll back.
         self.pending_sink = asyncio.create_task(self.sink(res))
 
-    def fail(self, message: str) -> None:
-        self.failures += 1
-        delay = min(BACKOFF_MAX, BACKOFF_BASE * 2 ** (self.failures - 1))
-        self.reconnect_at = asyncio.get_running_loop().time() + delay * random.uniform(0.5, 1.0)
+    def fail(self, message: str, unreachable: bool = False) -> None:
+        self.reconnect_at = asyncio.get_running_loop().time() + self.backoff.failed(unreachable)
         self.stats.failed += 1
+        if self.gap_since is None and self.last_read is not None:
+            self.gap_since = self.last_read
+            self.on_gap(self.gap_since, None)
         self.on_error(message)
