@@ -1,7 +1,7 @@
 """Builds the native kernels, one extension each from haltless_fast/<kernel>.pyx:
-haltless.fast._validate (ingest) and the codec's _blocks, _chunks, _aggregate
-and _iso (which cimport their shared inline helpers from _shared.pxd);
-nothing else.
+haltless.fast._validate (ingest), the codec's _blocks, _chunks, _aggregate
+and _iso (which cimport their shared inline helpers from _shared.pxd), and
+_opcua (the OPC-UA subscriber's notification reader); nothing else.
 
 HALTLESS_DEBUG=1 builds with bounds checks, wraparound, assertions and -O0 -g
 (the .pyx headers set no checks of their own, so these directives decide).
@@ -13,7 +13,7 @@ import os
 from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
 
-KERNELS = ["_validate", "_blocks", "_chunks", "_aggregate", "_iso"]
+KERNELS = ["_validate", "_blocks", "_chunks", "_aggregate", "_iso", "_opcua"]
 
 
 def compiler_directives(debug: bool) -> dict:

@@ -4,8 +4,10 @@ slower). ``HALTLESS_NO_EXTENSIONS=1`` forces the twins.
 
 ``_validate`` is the ingest hot path; ``_blocks`` (the block codec),
 ``_chunks`` (hot rows as COPY out), ``_aggregate`` (downsampling) and ``_iso``
-(ISO 8601 text) are the codec. ``COMPILED`` says the ingest kernel is
-compiled, ``CODEC_COMPILED`` that all four codec kernels are."""
+(ISO 8601 text) are the codec; ``_opcua`` reads OPC-UA data change
+notifications off the wire for the subscriber. ``COMPILED`` says the ingest
+kernel is compiled, ``CODEC_COMPILED`` that all four codec kernels are,
+``OPCUA_COMPILED`` the notification reader."""
 import importlib
 import os
 
@@ -21,6 +23,9 @@ _KERNELS = {
         "_chunks": ("from_chunk", "group_chunks"),
         "_aggregate": ("aggregate",),
         "_iso": ("iso_timestamps", "iso_json"),
+    },
+    "OPCUA_COMPILED": {
+        "_opcua": ("data_changes",),
     },
 }
 

@@ -1,10 +1,15 @@
-"""The one small interface every protocol reader implements.
+"""The two small interfaces of the device side: a Reader, which the runner
+asks for every point's value on its schedule, and a Subscriber, which waits
+for the device to send what changed.
 
 A reader owns one connection to one device (a Modbus TCP slave or an OPC-UA
-server) and reads the configured points of one source. Two runners use it:
-the cloud poller (``server/direct.py``, writes to PostgreSQL) and the edge
-agent (``pollers/agent.py``, pushes over HTTP). There is exactly one reader
-implementation per protocol.
+server) and reads the configured points of one source; a subscriber owns
+one session and one subscription (OPC-UA ``mode = "subscribe"``). Two
+runners use them: the cloud poller (``server/direct.py``, writes to
+PostgreSQL) and the edge agent (``pollers/agent.py``, pushes over HTTP),
+through ``PollLoop`` (``schedule.py``) or ``SubscribeLoop``
+(``subscribe.py``). There is exactly one reader implementation per protocol,
+and one subscriber.
 """
 from __future__ import annotations
 
@@ -49,3 +54,21 @@ class Reader(Protocol):
 
 def utcnow() -> _dt.datetime:
     return _dt.datetime.now(_dt.timezone.utc)
+
+
+class Subscriber(Protocol):
+    item_errors: list[PointError]  # what the last connect() returned
+    publishing_interval: float     # seconds: the first values come at most this long after connect()
+
+    async def connect(self) -> list[PointError]:
+        """Open the session and subscribe to every point; raise ReaderError
+        with an actionable message. Returns the points that could not be
+        subscribed to (the others were)."""
+
+    async def receive(self) -> ReadResult:
+        """The next values the device sent (empty for a keep-alive: the
+        subscription is alive and nothing changed); raise ReaderError once
+        the subscription is lost (the runner then closes and reconnects)."""
+
+    async def close(self) -> None:
+        """Delete the subscription and close the session; never raises."""

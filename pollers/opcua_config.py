@@ -2,11 +2,29 @@
 ``[source.opcua]`` of the edge agent's TOML): the msgspec types, their
 defaults and the checks msgspec cannot express. Data only: no device
 library is imported here, so the HTTP workers validate configs without
-loading asyncua (the reader is ``pollers/opcua.py``)."""
+loading asyncua (the poll reader is ``pollers/opcua.py``, the subscriber
+``pollers/opcua_subscription.py``).
+
+``mode`` "poll" (the default) reads every node each poll interval.
+``mode`` "subscribe" creates one subscription with a monitored item per
+node: the server samples each node every ``sampling_interval_ms`` and sends
+what changed every ``publishing_interval_ms``. In subscribe mode:
+
+* ``publishing_interval_ms`` defaults to the source's poll interval
+  (``poll_interval_seconds``, the agent's ``poll_interval``): that is all
+  the poll interval means there, how often the server sends what changed;
+* ``sampling_interval_ms`` defaults to the publishing interval;
+* ``deadband_absolute`` (a change smaller than this is not sent) or
+  ``deadband_percent`` (of the node's EURange, which the node must have);
+* ``queue_size`` (samples the server keeps per node between two publishes)
+  defaults to twice the samples of one publishing interval, at most 1,000,
+  so that every sample arrives, not just the last of each interval.
+"""
 from __future__ import annotations
 
 import base64
 import binascii
+import math
 import re
 import uuid
 from typing import Annotated, Literal
@@ -16,10 +34,21 @@ import msgspec
 from msgspec import Meta
 
 
+Milliseconds = Annotated[float, Meta(ge=0, le=86_400_000)]
+
+
 class OpcuaNode(msgspec.Struct, forbid_unknown_fields=True):
     node_id: Annotated[str, Meta(min_length=1, max_length=512)]
     metric_name: Annotated[str, Meta(min_length=1, max_length=200)]
     unit: Annotated[str, Meta(max_length=64)] | None = None
+    # mode "subscribe" only
+    sampling_interval_ms: Milliseconds | None = None  # 0: the server's fastest rate
+    deadband_absolute: Annotated[float, Meta(ge=0)] | None = None
+    deadband_percent: Annotated[float, Meta(gt=0, le=100)] | None = None
+    queue_size: Annotated[int, Meta(ge=1, le=10_000)] | None = None
+
+
+SUBSCRIBE_NODE_KEYS = ("sampling_interval_ms", "deadband_absolute", "deadband_percent", "queue_size")
 
 
 class OpcuaConfig(msgspec.Struct, forbid_unknown_fields=True):
@@ -31,6 +60,8 @@ class OpcuaConfig(msgspec.Struct, forbid_unknown_fields=True):
     # hex SHA-256 of the server certificate (DER); None = trust on first use
     server_certificate_sha256: str | None = None
     timeout_seconds: Annotated[float, Meta(gt=0, le=60)] = 5.0
+    mode: Literal["poll", "subscribe"] = "poll"
+    publishing_interval_ms: Annotated[float, Meta(ge=10, le=86_400_000)] | None = None
 
 
 _NODE_ID_HELP = "use ns=<n>;i=<number>, ns=<n>;s=<string>, ns=<n>;g=<guid>, or ns=<n>;b=<base64>"
@@ -84,6 +115,10 @@ def raw_tag(node_id: str) -> str:
     return node_id.replace("=", "").replace(";", "_")
 
 
+_ONLY_SUBSCRIBE = ("takes effect only with mode \"subscribe\" (polling reads every value each "
+                   "interval); set mode to \"subscribe\" or remove it")
+
+
 def validate_opcua_config(cfg: OpcuaConfig) -> None:
     """Checks msgspec cannot express; raises ValueError naming the field path."""
     for i, node in enumerate(cfg.nodes):
@@ -91,6 +126,17 @@ def validate_opcua_config(cfg: OpcuaConfig) -> None:
             node_id_parts(node.node_id)
         except ValueError as exc:
             raise ValueError(f"nodes[{i}].node_id: {exc}") from None
+        if cfg.mode == "poll":
+            for key in SUBSCRIBE_NODE_KEYS:
+                if getattr(node, key) is not None:
+                    raise ValueError(f"nodes[{i}].{key}: {_ONLY_SUBSCRIBE}")
+        if node.deadband_absolute is not None and node.deadband_percent is not None:
+            raise ValueError(f"nodes[{i}].deadband_percent: set deadband_absolute or deadband_percent, "
+                             "not both")
+        if node.deadband_absolute is not None and not math.isfinite(node.deadband_absolute):
+            raise ValueError(f"nodes[{i}].deadband_absolute: must be a finite number")
+    if cfg.mode == "poll" and cfg.publishing_interval_ms is not None:
+        raise ValueError(f"publishing_interval_ms: {_ONLY_SUBSCRIBE}")
     if (cfg.username is None) != (cfg.password is None):
         given, missing = ("username", "password") if cfg.password is None else ("password", "username")
         raise ValueError(f"{missing}: required when {given} is set")
@@ -106,6 +152,24 @@ def validate_opcua_config(cfg: OpcuaConfig) -> None:
     if pin is not None and cfg.security_mode == "None":
         raise ValueError("server_certificate_sha256: a pin only takes effect with security_mode 'Sign' or "
                          "'SignAndEncrypt'; with 'None' the server certificate is not used")
+
+
+def publishing_interval_ms(cfg: OpcuaConfig, poll_interval_s: float) -> float:
+    """The publishing interval of a subscribe-mode source: its own, else its poll interval."""
+    return cfg.publishing_interval_ms if cfg.publishing_interval_ms is not None else poll_interval_s * 1000
+
+
+def sampling_interval_ms(node: OpcuaNode, publishing_ms: float) -> float:
+    return node.sampling_interval_ms if node.sampling_interval_ms is not None else publishing_ms
+
+
+def queue_size(node: OpcuaNode, publishing_ms: float) -> int:
+    """Samples the server keeps per node between publishes: twice those of an
+    interval (one publish may be late), at most 1,000, unless configured."""
+    if node.queue_size is not None:
+        return node.queue_size
+    sampling = sampling_interval_ms(node, publishing_ms)
+    return max(1, min(1000, 2 * math.ceil(publishing_ms / max(sampling, 1.0))))
 
 
 def endpoint_url(host: str, port: int) -> str:

@@ -12,6 +12,7 @@ from typing import Awaitable, Callable
 from ..core.errors import DeviceUnreachable, ReaderError
 from .backoff import Backoff
 from .base import Reader, ReadResult, utcnow
+from .stats import Stats
 
 GapCallback = Callable[[_dt.datetime, "_dt.datetime | None"], None]
 
@@ -25,29 +26,6 @@ def raise_if_cancelled() -> None:
     or its exit on SIGTERM): test_pollers' handover test, about 1 run in 20."""
     if asyncio.current_task().cancelling():
         raise asyncio.CancelledError
-
-
-class Stats:
-    """Poll-start lag samples and counters, for status lines and bench/."""
-
-    def __init__(self) -> None:
-        self.lags: list[float] = []
-        self.polls = 0
-        self.missed = 0
-        self.failed = 0
-        self.readings = 0
-
-    def snapshot(self, reset: bool = True) -> dict:
-        lags = sorted(self.lags)
-
-        def q(p):
-            return round(lags[min(len(lags) - 1, int(p * len(lags)))] * 1000, 2) if lags else None
-        out = {"polls": self.polls, "missed": self.missed, "failed": self.failed,
-               "readings": self.readings, "lag_ms_p50": q(0.5), "lag_ms_p99": q(0.99),
-               "lag_ms_max": round(lags[-1] * 1000, 2) if lags else None}
-        if reset:
-            self.__init__()
-        return out
 
 
 class PollLoop:

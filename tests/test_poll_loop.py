@@ -7,7 +7,8 @@ import asyncio
 import pytest
 
 from haltless.pollers.base import ReadResult
-from haltless.pollers.schedule import PollLoop, Stats
+from haltless.pollers.schedule import PollLoop
+from haltless.pollers.stats import Stats
 
 
 async def awaited(fut: asyncio.Future, library_wait_for: bool):
