@@ -128,6 +128,10 @@ class SourceStatus(msgspec.Struct):
     polls_missed: int
     polled_by: str | None
     server_certificate_sha256: str | None
+    # the last gap in the data (device or connection lost): when it began,
+    # and when data came again (None while it lasts)
+    gap_started_at: _dt.datetime | None = None
+    gap_ended_at: _dt.datetime | None = None
 
 
 class Source(msgspec.Struct):

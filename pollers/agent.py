@@ -18,6 +18,12 @@ Configuration is the contract's TOML ("Edge agent configuration"), plus:
     when_full = "drop_oldest"           # or "drop_newest"
 
     [source.opcua]  poll_interval = 10  # seconds, like [source.modbus]
+
+An OPC-UA source with ``mode = "subscribe"`` under ``[source.opcua]`` is
+subscribed to instead of polled (``pollers/subscribe.py``; its
+``poll_interval`` is then the default ``publishing_interval_ms``): its
+values go to the same disk queue, and a lost subscription is made again by
+itself, with the gap logged.
 """
 from __future__ import annotations
 
@@ -35,8 +41,11 @@ from ..core.wire import Reading, encoder
 from .agent_config import AgentConfig, AgentSource, load_config, reader_config
 from .base import ReadResult
 from .opcua_config import parse_endpoint
-from .readers import connected, make_reader, outer_timeout, probe_reader
-from .schedule import PollLoop, Stats, raise_if_cancelled
+from .readers import (connected, make_reader, make_subscriber, outer_timeout, probe_reader,
+                      probe_subscriber, subscribed, subscribes)
+from .schedule import PollLoop, raise_if_cancelled
+from .stats import Stats
+from .subscribe import SubscribeLoop
 from .sender import Sender
 from .spool import Spool
 from .textfile import write_textfile
@@ -60,6 +69,21 @@ def reader_for(src: AgentSource, state_dir: Path):
                        pki_dir=state_dir / "pki")
 
 
+def subscriber_for(src: AgentSource, state_dir: Path, stats: Stats | None = None,
+                   delivered: list[int] | None = None):
+    """The subscriber of an OPC-UA [[source]] in mode "subscribe" (``reader_for``'s twin)."""
+    section = src.opcua
+    host, port = parse_endpoint(section.endpoint)
+    return make_subscriber("opcua", host, port, reader_config(src), interval=section.poll_interval,
+                           pki_dir=state_dir / "pki",
+                           trust_store=FileTrustStore(state_dir / "trusted-servers.json"),
+                           endpoint=section.endpoint, stats=stats, delivered=delivered)
+
+
+def is_subscribed(src: AgentSource) -> bool:
+    return subscribes(src.protocol, getattr(src, src.protocol))
+
+
 class Agent:
     def __init__(self, cfg: AgentConfig, config_path: Path) -> None:
         self.cfg = cfg
@@ -74,7 +98,7 @@ class Agent:
         metrics = cfg.metrics_file if cfg.metrics_file is not None else str(self.state_dir / "metrics.prom")
         self.metrics_path = (base / metrics).resolve() if metrics else None
         self.new_data = asyncio.Event()
-        self.loops: list[PollLoop] = []
+        self.loops: list[PollLoop | SubscribeLoop] = []
         self.sending = True
 
     async def run(self, stop: asyncio.Event) -> None:
@@ -108,12 +132,17 @@ class Agent:
         while self.spool.count and not sender.done():
             await asyncio.sleep(0.1)
 
-    def _loop_for(self, src: AgentSource) -> PollLoop:
+    def _loop_for(self, src: AgentSource) -> PollLoop | SubscribeLoop:
         section = getattr(src, src.protocol)
         timeout = outer_timeout(section.timeout_seconds)
 
         async def connect():
             return await connected(reader_for(src, self.state_dir))
+
+        delivered = [-1] * len(section.nodes) if is_subscribed(src) else None
+
+        async def subscribe():
+            return await subscribed(subscriber_for(src, self.state_dir, self.stats, delivered))
 
         async def sink(res: ReadResult) -> None:
             bodies = [encoder.encode(Reading(src.machine_identifier, s.timestamp, s.metric_name,
@@ -124,9 +153,25 @@ class Agent:
             self.counts["read"] += stored
             self.new_data.set()
 
-        return PollLoop(section.poll_interval, timeout, connect, sink,
-                        on_error=lambda msg: log.warning("%s: %s", src.name, msg),
-                        stats=self.stats, name=f"source-{src.name}")
+        def gap(since, until) -> None:
+            if until is None:
+                log.warning("%s: no data since %s", src.name, since.isoformat(timespec="milliseconds"))
+            else:
+                log.info("%s: data again; no data from %s to %s (%.1f s)", src.name,
+                         since.isoformat(timespec="milliseconds"),
+                         until.isoformat(timespec="milliseconds"), (until - since).total_seconds())
+
+        def on_error(msg: str) -> None:
+            log.warning("%s: %s", src.name, msg)
+
+        if delivered is not None:
+            def on_subscribed(errors) -> None:
+                for e in errors:
+                    log.warning("%s: %s (%s): %s", src.name, e.raw_tag, e.metric_name, e.message)
+            return SubscribeLoop(timeout, subscribe, sink, on_error=on_error, stats=self.stats,
+                                 on_subscribed=on_subscribed, on_gap=gap, name=f"source-{src.name}")
+        return PollLoop(section.poll_interval, timeout, connect, sink, on_error=on_error,
+                        stats=self.stats, name=f"source-{src.name}", on_gap=gap)
 
     async def send_forever(self) -> None:
         failures = 0
@@ -198,7 +243,12 @@ class Agent:
                 ("readings_dropped_total", "counter", "Readings dropped because the queue was full",
                  self.spool.dropped),
                 ("polls_total", "counter", "Polls started", self.stats.polls),
-                ("poll_failures_total", "counter", "Polls that failed", self.stats.failed),
+                ("poll_failures_total", "counter", "Polls (and subscribes) that failed",
+                 self.stats.failed),
+                ("publishes_total", "counter", "Publish responses from subscribed devices, "
+                 "keep-alives included", self.stats.publishes),
+                ("subscribed_values_total", "counter", "Values subscribed devices sent",
+                 self.stats.notifications),
                 ("sending", "gauge", "1 while sending, 0 once the server refused the key",
                  int(self.sending)))
         try:
@@ -221,8 +271,14 @@ async def check(cfg: AgentConfig, config_path: Path) -> bool:
     for src in cfg.source:
         section = getattr(src, src.protocol)
         start = time.monotonic()
-        ok, message = await probe_reader(reader_for(src, state_dir),
-                                         outer_timeout(section.timeout_seconds))
+        if is_subscribed(src):
+            sub = subscriber_for(src, state_dir)
+            ok, message = await probe_subscriber(sub, len(section.nodes),
+                                                 outer_timeout(section.timeout_seconds)
+                                                 + sub.publishing_interval)
+        else:
+            ok, message = await probe_reader(reader_for(src, state_dir),
+                                             outer_timeout(section.timeout_seconds))
         rows.append((src.name, "ok" if ok else "failed",
                      f"{(time.monotonic() - start) * 1000:.0f} ms", message))
     print_table(rows, ["SOURCE", "RESULT", "LATENCY", "MESSAGE"], ragged_last=True)

@@ -1,5 +1,6 @@
-"""From a stored ingest source to a reader, for the cloud pollers
-(``server/direct.py``) and test-connection (``server/management.py``):
+"""From a stored ingest source to a reader (or a subscriber, for an OPC-UA
+source in mode "subscribe"), for the cloud pollers (``server/direct.py``)
+and test-connection (``server/management.py``):
 check the address policy, then build the reader on the address that was
 checked, never on a fresh resolution of the name. The OPC-UA server
 certificate trusted on first use is kept on the source's row, so every
@@ -11,8 +12,8 @@ import uuid
 from pathlib import Path
 
 from ..core.errors import ReaderError, TargetRefused
-from ..pollers.base import Reader
-from ..pollers.readers import make_reader
+from ..pollers.base import Reader, Subscriber
+from ..pollers.readers import make_reader, make_subscriber
 from . import sources
 from .netpolicy import AddressPolicy
 
@@ -21,12 +22,26 @@ async def reader_for(source: sources.StoredSource, *, policy: AddressPolicy, poo
                      pki_dir: Path) -> Reader:
     """A (not yet connected) reader for ``source``; ReaderError when the
     address policy refuses its host."""
+    return make_reader(source.protocol, await _checked(source, policy), source.port, source.config,
+                       pki_dir=pki_dir, trust_store=SourceTrustStore(pool, source.id))
+
+
+async def subscriber_for(source: sources.StoredSource, *, interval: float, policy: AddressPolicy, pool,
+                         pki_dir: Path, stats=None, delivered: list[int] | None = None) -> Subscriber:
+    """A (not yet connected) subscriber for ``source`` (``make_subscriber``);
+    ReaderError when the address policy refuses its host."""
+    return make_subscriber(source.protocol, await _checked(source, policy), source.port, source.config,
+                           interval=interval, pki_dir=pki_dir, trust_store=SourceTrustStore(pool, source.id),
+                           stats=stats, delivered=delivered)
+
+
+async def _checked(source: sources.StoredSource, policy: AddressPolicy) -> str:
+    """The address of ``source``'s host that the policy allows, resolved now."""
     try:
         addrs = await asyncio.to_thread(policy.check, source.host, source.port)
     except TargetRefused as exc:
         raise ReaderError(str(exc)) from None
-    return make_reader(source.protocol, addrs[0], source.port, source.config, pki_dir=pki_dir,
-                       trust_store=SourceTrustStore(pool, source.id))
+    return addrs[0]
 
 
 class SourceTrustStore:

@@ -23,7 +23,15 @@ PostgreSQL) uses leases on the ``ingest_sources`` rows:
   0.1 s (the flaky "polled twice at once" of test_pollers).
 
 Each source is one ``PollLoop`` (``pollers/schedule.py``, shared with the edge
-agent) with its own schedule; a slow or dead device only delays itself.
+agent) with its own schedule; a slow or dead device only delays itself. An
+OPC-UA source in mode "subscribe" is a ``SubscribeLoop`` instead
+(``pollers/subscribe.py``): its subscription lives in the process that
+holds its lease, values that arrive once the lease is no longer sure are
+dropped, and a process that lets it go deletes the subscription before it
+releases the lease (a killed one's expires on the server), so the next
+owner's own subscription never overlaps it. Its values take the same path
+(Ingestor, Flusher). Either kind records in the source's status when its
+data last stopped and came back (``gap_started_at``, ``gap_ended_at``).
 """
 from __future__ import annotations
 
@@ -41,11 +49,13 @@ from pathlib import Path
 from ..core.config import Settings
 from ..core.logs import run_until_signal
 from ..core.wire import Reading
-from ..pollers.readers import connected, outer_timeout
-from ..pollers.schedule import PollLoop, Stats
+from ..pollers.readers import connected, outer_timeout, subscribed, subscribes
+from ..pollers.schedule import PollLoop
+from ..pollers.stats import Stats
+from ..pollers.subscribe import SubscribeLoop
 from . import sources
 from .db import DB_DOWN
-from .devices import reader_for
+from .devices import reader_for, subscriber_for
 from .runtime import Runtime, prepare
 
 log = logging.getLogger("haltless.pollers")
@@ -54,7 +64,8 @@ TICK = 1.0  # seconds between lease renewals / state flushes
 
 
 class SourceTask:
-    """One leased source: a PollLoop whose readings go to the Ingestor."""
+    """One leased source: a PollLoop (or, subscribed to, a SubscribeLoop)
+    whose readings go to the Ingestor."""
 
     def __init__(self, proc: "PollerProcess", row, first_at: float | None = None) -> None:
         self.proc = proc
@@ -63,15 +74,24 @@ class SourceTask:
         self.org_id = row["org_id"]
         self.machine = row["machine_identifier"]
         self.source = sources.stored(row, proc.rt.box)  # config validated once, here
+        self.interval = float(row["poll_interval_seconds"])
         self.state: str | None = None  # the last error logged; None = healthy
-        self.loop = PollLoop(
-            float(row["poll_interval_seconds"]),
-            outer_timeout(self.source.config.timeout_seconds),
-            self.connect, self.write,
-            on_error=self.failed,
-            on_missed=lambda n: proc.report(self.id, missed=n),
-            may_poll=proc.lease_valid, stats=proc.stats, name=f"source-{self.id}",
-            first_at=first_at)
+        self.standing: str | None = None  # subscribed: the points that could not be subscribed to
+        timeout = outer_timeout(self.source.config.timeout_seconds)
+        if subscribes(self.source.protocol, self.source.config):
+            # one timestamp per node, kept across re-subscribes (make_subscriber)
+            self.delivered = [-1] * len(self.source.config.nodes)
+            self.loop = SubscribeLoop(
+                timeout, self.subscribe, self.write, on_error=self.failed, stats=proc.stats,
+                on_subscribed=self.subscribed, on_alive=lambda: proc.report(self.id, polled=True),
+                on_gap=self.gap, may_deliver=proc.lease_valid, name=f"source-{self.id}")
+        else:
+            self.loop = PollLoop(
+                self.interval, timeout, self.connect, self.write,
+                on_error=self.failed,
+                on_missed=lambda n: proc.report(self.id, missed=n),
+                may_poll=proc.lease_valid, stats=proc.stats, name=f"source-{self.id}",
+                first_at=first_at, on_gap=self.gap)
         self.task = self.loop.task
 
     def describe(self) -> str:
@@ -88,18 +108,44 @@ class SourceTask:
             log.info("%s: polling again", self.describe())
             self.state = None
 
+    def gap(self, since, until) -> None:
+        self.proc.report(self.id, gap=(since, until))
+        if until is not None:
+            log.info("%s: data again; no data from %s to %s (%.1f s)", self.describe(),
+                     since.isoformat(timespec="milliseconds"), until.isoformat(timespec="milliseconds"),
+                     (until - since).total_seconds())
+
+    def subscribed(self, errors) -> None:
+        """A new subscription: its failed points are counted once, and stay
+        the source's last_error while it lasts (a poll would report them
+        each time)."""
+        self.standing = "; ".join(f"{e.raw_tag}: {e.message}" for e in errors[:3]) or None
+        self.proc.report(self.id, failed=len(errors), error=self.standing, polled=True,
+                         success=not errors)
+        if self.standing is not None and self.standing != self.state:
+            log.warning("%s: %s", self.describe(), self.standing)
+        self.state = self.standing
+
     async def connect(self):
         rt = self.proc.rt
         reader = await reader_for(self.source, policy=rt.policy, pool=rt.pool, pki_dir=rt.pki_dir)
         async with self.proc.connect_slots:
             return await connected(reader)
 
+    async def subscribe(self):
+        rt = self.proc.rt
+        subscriber = await subscriber_for(self.source, interval=self.interval, policy=rt.policy,
+                                          pool=rt.pool, pki_dir=rt.pki_dir, stats=self.proc.stats,
+                                          delivered=self.delivered)
+        async with self.proc.connect_slots:
+            return await subscribed(subscriber)
+
     async def write(self, res) -> None:
         """The PollLoop's sink: validate this poll's readings now, and commit
         them with the next flush of the process (or now, without one)."""
         readings = [Reading(self.machine, s.timestamp, s.metric_name, s.value, s.unit, s.raw_tag)
                     for s in res.samples]
-        err = "; ".join(f"{e.raw_tag}: {e.message}" for e in res.errors[:3]) or None
+        err = "; ".join(f"{e.raw_tag}: {e.message}" for e in res.errors[:3]) or self.standing
         try:
             payload, result, _ = await self.proc.rt.ingestor.prepare(self.org_id, readings)
         except Exception as exc:  # noqa: BLE001 - database down: reported, the next poll retries
@@ -213,9 +259,11 @@ class PollerProcess:
         return now < self.valid_until
 
     def report(self, sid: uuid.UUID, *, written: int = 0, failed: int = 0, missed: int = 0,
-               error: str | None = None, polled: bool = False, success: bool = False) -> None:
+               error: str | None = None, polled: bool = False, success: bool = False,
+               gap: tuple | None = None) -> None:
         p = self.pending.setdefault(sid, {"written": 0, "failed": 0, "missed": 0, "error": None,
-                                          "polled": False, "success": False})
+                                          "polled": False, "success": False, "gap_from": None,
+                                          "gap_until": None})
         p["written"] += written
         p["failed"] += failed
         p["missed"] += missed
@@ -223,6 +271,8 @@ class PollerProcess:
         p["success"] |= success
         if error is not None:
             p["error"] = error[:1000]
+        if gap is not None:  # (since, None): data stopped; (since, until): it came back
+            p["gap_from"], p["gap_until"] = gap
 
     async def run(self, stop: asyncio.Event) -> None:
         await self.rt.start()
@@ -276,6 +326,11 @@ class PollerProcess:
                  "%d missed, %d failed", self.owner, snap["sources"], snap["polls"],
                  snap["readings"], snap["lag_ms_p50"], snap["lag_ms_p99"], snap["missed"],
                  snap["failed"])
+        if "publishes" in snap:
+            log.info("poller %s: subscriptions: %d publishes, %d values, delivery lag p50 %s ms "
+                     "p99 %s ms, %d dropped (lease)", self.owner, snap["publishes"],
+                     snap["notifications"], snap["delivery_ms_p50"], snap["delivery_ms_p99"],
+                     snap["dropped"])
         if self.stats_file:
             with open(self.stats_file, "a") as f:
                 f.write(json.dumps(snap) + "\n")
@@ -399,13 +454,17 @@ class PollerProcess:
             " last_error_at = CASE WHEN u.error IS NOT NULL THEN n.at ELSE s.last_error_at END,"
             " readings_written = s.readings_written + u.written,"
             " points_failed = s.points_failed + u.failed,"
-            " polls_missed = s.polls_missed + u.missed"
+            " polls_missed = s.polls_missed + u.missed,"
+            " gap_started_at = coalesce(u.gap_from, s.gap_started_at),"
+            " gap_ended_at = CASE WHEN u.gap_until IS NOT NULL THEN u.gap_until"
+            "                     WHEN u.gap_from IS NOT NULL THEN NULL ELSE s.gap_ended_at END"
             " FROM unnest($1::uuid[], $2::bool[], $3::bool[], $4::text[], $5::bigint[],"
-            "             $6::bigint[], $7::bigint[])"
-            "   AS u (id, polled, success, error, written, failed, missed), n"
+            "             $6::bigint[], $7::bigint[], $8::timestamptz[], $9::timestamptz[])"
+            "   AS u (id, polled, success, error, written, failed, missed, gap_from, gap_until), n"
             " WHERE s.id = u.id",
             ids, [x["polled"] for x in p], [x["success"] for x in p], [x["error"] for x in p],
-            [x["written"] for x in p], [x["failed"] for x in p], [x["missed"] for x in p])
+            [x["written"] for x in p], [x["failed"] for x in p], [x["missed"] for x in p],
+            [x["gap_from"] for x in p], [x["gap_until"] for x in p])
 
 
 # ------------------------------------------------------------------ processes

@@ -8,10 +8,10 @@ import uuid
 
 from ..core.errors import ReaderError, Unauthorized
 from ..core.wire import Machine, MachineCreate, SourceCreate, SourcePatch, TestConnectionResult
-from ..pollers.readers import outer_timeout, probe_reader
+from ..pollers.readers import outer_timeout, probe_reader, probe_subscriber, subscribes
 from . import sources, store
 from .auth import verify_token
-from .devices import reader_for
+from .devices import reader_for, subscriber_for
 from .http import Request, Response
 
 _known_orgs: dict[uuid.UUID, float] = {}  # organization -> until (monotonic)
@@ -107,19 +107,33 @@ async def delete_source(app, req: Request) -> Response:
 
 
 async def test_connection(app, req: Request) -> Response:
-    """Connect and read the configured points once: {success, message, latency_ms}."""
+    """Connect and read the configured points once (a subscribed source:
+    subscribe, wait for the first notification, delete the subscription):
+    {success, message, latency_ms}."""
     org = req.org
     sid = req.uuid_param("id", "ingest source")
     async with app.rt.pool.acquire() as conn:
-        source = sources.stored(await sources.get_row(conn, org, sid), app.rt.box)
+        row = await sources.get_row(conn, org, sid)
+    source = sources.stored(row, app.rt.box)
+    timeout = outer_timeout(source.config.timeout_seconds)
     start = time.monotonic()
     try:
-        reader = await reader_for(source, policy=app.rt.policy, pool=app.rt.pool,
-                                  pki_dir=app.rt.pki_dir)
+        if subscribes(source.protocol, source.config):
+            subscriber = await subscriber_for(source, interval=float(row["poll_interval_seconds"]),
+                                              policy=app.rt.policy, pool=app.rt.pool,
+                                              pki_dir=app.rt.pki_dir)
+        else:
+            reader = await reader_for(source, policy=app.rt.policy, pool=app.rt.pool,
+                                      pki_dir=app.rt.pki_dir)
     except ReaderError as exc:
         ok, message = False, str(exc)
     else:
-        ok, message = await probe_reader(reader, outer_timeout(source.config.timeout_seconds))
+        if subscribes(source.protocol, source.config):
+            # the first notification comes one publishing interval after the subscription
+            wait = timeout + subscriber.publishing_interval
+            ok, message = await probe_subscriber(subscriber, len(source.config.nodes), wait)
+        else:
+            ok, message = await probe_reader(reader, timeout)
     return Response(200, TestConnectionResult(ok, message,
                                               round((time.monotonic() - start) * 1000)))
 

@@ -91,7 +91,7 @@ def split_secrets(protocol: str, config: dict) -> tuple[dict, dict]:
 COLUMNS = ("id, machine_id, name, protocol, host, port, poll_interval_seconds, is_active, config,"
            " secrets, created_at, updated_at, last_poll_at, last_success_at, last_error,"
            " last_error_at, readings_written, points_failed, polls_missed, lease_owner,"
-           " server_cert_sha256")
+           " server_cert_sha256, gap_started_at, gap_ended_at")
 
 
 def public_config(row) -> dict:
@@ -158,7 +158,8 @@ def to_wire(row: asyncpg.Record) -> Source:
             last_error=row["last_error"], last_error_at=row["last_error_at"],
             readings_written=row["readings_written"], points_failed=row["points_failed"],
             polls_missed=row["polls_missed"], polled_by=row["lease_owner"],
-            server_certificate_sha256=row["server_cert_sha256"]))
+            server_certificate_sha256=row["server_cert_sha256"],
+            gap_started_at=row["gap_started_at"], gap_ended_at=row["gap_ended_at"]))
 
 
 async def _check_machine(conn, org: uuid.UUID, machine_id: uuid.UUID) -> None:

@@ -1,9 +1,16 @@
 """Protocol peers for tests that drive a server process: a real pymodbus
-server or asyncua server on 127.0.0.1, run on an event loop in a thread."""
+server or asyncua server on 127.0.0.1, run on an event loop in a thread, or
+(``OpcuaDevice``) an asyncua server in a process of its own."""
 from __future__ import annotations
 
 import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
 import threading
+from pathlib import Path
 
 from pymodbus.server import ModbusTcpServer
 
@@ -111,3 +118,62 @@ class OpcuaPeer:
 
     def __exit__(self, *exc):
         self.close()
+
+
+class OpcuaDevice:
+    """tests/opcua_device.py in a process of its own on a fixed port: killed
+    (SIGKILL, a power cut) and started again on the same port; ``events()``
+    is what it saw clients do with subscriptions."""
+
+    def __init__(self, tmp_path, nodes: int = 4, every: float = 0.1) -> None:
+        from helpers import free_port
+        self.port = free_port()
+        self.events_path = tmp_path / f"device-{self.port}-events.jsonl"
+        self.log_path = tmp_path / f"device-{self.port}.log"
+        self.args = ["--nodes", str(nodes), "--every", str(every)]
+        self.proc: subprocess.Popen | None = None
+
+    def start(self, timeout: float = 30.0) -> "OpcuaDevice":
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, str(Path(__file__).with_name("opcua_device.py")), str(self.port),
+                 str(self.events_path), *self.args],
+                stdout=subprocess.PIPE, stderr=log, text=True, start_new_session=True)
+        line: list[str] = []
+        reader = threading.Thread(target=lambda: line.append(self.proc.stdout.readline()), daemon=True)
+        reader.start()
+        reader.join(timeout)
+        if not line or not line[0].startswith("READY"):
+            self.kill()
+            raise RuntimeError(f"the OPC-UA device did not start:\n{self.log_path.read_text()}")
+        return self
+
+    def kill(self, sig=signal.SIGKILL) -> None:
+        if self.proc is not None:
+            if self.proc.poll() is None:
+                os.killpg(self.proc.pid, sig)
+                self.proc.wait(20)
+            self.proc.stdout.close()
+        self.proc = None
+
+    def events(self) -> list[dict]:
+        if not self.events_path.exists():
+            return []
+        return [json.loads(ln) for ln in self.events_path.read_text().splitlines() if ln.strip()]
+
+    def live(self) -> dict[int, dict]:
+        """Subscription id -> its last event, for those created and not ended
+        (deleted, or expired at the end of their lifetime)."""
+        live: dict[int, dict] = {}
+        for e in self.events():
+            if e["event"] in ("deleted", "expired"):
+                live.pop(e["subscription"], None)
+            else:
+                live[e["subscription"]] = e
+        return live
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc):
+        self.kill()
