@@ -20,24 +20,44 @@
 
 CREATE AGGREGATE haltless_isum(int8) (SFUNC = int8pl, STYPE = int8, INITCOND = '0');
 
--- Packed ints (format in haltless_fast/_blocks_py.py) as a bigint array.
--- Custom plans always: each block's width and count become constants the
--- planner folds into the per-element expressions; the generic plan that
--- PL/pgSQL switches to after five calls took 9 us an element instead of 1.
-CREATE FUNCTION haltless_ints(data bytea) RETURNS bigint[]
-LANGUAGE plpgsql IMMUTABLE STRICT PARALLEL SAFE COST 1000
-SET plan_cache_mode = force_custom_plan AS $$
+-- A big-endian field of 8 bytes by shifts, not through hex text (1.2 -> 0.5
+-- us); the other widths as in 0004.
+CREATE OR REPLACE FUNCTION haltless_codec_be(data bytea, pos integer, w integer, signed boolean)
+RETURNS bigint LANGUAGE sql IMMUTABLE PARALLEL SAFE
+RETURN CASE w
+    WHEN 0 THEN 0
+    WHEN 1 THEN CASE WHEN signed THEN (get_byte(data, pos) # 128) - 128
+                ELSE get_byte(data, pos) END
+    WHEN 2 THEN CASE WHEN signed
+                THEN ((get_byte(data, pos) * 256 + get_byte(data, pos + 1)) # 32768) - 32768
+                ELSE get_byte(data, pos) * 256 + get_byte(data, pos + 1) END
+    WHEN 4 THEN CASE WHEN signed
+                THEN (((get_byte(data, pos)::bigint << 24) | (get_byte(data, pos + 1) << 16)
+                       | (get_byte(data, pos + 2) << 8) | get_byte(data, pos + 3)) # 2147483648)
+                     - 2147483648
+                ELSE (get_byte(data, pos)::bigint << 24) | (get_byte(data, pos + 1) << 16)
+                     | (get_byte(data, pos + 2) << 8) | get_byte(data, pos + 3) END
+    WHEN 8 THEN (get_byte(data, pos)::bigint << 56) | (get_byte(data, pos + 1)::bigint << 48)
+                | (get_byte(data, pos + 2)::bigint << 40) | (get_byte(data, pos + 3)::bigint << 32)
+                | (get_byte(data, pos + 4)::bigint << 24) | (get_byte(data, pos + 5) << 16)
+                | (get_byte(data, pos + 6) << 8) | get_byte(data, pos + 7)
+    ELSE ('x' || lpad(encode(substring(data FROM pos + 1 FOR w), 'hex'), 16,
+                      CASE WHEN signed AND get_byte(data, pos) >= 128 THEN 'f' ELSE '0' END)
+         )::bit(64)::bigint
+END;
+
+-- A packed-ints header (format in haltless_fast/_blocks_py.py), checked
+-- against the block's size as the kernels check it: order, width, count, and
+-- the first value and first delta (orders 1, 2) or the line's base and step
+-- (order 3, where each value is base + i * step + its residual: no running
+-- sum, so it decodes in one pass).
+CREATE FUNCTION haltless_ints_header(data bytea, OUT ord integer, OUT w integer, OUT n bigint,
+                                     OUT v1 bigint, OUT d bigint)
+LANGUAGE plpgsql IMMUTABLE STRICT PARALLEL SAFE AS $$
 DECLARE
-    size  integer := length(data);
-    ord   integer;
-    w     integer;
-    n     bigint;
-    head  integer;
-    need  bigint;
-    v1    bigint;
-    d     bigint;
-    safe  boolean;
-    out   bigint[];
+    size integer := length(data);
+    need bigint;
+    lim  bigint;
 BEGIN
     IF size < 14 THEN
         RAISE EXCEPTION 'packed ints: % bytes is shorter than the 14-byte header; the block is truncated', size;
@@ -45,11 +65,12 @@ BEGIN
     ord := get_byte(data, 0);
     w := get_byte(data, 1);
     n := haltless_codec_be(data, 2, 4, false);
-    IF ord NOT IN (1, 2) THEN
-        RAISE EXCEPTION 'packed ints: order % at byte 0 is not 1 or 2; the block is corrupt', ord;
+    IF ord NOT IN (1, 2, 3) THEN
+        RAISE EXCEPTION 'packed ints: order % at byte 0 is not 1, 2 or 3; the block is corrupt', ord;
     END IF;
-    IF w NOT IN (0, 1, 2, 4, 8) THEN
-        RAISE EXCEPTION 'packed ints: width % at byte 1 is not 0, 1, 2, 4 or 8; the block is corrupt', w;
+    IF w NOT IN (0, 1, 2, 4, 8) OR (ord = 3 AND w = 8) THEN
+        RAISE EXCEPTION 'packed ints: width % at byte 1 is not 0, 1, 2, 4%; the block is corrupt',
+            w, CASE WHEN ord = 3 THEN '' ELSE ' or 8' END;
     END IF;
     IF n > 16777216 THEN
         RAISE EXCEPTION 'a block holds at most 16,777,216 readings, got %; the block is corrupt', n;
@@ -57,17 +78,49 @@ BEGIN
     IF ord = 2 AND n < 2 THEN
         RAISE EXCEPTION 'packed ints: order 2 needs at least 2 values, the header says %; the block is corrupt', n;
     END IF;
-    head := CASE ord WHEN 1 THEN 14 ELSE 22 END;
-    need := head + greatest(n - ord, 0) * w;
+    need := CASE ord WHEN 1 THEN 14 ELSE 22 END
+            + CASE WHEN ord = 3 THEN n * w ELSE greatest(n - ord, 0) * w END;
     IF size <> need THEN
         RAISE EXCEPTION 'packed ints: % bytes where the header (n=%, order=%, width=%) needs %; the block is truncated or corrupt',
             size, n, ord, w, need;
     END IF;
+    v1 := haltless_codec_be(data, 6, 8, true);
+    d := CASE WHEN ord >= 2 THEN haltless_codec_be(data, 14, 8, true) ELSE 0 END;
+    IF ord = 3 THEN
+        lim := 4611686018427387904 / greatest(n - 1, 1);  -- 2^62 / (n - 1)
+        IF NOT (v1 > -4611686018427387904 AND v1 < 4611686018427387904 AND d > -lim AND d < lim) THEN
+            RAISE EXCEPTION 'packed ints: order 3 line (base %, step %, n=%) leaves the range of int64; the block is corrupt',
+                v1, d, n;
+        END IF;
+    END IF;
+END
+$$;
+
+-- Packed ints as a bigint array. Custom plans always: each block's width and
+-- count become constants the planner folds into the per-element
+-- expressions; the generic plan that PL/pgSQL switches to after five calls
+-- took 9 us an element instead of 1.
+CREATE FUNCTION haltless_ints(data bytea) RETURNS bigint[]
+LANGUAGE plpgsql IMMUTABLE STRICT PARALLEL SAFE COST 1000
+SET plan_cache_mode = force_custom_plan AS $$
+DECLARE
+    h     record := haltless_ints_header(data);
+    w     integer := h.w;
+    n     bigint := h.n;
+    v1    bigint := h.v1;
+    d     bigint := h.d;
+    head  integer := CASE h.ord WHEN 1 THEN 14 ELSE 22 END;
+    safe  boolean;
+    out   bigint[];
+BEGIN
     IF n = 0 THEN
         RETURN '{}';
     END IF;
-    v1 := haltless_codec_be(data, 6, 8, true);
-    d := CASE ord WHEN 2 THEN haltless_codec_be(data, 14, 8, true) ELSE 0 END;
+    IF h.ord = 3 THEN  -- the header bounds every value below 2^63
+        SELECT array_agg(v1 + g.i * d + haltless_codec_be(data, 22 + g.i * w, w, true)) INTO out
+        FROM generate_series(0, n::integer - 1) AS g(i);
+        RETURN out;
+    END IF;
     -- When every partial sum fits int8 with room, no wrapping can occur: int8
     -- arithmetic (haltless_isum); else numeric, wrapped as the encoder did.
     safe := abs(v1::numeric) < 2::numeric ^ 61 AND n * abs(d::numeric) < 2::numeric ^ 61
@@ -75,7 +128,7 @@ BEGIN
     IF safe AND w = 0 THEN  -- no residuals: a constant, or an arithmetic progression
         SELECT array_agg(v1 + (g.i - 1) * d) INTO out FROM generate_series(1, n::integer) AS g(i);
     ELSIF safe THEN
-        IF ord = 1 THEN
+        IF h.ord = 1 THEN
             SELECT array_agg(v1 + s) INTO out FROM (
                 SELECT haltless_isum(r.r) OVER (ORDER BY r.i ROWS UNBOUNDED PRECEDING) AS s
                 FROM (SELECT g.i, CASE WHEN g.i = 1 THEN 0
@@ -90,20 +143,21 @@ BEGIN
                 WINDOW w1 AS (ORDER BY r.i ROWS UNBOUNDED PRECEDING)) x;
         END IF;
     ELSE  -- numeric sums, reduced modulo 2^64 as the encoder wrapped them
-        SELECT array_agg(haltless_codec_wrap(v1 + CASE ord WHEN 1 THEN s.s1
+        SELECT array_agg(haltless_codec_wrap(v1 + CASE h.ord WHEN 1 THEN s.s1
                          ELSE (s.i - 1)::numeric * d + (s.i + 1) * s.s1 - s.s2 END) ORDER BY s.i)
         INTO out FROM (
             SELECT r.i, sum(r.r) OVER (ORDER BY r.i) AS s1,
-                   CASE WHEN ord = 2 THEN sum(r.i::numeric * r.r) OVER (ORDER BY r.i) END AS s2
-            FROM (SELECT g.i, CASE WHEN g.i <= ord THEN 0
-                         ELSE haltless_codec_be(data, head + (g.i - ord - 1) * w, w, true) END AS r
+                   CASE WHEN h.ord = 2 THEN sum(r.i::numeric * r.r) OVER (ORDER BY r.i) END AS s2
+            FROM (SELECT g.i, CASE WHEN g.i <= h.ord THEN 0
+                         ELSE haltless_codec_be(data, head + (g.i - h.ord - 1) * w, w, true) END AS r
                   FROM generate_series(1, n::integer) AS g(i)) r) s;
     END IF;
     RETURN out;
 END
 $$;
 
--- Values (modes D and X, format in haltless_fast/_blocks_py.py) as a float8 array.
+-- Values (modes D and X, format in haltless_fast/_blocks_py.py) as a float8
+-- array. Decimals on a line (order 3) and constants (X, w = 0) in one pass.
 CREATE FUNCTION haltless_values(data bytea) RETURNS float8[]
 LANGUAGE plpgsql IMMUTABLE STRICT PARALLEL SAFE COST 1000
 SET plan_cache_mode = force_custom_plan AS $$
@@ -114,6 +168,7 @@ DECLARE
     n     bigint;
     need  bigint;
     scale float8;
+    h     record;
     out   float8[];
 BEGIN
     IF size < 2 THEN
@@ -126,6 +181,16 @@ BEGIN
             RAISE EXCEPTION 'values: decimal exponent % at byte 1 is above 17; the block is corrupt', w;
         END IF;
         scale := (10::numeric ^ w)::float8;
+        h := haltless_ints_header(substring(data FROM 3));
+        IF h.ord = 3 THEN
+            IF h.n = 0 THEN
+                RETURN '{}';
+            END IF;
+            SELECT array_agg((h.v1 + g.i * h.d + haltless_codec_be(data, 24 + g.i * h.w, h.w, true))::float8
+                             / scale) INTO out
+            FROM generate_series(0, h.n::integer - 1) AS g(i);
+            RETURN out;
+        END IF;
         SELECT array_agg(k::float8 / scale) INTO out
         FROM unnest(haltless_ints(substring(data FROM 3))) AS k;
         RETURN coalesce(out, '{}');
@@ -148,6 +213,12 @@ BEGIN
         RAISE EXCEPTION 'values: % bytes where the header (n=%, width=%) needs %; the block is truncated or corrupt',
             size, n, w, need;
     END IF;
+    IF n = 0 THEN
+        RETURN '{}';
+    END IF;
+    IF w = 0 THEN  -- one value n times
+        RETURN array_fill(haltless_codec_float8(haltless_codec_be(data, 6, 8, false)), ARRAY[n::integer]);
+    END IF;
     SELECT array_agg(haltless_codec_float8(b)) INTO out FROM (
         SELECT bit_xor(r.r) OVER (ORDER BY r.i ROWS UNBOUNDED PRECEDING) AS b
         FROM (SELECT g.i, CASE WHEN g.i = 1 THEN haltless_codec_be(data, 6, 8, false)
@@ -157,11 +228,29 @@ BEGIN
 END
 $$;
 
--- A timeline's timestamps.
+-- A timeline's timestamps; on a line (order 3) in one pass.
 CREATE FUNCTION haltless_stamps(data bytea) RETURNS timestamptz[]
-LANGUAGE sql IMMUTABLE STRICT PARALLEL SAFE COST 1000 AS $$
-    SELECT coalesce(array_agg(timestamptz 'epoch' + v * interval '1 microsecond'), '{}')
-    FROM unnest(haltless_ints(data)) AS v
+LANGUAGE plpgsql IMMUTABLE STRICT PARALLEL SAFE COST 1000
+SET plan_cache_mode = force_custom_plan AS $$
+DECLARE
+    h   record := haltless_ints_header(data);
+    t0  timestamptz;
+    out timestamptz[];
+BEGIN
+    IF h.ord = 3 THEN
+        IF h.n = 0 THEN
+            RETURN '{}';
+        END IF;
+        t0 := timestamptz 'epoch' + h.v1 * interval '1 microsecond';
+        SELECT array_agg(t0 + (g.i * h.d + haltless_codec_be(data, 22 + g.i * h.w, h.w, true))
+                              * interval '1 microsecond') INTO out
+        FROM generate_series(0, h.n::integer - 1) AS g(i);
+        RETURN out;
+    END IF;
+    SELECT coalesce(array_agg(timestamptz 'epoch' + v * interval '1 microsecond'), '{}') INTO out
+    FROM unnest(haltless_ints(data)) AS v;
+    RETURN out;
+END
 $$;
 
 -- The row-set decoders of 0004, now over the arrays (same signatures).
