@@ -21,6 +21,8 @@ import array
 
 MAX_COUNT = MAXN
 cdef double TWO53 = 9007199254740992.0
+cdef int64_t INT64_MAX_ = 0x7FFFFFFFFFFFFFFF
+cdef int64_t INT64_MIN_ = -INT64_MAX_ - 1
 cdef double P10[18]
 P10[:] = [1e0, 1e1, 1e2, 1e3, 1e4, 1e5, 1e6, 1e7, 1e8, 1e9, 1e10, 1e11, 1e12, 1e13, 1e14,
           1e15, 1e16, 1e17]
@@ -469,3 +471,110 @@ def sort_by_time(ts, vals):
             (<int64_t*>t.data.as_longlongs)[i] = r[i].ts
             v.data.as_doubles[i] = from_bits(r[i].bits)
     free(r)
+
+
+# ------------------------------------------------------------- summaries
+
+def summarize(ts, vals, long long interval_us=60_000_000):
+    """Summaries per ``interval_us`` for the rollups: ``(d, starts, count,
+    fields)``; the twin documents them. Exact int64 sums of k for decimal
+    blocks, float sums in time order otherwise."""
+    if type(ts) is not array.array or ts.typecode != "q":
+        raise TypeError("summarize: ts must be an array('q')")
+    if type(vals) is not array.array or vals.typecode != "d":
+        raise TypeError("summarize: vals must be an array('d')")
+    if interval_us < 1:
+        raise ValueError(f"summarize: interval_us must be at least 1, got {interval_us}")
+    cdef array.array t = ts, v = vals
+    cdef Py_ssize_t n = len(t), i, j, m = 0, a, b
+    if n != len(v):
+        raise ValueError(f"summarize: {n} timestamps but {len(v)} values")
+    cdef const int64_t* tp = <int64_t*>t.data.as_longlongs
+    cdef const double* vp = v.data.as_doubles
+    for i in range(1, n):
+        if tp[i] < tp[i - 1]:
+            raise ValueError(f"summarize: timestamps are not sorted at index {i}; "
+                             "sort_by_time first")
+    cdef int64_t q, prev_start = 0, start
+    for i in range(n):  # intervals first, to size the outputs
+        q = tp[i] // interval_us
+        if tp[i] % interval_us < 0:  # floor division, as Python's //
+            q -= 1
+        start = q * interval_us
+        if i == 0 or start != prev_start:
+            m += 1
+            prev_start = start
+    cdef array.array starts = array.clone(_Q, m, False), count = array.clone(_Q, m, False)
+    cdef int64_t* sp = <int64_t*>starts.data.as_longlongs
+    cdef int64_t* cp = <int64_t*>count.data.as_longlongs
+    j = -1
+    for i in range(n):
+        q = tp[i] // interval_us
+        if tp[i] % interval_us < 0:
+            q -= 1
+        start = q * interval_us
+        if j < 0 or start != sp[j]:
+            j += 1
+            sp[j] = start
+            cp[j] = 0
+        cp[j] += 1
+    cdef int64_t* k = NULL
+    cdef int d = -1
+    cdef int64_t total, lo, hi, x
+    cdef array.array fq
+    cdef int64_t* fp
+    cdef bint ok
+    if n:
+        k = <int64_t*>malloc(n * sizeof(int64_t))
+        if k == NULL:
+            raise MemoryError()
+    try:
+        if n:
+            d = _decimal_exponent(vp, n, k)
+        if d >= 0:
+            fq = array.clone(_Q, 5 * m, False)
+            fp = <int64_t*>fq.data.as_longlongs
+            ok = True
+            a = 0
+            for j in range(m):
+                b = a + cp[j]
+                total = 0
+                lo = hi = k[a]
+                for i in range(a, b):
+                    x = k[i]
+                    # |k| < 2**53: the sum leaves int64 only after many terms
+                    if (x > 0 and total > INT64_MAX_ - x) or (x < 0 and total < INT64_MIN_ - x):
+                        ok = False
+                        break
+                    total += x
+                    if x < lo:
+                        lo = x
+                    if x > hi:
+                        hi = x
+                if not ok:
+                    break
+                fp[5 * j], fp[5 * j + 1], fp[5 * j + 2] = total, lo, hi
+                fp[5 * j + 3], fp[5 * j + 4] = k[a], k[b - 1]
+                a = b
+            if ok:
+                return d, starts, count, fq
+    finally:
+        free(k)
+    cdef array.array fd = array.clone(_D, 5 * m, False)
+    cdef double* fo = fd.data.as_doubles
+    cdef double s, flo, fhi, y
+    a = 0
+    for j in range(m):
+        b = a + cp[j]
+        s = flo = fhi = vp[a]  # (not 0.0 + first: -0.0 stays -0.0, as in aggregate)
+        for i in range(a + 1, b):
+            y = vp[i]
+            s += y
+            if y < flo:
+                flo = y
+            if y > fhi:
+                fhi = y
+        fo[5 * j], fo[5 * j + 1], fo[5 * j + 2] = s, flo, fhi
+        fo[5 * j + 3], fo[5 * j + 4] = vp[a], vp[b - 1]
+        a = b
+    return -1, starts, count, fd

@@ -311,3 +311,67 @@ def sort_by_time(ts: array, vals: array) -> None:
     pairs = sorted(zip(ts, bits))
     ts[:] = array("q", [t for t, _ in pairs])
     vals[:] = array("d", array("Q", [b for _, b in pairs]).tobytes())
+
+
+# ------------------------------------------------------------- summaries
+
+def summarize(ts: array, vals: array, interval_us: int = 60_000_000) -> tuple:
+    """Summaries of a block's readings (sorted by time) per ``interval_us``
+    aligned to the Unix epoch, stored with the block for the rollups:
+    ``(d, starts, count, fields)``, one entry per non-empty interval, and in
+    ``fields`` five per interval: sum, min, max, first, last.
+
+    When every value is a decimal k / 10**d (the test of mode D) and every
+    interval's sum of k fits int64, ``d`` is that exponent and ``fields`` is
+    ``array('q')`` of k: the sums are exact. Else ``d`` is -1 and ``fields`` is
+    ``array('d')`` of the values, the sums added in time order (as
+    ``aggregate``). An empty block gives -1 and empty arrays."""
+    if type(ts) is not array or ts.typecode != "q":
+        raise TypeError("summarize: ts must be an array('q')")
+    if type(vals) is not array or vals.typecode != "d":
+        raise TypeError("summarize: vals must be an array('d')")
+    if interval_us < 1:
+        raise ValueError(f"summarize: interval_us must be at least 1, got {interval_us}")
+    n = len(ts)
+    if n != len(vals):
+        raise ValueError(f"summarize: {n} timestamps but {len(vals)} values")
+    t = ts.tolist()
+    for i in range(1, n):
+        if t[i] < t[i - 1]:
+            raise ValueError(f"summarize: timestamps are not sorted at index {i}; "
+                             "sort_by_time first")
+    starts, count = array("q"), array("q")
+    bounds = []
+    for i, x in enumerate(t):
+        q = x // interval_us
+        if not starts or q * interval_us != starts[-1]:
+            starts.append(q * interval_us)
+            count.append(0)
+            bounds.append(i)
+        count[-1] += 1
+    bounds.append(n)
+    v = vals.tolist()
+    dec = _decimal_exponent(v) if n else None
+    if dec is not None:
+        d, ks = dec
+        fields = []
+        for a, b in zip(bounds, bounds[1:]):
+            part = ks[a:b]
+            total = sum(part)
+            if not _INT64_MIN <= total <= _INT64_MAX:
+                break
+            fields += [total, min(part), max(part), part[0], part[-1]]
+        else:
+            return d, starts, count, array("q", fields)
+    fields = array("d")
+    for a, b in zip(bounds, bounds[1:]):
+        part = v[a:b]
+        total = lo = hi = part[0]  # (not 0.0 + first: -0.0 stays -0.0, as in aggregate)
+        for x in part[1:]:  # < and >, as aggregate: the first of equal values stays
+            total += x
+            if x < lo:
+                lo = x
+            if x > hi:
+                hi = x
+        fields.extend((total, lo, hi, part[0], part[-1]))
+    return -1, starts, count, fields
