@@ -6,10 +6,9 @@
 Data: ``--machines`` machines x the mix's 20 metrics (bench/mix.py: walks,
 noise, full-precision floats, counters, setpoints) at 1 s with +-500 us of
 jitter, for the ``--hours`` whole hours before the current one, compacted,
-plus the first ``--hot-minutes`` of the current hour (or the whole last
-hour with ``--hot-minutes 60``... of the hour before, see ``hot_window``)
-left hot; and one machine ``DAY-001`` whose coolant_temp and vibration_x
-cover the 24 hours before, compacted (the "one series, one day raw" case).
+plus the first ``--hot-minutes`` of the current hour left hot (not
+compacted: the state of a live fleet; the range queried ends there); and
+one machine ``DAY-001`` whose coolant_temp and vibration_x cover the 24 hours before, compacted (the "one series, one day raw" case).
 Written through the kernel and COPY in process, compacted by
 ``compact_all`` (the real compaction), then read by ``haltless grafana-role``'s
 role over the embedded server's unix socket.
@@ -126,7 +125,7 @@ async def load(dsn: str, args) -> dict:
         for h in range(24, 0, -1):
             await write_hot(conn, hour_records(day, now_h - h * HOUR, HOUR, rnd, only=(0, 9)))
         await compact_all(conn, include_current=True)
-        hot_from = now_h - (args.hot_minutes * 60 if args.hot_minutes < 60 else HOUR)
+        hot_from = now_h
         await write_hot(conn, hour_records(fleet, hot_from, args.hot_minutes * 60, rnd))
         print(f"loaded in {time.monotonic() - t0:.0f} s")
         role, password = await create_reader_role(conn, org, "default", "bench_reader")
@@ -151,7 +150,7 @@ def plan_block_rows(plan: dict) -> int:
     if plan.get("Subplan Name"):
         return 0
     if plan.get("Relation Name", "").startswith("reading_blocks"):
-        n += plan.get("Actual Rows", 0) * plan.get("Actual Loops", 1)
+        n += round(plan.get("Actual Rows", 0) * plan.get("Actual Loops", 1))
     for sub in plan.get("Plans", []):
         n += plan_block_rows(sub)
     return n
@@ -192,33 +191,43 @@ async def asked_blocks(dsn: str, machine: str, metric: str | None, frm: dt.datet
         await conn.close()
 
 
-def cases(info: dict) -> list[tuple[str, str, dt.datetime, dt.datetime, dict, str, str | None]]:
-    """(name, README query, from, to, variables, machine pattern, metric) of every measurement."""
+def cases(info: dict) -> list[tuple[str, str, dt.datetime, dt.datetime, dict, str, str, str | None]]:
+    """(name, README query, from, to, variables, $__interval, machine pattern,
+    metric) of every measurement. The machine panel on one machine and all 20
+    metrics; the fleet panel on one metric of every machine; each at the
+    intervals that select its arms (raw below 1 min, readings_1m, readings_1h)."""
     q = readme_queries()
     end = dt.datetime.fromtimestamp(info["hot_until"], UTC)
+    whole = dt.timedelta(hours=info["hours"]) + dt.timedelta(seconds=info["hot_until"] - info["now_h"])
+    every = ",".join(f"'{name}'" for name, *_ in mix.METRICS)
+    one = f"FLEET-{min(7, info['machines']):03d}"
+    machine = {"machine": one, "metric": every}
+    fleet = {"metric": "'coolant_temp'"}
     out = []
-    for label, span in (("15 min", dt.timedelta(minutes=15)), ("1 h", dt.timedelta(hours=1)),
-                        (f"{info['hours']} h", dt.timedelta(hours=info["hours"]))):
-        for qname, sql in q.items():
-            if "$machine" in sql:
-                out.append((f"{qname}, one machine, {label}", sql, end - span, end,
-                            {"machine": "FLEET-007"}, "FLEET-007", None))
-            elif "$metric" in sql:
-                out.append((f"{qname}, {label}", sql, end - span, end,
-                            {"metric": "coolant_temp"}, "FLEET-%", "coolant_temp"))
+    for label, span, interval in (("15 min, 1s (raw)", dt.timedelta(minutes=15), "1s"),
+                                  ("2 h, 10s (raw)", dt.timedelta(hours=2), "10s"),
+                                  ("2 h, 1m (readings_1m)", dt.timedelta(hours=2), "1m"),
+                                  ("whole range, 1m (readings_1m)", whole, "1m"),
+                                  ("whole range, 1h (readings_1h)", whole, "1h")):
+        out.append((f"machine panel, one machine x 20 metrics, {label}", q["machine panel"],
+                    end - span, end, machine, interval, one, None))
+    for label, span, interval in (("whole range, 5m (readings_1m)", whole, "5m"),
+                                  ("whole range, 1h (readings_1h)", whole, "1h")):
+        out.append((f"fleet panel, one metric x {info['machines']} machines, {label}",
+                    q["fleet panel"], end - span, end, fleet, interval, "FLEET-%", "coolant_temp"))
     day_to = dt.datetime.fromtimestamp(info["now_h"], UTC)
     out.append(("one series, one day raw (readings_between)",
                 ("SELECT ts, value FROM series s JOIN machines m ON m.id = s.machine_id,"
                  " readings_between(s.id, $__timeFrom(), $__timeTo()) WHERE m.machine_identifier"
                  " = 'DAY-001' AND s.metric_name = 'coolant_temp'"),
-                day_to - dt.timedelta(days=1), day_to, {}, "DAY-001", "coolant_temp"))
+                day_to - dt.timedelta(days=1), day_to, {}, "1m", "DAY-001", "coolant_temp"))
     return out
 
 
 async def run_all(dsn: str, info: dict, repeat: int) -> list[dict]:
     out = []
-    for name, sql, frm, to, variables, machine, metric in cases(info):
-        expanded = grafana.expand(sql, frm, to, variables)
+    for name, sql, frm, to, variables, interval, machine, metric in cases(info):
+        expanded = grafana.expand(sql, frm, to, variables, interval)
         r = await measure(info["role_url"], name, expanded, repeat)
         r["asked_blocks"] = await asked_blocks(dsn, machine, metric, frm, to)
         print(f"  {name}: {r['server_ms']} ms server, {r['wall_ms']} ms wall, "
