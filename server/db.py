@@ -229,27 +229,33 @@ LATEST_VERSION = _migrations()[-1][0]
 
 async def migrate(conn: asyncpg.Connection) -> int:
     """Apply pending migrations in order, each in its own transaction, under an
-    advisory lock so concurrent starters do not race. Returns the version."""
+    advisory lock so concurrent starters do not race. Returns the version.
+
+    Pending means not recorded in ``haltless_schema``, not merely above its
+    highest version: branches reserve migration numbers and may land out of
+    order (0016 after 0018), and a database migrated before the lower number
+    landed still gets it."""
     async with conn.transaction():
         await conn.execute("SELECT pg_advisory_xact_lock($1)", MIGRATION_LOCK)
         await conn.execute(
             "CREATE TABLE IF NOT EXISTS haltless_schema ("
             " version integer PRIMARY KEY, name text NOT NULL,"
             " applied_at timestamptz NOT NULL DEFAULT now())")
-        current = await conn.fetchval("SELECT coalesce(max(version), 0) FROM haltless_schema")
+        applied = {r[0] for r in await conn.fetch("SELECT version FROM haltless_schema")}
+        current = max(applied, default=0)
         if current > LATEST_VERSION:
             raise SchemaTooNew(
                 f"the database schema is at version {current}, newer than this haltless "
                 f"knows (up to {LATEST_VERSION}); run a haltless release at least as new "
                 "as the one that migrated it")
         for version, name, sql in _migrations():
-            if version <= current:
+            if version in applied:
                 continue
             log.info("applying migration %04d_%s", version, name)
             await conn.execute(sql)
             await conn.execute(
                 "INSERT INTO haltless_schema (version, name) VALUES ($1, $2)", version, name)
-            current = version
+            current = max(current, version)
         await conn.execute(ENSURE_PARTITIONS)
     return current
 

@@ -338,3 +338,40 @@ def test_migrations_are_idempotent_and_a_newer_schema_is_a_clear_error(pg_dsn):
         await c.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
         await c.close()
     run_async(go())
+
+
+def test_a_migration_that_lands_below_the_databases_version_is_still_applied(pg_dsn):
+    # Branches reserve migration numbers, so 0016 can land after 0018: a
+    # database migrated to 0018 without it must still get it.
+    async def go():
+        c = await asyncpg.connect(pg_dsn)
+        name = f"haltless_gap_{uuid.uuid4().hex[:6]}"
+        await c.execute(f'CREATE DATABASE "{name}"')
+        await c.close()
+        other = pg_dsn.replace("/haltless?", f"/{name}?") if "/haltless?" in pg_dsn else \
+            pg_dsn.rsplit("/", 1)[0] + "/" + name
+        c = await asyncpg.connect(other)
+        try:
+            await c.execute("CREATE TABLE haltless_schema (version integer PRIMARY KEY,"
+                            " name text NOT NULL, applied_at timestamptz NOT NULL DEFAULT now())")
+            versions = [v for v, _, _ in db._migrations()]
+            assert 16 in versions and max(versions) > 16
+            for version, mname, sql in db._migrations():
+                if version != 16:
+                    await c.execute(sql)
+                    await c.execute("INSERT INTO haltless_schema (version, name) VALUES ($1, $2)",
+                                    version, mname)
+            assert not await c.fetchval("SELECT count(*) FROM information_schema.columns"
+                                        " WHERE table_name = 'ingest_sources'"
+                                        " AND column_name = 'gap_started_at'")
+            assert await db.migrate(c) == db.LATEST_VERSION
+            assert await c.fetchval("SELECT count(*) FROM information_schema.columns"
+                                    " WHERE table_name = 'ingest_sources'"
+                                    " AND column_name IN ('gap_started_at', 'gap_ended_at')") == 2
+            assert await c.fetchval("SELECT name FROM haltless_schema WHERE version = 16") == "source_gaps"
+        finally:
+            await c.close()
+        c = await asyncpg.connect(pg_dsn)
+        await c.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
+        await c.close()
+    run_async(go())
