@@ -8,12 +8,13 @@ from __future__ import annotations
 import datetime as dt
 import re
 import signal
+import subprocess
 import textwrap
 import uuid
 
 import pytest
 
-from helpers import ServerProcess, fetch, make_tenant, wait_for
+from helpers import HALTLESS, ROOT, ServerProcess, fetch, make_tenant, wait_for
 from peers import OpcuaDevice
 from test_agent import AgentProcess, agent_queue, assert_exactly_once, spooled_total
 from test_management import Api
@@ -321,3 +322,20 @@ def test_agent_config_mistakes_in_subscribe_mode_name_the_file_and_key(tmp_path)
             load_config(f)
         msg = str(e.value)
         assert "\n" not in msg and msg.startswith(f"{f}: ") and key in msg, msg
+
+
+def test_agent_check_subscribes_to_each_subscribed_source_once_and_deletes_it(tmp_path):
+    with OpcuaDevice(tmp_path, nodes=2) as dev:
+        f = agent_toml(tmp_path, "http://127.0.0.1:1", "hk_x", dev.port)
+        p = subprocess.run(HALTLESS + ["agent", "--check", "--config", str(f)], cwd=ROOT,
+                           capture_output=True, text=True, timeout=60)
+        assert p.returncode == 0, p.stdout + p.stderr
+        line = p.stdout.splitlines()[2]
+        assert line.startswith("line") and " ok " in line, p.stdout
+        assert re.search(r"Subscribed successfully: first notification after \d+ ms", line), line
+        wait_for(lambda: dev.events() and not dev.live(), what="the subscription deleted")
+        assert [e["nodes"] for e in dev.events() if e["event"] == "deleted"] == [
+            ["Sub.Counter0", "Sub.Counter1"]]
+    p = subprocess.run(HALTLESS + ["agent", "--check", "--config", str(f)], cwd=ROOT,
+                       capture_output=True, text=True, timeout=60)
+    assert p.returncode == 1 and " failed " in p.stdout.splitlines()[2], p.stdout
