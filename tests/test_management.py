@@ -127,7 +127,8 @@ def test_the_contracts_source_bodies_are_accepted_and_secrets_never_returned(api
     assert src["config"]["registers"][0]["scale"] == 0.1
     assert src["status"] == {"last_poll_at": None, "last_success_at": None, "last_error": None,
                              "last_error_at": None, "readings_written": 0, "points_failed": 0,
-                             "polls_missed": 0, "polled_by": None, "server_certificate_sha256": None}
+                             "polls_missed": 0, "polled_by": None, "server_certificate_sha256": None,
+                             "gap_started_at": None, "gap_ended_at": None}
     body = {"machine_id": mid, **OPCUA_BODY}
     body["config"] = {**body["config"], "security_mode": "SignAndEncrypt",
                       "security_policy": "Basic256Sha256", "username": "haltless",
