@@ -41,7 +41,8 @@ OPERATIONS = [
      None, "200", wire.TestConnectionResult, "bearer"),
     ("get", "/api/v1/readings", "Every stored reading of a machine's series in [from, to), "
      "in time order, paged (JSON) or streamed (CSV)", None, "200", wire.ReadingsPage, "bearer"),
-    ("get", "/api/v1/readings/aggregate", "Aggregates of a machine's series per interval bucket",
+    ("get", "/api/v1/readings/aggregate", "Aggregates of a machine's series per interval bucket "
+     "(at whole minutes, compacted hours from their per-minute summaries)",
      None, "200", wire.AggregatePage, "bearer"),
     ("get", "/api/v1/readings/latest", "The newest reading of every series of the organization "
      "or of one machine", None, "200", wire.LatestPage, "bearer"),
