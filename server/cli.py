@@ -73,6 +73,12 @@ def _db_flags(parser, *, top: bool) -> None:
                         type=_setting("database_url", "--database-url"),
                         help="use this PostgreSQL instead of the embedded one "
                              "(HALTLESS_DATABASE_URL)")
+    parser.add_argument("--create-data-dir", action="store_true",
+                        default=False if top else argparse.SUPPRESS,
+                        help="make a new embedded database in the data dir if it has none "
+                             "(serve and migrate do without being asked; other commands refuse, "
+                             "so that one run from the wrong directory cannot start an empty "
+                             "database there)")
 
 
 def build_parser():
@@ -177,7 +183,7 @@ def cmd_agent(args) -> None:
     from ..core.config import Settings
     from ..core.errors import ConfigError
     from ..pollers.agent import main as agent_main
-    if args.data_dir or args.database_url:
+    if args.data_dir or args.database_url or args.create_data_dir:
         raise ConfigError("the agent uses no database: --data-dir/--database-url do not apply; "
                           "its queue and certificates live in the TOML's state_dir")
     code = agent_main(args.config, args.check, Settings.from_env())
