@@ -23,7 +23,8 @@ rebirth requests to publish.
   and Boolean (1/0) are stored, ``is_historical`` ones too; ``is_null`` is no
   reading; strings, DateTime, bytes, arrays, datasets and templates are
   counted by kind in ``skipped`` and not stored. A metric's timestamp is the
-  reading's, else the payload's, else the time of receipt.
+  reading's, else the payload's, else the time of receipt (0 counts as
+  none).
 * The machine is the device id (or the edge node id for node metrics), or
   the source's machine when it names one; raw_tag is
   ``<group>/<edge node>[/<device>]``, which keeps apart two devices of the
@@ -58,11 +59,19 @@ MAX_UNIT = 64
 MAX_MS = 253402300799999  # 9999-12-31T23:59:59.999Z
 
 
+# The field a value of each stored datatype travels in (Sparkplug 3.0 "Datatype Details").
+VALUE_FIELD = {1: "int_value", 2: "int_value", 3: "int_value", 4: "long_value", 5: "int_value",
+               6: "int_value", 7: "int_value", 8: "long_value", 9: "float_value",
+               10: "double_value", 11: "boolean_value"}
+
+
 class MetricDef(NamedTuple):
     name: str
     datatype: int
     unit: str | None
     skip: str | None  # why it is not stored (a kind, e.g. "string"), or None
+    field: str = ""   # where its value travels
+    bits: int = 0     # a signed integer's width
 
 
 class Device:
@@ -130,7 +139,6 @@ class SparkplugHost:
         self.discarded = 0
         self.rebirths_requested = 0
         self.skipped: Counter[str] = Counter()
-        self._ts_cache: tuple[int, _dt.datetime] = (-1, _dt.datetime.now(UTC))
 
     # ------------------------------------------------------------------ entry point
 
@@ -279,7 +287,7 @@ class SparkplugHost:
             elif dt not in NUMERIC:
                 skip = SKIPPED_KIND.get(dt, "unknown_type")
             unit = _unit(m) if skip is None else None
-            d = MetricDef(name, dt, unit, skip)
+            d = MetricDef(name, dt, unit, skip, VALUE_FIELD.get(dt, ""), SIGNED_BITS.get(dt, 0))
             by_name[name] = d
             if m.HasField("alias"):
                 by_alias[m.alias] = d
@@ -292,13 +300,18 @@ class SparkplugHost:
         if machine is None:  # an id that cannot be a machine_identifier
             self.skipped["invalid_name"] += len(p.metrics)
             return out
-        payload_ms = p.timestamp if p.HasField("timestamp") else None
+        payload_ms = p.timestamp or None  # 0 is no time (1970 is no reading's)
         skipped = self.skipped
-        for m in p.metrics:
-            if m.HasField("alias"):
-                d = by_alias.get(m.alias)
+        last_ms, ts = -1, None
+        zero = by_alias.get(0)  # alias 0 is valid, and also what an unset alias reads as
+        for m in p.metrics:  # the hot loop: ~100 metrics a message, ~2 us each
+            a = m.alias
+            if a:
+                d = by_alias.get(a)
                 if d is None:
-                    raise Discard(f"unknown alias {m.alias}")
+                    raise Discard(f"unknown alias {a}")
+            elif zero is not None and m.HasField("alias"):
+                d = zero
             else:
                 d = by_name.get(m.name)
                 if d is None:
@@ -309,15 +322,28 @@ class SparkplugHost:
                 if d.skip != "control":
                     skipped[d.skip] += 1
                 continue
-            if m.is_null:
-                skipped["null"] += 1
-                continue
-            value = _value(m, d.datatype)
-            if value is None:
-                skipped[FIELD_KIND.get(m.WhichOneof("value"), "no_value")] += 1
-                continue
-            ms = m.timestamp if m.HasField("timestamp") else payload_ms
-            ts = self._timestamp(ms, now)
+            # The field the datatype says: a value that reads non-zero is
+            # there (a oneof holds one field, an unset one reads 0). Only a
+            # zero asks which field is set (WhichOneof costs ~0.5 us).
+            v = getattr(m, d.field)
+            if v:
+                if d.bits:
+                    v &= (1 << d.bits) - 1
+                    if v >= 1 << (d.bits - 1):
+                        v -= 1 << d.bits
+                value = float(v)
+            else:
+                field = m.WhichOneof("value")
+                if field is None:  # is_null: no value, and no reading
+                    skipped["null" if m.is_null else "no_value"] += 1
+                    continue
+                value = _value(m, d.datatype, field)
+                if value is None:
+                    skipped[FIELD_KIND.get(field, "no_value")] += 1
+                    continue
+            ms = m.timestamp or payload_ms
+            if ms != last_ms:  # the metrics of a message mostly share one
+                last_ms, ts = ms, self._timestamp(ms, now)
             if ts is None:
                 skipped["bad_timestamp"] += 1
                 continue
@@ -329,12 +355,7 @@ class SparkplugHost:
             return _dt.datetime.fromtimestamp(now, UTC)
         if ms > MAX_MS:
             return None
-        last_ms, last = self._ts_cache  # the metrics of a message mostly share one
-        if ms == last_ms:
-            return last
-        ts = _dt.datetime.fromtimestamp(ms / 1000, UTC)
-        self._ts_cache = (ms, ts)
-        return ts
+        return _dt.datetime.fromtimestamp(ms / 1000, UTC)
 
     def _machine_for(self, ident: str) -> str | None:
         if self.machine is not None:
@@ -375,12 +396,9 @@ def _integer(m) -> int | None:
     return None
 
 
-def _value(m, datatype: int) -> float | None:
-    """A numeric or Boolean metric's value as a float; None when it carries
-    something else."""
-    field = m.WhichOneof("value")
-    if field == "double_value":
-        return m.double_value
+def _value(m, datatype: int, field: str) -> float | None:
+    """A numeric or Boolean metric's value (in ``field``) as a float; None
+    when it carries something else."""
     if field == "float_value":
         return m.float_value
     if field == "int_value" or field == "long_value":
@@ -393,4 +411,6 @@ def _value(m, datatype: int) -> float | None:
         return float(v)
     if field == "boolean_value":
         return 1.0 if m.boolean_value else 0.0
+    if field == "double_value":
+        return m.double_value
     return None
