@@ -181,7 +181,7 @@ async def connect(client: gmqtt.Client, address: str, port: int, cfg: MqttConfig
 async def close_client(client: gmqtt.Client, reason_code: int = 0) -> None:
     """DISCONNECT (reason 0: the will is not sent; 4: it is) and close; never raises."""
     try:
-        await asyncio.wait_for(client.disconnect(reason_code=reason_code), 5)
+        await asyncio.wait_for(client.disconnect(reason_code=reason_code), 2)
     except Exception:  # noqa: BLE001 - closing a connection that may be half open or gone
         pass
 
@@ -246,7 +246,7 @@ class Subscriber:
     with jitter (1 s doubling to 60 s, as a poll loop).
 
     ``on_message(topic, payload, qos)`` is called in arrival order; for a
-    QoS 1 message it returns an awaitable that completes once the message's
+    QoS 1 message it returns a future that completes once the message's
     readings are committed (None if there is nothing to wait for), and the
     message is acknowledged then. If it fails the connection is dropped
     first, so the broker redelivers the message on the next session.
@@ -255,7 +255,7 @@ class Subscriber:
 
     def __init__(self, address: Callable[[], Awaitable[str]], port: int, cfg: MqttConfig, *,
                  server_name: str, client_id: str, clean_start: bool,
-                 on_message: Callable[[str, bytes, int], Awaitable | None],
+                 on_message: Callable[[str, bytes, int], asyncio.Future | None],
                  on_connected: Callable[[gmqtt.Client], Awaitable[None]],
                  on_lost: Callable[[], None], on_error: Callable[[str], None],
                  will: Callable[[], gmqtt.Message | None] = lambda: None) -> None:

@@ -46,7 +46,10 @@ log = logging.getLogger("haltless.pollers")
 HURRY = RECEIVE_MAXIMUM // 2  # QoS 1 messages waiting for a commit before it is hurried
 STATUS_EVERY = 1.0            # s between writes of protocol_status (when it changed)
 MAX_STATUS_NODES = 1000
-FINISH_SECONDS = 10.0         # a stop waits this long for pending commits (then redelivery)
+# A stop waits this long for the commits under way (a flush takes milliseconds);
+# what is later is redelivered. Short, because a stop inside the lease tick
+# (a changed or rebalanced source) holds up the renewal of every other lease.
+FINISH_SECONDS = 2.0
 
 
 class MqttSourceTask:
