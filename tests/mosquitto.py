@@ -139,8 +139,17 @@ class Mosquitto:
             self.proc.wait(10)
             self.proc.stderr.close()
 
+    def pause(self) -> None:
+        """SIGSTOP: the broker's sockets stay open but nothing answers, as
+        when the network between us drops without a FIN or RST."""
+        os.killpg(self.proc.pid, signal.SIGSTOP)
+
+    def resume(self) -> None:
+        os.killpg(self.proc.pid, signal.SIGCONT)
+
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGCONT)  # if paused, it could not stop
             os.killpg(self.proc.pid, signal.SIGTERM)
             try:
                 self.proc.wait(10)

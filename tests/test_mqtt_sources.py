@@ -397,6 +397,43 @@ def test_a_broker_killed_and_restarted_is_reconnected_without_restarting_the_pol
         pollers.kill(signal.SIGTERM)
 
 
+@pytest.mark.slow
+def test_a_silent_network_drop_is_noticed_by_keepalive_and_reconnected(
+        server, api, tenant, pg_dsn, broker, lt, tmp_path):
+    """The broker stops answering without closing anything (SIGSTOP: what a
+    cut cable or a dead NAT entry looks like): the missing PINGRESP is
+    noticed within twice the keepalive, the source reports it and, once
+    the broker answers again, reconnects to its persistent session, all in
+    the same poller process."""
+    src = mqtt_source(api, broker.port, format="json", group_id=None)
+    pollers = Pollers(server, tmp_path / "pollers.log")
+    try:
+        connected(api, src)
+        broker.pause()
+        paused = time.monotonic()
+        wait_status(api, src, lambda s: not s["mqtt"]["connected"], "the silence noticed",
+                    timeout=40)
+        # keepalive 10 s: the connection is given up after 20 s of silence,
+        # checked every 5 s; status.mqtt is written within a second of that
+        assert 15 < time.monotonic() - paused < 32, time.monotonic() - paused
+        # (last_error comes with the process's next report of its sources)
+        st = wait_status(api, src, lambda s: s["last_error"], "the lost connection reported")
+        assert "lost" in st["last_error"] or "CONNACK" in st["last_error"], st
+        broker.resume()
+        connected(api, src)
+        pub = Publisher(lt, broker.port)
+        try:
+            pub.send("haltless/line1", {"readings": [reading(value=42.0)]})
+            wait_for(lambda: values(pg_dsn, tenant.org_id, "CNC-001", "temperature") == [42.0],
+                     what="a message after the reconnection")
+        finally:
+            pub.close()
+        assert pollers.proc.poll() is None
+    finally:
+        broker.resume()
+        pollers.kill(signal.SIGTERM)
+
+
 # ------------------------------------------------------------------ json
 
 class Publisher:
