@@ -155,7 +155,9 @@ class MqttStatus(msgspec.Struct):
     messages: int
     discarded: int  # Sparkplug messages dropped while their node owed us a birth
     rebirths_requested: int
-    skipped: dict[str, int]  # metrics not stored, by kind: string, dataset, template, null, ...
+    # metrics not stored, by kind (string, dataset, template, null, ...), and
+    # messages not taken (refused_message, stale_death, overload)
+    skipped: dict[str, int]
     nodes: Annotated[list[SparkplugNode], Meta(description="at most 1,000 edge nodes")]
     nodes_total: int
 

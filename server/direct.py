@@ -217,6 +217,11 @@ class PollerProcess:
                  stats_file: Path | None = None) -> None:
         self.rt = Runtime(settings)
         self.flush_every = settings.poll_flush_seconds
+        # Bytes of MQTT messages received and not yet committed, all sources
+        # of this process (server/mqtt_ingest.py): QoS 0 data past the limit
+        # is dropped, so a database slower than the broker bounds memory.
+        self.mqtt_held = 0
+        self.mqtt_limit = settings.mqtt_memory_mb * 1024 * 1024
         self.flusher: Flusher | None = None
         self.lease = lease_seconds
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"

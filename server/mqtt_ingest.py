@@ -15,6 +15,13 @@ session persists across connections and lease handovers, as its client id
 does). Past ``HURRY`` messages waiting, the process commits early, so the
 broker's in-flight window (RECEIVE_MAXIMUM) never stalls the subscription.
 
+Memory is bounded: past ``HALTLESS_MQTT_MEMORY_MB`` of messages received and
+not yet committed in the process (the database slower than the broker),
+QoS 0 data messages (Sparkplug NDATA/DDATA, json) are dropped as they come
+and counted (``skipped.overload``); a Sparkplug node then shows a sequence
+gap, and is asked for a rebirth once it can be taken again. QoS 1 messages
+are bounded by the Receive Maximum instead, and never dropped.
+
 A Sparkplug source with ``host_id`` is the primary host: its STATE birth
 (retained, QoS 1) is published on every connect, its will says offline,
 and a clean stop publishes offline before disconnecting (Sparkplug 3.0,
@@ -78,6 +85,9 @@ class MqttSourceTask:
         self.batch: list = []  # readings (sparkplug) or (topic, body) (json)
         self.batch_future: asyncio.Future | None = None
         self.batch_unacked = 0
+        self.batch_bytes = 0  # of the messages in batch, counted in proc.mqtt_held
+        self.overload = 0  # QoS 0 data messages dropped past proc.mqtt_limit
+        self.shedding = False
         self.pending: set[asyncio.Future] = set()  # batches not yet committed
         self.unacked = 0
         self.draining: asyncio.Task | None = None
@@ -175,6 +185,9 @@ class MqttSourceTask:
         """Called in arrival order; returns the future of the commit a QoS 1
         message waits for before it is acknowledged (None: nothing to wait for)."""
         self.status_dirty = True
+        if qos == 0 and self.proc.mqtt_held >= self.proc.mqtt_limit and self._data(topic):
+            self._shed()
+            return None
         if self.host is None:
             self.messages += 1
             item = (topic, payload)
@@ -189,6 +202,8 @@ class MqttSourceTask:
                 return None
             item = readings
         self.batch.append(item)
+        self.batch_bytes += len(payload)
+        self.proc.mqtt_held += len(payload)
         if self.batch_future is None:
             self.batch_future = asyncio.get_running_loop().create_future()
             self.pending.add(self.batch_future)
@@ -200,6 +215,23 @@ class MqttSourceTask:
         if self.draining is None or self.draining.done():
             self.draining = asyncio.create_task(self._drain())
         return self.batch_future
+
+    def _data(self, topic: str) -> bool:
+        """Data that may be dropped under overload: any json message, and
+        Sparkplug NDATA / DDATA (never births, deaths or STATE, which are
+        small and which the host's state needs)."""
+        if self.host is None:
+            return True
+        verb = topic.split("/", 3)[2:3]
+        return verb == ["DDATA"] or verb == ["NDATA"]
+
+    def _shed(self) -> None:
+        self.overload += 1
+        if not self.shedding:
+            self.shedding = True
+            log.warning("%s: %d MB of MQTT messages wait for the database; dropping QoS 0 "
+                        "data until they are committed (HALTLESS_MQTT_MEMORY_MB)",
+                        self.describe(), self.proc.mqtt_limit >> 20)
 
     def _own_state(self, payload: bytes) -> None:
         """Our STATE topic says offline (our own will, from a connection that
@@ -218,23 +250,24 @@ class MqttSourceTask:
         them to the Flusher (or commit them, without one)."""
         await asyncio.sleep(0)  # let the messages of this read join the batch
         while self.batch:
-            items, fut, unacked = self.batch, self.batch_future, self.batch_unacked
-            self.batch, self.batch_future, self.batch_unacked = [], None, 0
+            items, fut, unacked, held = (self.batch, self.batch_future, self.batch_unacked,
+                                         self.batch_bytes)
+            self.batch, self.batch_future, self.batch_unacked, self.batch_bytes = [], None, 0, 0
             try:
                 payload, report = await self._prepare(items)
             except Exception as exc:  # noqa: BLE001 - the database is down: reported, not acknowledged
-                self._landed(fut, unacked, exc, None)
+                self._landed(fut, unacked, held, exc, None)
                 continue
             if self.proc.flusher is not None:
-                self.proc.flusher.add(payload, lambda exc, f=fut, u=unacked, r=report:
-                                      self._landed(f, u, exc, r))
+                self.proc.flusher.add(payload, lambda exc, f=fut, u=unacked, h=held, r=report:
+                                      self._landed(f, u, h, exc, r))
                 continue
             try:
                 await self.proc.rt.writer.write(payload)
             except Exception as exc:  # noqa: BLE001 - as above
-                self._landed(fut, unacked, exc, None)
+                self._landed(fut, unacked, held, exc, None)
             else:
-                self._landed(fut, unacked, None, report)
+                self._landed(fut, unacked, held, None, report)
 
     async def _prepare(self, items: list) -> tuple[bytes, tuple[int, int, str | None]]:
         """The COPY records of a batch, and (accepted, refused, error text)."""
@@ -276,11 +309,17 @@ class MqttSourceTask:
                     for r in readings]
         return await ing.prepare(self.org_id, readings, errors, raw)
 
-    def _landed(self, fut: asyncio.Future, unacked: int, exc: Exception | None, report) -> None:
+    def _landed(self, fut: asyncio.Future, unacked: int, held: int, exc: Exception | None,
+                report) -> None:
         """A batch is committed (exc None) or not: its QoS 1 messages may be
         acknowledged, or their connection is dropped unacknowledged."""
         self.pending.discard(fut)
         self.unacked -= unacked
+        self.proc.mqtt_held -= held
+        if self.shedding and self.proc.mqtt_held < self.proc.mqtt_limit:
+            self.shedding = False
+            log.warning("%s: taking every message again; %d dropped so far", self.describe(),
+                        self.overload)
         if exc is not None:
             if not fut.done():
                 fut.set_exception(exc)
@@ -313,9 +352,12 @@ class MqttSourceTask:
                 skipped[k] = skipped.get(k, 0) + v
         if self.failed_messages:
             skipped["refused_message"] = skipped.get("refused_message", 0) + self.failed_messages
+        if self.overload:
+            skipped["overload"] = skipped.get("overload", 0) + self.overload
         return MqttStatus(
             connected=self.connected,
-            messages=b.messages + (host.messages if host is not None else self.messages),
+            messages=b.messages + self.overload + (host.messages if host is not None
+                                                   else self.messages),
             discarded=b.discarded + (host.discarded if host is not None else 0),
             rebirths_requested=b.rebirths_requested + (host.rebirths_requested if host else 0),
             skipped=skipped,

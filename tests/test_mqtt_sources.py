@@ -434,6 +434,64 @@ def test_a_silent_network_drop_is_noticed_by_keepalive_and_reconnected(
         pollers.kill(signal.SIGTERM)
 
 
+@pytest.mark.slow
+def test_past_its_memory_limit_a_poller_drops_qos0_data_then_asks_for_a_rebirth(
+        server, api, tenant, pg_dsn, broker, lt, tmp_path):
+    """The database stops taking commits (a transaction holds the hot slots
+    locked) while a node publishes 1.5 MB of DDATA: past 1 MB held the poller
+    drops the rest and counts it, instead of growing; once the commits land,
+    the node's next message shows the gap, a rebirth is asked for, and its
+    data is stored again."""
+    import asyncpg
+    names = [f"m{j}" for j in range(100)]
+    src = mqtt_source(api, broker.port)
+    node = edge(lt, broker.port, GROUP, "Node1", {"CNC-001": [(n, DOUBLE) for n in names]})
+    pollers = Pollers(server, tmp_path / "pollers.log",
+                      env={"HALTLESS_MQTT_MEMORY_MB": "1", "HALTLESS_DB_TIMEOUT": "60"})
+    lock = None
+    try:
+        connected(api, src)
+        lt.call(node.connect())
+        lt.call(node.birth())
+        wait_for(lambda: values(pg_dsn, tenant.org_id, "CNC-001", "m0") == [0.0],
+                 what="the birth stored")
+
+        async def hold():
+            c = await asyncpg.connect(pg_dsn)
+            tr = c.transaction()
+            await tr.start()
+            await c.execute("LOCK TABLE reading_chunks IN ACCESS EXCLUSIVE MODE")
+            return c, tr
+        lock = lt.call(hold())
+        for i in range(700):  # ~2.2 kB each
+            lt.call(node.data("CNC-001", {n: float(i + 1) for n in names}))
+        st = wait_status(api, src, lambda s: s["mqtt"]["skipped"].get("overload", 0) > 0
+                         and s["mqtt"]["messages"] >= 702, "the overload counted")
+        dropped = st["mqtt"]["skipped"]["overload"]
+        assert 100 < dropped < 700, st["mqtt"]
+        assert "dropping QoS 0 data" in pollers.log()
+        lt.call(lock[1].rollback())
+        lt.call(lock[0].close())
+        lock = None
+        # the birth and every message not dropped
+        wait_for(lambda: len(values(pg_dsn, tenant.org_id, "CNC-001", "m0")) == 1 + 700 - dropped,
+                 what="the backlog committed")
+        assert "taking every message again" in pollers.log()
+        # The drops are a sequence gap: the next message asks for a rebirth
+        # (the edge node answers at once), and data flows again.
+        lt.call(node.data("CNC-001", {n: 9999.0 for n in names}))
+        wait_status(api, src, lambda s: s["mqtt"]["rebirths_requested"] == 1, "a rebirth asked for")
+        wait_for(lambda: node.rebirths == 1, what="the edge node's rebirth")
+        lt.call(node.data("CNC-001", {n: 4242.0 for n in names}))
+        wait_for(lambda: values(pg_dsn, tenant.org_id, "CNC-001", "m0")[-1:] == [4242.0],
+                 what="data after the rebirth")
+        assert pollers.proc.poll() is None
+    finally:
+        if lock is not None:
+            lt.call(lock[0].close())
+        pollers.kill(signal.SIGTERM)
+
+
 # ------------------------------------------------------------------ json
 
 class Publisher:
