@@ -143,6 +143,14 @@ async def _series(conn, org: uuid.UUID, machine: str, metrics: list[str]) -> lis
     return rows
 
 
+def _snapshot(conn):
+    """One snapshot for every statement of a read: blocks, their timelines
+    and hot rows are separate statements, and a compaction that commits
+    between two of them (moving late rows from hot rows into a block) would
+    otherwise make readings vanish from, or appear twice in, the answer."""
+    return conn.transaction(isolation="repeatable_read", readonly=True)
+
+
 def _describe(r) -> dict:
     return {"machine_identifier": r["machine_identifier"], "metric_name": r["metric_name"],
             "unit": r["unit"], "raw_tag": r["raw_tag"]}
@@ -285,7 +293,7 @@ async def readings(app, req: Request) -> Response | StreamingResponse:
     query = _query_id(org, sids, t0, t1)
     cursor = p.one("cursor")
     positions = _decode_cursor(app, cursor, query) if cursor is not None else {}
-    async with app.rt.pool.acquire() as conn:
+    async with app.rt.pool.acquire() as conn, _snapshot(conn):
         got, positions, more = await _page(conn, sids, t0, t1, limit, positions)
     series = []
     for r in rows:
@@ -311,7 +319,7 @@ async def _csv(app, rows: list, t0: int, t1: int):
                                 ("machine_identifier", "metric_name", "unit")) + ","
               for r in rows}
     sids = [r["id"] for r in rows]
-    async with app.rt.pool.acquire() as conn:
+    async with app.rt.pool.acquire() as conn, _snapshot(conn):
         async for got in readback.scan(conn, sids, t0, t1, budget=200_000):
             streams = [zip(ts, iso_timestamps(ts), vals, [prefix[sid]] * len(ts))
                        for sid, (ts, vals) in got.items()]
@@ -395,7 +403,7 @@ async def aggregates(app, req: Request) -> Response:
     if buckets > MAX_BUCKETS:
         raise Unprocessable(f"interval: {buckets:,} buckets over this range; at most "
                             f"{MAX_BUCKETS:,}: choose a longer interval or a shorter range")
-    async with app.rt.pool.acquire() as conn:
+    async with app.rt.pool.acquire() as conn, _snapshot(conn):
         rows = await _series(conn, org, machine, p.many("metric_name"))
         sids = [r["id"] for r in rows]
         per: dict[int, list] = {}

@@ -1,12 +1,12 @@
 """Read-only database roles for one organization (``haltless grafana-role``),
 for Grafana or any SQL client.
 
-A reader role can SELECT the reading tables, the ``readings`` view and the
-functions over them, and nothing else (no keys, no sources, no writes).
+A reader role can SELECT the reading tables, the ``readings`` view, the
+rollups ``readings_1m`` and ``readings_1h`` and the functions over them, and nothing else (no keys, no sources, no writes).
 Row-level security (migration 0006) shows it one organization: machines
 and organizations by ``org_id``; series, hot chunks and blocks by
 ``series_id`` against the organization's series; timelines when a visible
-block uses them. The view is ``security_invoker`` so the policies apply to
+block uses them. The views are ``security_invoker`` so the policies apply to
 the reader, not to the view's owner. On a Citus cluster migration 0009 puts
 policies of the same meaning in place that Citus accepts (no subqueries)
 and copies onto every shard; Citus creates the role and its grants on every
@@ -22,7 +22,7 @@ from urllib.parse import quote, urlsplit, urlunsplit
 from ..core.errors import Conflict, HaltlessError
 
 READABLE = ("organizations", "machines", "series", "reading_chunks", "reading_blocks",
-            "reading_timelines", "readings")
+            "reading_timelines", "readings", "readings_1m", "readings_1h")
 
 
 def default_role_name(org_name: str) -> str:
