@@ -275,10 +275,10 @@ class MqttSourceTask:
         if self.host is not None:
             readings = [r for rs in items for r in rs]
             done = await ing.prepare(self.org_id, readings)
-            errors = "; ".join(f"{readings[e.index].raw_tag} ({e.machine_identifier}): {e.error}"
-                               for e in done.result.errors[:3]) or None
+            errors = _summary([f"{readings[e.index].raw_tag} ({e.machine_identifier}): {e.error}"
+                               for e in done.result.errors[:4]], len(done.result.errors))
             return done.payload, (done.result.accepted_count, done.result.rejected_count, errors)
-        payloads, accepted, refused, errors = [], 0, 0, []
+        payloads, accepted, refused, errors, more = [], 0, 0, [], 0
         for topic, body in items:
             try:
                 done = await self._prepare_json(body)
@@ -291,8 +291,9 @@ class MqttSourceTask:
             accepted += done.result.accepted_count
             refused += done.result.rejected_count
             errors += [f"{topic}: readings[{e.index}] ({e.machine_identifier}): {e.error}"
-                       for e in done.result.errors[:3]]
-        return b"".join(payloads), (accepted, refused, "; ".join(errors[:3]) or None)
+                       for e in done.result.errors[:4]]
+            more += max(0, len(done.result.errors) - 4)
+        return b"".join(payloads), (accepted, refused, _summary(errors, len(errors) + more))
 
     async def _prepare_json(self, body: bytes):
         """A message as POST /api/v1/ingest takes a body: the same decoding,
@@ -383,6 +384,14 @@ class MqttSourceTask:
                 self.id, msgspec.json.encode(self.status()).decode(), self.proc.owner)
         except DB_DOWN:
             self.status_dirty = True
+
+
+def _summary(errors: list[str], total: int) -> str | None:
+    """The first three errors of a batch, and how many more there were."""
+    if not errors:
+        return None
+    text = "; ".join(errors[:3])
+    return text + (f"; and {total - 3} more" if total > 3 else "")
 
 
 def _state(online: bool, ms: int) -> bytes:

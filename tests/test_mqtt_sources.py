@@ -543,7 +543,6 @@ def test_json_messages_are_validated_as_http_ingest_validates_a_body(server, api
             metric="pressure", value=3.0)).encode() + b', {"machine_identifier": "CNC-001",'
                  b' "timestamp": "2026-01-01T00:00:00Z", "metric_name": "x", "value": NaN}]}')
         pub.send("factory/line2/readings", b"{not json")
-        pub.send("factory/line2/readings", {"readings": [reading()] * 1001})
         pub.send("fixed/a", {"readings": [reading("CNC-001", metric="force", value=9.0),
                                           reading("WHATEVER", metric="force", value=10.0)]})
         pub.send("elsewhere/readings", {"readings": [reading(metric="ignored")]})
@@ -555,14 +554,18 @@ def test_json_messages_are_validated_as_http_ingest_validates_a_body(server, api
                                                                        "CNC-001")} == {
             ("temperature", 1.5, "celsius"), ("vibration", 2.5, None), ("pressure", 3.0, None)}
         assert rows(pg_dsn, tenant.org_id, "CNC-001", "force") == []
-        st = wait_status(api, src, lambda s: s["points_failed"] == 4, "the refusals counted")
-        # NOPE-1 (machine), NaN (not finite), the message that is not JSON, the 1,001
+        # NOPE-1 (machine), NaN (not finite), the message that is not JSON
+        wait_status(api, src, lambda s: s["points_failed"] == 3, "the refusals counted")
+        assert "not valid JSON" in pollers.log()
+        # Alone, so that its error is not one of more than three in a batch
+        # (the log and last_error name three, and how many more).
+        pub.send("factory/line2/readings", {"readings": [reading()] * 1001})
+        st = wait_status(api, src, lambda s: s["points_failed"] == 4, "the 1,001 refused")
         assert st["readings_written"] == 3 and st["mqtt"]["messages"] == 4
         assert st["mqtt"]["skipped"] == {"refused_message": 2}
         fst = wait_status(api, fixed, lambda s: s["readings_written"] == 2, "fixed's status")
         assert fst["points_failed"] == 0 and fst["mqtt"]["messages"] == 1
-        log = pollers.log()
-        assert "not valid JSON" in log and "1,001 readings" in log
+        assert "1,001 readings" in pollers.log()
     finally:
         pollers.kill(signal.SIGTERM)
         pub.close()
@@ -598,6 +601,13 @@ def test_json_qos1_messages_are_acknowledged_after_commit_and_arrive_once(
     finally:
         pollers.kill(signal.SIGTERM)
         pub.close()
+
+
+def test_a_batch_error_names_three_and_counts_the_rest():
+    from haltless.server.mqtt_ingest import _summary
+    assert _summary([], 0) is None
+    assert _summary(["a", "b"], 2) == "a; b"
+    assert _summary(["a", "b", "c", "d"], 7) == "a; b; c; and 4 more"
 
 
 # ------------------------------------------------------------------ two pollers
