@@ -16,6 +16,7 @@ import msgspec
 
 from ..core import wire
 from ..pollers.modbus_config import ModbusConfig
+from ..pollers.mqtt_config import MqttConfig
 from ..pollers.opcua_config import OpcuaConfig
 from . import query
 
@@ -118,7 +119,7 @@ STATUS = {"type": "object", "properties": {"status": {"type": "string"}}, "requi
 @functools.cache
 def document() -> bytes:
     types = [t for op in OPERATIONS for t in (op[3], op[5]) if t is not None]
-    types += [wire.ErrorBody, ModbusConfig, OpcuaConfig]
+    types += [wire.ErrorBody, ModbusConfig, OpcuaConfig, MqttConfig]
     schemas, components = msgspec.json.schema_components(types, ref_template=REF)
     of = dict(zip(map(id, types), schemas))
     _dates(components)
@@ -127,7 +128,8 @@ def document() -> bytes:
     for name in ("SourceCreate",):
         components[name]["properties"]["config"] = {
             "anyOf": [{"$ref": REF.format(name="ModbusConfig")},
-                      {"$ref": REF.format(name="OpcuaConfig")}]}
+                      {"$ref": REF.format(name="OpcuaConfig")},
+                      {"$ref": REF.format(name="MqttConfig")}]}
     error = {"description": "The request was refused: what was wrong, where, what is allowed",
              "content": {"application/json": {"schema": of[id(wire.ErrorBody)]}}}
     paths: dict = {}
