@@ -33,9 +33,9 @@ from gmqtt.mqtt.constants import MQTTv50
 from gmqtt.mqtt.handler import MQTTConnectError
 
 from ..core.errors import ReaderError
+from .backoff import BASE as BACKOFF_BASE, CAP as BACKOFF_MAX  # the delays every source shares
 from .base import ReadResult
 from .mqtt_config import MqttConfig, MqttTls, subscriptions
-from .schedule import BACKOFF_BASE, BACKOFF_MAX
 
 KEEPALIVE = 10            # s: a silent broker is noticed within 2x this (gmqtt closes then)
 # Unacknowledged QoS 1 messages the broker may have in flight to us (MQTT 5
