@@ -59,6 +59,9 @@ EMBEDDED_TUNING = {
     # open all they can never delay ingest or compaction (README "Reader
     # roles are bounded").
     "reserved_connections": "100",
+    # haltless uses no LISTEN/NOTIFY; a reader role that LISTENs and never
+    # reads its socket would otherwise let NOTIFYs pile up to 8 GB on disk.
+    "max_notify_queue_pages": "1024",
 }
 TUNING_MARK = "# haltless: server/db.py EMBEDDED_TUNING"
 # Only the server's own OS user may connect (and root, which we are when it
@@ -161,13 +164,19 @@ def _private_server(ep, pgdata: Path):
 
 
 def _tune(pgdata: Path) -> None:
-    """EMBEDDED_TUNING into postgresql.conf, once (before the first start)."""
+    """EMBEDDED_TUNING into postgresql.conf, before the first start; a setting
+    added to EMBEDDED_TUNING since a data dir was tuned is appended at its
+    next start (one that is there, changed or not, is left alone)."""
     conf = pgdata / "postgresql.conf"
-    if TUNING_MARK in conf.read_text():
+    text = conf.read_text()
+    head, marked, ours = text.partition(TUNING_MARK)
+    there = set(re.findall(r"(?m)^\s*(\w+)\s*=", ours)) if marked else set()
+    missing = {k: v for k, v in EMBEDDED_TUNING.items() if k not in there}
+    if not missing:
         return
     with conf.open("a") as f:  # keeps the file's owner (the server's user) and mode
-        f.write(f"\n{TUNING_MARK}\n" + "".join(f"{k} = '{v}'\n"
-                                                  for k, v in EMBEDDED_TUNING.items()))
+        f.write(("" if marked else f"\n{TUNING_MARK}\n")
+                + "".join(f"{k} = '{v}'\n" for k, v in missing.items()))
 
 
 def _start_postmaster(ep, server) -> None:
