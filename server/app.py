@@ -23,6 +23,7 @@ from .db import DB_DOWN
 from .decode import count_readings
 from .http import Request, Response, StreamingResponse
 from .ratelimit import RateLimiter
+from .reader_limits import police_readers
 from .runtime import Runtime
 from .store import hash_api_key
 
@@ -115,6 +116,7 @@ class App:
         self.outage = Outage()
         self._maintenance: asyncio.Task | None = None
         self._compaction: asyncio.Task | None = None
+        self._readers: asyncio.Task | None = None
 
     async def __call__(self, scope, receive, send) -> None:
         kind = scope["type"]
@@ -234,9 +236,10 @@ class App:
         self._maintenance = asyncio.create_task(maintain(self.rt.pool))
         self._compaction = asyncio.create_task(compact_forever(self.rt.pool, s.retention_days,
                                                            dsn=s.database_url))
+        self._readers = asyncio.create_task(police_readers(self.rt.pool))
 
     async def shutdown(self) -> None:
-        for task in (self._maintenance, self._compaction):
+        for task in (self._maintenance, self._compaction, self._readers):
             if task is not None:
                 task.cancel()
         if self.rt is not None:

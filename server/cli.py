@@ -92,6 +92,17 @@ def build_parser() -> argparse.ArgumentParser:
                         help="create a read-only database role that sees one organization "
                              "(row-level security); prints its connection URL")
     sp.add_argument("--role", help="role name (default: grafana_<organization>)")
+    # Left out: the role's recorded value when it exists, else the default;
+    # upper bounds are checked by server/reader_roles.py (ReaderLimits).
+    sp.add_argument("--connection-limit", type=_positive_int, metavar="N",
+                    help="connections the role may have open at once (default 10; at most "
+                         "what the server leaves to roles without reserved connections)")
+    sp.add_argument("--statement-timeout", type=_positive_int, metavar="SECONDS",
+                    help="longest statement, at most 86400 (default 60)")
+    sp.add_argument("--idle-in-transaction-timeout", type=_positive_int, metavar="SECONDS",
+                    help="longest idle time inside a transaction, at most 86400 (default 30)")
+    sp.add_argument("--transaction-timeout", type=_positive_int, metavar="SECONDS",
+                    help="longest transaction, at most 86400 (default 300)")
     sp.set_defaults(func=_command("cmd_grafana_role"))
 
     sp = sub.add_parser("migrate", parents=[common], help="apply pending database migrations")
