@@ -103,6 +103,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="longest idle time inside a transaction, at most 86400 (default 30)")
     sp.add_argument("--transaction-timeout", type=_positive_int, metavar="SECONDS",
                     help="longest transaction, at most 86400 (default 300)")
+    sp.add_argument("--work-mem", type=_positive_int, metavar="MB",
+                    help="memory for each sort or hash of a query before it spills to "
+                         "temporary files (work_mem), at most 4096 (default 64)")
     sp.set_defaults(func=_command("cmd_grafana_role"))
 
     sp = sub.add_parser("migrate", parents=[common], help="apply pending database migrations")

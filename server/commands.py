@@ -143,7 +143,8 @@ def cmd_grafana_role(args) -> None:
     given = {"connection_limit": args.connection_limit,
              "statement_timeout_s": args.statement_timeout,
              "idle_in_transaction_timeout_s": args.idle_in_transaction_timeout,
-             "transaction_timeout_s": args.transaction_timeout}
+             "transaction_timeout_s": args.transaction_timeout,
+             "work_mem_mb": args.work_mem}
 
     async def go():
         conn = await db.connect(dsn, s.db_timeout)
@@ -163,8 +164,8 @@ def cmd_grafana_role(args) -> None:
     print(f"(role {role}: read-only, sees organization {args.org or 'default'} only; at most "
           f"{limits.connection_limit} connections, statements of {limits.statement_timeout_s} s, "
           f"{limits.idle_in_transaction_timeout_s} s idle in a transaction, transactions of "
-          f"{limits.transaction_timeout_s} s; the password is shown once, run again to set a "
-          "new one)", file=sys.stderr)
+          f"{limits.transaction_timeout_s} s, work_mem {limits.work_mem_mb} MB; the password is "
+          "shown once, run again to set a new one)", file=sys.stderr)
     for gap in gaps:
         print(f"haltless: warning: {gap}", file=sys.stderr)
 

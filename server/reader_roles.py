@@ -17,6 +17,7 @@ server leaves to roles without reserved connections; statement,
 idle-in-transaction and (PostgreSQL 17+) transaction timeouts as the role's
 defaults, recorded in ``reader_roles`` too, from where ``haltless serve``
 enforces them on readers that SET them away (``server/reader_limits.py``);
+a ``work_mem`` (default 64 MB, so that Grafana's sorts stay in memory);
 at most TEMP_FILE_LIMIT of temporary files per session (a superuser-only
 setting, so the reader cannot raise it); and no advisory locks, transaction
 ids, large objects, temporary tables or functions
@@ -39,6 +40,7 @@ READABLE = ("organizations", "machines", "series", "reading_chunks", "reading_bl
             "reading_timelines", "readings")
 TEMP_FILE_LIMIT = "1GB"  # per session; a sort or hash that spills more is cancelled
 MAX_TIMEOUT_S = 86_400
+MAX_WORK_MEM_MB = 4_096  # per sort or hash, per query node: more is a flag away from OOM
 
 
 @dataclass(frozen=True)
@@ -50,6 +52,7 @@ class ReaderLimits:
     statement_timeout_s: int = 60
     idle_in_transaction_timeout_s: int = 30
     transaction_timeout_s: int = 300
+    work_mem_mb: int = 64
 
 
 DEFAULT_LIMITS = ReaderLimits()
@@ -108,6 +111,9 @@ async def create_reader_role(conn, org: uuid.UUID, org_name: str, role: str | No
                             ("--transaction-timeout", limits.transaction_timeout_s)):
             if not 1 <= value <= MAX_TIMEOUT_S:
                 raise HaltlessError(f"{flag} {value}: expected 1 to {MAX_TIMEOUT_S} seconds")
+        if not 1 <= limits.work_mem_mb <= MAX_WORK_MEM_MB:
+            raise HaltlessError(f"--work-mem {limits.work_mem_mb}: expected 1 to "
+                                f"{MAX_WORK_MEM_MB} MB")
         citus = bool(await conn.fetchval("SELECT 1 FROM pg_extension WHERE extname = 'citus'"))
         # On Citus a reader's session that queries also holds a connection as
         # the reader to the coordinator itself and one to each worker (one:
@@ -145,7 +151,11 @@ async def create_reader_role(conn, org: uuid.UUID, org_name: str, role: str | No
         settings = {"default_transaction_read_only": "on",
                     "statement_timeout": f"{limits.statement_timeout_s}s",
                     "idle_in_transaction_session_timeout":
-                        f"{limits.idle_in_transaction_timeout_s}s"}
+                        f"{limits.idle_in_transaction_timeout_s}s",
+                    # Grafana's sorts and hashes (ORDER BY, GROUP BY time buckets) in
+                    # memory instead of temporary files; the reader may SET it
+                    # otherwise, within temp_file_limit and the time limits.
+                    "work_mem": f"{limits.work_mem_mb}MB"}
         if await conn.fetchval("SELECT current_setting('server_version_num')::int") >= 170000:
             settings["transaction_timeout"] = f"{limits.transaction_timeout_s}s"
         if citus:
@@ -177,7 +187,8 @@ async def create_reader_role(conn, org: uuid.UUID, org_name: str, role: str | No
                                          role))
         await conn.execute(
             f"INSERT INTO reader_roles (role_name, org_id, {', '.join(LIMIT_COLUMNS)})"
-            " VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (role_name) DO UPDATE SET "
+            " VALUES ($1, $2, " + ", ".join(f"${i}" for i in range(3, 3 + len(LIMIT_COLUMNS)))
+            + ") ON CONFLICT (role_name) DO UPDATE SET "
             + ", ".join(f"{c} = excluded.{c}" for c in LIMIT_COLUMNS),
             role, org, *(getattr(limits, c) for c in LIMIT_COLUMNS))
         await conn.fetchval("SELECT haltless_reader_lockdown()")

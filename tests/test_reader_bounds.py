@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import re
 import uuid
 
@@ -59,13 +60,13 @@ def test_a_reader_role_takes_its_limits_from_flags_or_defaults_and_keeps_them(pg
     role = role_of(url)
     password = url.split(":")[2].split("@")[0]
     assert "at most 10 connections, statements of 60 s, 30 s idle in a transaction, " \
-           "transactions of 300 s" in out.stderr, out.stderr
+           "transactions of 300 s, work_mem 64 MB" in out.stderr, out.stderr
     assert "warning" not in out.stderr and password not in out.stderr
     assert fetchval(pg_dsn, "SELECT rolconnlimit FROM pg_roles WHERE rolname = $1", role) == 10
     assert role_settings(pg_dsn, role) == {
         "default_transaction_read_only": "on", "statement_timeout": "60s",
         "idle_in_transaction_session_timeout": "30s", "transaction_timeout": "300s",
-        "temp_file_limit": "1GB"}
+        "work_mem": "64MB", "temp_file_limit": "1GB"}
     # The defaults are said twice, in Python and in migration 0014: the same.
     defaults = {r[0]: int(r[1]) for r in fetch(
         pg_dsn, "SELECT column_name, column_default FROM information_schema.columns"
@@ -74,15 +75,17 @@ def test_a_reader_role_takes_its_limits_from_flags_or_defaults_and_keeps_them(pg
     assert defaults == {c: getattr(DEFAULT_LIMITS, c) for c in LIMIT_COLUMNS}
 
     grafana_role(pg_dsn, t.name, "--connection-limit", "3", "--statement-timeout", "5",
-                 "--idle-in-transaction-timeout", "7", "--transaction-timeout", "9")
+                 "--idle-in-transaction-timeout", "7", "--transaction-timeout", "9",
+                 "--work-mem", "128")
     again = grafana_role(pg_dsn, t.name)  # a new password; the limits stay
     assert "at most 3 connections, statements of 5 s, 7 s idle in a transaction, " \
-           "transactions of 9 s" in again.stderr, again.stderr
+           "transactions of 9 s, work_mem 128 MB" in again.stderr, again.stderr
     assert fetchval(pg_dsn, "SELECT rolconnlimit FROM pg_roles WHERE rolname = $1", role) == 3
     assert role_settings(pg_dsn, role)["statement_timeout"] == "5s"
+    assert role_settings(pg_dsn, role)["work_mem"] == "128MB"
     assert fetch(pg_dsn, "SELECT connection_limit, statement_timeout_s,"
-                 " idle_in_transaction_timeout_s, transaction_timeout_s FROM reader_roles"
-                 " WHERE role_name = $1", role)[0] == (3, 5, 7, 9)
+                 " idle_in_transaction_timeout_s, transaction_timeout_s, work_mem_mb"
+                 " FROM reader_roles WHERE role_name = $1", role)[0] == (3, 5, 7, 9, 128)
 
     share = fetchval(pg_dsn, READER_SHARE)
     for flags, says in ((("--connection-limit", "0"), "must be at least 1"),
@@ -90,7 +93,9 @@ def test_a_reader_role_takes_its_limits_from_flags_or_defaults_and_keeps_them(pg
                          f"--connection-limit {share + 1}: expected 1 to {share}"),
                         (("--statement-timeout", "86401"),
                          "--statement-timeout 86401: expected 1 to 86400 seconds"),
-                        (("--transaction-timeout", "soon"), "'soon' is not a whole number")):
+                        (("--transaction-timeout", "soon"), "'soon' is not a whole number"),
+                        (("--work-mem", "4097"), "--work-mem 4097: expected 1 to 4096 MB"),
+                        (("--work-mem", "0"), "must be at least 1")):
         bad = grafana_role(pg_dsn, t.name, *flags, check=False)
         assert bad.returncode == 2 and says in bad.stderr, (flags, bad.stderr)
         assert "Traceback" not in bad.stderr and bad.stdout == ""
@@ -101,6 +106,32 @@ def test_a_reader_role_takes_its_limits_from_flags_or_defaults_and_keeps_them(pg
     assert bad.returncode == 2 and f"role {role} has BYPASSRLS" in bad.stderr, bad.stderr
     assert bad.stdout == ""
     fetch(pg_dsn, f"ALTER ROLE {role} NOBYPASSRLS")
+
+
+def test_a_readers_sorts_stay_in_memory_with_its_work_mem(pg_dsn):
+    """A sort of ~25 MB, as a Grafana panel's ORDER BY time over many rows:
+    in memory (quicksort) for a reader role, where PostgreSQL's stock 4 MB
+    of work_mem would spill it to temporary files (external merge)."""
+    t = make_tenant(pg_dsn)
+    url = grafana_role(pg_dsn, t.name).stdout.strip()
+    sort = ("EXPLAIN (ANALYZE, FORMAT JSON) SELECT g, md5(g::text) FROM"
+            " generate_series(1, 300000) g ORDER BY 2")
+
+    def method(plan) -> str:
+        return json.loads(plan)[0]["Plan"]["Sort Method"]
+
+    async def go():
+        c = await asyncpg.connect(url)
+        try:
+            mem = await c.fetchval("SHOW work_mem")
+            as_reader = method(await c.fetchval(sort))
+            await c.execute("SET work_mem = '4MB'")
+            stock = method(await c.fetchval(sort))
+            return mem, as_reader, stock
+        finally:
+            await c.close()
+
+    assert run(go()) == ("64MB", "quicksort", "external merge")
 
 
 def test_a_reader_cannot_open_more_connections_than_its_limit(pg_dsn):
@@ -387,3 +418,51 @@ def test_an_owner_that_is_not_a_superuser_is_told_what_to_ask_and_then_bounds_ho
         if reader:
             fetch(pg_dsn, f"DROP ROLE IF EXISTS {reader}")
         fetch(pg_dsn, f"DROP ROLE IF EXISTS {owner}")
+
+
+def test_reader_roles_from_before_the_bounds_get_the_defaults_when_migrated(pg_dsn):
+    """A database at the version before migration 0014 with a reader role:
+    migrating gives the role the default limits, as its recorded row says."""
+    name = f"rb_{uuid.uuid4().hex[:8]}"
+    role = f"old_reader_{name[3:]}"
+    base, _, query = pg_dsn.partition("?")
+    dsn = base.rsplit("/", 1)[0] + "/" + name + (("?" + query) if query else "")
+    fetch(pg_dsn, f'CREATE DATABASE "{name}"')
+
+    async def go():
+        c = await asyncpg.connect(dsn)
+        try:
+            await c.execute("CREATE TABLE haltless_schema (version integer PRIMARY KEY,"
+                            " name text NOT NULL, applied_at timestamptz NOT NULL DEFAULT now())")
+            for version, mname, sql in db._migrations():
+                if version < 14:
+                    await c.execute(sql)
+                    await c.execute("INSERT INTO haltless_schema (version, name)"
+                                    " VALUES ($1, $2)", version, mname)
+            org = await c.fetchval("INSERT INTO organizations (name) VALUES ('o') RETURNING id")
+            await c.execute(f"CREATE ROLE {role} LOGIN")
+            await c.execute("INSERT INTO reader_roles (role_name, org_id) VALUES ($1, $2)",
+                            role, org)
+            assert await db.migrate(c) == db.LATEST_VERSION
+            return (await c.fetchval("SELECT rolconnlimit FROM pg_roles WHERE rolname = $1",
+                                     role),
+                    await c.fetchval("SELECT has_function_privilege($1,"
+                                     " 'pg_advisory_lock(bigint)', 'EXECUTE')", role))
+        finally:
+            await c.close()
+
+    try:
+        limit, may_lock = run(go())
+        assert limit == DEFAULT_LIMITS.connection_limit and may_lock is False
+        settings = role_settings(dsn, role)
+        assert {k: settings[k] for k in ("statement_timeout", "idle_in_transaction_session_timeout",
+                                         "transaction_timeout", "work_mem")} == {
+            "statement_timeout": f"{DEFAULT_LIMITS.statement_timeout_s}s",
+            "idle_in_transaction_session_timeout":
+                f"{DEFAULT_LIMITS.idle_in_transaction_timeout_s}s",
+            "transaction_timeout": f"{DEFAULT_LIMITS.transaction_timeout_s}s",
+            "work_mem": f"{DEFAULT_LIMITS.work_mem_mb}MB"}
+    finally:
+        fetch(pg_dsn, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        fetch(pg_dsn, f"DROP OWNED BY {role}")
+        fetch(pg_dsn, f"DROP ROLE IF EXISTS {role}")

@@ -13,14 +13,25 @@
 DO $$
 DECLARE
     r record;
+    citus constant boolean := EXISTS (SELECT 1 FROM pg_extension WHERE extname = 'citus');
 BEGIN
     ALTER TABLE reader_roles
         ADD COLUMN connection_limit integer NOT NULL DEFAULT 10,
         ADD COLUMN statement_timeout_s integer NOT NULL DEFAULT 60,
         ADD COLUMN idle_in_transaction_timeout_s integer NOT NULL DEFAULT 30,
-        ADD COLUMN transaction_timeout_s integer NOT NULL DEFAULT 300;
+        ADD COLUMN transaction_timeout_s integer NOT NULL DEFAULT 300,
+        ADD COLUMN work_mem_mb integer NOT NULL DEFAULT 64;
     FOR r IN SELECT rr.* FROM reader_roles rr JOIN pg_roles p ON p.rolname = rr.role_name LOOP
-        EXECUTE format('ALTER ROLE %I CONNECTION LIMIT %s', r.role_name, r.connection_limit);
+        -- On Citus a session that queries holds two connections as the
+        -- reader on the coordinator (server/reader_roles.py): twice the
+        -- limit, and one connection per session to each worker.
+        EXECUTE format('ALTER ROLE %I CONNECTION LIMIT %s', r.role_name,
+                       r.connection_limit * CASE WHEN citus THEN 2 ELSE 1 END);
+        IF citus THEN
+            EXECUTE format('ALTER ROLE %I SET citus.max_adaptive_executor_pool_size = 1',
+                           r.role_name);
+        END IF;
+        EXECUTE format('ALTER ROLE %I SET work_mem = %L', r.role_name, r.work_mem_mb || 'MB');
         EXECUTE format('ALTER ROLE %I SET statement_timeout = %L', r.role_name,
                        r.statement_timeout_s || 's');
         EXECUTE format('ALTER ROLE %I SET idle_in_transaction_session_timeout = %L',
