@@ -59,6 +59,14 @@ EMBEDDED_TUNING = {
     # open all they can never delay ingest or compaction (README "Reader
     # roles are bounded").
     "reserved_connections": "100",
+    # Room in the lock table, which all sessions share, for all a reader can
+    # hold: a reader's transaction may lock every relation it can SELECT,
+    # catalogs too (~360 with their indexes), and 197 reader sessions at the
+    # stock 64 filled all but ~2 MB of the shared memory left (README "Reader
+    # roles are bounded"). At 512 a session keeps up to 512 such weak locks
+    # in its own fast-path slots, outside the table, and the table is sized
+    # for 512 x ~336 backends (58 MB more shared memory).
+    "max_locks_per_transaction": "512",
     # haltless uses no LISTEN/NOTIFY; a reader role that LISTENs and never
     # reads its socket would otherwise let NOTIFYs pile up to 8 GB on disk.
     "max_notify_queue_pages": "1024",

@@ -125,6 +125,7 @@ class CitusCluster:
             "unix_socket_directories": f"'{self.dir}'",
             "shared_preload_libraries": "'citus'", "max_connections": 300,
             "reserved_connections": 100,  # as the embedded server's (server/db.py)
+            "max_locks_per_transaction": 512,  # idem: room for what readers can lock
             "shared_buffers": "'128MB'", "fsync": "on" if self.fsync else "off",
             "synchronous_commit": "on" if self.fsync else "off",
             "max_prepared_transactions": 200,  # Citus commits multi-node writes with 2PC

@@ -188,6 +188,79 @@ def test_readers_together_never_take_the_connections_kept_for_haltless(server, p
     assert t.count(pg_dsn) == 1
 
 
+# Every relation a reader may SELECT (catalogs too), each with its indexes
+# (the planner opens them), locked until the transaction ends: the most
+# heavyweight locks one reader session can hold.
+LOCK_ALL = """
+DO $$
+DECLARE r regclass;
+BEGIN
+    FOR r IN SELECT c.oid FROM pg_class c WHERE c.relkind IN ('r', 'v', 'm', 'p', 'f')
+             AND has_table_privilege(c.oid, 'SELECT') LOOP
+        BEGIN
+            EXECUTE format('SELECT 1 FROM %s LIMIT 0', r);
+        EXCEPTION WHEN OTHERS THEN
+            NULL;
+        END;
+    END LOOP;
+END $$"""
+
+
+def test_readers_holding_every_lock_they_can_never_delay_ingest_or_compaction(server, pg_dsn):
+    """Readers on every connection they may have, each in a transaction that
+    holds all the relation locks it can take (advisory locks are refused:
+    below): the server's lock table, which every session shares, still has
+    room for haltless, which ingests and compacts as fast as before."""
+    share = fetchval(pg_dsn, READER_SHARE)
+    t = make_tenant(pg_dsn)
+    urls = [grafana_role(pg_dsn, t.name, "--role", f"locks_{i}_{uuid.uuid4().hex[:6]}",
+                         "--connection-limit", str(share // 2 + 1),
+                         "--idle-in-transaction-timeout", "600",
+                         "--transaction-timeout", "600").stdout.strip() for i in (1, 2)]
+    roles = [role_of(u) for u in urls]
+    assert post(server, t.key, {"readings": [reading()]}).status_code == 207
+
+    async def go():
+        held = []
+        try:
+            while True:
+                try:
+                    held.append(await asyncpg.connect(urls[len(held) % 2]))
+                except asyncpg.TooManyConnectionsError:
+                    break
+            for i in range(0, len(held), 20):
+                await asyncio.gather(*(c.execute("BEGIN; " + LOCK_ALL)
+                                       for c in held[i:i + 20]))
+            locks = await asyncio.to_thread(
+                fetchval, pg_dsn, "SELECT count(*) FROM pg_locks l JOIN pg_stat_activity a"
+                " USING (pid) WHERE a.usename = ANY($1::text[])", roles)
+            loop = asyncio.get_running_loop()
+            began = loop.time()
+            r = await asyncio.to_thread(post, server, t.key, {"readings": [reading()]})
+            assert r.status_code == 207 and r.json()["accepted_count"] == 1, r.text
+            out = await asyncio.to_thread(compact, pg_dsn)
+            assert "compacted" in out.stdout, out
+            took = loop.time() - began
+            # And room to spare: as many locks again as a stock server's whole
+            # table, in one transaction of haltless's.
+            spare = await asyncio.to_thread(
+                fetchval, pg_dsn, "SELECT count(pg_advisory_xact_lock(g))"
+                " FROM generate_series(1, 64 * 336) g")
+            assert spare == 64 * 336
+            assert all(await asyncio.gather(*(c.fetchval("SELECT true") for c in held)))
+            return len(held), locks, took
+        finally:
+            await asyncio.gather(*(c.close() for c in held), return_exceptions=True)
+
+    opened, locks, took = run(go())
+    assert opened >= share - 5, (opened, share)
+    # More than the lock table of a stock PostgreSQL of this size holds
+    # (max_locks_per_transaction 64 x ~336 backends): it would be full.
+    assert locks > 64 * 336, locks
+    assert took < 30, took
+    assert t.count(pg_dsn) == 2
+
+
 WRITES = [  # with default_transaction_read_only off: every one refused by privileges
     "SELECT pg_advisory_lock(7291845002)",            # compaction's lock
     "SELECT pg_try_advisory_lock(7291845002)",
