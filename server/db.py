@@ -289,8 +289,32 @@ async def _ensure_database(base: str) -> None:
                 await conn.execute(f'CREATE DATABASE "{DB_NAME}"')
             except asyncpg.DuplicateDatabaseError:
                 pass  # another process created it at the same moment
+        await close_other_databases(conn, DB_NAME)
     finally:
         await conn.close()
+
+
+# The other databases of a server haltless owns whole (the embedded one, a
+# local Citus cluster) that PUBLIC may connect to, with what PUBLIC may do there.
+OPEN_DATABASES = """
+SELECT datname FROM pg_database WHERE datname <> $1 AND datallowconn
+   AND (has_database_privilege('public', oid, 'CONNECT')
+        OR has_database_privilege('public', oid, 'TEMPORARY'))"""
+
+
+async def close_other_databases(conn: asyncpg.Connection, own: str) -> None:
+    """Only superusers may connect to the server's other databases
+    (``postgres``, ``template1``): every role may by default, and there a
+    reader role could take advisory locks by the thousand (each one a slot
+    of the lock table all databases share), create temporary tables (whose
+    disk no temp_file_limit counts) and so on; haltless_reader_lockdown()
+    holds in haltless's database only. For a server haltless owns whole:
+    on another one, ``haltless grafana-role`` names the databases a reader
+    may connect to instead."""
+    for (name,) in await conn.fetch(OPEN_DATABASES, own):
+        await conn.execute(await conn.fetchval(
+            "SELECT format('REVOKE CONNECT, TEMPORARY ON DATABASE %I FROM PUBLIC', $1::text)",
+            name))
 
 
 def database_url(settings: Settings) -> str:

@@ -139,9 +139,11 @@ class CitusCluster:
         self.started.append(data)
 
     async def _create_database(self, i: int) -> None:
+        from .db import close_other_databases
         c = await asyncpg.connect(self.node_dsn(i, "postgres"))
         try:
             await c.execute(f'CREATE DATABASE "{DB_NAME}"')
+            await close_other_databases(c, DB_NAME)  # readers reach haltless's only
         finally:
             await c.close()
         c = await asyncpg.connect(self.node_dsn(i))

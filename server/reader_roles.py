@@ -230,6 +230,19 @@ async def reader_role_gaps(conn, role: str) -> list[str]:
     if limit is None:
         gaps.append(f"{role}'s temporary files are not limited (a superuser-only setting): "
                     f"as a superuser, ALTER ROLE {role} SET temp_file_limit = '{TEMP_FILE_LIMIT}'")
+    elsewhere = await conn.fetch(
+        "SELECT quote_ident(datname) FROM pg_database WHERE datname <> current_database()"
+        " AND datallowconn"
+        " AND has_database_privilege($1, oid, 'CONNECT') ORDER BY 1", role)
+    if elsewhere:
+        names = ", ".join(r[0] for r in elsewhere)
+        gaps.append(f"{role} may connect to the database(s) {names} too (PUBLIC may), where "
+                    "the lockdown does not hold: it could take advisory locks by the thousand "
+                    "(in a lock table all databases share) or fill the disk with temporary "
+                    "tables. As a superuser or each one's owner: " + "; ".join(
+                        f"REVOKE CONNECT, TEMPORARY ON DATABASE {r[0]} FROM PUBLIC"
+                        for r in elsewhere)
+                    + " (then GRANT CONNECT to the roles that use it)")
     if not me["watches"]:
         gaps.append(f"haltless serve cannot end {role}'s sessions that outlast its limits: "
                     f"GRANT {role} TO {me['name']} (or pg_signal_backend and "

@@ -325,6 +325,12 @@ def test_a_reader_cannot_lock_write_or_create_anything_even_with_read_only_off(s
                  " (SELECT count(*) FROM pg_largeobject_metadata),"
                  " (SELECT count(*) FROM pg_proc WHERE proname = 'mine'),"
                  " (SELECT count(*) FROM pg_class WHERE relname = 'mine')")[0] == before
+    # Nor in the server's other databases, where the lockdown does not hold
+    # (advisory locks there fill the same lock table): it cannot connect.
+    for other in ("postgres", "template1"):
+        with pytest.raises(asyncpg.InsufficientPrivilegeError,
+                           match=f'permission denied for database "{other}"'):
+            run(asyncpg.connect(url.replace(f"/{db.DB_NAME}?", f"/{other}?")))
     # haltless itself still takes its advisory locks.
     assert fetchval(pg_dsn, "SELECT pg_try_advisory_xact_lock(42)") is True
     assert "compacted" in compact(pg_dsn).stdout
@@ -444,6 +450,13 @@ def test_an_owner_that_is_not_a_superuser_is_told_what_to_ask_and_then_bounds_ho
         assert any(f"GRANT pg_use_reserved_connections TO {owner}" in w for w in warnings)
         assert any(f"ALTER ROLE {reader} SET temp_file_limit" in w for w in warnings)
         assert not any("cannot end" in w for w in warnings), out.stderr
+        # The suite's own database on the same server: open to PUBLIC, as
+        # every database is by default.
+        elsewhere = [w for w in warnings if f"{reader} may connect to the database(s)" in w]
+        assert len(elsewhere) == 1 and db.DB_NAME in elsewhere[0], out.stderr
+        revokes = re.findall(r"REVOKE CONNECT, TEMPORARY ON DATABASE \S+ FROM PUBLIC",
+                             elsewhere[0])
+        assert revokes
 
         async def reader_may_lock():
             c = await asyncpg.connect(url)
@@ -459,6 +472,8 @@ def test_an_owner_that_is_not_a_superuser_is_told_what_to_ask_and_then_bounds_ho
         assert fetchval(su_ext, "SELECT haltless_reader_lockdown()") == []
         fetch(su_ext, f"GRANT pg_use_reserved_connections TO {owner}")
         fetch(su_ext, f"ALTER ROLE {reader} SET temp_file_limit = '1GB'")
+        for sql in revokes:
+            fetch(su_ext, sql)
         again = grafana_role(ext, "default")
         assert "warning" not in again.stderr, again.stderr
         url = again.stdout.strip()
