@@ -17,7 +17,8 @@ _KERNELS = {
                       "RECHECK"),
     },
     "CODEC_COMPILED": {
-        "_blocks": ("pack_ints", "unpack_ints", "pack_values", "unpack_values", "sort_by_time"),
+        "_blocks": ("pack_ints", "unpack_ints", "pack_values", "unpack_values", "sort_by_time",
+                    "summarize"),
         "_chunks": ("from_chunk", "group_chunks"),
         "_aggregate": ("aggregate",),
         "_iso": ("iso_timestamps", "iso_json"),

@@ -9,10 +9,12 @@ little more and lose that.
 
 Packed ints (timestamps; the decimal mantissas of mode D)::
 
-    [0] order: 1 = deltas, 2 = delta-of-deltas
-    [1] w: bytes per residual, one of 0, 1, 2, 4, 8
+    [0] order: 1 = deltas, 2 = delta-of-deltas, 3 = distances from a line
+    [1] w: bytes per residual, one of 0, 1, 2, 4, 8 (order 3: at most 4)
     [2:6] n (uint32)   [6:14] first value (int64)   order 2: [14:22] first delta
     then n-1 (order 1) or n-2 (order 2) residuals, w bytes each, two's complement
+    order 3: [6:14] base, [14:22] step (int64), then n residuals r, and
+    v[i] = base + i * step + r[i] (no running sum)
 
 All differences are taken modulo 2**64 (and summed back modulo 2**64), so any
 int64 sequence round-trips, even when a true difference would overflow. The
@@ -20,6 +22,18 @@ encoder takes the smaller of the two orders (a tie goes to order 1) with the
 smallest w that holds every residual: timestamps at 1 s with ±500 µs of
 jitter take order 2 at w = 2 (2.0 bytes each), where their deltas of ~1e6 µs
 would need w = 4.
+
+Order 3 (a line and each value's distance from it: frame of reference when
+the step is 0) is taken when it is at most 16 bytes larger than the smaller of
+orders 1 and 2, because each value decodes on its own: in SQL a running sum
+costs ~3x an element. The line is the flat one or the one through the first
+and last values (step = (last - first) / (n - 1), rounded half away from
+zero), whichever gives narrower residuals (a tie is flat), and base is the
+midrange of v[i] - i * step (rounded up). It is only used when every
+|v| < 2**61, (n - 1) * |step| < 2**61 and w <= 4, so that base + i * step + r
+never leaves int64 (a decoder refuses |base| >= 2**62 or (n-1)*|step| >= 2**62):
+jittered timestamps at 1 s take it at w = 2 like order 2, a gauge that wanders
+around a setpoint at w = 1 where its deltas need 2.
 
 Values::
 
@@ -84,6 +98,22 @@ def _as_array(values, typecode: str) -> array:
         raise ValueError(f"a value does not fit {kind}: {exc}") from None
 
 
+_LINEAR_LIMIT = 1 << 61  # order 3: |v| and (n-1)|step| below this
+_LINEAR_CHECK = 1 << 62  # what a decoder accepts (the sum stays in int64)
+_LINEAR_SLACK = 16  # bytes order 3 may exceed orders 1 and 2 by (it decodes without running sums)
+
+
+def _linear(v: list[int], step: int) -> tuple[int, int]:
+    """(width, base) of the residuals v[i] - i*step - base, base their
+    midrange rounded up (256 values fit a byte as -128..127); width -1 when
+    they need more than 4 bytes."""
+    r = [x - i * step for i, x in enumerate(v)]
+    lo, hi = min(r), max(r)
+    base = lo + (hi - lo + 1) // 2
+    w = _signed_width([lo - base, hi - base])
+    return (w if w <= 4 else -1), base
+
+
 def _pack_int_list(v) -> bytes:
     n = len(v)
     check_count(n)
@@ -95,7 +125,27 @@ def _pack_int_list(v) -> bytes:
     w1 = _signed_width(d)
     dd = _wrap([b - a for a, b in zip(d, d[1:])])
     w2 = _signed_width(dd)
-    if n >= 3 and 22 + (n - 2) * w2 < 14 + (n - 1) * w1:
+    order, w, size = 1, w1, 14 + (n - 1) * w1
+    if n >= 3 and 22 + (n - 2) * w2 < size:
+        order, w, size = 2, w2, 22 + (n - 2) * w2
+    if all(-_LINEAR_LIMIT < x < _LINEAR_LIMIT for x in v):
+        diff = v[-1] - v[0]
+        step = (abs(diff) + (n - 1) // 2) // (n - 1) * (-1 if diff < 0 else 1)
+        w3, base = _linear(v, 0)
+        if step and abs(step) < _LINEAR_LIMIT // (n - 1):
+            ws, bs = _linear(v, step)
+            if ws >= 0 and (w3 < 0 or ws < w3):
+                w3, base = ws, bs
+            else:
+                step = 0
+        else:
+            step = 0
+        if w3 >= 0 and 22 + n * w3 <= size + _LINEAR_SLACK:
+            res = [x - i * step - base for i, x in enumerate(v)]
+            return (bytes((3, w3)) + n.to_bytes(4, "big") + base.to_bytes(8, "big", signed=True)
+                    + step.to_bytes(8, "big", signed=True)
+                    + (to_be(_SIGNED[w3], res) if w3 else b""))
+    if order == 2:
         head[0:2] = bytes((2, w2))
         return bytes(head) + d[0].to_bytes(8, "big", signed=True) + (
             to_be(_SIGNED[w2], dd) if w2 else b"")
@@ -115,20 +165,30 @@ def _unpack_int_list(data: bytes, what: str) -> list[int]:
                          "the block is truncated")
     order, w = data[0], data[1]
     n = int.from_bytes(data[2:6], "big")
-    if order not in (1, 2):
-        raise ValueError(f"{what}: order {order} at byte 0 is not 1 or 2; the block is corrupt")
-    if w not in (0, 1, 2, 4, 8):
-        raise ValueError(f"{what}: width {w} at byte 1 is not 0, 1, 2, 4 or 8; "
+    if order not in (1, 2, 3):
+        raise ValueError(f"{what}: order {order} at byte 0 is not 1, 2 or 3; "
                          "the block is corrupt")
+    if w not in ((0, 1, 2, 4) if order == 3 else (0, 1, 2, 4, 8)):
+        raise ValueError(f"{what}: width {w} at byte 1 is not 0, 1, 2, 4"
+                         f"{'' if order == 3 else ' or 8'}; the block is corrupt")
     check_count(n)
     if order == 2 and n < 2:
         raise ValueError(f"{what}: order 2 needs at least 2 values, the header says {n}; "
                          "the block is corrupt")
     head = 14 if order == 1 else 22
-    need = head + max(n - order, 0) * w
+    need = head + (n * w if order == 3 else max(n - order, 0) * w)
     if size != need:
         raise ValueError(f"{what}: {size} bytes where the header (n={n}, order={order}, "
                          f"width={w}) needs {need}; the block is truncated or corrupt")
+    if order == 3:
+        base = int.from_bytes(data[6:14], "big", signed=True)
+        step = int.from_bytes(data[14:22], "big", signed=True)
+        lim = _LINEAR_CHECK // (n - 1) if n > 1 else _LINEAR_CHECK
+        if not (-_LINEAR_CHECK < base < _LINEAR_CHECK and -lim < step < lim):
+            raise ValueError(f"{what}: order 3 line (base {base}, step {step}, n={n}) leaves "
+                             "the range of int64; the block is corrupt")
+        res = from_be(_SIGNED[w], data[22:]).tolist() if w else [0] * n
+        return [base + i * step + r for i, r in enumerate(res)]
     if n == 0:
         return []
     first = int.from_bytes(data[6:14], "big", signed=True)
@@ -251,3 +311,67 @@ def sort_by_time(ts: array, vals: array) -> None:
     pairs = sorted(zip(ts, bits))
     ts[:] = array("q", [t for t, _ in pairs])
     vals[:] = array("d", array("Q", [b for _, b in pairs]).tobytes())
+
+
+# ------------------------------------------------------------- summaries
+
+def summarize(ts: array, vals: array, interval_us: int = 60_000_000) -> tuple:
+    """Summaries of a block's readings (sorted by time) per ``interval_us``
+    aligned to the Unix epoch, stored with the block for the rollups:
+    ``(d, starts, count, fields)``, one entry per non-empty interval, and in
+    ``fields`` five per interval: sum, min, max, first, last.
+
+    When every value is a decimal k / 10**d (the test of mode D) and every
+    interval's sum of k fits int64, ``d`` is that exponent and ``fields`` is
+    ``array('q')`` of k: the sums are exact. Else ``d`` is -1 and ``fields`` is
+    ``array('d')`` of the values, the sums added in time order (as
+    ``aggregate``). An empty block gives -1 and empty arrays."""
+    if type(ts) is not array or ts.typecode != "q":
+        raise TypeError("summarize: ts must be an array('q')")
+    if type(vals) is not array or vals.typecode != "d":
+        raise TypeError("summarize: vals must be an array('d')")
+    if interval_us < 1:
+        raise ValueError(f"summarize: interval_us must be at least 1, got {interval_us}")
+    n = len(ts)
+    if n != len(vals):
+        raise ValueError(f"summarize: {n} timestamps but {len(vals)} values")
+    t = ts.tolist()
+    for i in range(1, n):
+        if t[i] < t[i - 1]:
+            raise ValueError(f"summarize: timestamps are not sorted at index {i}; "
+                             "sort_by_time first")
+    starts, count = array("q"), array("q")
+    bounds = []
+    for i, x in enumerate(t):
+        q = x // interval_us
+        if not starts or q * interval_us != starts[-1]:
+            starts.append(q * interval_us)
+            count.append(0)
+            bounds.append(i)
+        count[-1] += 1
+    bounds.append(n)
+    v = vals.tolist()
+    dec = _decimal_exponent(v) if n else None
+    if dec is not None:
+        d, ks = dec
+        fields = []
+        for a, b in zip(bounds, bounds[1:]):
+            part = ks[a:b]
+            total = sum(part)
+            if not _INT64_MIN <= total <= _INT64_MAX:
+                break
+            fields += [total, min(part), max(part), part[0], part[-1]]
+        else:
+            return d, starts, count, array("q", fields)
+    fields = array("d")
+    for a, b in zip(bounds, bounds[1:]):
+        part = v[a:b]
+        total = lo = hi = part[0]  # (not 0.0 + first: -0.0 stays -0.0, as in aggregate)
+        for x in part[1:]:  # < and >, as aggregate: the first of equal values stays
+            total += x
+            if x < lo:
+                lo = x
+            if x > hi:
+                hi = x
+        fields.extend((total, lo, hi, part[0], part[-1]))
+    return -1, starts, count, fields

@@ -46,11 +46,42 @@ import time
 import asyncpg
 
 from ..core.times import to_dt
-from ..fast import group_chunks, pack_ints, pack_values, sort_by_time, unpack_ints, unpack_values
+from ..fast import (
+    group_chunks,
+    pack_ints,
+    pack_values,
+    sort_by_time,
+    summarize,
+    unpack_ints,
+    unpack_values,
+)
 
 SERIES_PER_BATCH = 256  # series ids per COPY out: bounds the memory of one batch
+MINUTE_US = 60_000_000
+SUMMARY_COLUMNS = ["m_scale", "m_minute", "m_count", "m_k", "m_f", "v_first", "v_min", "v_max",
+                   "v_sum"]
+
+
+def summary(start_us: int, ts, vals) -> tuple:
+    """The rollup columns of a block (SUMMARY_COLUMNS, migration 0013): per
+    minute count and [sum, min, max, first, last], exact decimal mantissas
+    when the block is decimal, and the hour's first, min, max and sum."""
+    d, starts, count, fields = summarize(ts, vals, MINUTE_US)
+    m = len(starts)
+    minutes = None if m == 60 else [(x - start_us) // MINUTE_US for x in starts]
+    rows = [fields[5 * j:5 * j + 5].tolist() for j in range(m)]
+    if d >= 0:
+        scale = 10 ** d  # int / int: one correct rounding, the value itself for min/max/first
+        return (d, minutes, count.tolist(), rows, None, rows[0][3] / scale,
+                min(r[1] for r in rows) / scale, max(r[2] for r in rows) / scale,
+                sum(r[0] for r in rows) / scale)
+    total = 0.0
+    for r in rows:
+        total += r[0]
+    return (None, minutes, count.tolist(), None, rows, rows[0][3], min(r[1] for r in rows),
+            max(r[2] for r in rows), total)
 BLOCK_COLUMNS = ["series_id", "block_start", "n", "t_first", "t_last", "timeline", "vals",
-                 "v_last"]
+                 "v_last", *SUMMARY_COLUMNS]
 TIMELINE_COLUMNS = ["block_start", "id", "n", "ts"]
 CRASH_POINTS = ("after-copy-out", "after-blocks", "before-truncate", "before-commit")
 
@@ -187,7 +218,7 @@ class Compactor:
                 stored[(r["series_id"], r["block_start"])] = (
                     tl_ts[(r["block_start"], r["timeline"])], r["vals"])
         cutoff = self.cutoff_us()
-        packed = []  # (sid, start, ts, values bytes, timeline bytes, timeline key, last value)
+        packed = []  # (sid, start, ts, values bytes, timeline bytes, timeline key, (v_last, summary))
         for sid, bucket_us, ts, vals in groups:
             start = to_dt(bucket_us)
             prior = stored.get((sid, start))
@@ -208,7 +239,8 @@ class Compactor:
             tsb = pack_ints(ts)
             key = (bucket_us, sid if self.series_timelines else 0,
                    hashlib.blake2b(tsb, digest_size=16).digest())
-            packed.append((sid, start, ts, pack_values(vals), tsb, key, vals[-1]))
+            packed.append((sid, start, ts, pack_values(vals), tsb, key,
+                           (vals[-1], *summary(bucket_us, ts, vals))))
         # One timeline per distinct (hour, timestamps) in this run: a machine's
         # metrics polled together share theirs.
         new = {}
@@ -233,7 +265,7 @@ class Compactor:
             await conn.copy_records_to_table(
                 self.blocks_table, columns=BLOCK_COLUMNS,
                 records=[(sid, start, len(ts), to_dt(ts[0]), to_dt(ts[-1]), timelines[key], vb,
-                          last) for sid, start, ts, vb, tsb, key, last in packed])
+                          *tail) for sid, start, ts, vb, tsb, key, tail in packed])
         self.blocks += len(packed)
         if old and self.series_timelines:  # the replaced blocks' own timelines
             await conn.execute(

@@ -1,12 +1,13 @@
 """Read-only database roles for one organization (``haltless grafana-role``),
 for Grafana or any SQL client, bounded so that no reader stops the system.
 
-A reader role can SELECT the reading tables, the ``readings`` view and the
-functions over them, and nothing else (no keys, no sources, no writes).
+A reader role can SELECT the reading tables, the ``readings`` view, the
+rollups ``readings_1m`` and ``readings_1h`` and the functions over them,
+and nothing else (no keys, no sources, no writes).
 Row-level security (migration 0006) shows it one organization: machines
 and organizations by ``org_id``; series, hot chunks and blocks by
 ``series_id`` against the organization's series; timelines when a visible
-block uses them. The view is ``security_invoker`` so the policies apply to
+block uses them. The views are ``security_invoker`` so the policies apply to
 the reader, not to the view's owner. On a Citus cluster migration 0009 puts
 policies of the same meaning in place that Citus accepts (no subqueries)
 and copies onto every shard; Citus creates the role and its grants on every
@@ -37,7 +38,7 @@ import asyncpg
 from ..core.errors import Conflict, HaltlessError
 
 READABLE = ("organizations", "machines", "series", "reading_chunks", "reading_blocks",
-            "reading_timelines", "readings")
+            "reading_timelines", "readings", "readings_1m", "readings_1h")
 TEMP_FILE_LIMIT = "1GB"  # per session; a sort or hash that spills more is cancelled
 MAX_TIMEOUT_S = 86_400
 MAX_WORK_MEM_MB = 4_096  # per sort or hash, per query node: more is a flag away from OOM

@@ -26,6 +26,9 @@ from haltless.server.reader_roles import create_reader_role, url_for_role
 from peers import ModbusPeer, device
 from test_management import MODBUS_BODY, Api
 from test_pollers import Pollers
+from test_rollups import check as check_rollups
+from test_rollups import readings as rollup_readings
+from test_rollups import send as send_readings
 from test_sql_access import as_role
 from test_storage import compact, send, snapshot
 
@@ -504,6 +507,29 @@ def test_reader_roles_on_the_cluster_are_bounded_too(citus_server, citus_dsn, cl
              what="the reader's prepared transaction to be rolled back")
     assert f"reader role {role}: backend" in citus_server.log()
     assert f"reader role {role} prepared transaction 'reader-held'" in citus_server.log()
+
+
+def test_rollups_on_the_cluster_equal_the_raw_aggregates_and_stay_in_their_organization(
+        citus_server, citus_dsn):
+    import random
+    a, b = make_tenant(citus_dsn), make_tenant(citus_dsn)
+    rnd = random.Random(17)
+    hour = dt.datetime.now(UTC).replace(minute=0, second=0, microsecond=0) - dt.timedelta(hours=2)
+    for t in (a, b):
+        send_readings(citus_server, t, rollup_readings(hour, 900, rnd))
+    assert check_rollups(citus_dsn, a, "hot") > 0
+    compact(citus_dsn)
+    check_rollups(citus_dsn, a, "compacted")
+    late = rollup_readings(hour + dt.timedelta(minutes=3), 60, rnd, step=0.5)
+    send_readings(citus_server, a, late)
+    check_rollups(citus_dsn, a, "late")
+    url = haltless("grafana-role", "--org", a.name,
+                   env={"HALTLESS_DATABASE_URL": citus_dsn}).stdout.strip()
+    for view in ("readings_1m", "readings_1h"):
+        assert {r[0] for r in as_role(url, f"SELECT DISTINCT org_id FROM {view}")} == {a.org_id}
+        assert as_role(url, f"SELECT sum(count) FROM {view}")[0][0] == a.count(citus_dsn)
+    compact(citus_dsn)
+    check_rollups(citus_dsn, a, "merged")
 
 
 def test_retention_drops_whole_months_of_distributed_blocks(citus_dsn):

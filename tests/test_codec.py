@@ -12,6 +12,7 @@ import struct
 import subprocess
 import sys
 from array import array
+from itertools import accumulate
 
 import asyncpg
 import pytest
@@ -91,36 +92,66 @@ def test_ints_round_trip_exactly_including_int64_extremes_and_wrapping(blocks, n
     assert type(out) is array and out.typecode == "q" and out.tolist() == v
 
 
-def test_ints_header_layout_for_both_orders(blocks):
-    assert blocks.pack_ints([10, 20, 25]) == bytes([1, 1, 0, 0, 0, 3]) + (10).to_bytes(8, "big") \
-        + bytes([10, 5])
+BIG = 1 << 61  # a value this far from 0 keeps a block out of order 3
+
+
+def test_ints_header_layout_for_every_order(blocks):
+    assert blocks.pack_ints([BIG, BIG + 10, BIG + 15]) == bytes([1, 1, 0, 0, 0, 3]) \
+        + BIG.to_bytes(8, "big") + bytes([10, 5])
     assert blocks.pack_ints([]) == bytes([1, 0, 0, 0, 0, 0]) + bytes(8)
-    steady = blocks.pack_ints(range(0, 10 ** 7, 10 ** 6))  # constant step: no residuals
-    assert steady == bytes([2, 0, 0, 0, 0, 10]) + bytes(8) + (10 ** 6).to_bytes(8, "big")
-    assert blocks.pack_ints([-1, -2])[14:] == b"\xff"  # two's complement, one byte
+    steady = blocks.pack_ints(range(BIG, BIG + 10 ** 7, 10 ** 6))  # constant step: no residuals
+    assert steady == bytes([2, 0, 0, 0, 0, 10]) + BIG.to_bytes(8, "big") \
+        + (10 ** 6).to_bytes(8, "big")
+    assert blocks.pack_ints([-BIG, -BIG - 1])[14:] == b"\xff"  # two's complement, one byte
+    # Order 3, flat: base 18 is the midrange (rounded up), residuals -8, 2, 7.
+    assert blocks.pack_ints([10, 20, 25]) == bytes([3, 1, 0, 0, 0, 3]) + (18).to_bytes(8, "big") \
+        + bytes(8) + bytes([256 - 8, 2, 7])
+    # Order 3, on the line through the end points: no residuals at all.
+    assert blocks.pack_ints(range(5, 75, 7)) == bytes([3, 0, 0, 0, 0, 10]) \
+        + (5).to_bytes(8, "big") + (7).to_bytes(8, "big")
+
+
+def test_order_3_is_taken_when_at_most_16_bytes_larger(blocks):
+    rnd = random.Random(4)
+    # A gauge around a setpoint: deltas need 2 bytes, distances from 720 one.
+    gauge = [720 + rnd.randint(-100, 100) for _ in range(1000)]
+    assert blocks.pack_ints(gauge)[:2] == bytes([3, 1])
+    # A walk of +-1: one byte both ways, and order 3 wins the near-tie (+9 bytes).
+    walk = list(accumulate(rnd.choice((-1, 0, 1)) for _ in range(1000)))
+    assert max(walk) - min(walk) < 255 and blocks.pack_ints(walk)[:2] == bytes([3, 1])
+    # A walk that wanders far: deltas of one byte beat distances of four.
+    far = list(accumulate(rnd.choice((-100, 100)) for _ in range(1000)))
+    assert blocks.pack_ints(far)[:2] == bytes([1, 1])
+    # Residuals beyond 4 bytes never use order 3.
+    assert blocks.pack_ints([0, 1 << 40, 0])[0] == 1
 
 
 def test_ints_equal_sizes_go_to_order_1(blocks):
     # order 1: 14 + 4 deltas x 2 bytes = 22; order 2: 22 + 3 x 0 = 22
-    assert blocks.pack_ints([0, 1000, 2000, 3000, 4000])[:2] == bytes([1, 2])
-    assert blocks.pack_ints([0, 1000, 2000, 3000, 4000, 5000])[:2] == bytes([2, 0])
+    assert blocks.pack_ints([BIG + 1000 * i for i in range(5)])[:2] == bytes([1, 2])
+    assert blocks.pack_ints([BIG + 1000 * i for i in range(6)])[:2] == bytes([2, 0])
 
 
 def test_ints_width_is_the_smallest_that_holds_every_residual(blocks):
     for delta, w in [(0, 0), (127, 1), (-128, 1), (128, 2), (-129, 2), (32767, 2), (-32768, 2),
                      (32768, 4), (-(1 << 31), 4), (1 << 31, 8), (INT64_MIN, 8)]:
-        packed = blocks.pack_ints([0, delta])
+        packed = blocks.pack_ints([BIG, BIG + delta])
         assert packed[:2] == bytes([1, w]), delta
-        assert blocks.unpack_ints(packed).tolist() == [0, delta]
+        assert blocks.unpack_ints(packed).tolist() == [BIG, BIG + delta]
+    for spread, w in [(0, 0), (255, 1), (256, 2), (65535, 2), (65536, 4), ((1 << 32) - 1, 4)]:
+        v = [0, spread, 0, spread // 3]  # flat line, base (spread + 1) // 2
+        packed = blocks.pack_ints(v)
+        assert packed[:2] == bytes([3, w]), spread
+        assert blocks.unpack_ints(packed).tolist() == v
 
 
 def test_timestamps_at_1s_with_jitter_and_gaps_round_trip(blocks):
     rnd = random.Random(11)
     ts = jittered_timestamps(rnd, 3600)
     packed = blocks.pack_ints(ts)
-    assert packed[0] == 2 and blocks.unpack_ints(packed).tolist() == ts
+    assert blocks.unpack_ints(packed).tolist() == ts and len(packed) < 4 * 3600
     steady = jittered_timestamps(rnd, 3600, gaps=False)
-    assert blocks.pack_ints(steady)[:2] == bytes([2, 2])  # jitter differences < 2**15
+    assert blocks.pack_ints(steady)[:2] == bytes([3, 2])  # jitter distances < 2**15
 
 
 def test_pack_ints_takes_sequences_and_refuses_what_is_not_int64(blocks):
@@ -154,7 +185,7 @@ def test_random_finite_bit_patterns_round_trip(blocks):
 
 def test_decimal_mode_takes_the_smallest_exponent_and_small_ints(blocks):
     walk = blocks.pack_values([72.5, 72.6, 72.4, 72.5])
-    assert walk[:2] == b"D\x01" and walk[2:4] == bytes([1, 1])
+    assert walk[:2] == b"D\x01" and walk[2:4] == bytes([3, 1])
     assert blocks.unpack_ints(walk[2:]).tolist() == [725, 726, 724, 725]
     assert blocks.pack_values([1.15, 1.2, 1.25])[:2] == b"D\x02"
     assert blocks.pack_values([3.0, 4.0, 5.0, 7.0])[:2] == b"D\x00"
@@ -173,11 +204,11 @@ def test_decimal_series_round_trip_with_small_widths(blocks):
         x = round(x + rnd.choice([-0.01, 0.0, 0.01]), 2)
         walk.append(x)
     cases = {  # values, then the head: mode, d, order and width of the packed ints
-        "0.1 steps": ([round(20 + 0.1 * i, 1) for i in range(500)], b"D\x01\x02\x00"),
-        "0.01 walk": (walk, b"D\x02\x01\x01"),
-        "counter": ([float(1_000_000 + 7 * i) for i in range(500)], b"D\x00\x02\x00"),
+        "0.1 steps": ([round(20 + 0.1 * i, 1) for i in range(500)], b"D\x01\x03\x00"),
+        "0.01 walk": (walk, b"D\x02\x03\x01"),
+        "counter": ([float(1_000_000 + 7 * i) for i in range(500)], b"D\x00\x03\x00"),
         "constant": ([21.5] * 3600, b"X\x00"),  # X with w = 0 beats D by 2 bytes
-        "1e-17 steps": ([1e-17, 2e-17, -3e-17, 4e-17], b"D\x11\x01\x01"),
+        "1e-17 steps": ([1e-17, 2e-17, -3e-17, 4e-17], b"D\x11\x03\x01"),
     }
     for name, (v, head) in cases.items():
         packed = blocks.pack_values(v)
@@ -223,7 +254,8 @@ def test_cython_and_python_emit_identical_bytes_on_random_blocks():
 def _valid_blocks(blocks):
     rnd = random.Random(2)
     return [("ints", blocks.pack_ints(v)) for v in ([], [1], [1, 300, 70000], wrapping(6),
-                                                   jittered_timestamps(rnd, 40))] + \
+                                                   jittered_timestamps(rnd, 40),
+                                                   [BIG, BIG + 300, BIG + 7])] + \
            [("values", blocks.pack_values(v)) for v in ([], [1.5], [72.5, 72.6, 72.4],
                                                        HARD_FLOATS, [0.1 * i for i in range(9)])]
 
@@ -235,7 +267,11 @@ def _unpack(blocks, kind, data):
 def _corrupt_blocks():
     big = (1 << 24) + 1
     return [
-        ("ints", bytes([3, 0]) + bytes(12), "order 3"),
+        ("ints", bytes([4, 0]) + bytes(12), "order 4"),
+        ("ints", bytes([3, 8]) + bytes(20), "width 8 at byte 1 is not 0, 1, 2, 4;"),
+        ("ints", bytes([3, 0, 0, 0, 0, 2]) + (1 << 62).to_bytes(8, "big") + bytes(8), "leaves"),
+        ("ints", bytes([3, 0, 0, 0, 0, 3]) + bytes(8) + (1 << 61).to_bytes(8, "big"), "leaves"),
+        ("ints", bytes([3, 1, 0, 0, 0, 3]) + bytes(16) + b"\x01\x02", "24 bytes where"),
         ("ints", bytes([1, 3]) + bytes(12), "width 3"),
         ("ints", bytes([2, 0, 0, 0, 0, 1]) + bytes(16), "order 2 needs"),
         ("ints", bytes([1, 0]) + big.to_bytes(4, "big") + bytes(8), "at most 16,777,216"),
@@ -516,16 +552,20 @@ def sql_decode(dsn, int_blocks, value_blocks):
     return run(go())
 
 
-def test_sql_decoders_match_the_encoder_in_both_orders_and_both_modes(blocks, pg_dsn):
+def test_sql_decoders_match_the_encoder_in_every_order_and_both_modes(blocks, pg_dsn):
     rnd = random.Random(8)
     ints = list(INT_CASES.values()) + [jittered_timestamps(rnd, 3600)]
-    for bits in (5, 13, 29, 61):  # every width in order 1 ([0, x, 0]) and order 2 (a trend)
-        ints.append([0, 1 << bits, 0])
+    for bits in (5, 13, 29, 61):  # every width in order 1 ([0, x, 0] far from 0), order 2
+        ints.append([BIG, BIG + (1 << bits), BIG])  # (a trend) and order 3 (noise, flat or not)
         noise = 1 << (bits - 2)
-        ints.append([(i << 50) + rnd.randint(-noise, noise) for i in range(30)])
+        ints.append([BIG + (i << 50) + rnd.randint(-noise, noise) for i in range(30)])
+        ints.append([rnd.randint(-noise, noise) for i in range(30)])
+        ints.append([-(i << 20) + rnd.randint(-noise, noise) for i in range(30)])
+    ints += [[-BIG + 1, BIG - 1], [7] * 40, list(range(-5, 500, 5))]
     int_blocks = [blocks.pack_ints(v) for v in ints]
     assert {b[:2] for b in int_blocks} >= {bytes([o, w]) for o, w in [
-        (1, 0), (1, 1), (1, 2), (1, 4), (1, 8), (2, 0), (2, 1), (2, 2), (2, 4)]}
+        (1, 0), (1, 1), (1, 2), (1, 4), (1, 8), (2, 0), (2, 1), (2, 2), (2, 4),
+        (3, 0), (3, 1), (3, 2), (3, 4)]}
     vals = [[x] for x in HARD_FLOATS] + [HARD_FLOATS, [], [72.5, 72.6, 72.4],
                                          [round(20 + 0.1 * i, 1) for i in range(200)],
                                          [1e-17, 2e-17, -3e-17, 4e-17], [21.5] * 50,

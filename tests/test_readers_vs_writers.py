@@ -93,14 +93,17 @@ def test_a_reader_does_not_hold_off_the_block_partition_compaction_creates(
     tenant, url, n = reading_org
     # Readings of a month nobody has written yet: compacting them creates its
     # block partitions, with a reader holding reading_blocks open.
-    for _ in range(100):
-        month = (dt.datetime.now(UTC) - dt.timedelta(days=random.randint(2500, 3500))).replace(
-            day=3, hour=12, minute=0, second=0, microsecond=0)
+    # Every month of the accepted window, oldest first (other tests of the
+    # suite write to some of them): the first one without partitions.
+    today = dt.datetime.now(UTC).replace(day=3, hour=12, minute=0, second=0, microsecond=0)
+    for back in range(118, 1, -1):
+        month = today.replace(year=today.year + (today.month - 1 - back) // 12,
+                              month=(today.month - 1 - back) % 12 + 1)
         name = f"reading_blocks_{month.strftime('%Y%m')}"
         if fetchval(pg_dsn, "SELECT to_regclass($1)::text", name) is None:
             break
     else:
-        raise AssertionError("no month without block partitions found")
+        raise AssertionError("no month of the last ten years without block partitions")
     old = send(server, tenant, month, 30, metrics=2)
 
     with reader_held_open(url) as reader:

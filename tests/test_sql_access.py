@@ -5,16 +5,17 @@ and the README's Grafana query run as that role."""
 from __future__ import annotations
 
 import datetime as dt
-import re
 
 import asyncpg
 import pytest
-
-from helpers import ROOT, fetchval, haltless, make_tenant, post, run
+from helpers import fetchval, haltless, make_tenant, post, run
 from test_query import iso, us
 from test_storage import compact
 
-UTC = dt.timezone.utc
+from bench import grafana
+from bench.sql import readme_queries
+
+UTC = dt.UTC
 
 
 def send(server, tenant, start_us, n, machine="CNC-001"):
@@ -105,47 +106,83 @@ def test_a_grafana_role_sees_only_its_organization_hot_and_compacted(server, pg_
     assert taken.returncode == 2 and "not a haltless reader role" in taken.stderr
 
 
-def readme_grafana_queries() -> list[str]:
-    """The ```sql blocks of the README's "SQL: psql and Grafana" section."""
-    readme = (ROOT / "README.md").read_text()
-    section = readme.split("### SQL: psql and Grafana", 1)[1].split("\n## ", 1)[0]
-    return re.findall(r"```sql\n(.*?)```", section, re.S)
-
-
-def grafana_expand(sql: str, frm: str, to: str, machine: str) -> str:
-    """Grafana's PostgreSQL macros, expanded as its data source does."""
-    sql = re.sub(r"\$__timeGroupAlias\(([^,]+), '1m'\)",
-                 r'floor(extract(epoch from \1)/60)*60 AS "time"', sql)
-    sql = re.sub(r"\$__timeFilter\(([^)]+)\)", rf"\1 BETWEEN '{frm}' AND '{to}'", sql)
-    return (sql.replace("$__timeFrom()", f"'{frm}'").replace("$__timeTo()", f"'{to}'")
-            .replace("$machine", machine))
-
-
-def test_the_readme_grafana_queries_run_as_the_role_agree_and_prune_partitions(
+def test_the_readme_grafana_dashboard_runs_as_the_role_agrees_and_prunes_partitions(
         server, pg_dsn, two_orgs):
-    """Both README queries (readings_in(), and the view with $__timeFilter):
-    the same answer, the organization's own readings only, and no block
-    partition outside the range read."""
+    """Every query of the README's Grafana section, expanded as Grafana 11
+    expands it, as a reader role: the organization's own machines and
+    readings only; the panel's three arms (raw, readings_1m, readings_1h)
+    and the fleet panel give the same means, with late readings hot in a
+    compacted hour and after they are merged; no block partition outside the
+    range is read."""
     a, b, now = two_orgs
     url = haltless("grafana-role", "--org", a.name, "--role", "grafana_readme_" + a.name[4:],
                    env=env(pg_dsn)).stdout.strip()
+    # Readings 200 days old in both organizations: their month's partitions
+    # hold blocks of the asked series, which the queries must not read.
+    long_ago = us((dt.datetime.now(UTC) - dt.timedelta(days=200)).replace(microsecond=0))
+    for t in (a, b):
+        send(server, t, long_ago, 60)
     fetchval(pg_dsn, "SELECT haltless_block_partitions(now() - interval '14 months', now())")
     compact(pg_dsn)
-    queries = readme_grafana_queries()
-    assert len(queries) == 2 and "readings_in(" in queries[0] and "$__timeFilter" in queries[1]
-    frm, to = iso(now - 2 * 3_600_000_000), iso(now)
-    answers = []
-    for query in queries:
-        sql = grafana_expand(query, frm, to, "CNC-001")
-        rows = as_role(url, sql)
-        assert {r["metric"] for r in rows} == {"m0", "m1", "m2"}
-        answers.append(sorted((float(r["time"]), r["metric"], r["value"]) for r in rows))
+    fetchval(pg_dsn, "ANALYZE")
+    queries = readme_queries()
+    assert set(queries) == {"machine variable", "metric variable (multi-value)",
+                            "machine panel", "fleet panel"}, list(queries)
+    frm = dt.datetime.fromtimestamp((now - 2 * 3_600_000_000) / 1e6, UTC)
+    to = dt.datetime.fromtimestamp(now / 1e6, UTC)
+    old = (dt.datetime.now(UTC) - dt.timedelta(days=200)).strftime("%Y%m")
+    variables = {"machine": "CNC-001", "metric": "'m0','m1','m2'"}
+
+    def run_query(name, interval="1m"):
+        sql = grafana.expand(queries[name], frm, to, variables, interval)
         plan = [r[0] for r in as_role(url, "EXPLAIN (ANALYZE, COSTS OFF, TIMING OFF) " + sql)]
-        old = (dt.datetime.now(UTC) - dt.timedelta(days=200)).strftime("%Y%m")
-        # Pruned when planned, or at run time (the timelines policy's probe): never read.
+        # Pruned when planned or at run time; the timelines' policy probes
+        # one hour's blocks per timeline row (0018), never a whole month.
         touched = [line for line in plan if f"reading_blocks_{old}" in line
                    and "never executed" not in line]
         assert touched == [], "\n".join(plan)
-    assert answers[0] == answers[1]
-    # organization a sent values 0..89 to its CNC-001, b 0..119 to its own
-    assert max(v for _, _, v in answers[0]) < 90
+        return as_role(url, sql)
+
+    assert [r[0] for r in run_query("machine variable")] == ["CNC-001", "SHARED-NAME"]
+    assert [r[0] for r in run_query("metric variable (multi-value)")] == ["m0", "m1", "m2"]
+
+    def means(name, interval):
+        """{(bucket start, line): mean} of a panel."""
+        return {(float(r["time"]), r["metric"]): r["value"] for r in run_query(name, interval)}
+
+    def folded(raw, step):
+        """The raw arm's per-second values, averaged over buckets of ``step`` s."""
+        acc = {}
+        for (t, metric), v in raw.items():
+            s_, c = acc.get((t // step * step, metric), (0.0, 0))
+            acc[(t // step * step, metric)] = (s_ + v, c + 1)
+        return {k: s_ / c for k, (s_, c) in acc.items()}
+
+    def check(stage):
+        raw = means("machine panel", "1s")
+        assert {m for _, m in raw} == {"m0", "m1", "m2"}, stage
+        # organization a sent values 0..89 to its CNC-001, b 0..119 to its own
+        assert max(raw.values()) < 90, stage
+        for interval, step in (("1m", 60), ("5m", 300), ("1h", 3600)):
+            got = means("machine panel", interval)
+            want = folded(raw, step)
+            assert got.keys() == want.keys(), (stage, interval)
+            for k in want:
+                assert got[k] == pytest.approx(want[k], rel=1e-12), (stage, interval, k)
+            fleet = means("fleet panel", interval)
+            assert {m for _, m in fleet} == {f"{mc} m{i}" for mc in ("CNC-001", "SHARED-NAME")
+                                              for i in range(3)}, (stage, interval)
+            for (t, m), v in want.items():
+                assert fleet[(t, "CNC-001 " + m)] == pytest.approx(v, rel=1e-12), (stage, t, m)
+
+    check("compacted")
+    # Late readings into the compacted hour: hot rows there until merged
+    # (each in a second of its own, so that the raw arm's 1 s means are
+    # single readings and fold into exact means).
+    late = [{"machine_identifier": "CNC-001", "metric_name": f"m{i % 3}",
+             "timestamp": iso(now - 3_600_000_000 + (90 + i) * 1_000_000 + 500_000),
+             "value": i + 0.25} for i in range(0, 60, 7)]
+    assert post(server, a.key, {"readings": late}).json()["accepted_count"] == len(late)
+    check("late, hot")
+    compact(pg_dsn)
+    check("late, merged")
