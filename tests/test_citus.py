@@ -474,8 +474,11 @@ def test_reader_roles_on_the_cluster_are_bounded_too(citus_server, citus_dsn, cl
         try:
             counts = await asyncio.gather(*(c.fetchval("SELECT count(*) FROM readings")
                                             for c in held))
-            with pytest.raises(asyncpg.TooManyConnectionsError, match="too many connections"):
-                await asyncio.gather(*(asyncpg.connect(url) for _ in range(4)))
+            more = await asyncio.gather(*(asyncpg.connect(url) for _ in range(4)),
+                                        return_exceptions=True)
+            await asyncio.gather(*(c.close() for c in more if isinstance(c, asyncpg.Connection)))
+            assert any(isinstance(c, asyncpg.TooManyConnectionsError)
+                       and "too many connections" in str(c) for c in more), more
             refused = []
             for sql in ("SELECT pg_advisory_lock(7291845002)",
                         "SELECT count(pg_try_advisory_xact_lock(series_id)) FROM reading_chunks",
