@@ -129,6 +129,7 @@ VARIABLES = {
     "db_timeout": ("HALTLESS_DB_TIMEOUT", _float(0.1, 600)),
     "retention_days": ("HALTLESS_RETENTION_DAYS", _int(1, 36500)),
     "poll_flush_seconds": ("HALTLESS_POLL_FLUSH_SECONDS", _float(0, 60)),
+    "mqtt_memory_mb": ("HALTLESS_MQTT_MEMORY_MB", _int(1, 1_000_000)),
     "rate_limit": ("HALTLESS_RATE_LIMIT", _float(0.001, 1e9)),
     "header_timeout": ("HALTLESS_HEADER_TIMEOUT", _float(0.5, 600)),
     "body_timeout": ("HALTLESS_BODY_TIMEOUT", _float(0.5, 600)),
@@ -165,6 +166,8 @@ class Settings:
                        are refused and whole block partitions past it dropped
     poll_flush_seconds 10: `haltless pollers` commits what its sources polled
                        together this often (0: every poll as it comes)
+    mqtt_memory_mb     64 MB of MQTT messages received and not yet committed per
+                       poller process; QoS 0 data past it is dropped and counted
     rate_limit         unset: none; else readings/s per API key (429 beyond it)
     header_timeout     10 s for a connection to send its request headers
     body_timeout       10 s a request body may stall (408), 6x that in all
@@ -191,6 +194,7 @@ class Settings:
     db_timeout: float = 10.0
     retention_days: int | None = None
     poll_flush_seconds: float = 10.0
+    mqtt_memory_mb: int = 64
     rate_limit: float | None = None
     header_timeout: float = 10.0
     body_timeout: float = 10.0

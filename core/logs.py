@@ -16,6 +16,10 @@ def configure_logging(level: str) -> None:
     # hex); we report each source's state changes ourselves, once.
     logging.getLogger("pymodbus").setLevel(logging.CRITICAL)
     logging.getLogger("asyncua").setLevel(logging.ERROR)
+    # gmqtt logs every connection made and lost, and a warning for each
+    # acknowledgement we withhold on purpose (pollers/mqtt.py: a message
+    # whose commit failed is not acknowledged).
+    logging.getLogger("gmqtt").setLevel(logging.ERROR)
 
 
 def run_until_signal(main, log_level: str):

@@ -78,7 +78,7 @@ class ErrorBody(msgspec.Struct):
 
 # ------------------------------------------------------------------ management
 
-Protocol = Literal["opcua", "modbus"]
+Protocol = Literal["opcua", "modbus", "mqtt"]
 Text200 = Annotated[str, Meta(min_length=1, max_length=200)]
 Host = Annotated[str, Meta(min_length=1, max_length=253)]
 Port = Annotated[int, Meta(ge=1, le=65535)]
@@ -98,18 +98,20 @@ class Machine(msgspec.Struct):
 
 
 class SourceCreate(msgspec.Struct, forbid_unknown_fields=True):
-    machine_id: uuid.UUID
     name: Text200
     protocol: Protocol
     host: Host
     port: Port
     poll_interval_seconds: PollInterval
     config: dict[str, Any]
+    # Required but for mqtt, where without it each Sparkplug device (or
+    # edge node), or each JSON reading, names its machine.
+    machine_id: uuid.UUID | None = None
     is_active: bool = True
 
 
 class SourcePatch(msgspec.Struct, forbid_unknown_fields=True):
-    machine_id: uuid.UUID | UnsetType = UNSET
+    machine_id: uuid.UUID | None | UnsetType = UNSET  # null: none (mqtt only)
     name: Text200 | UnsetType = UNSET
     host: Host | UnsetType = UNSET
     port: Port | UnsetType = UNSET
@@ -118,7 +120,7 @@ class SourcePatch(msgspec.Struct, forbid_unknown_fields=True):
     is_active: bool | UnsetType = UNSET
 
 
-class SourceStatus(msgspec.Struct):
+class SourceStatus(msgspec.Struct, omit_defaults=True):  # mqtt only for mqtt sources
     last_poll_at: _dt.datetime | None
     last_success_at: _dt.datetime | None
     last_error: str | None
@@ -128,11 +130,41 @@ class SourceStatus(msgspec.Struct):
     polls_missed: int
     polled_by: str | None
     server_certificate_sha256: str | None
+    mqtt: MqttStatus | None = None
+
+
+class SparkplugDevice(msgspec.Struct):
+    device_id: str
+    online: bool
+    since: _dt.datetime | None  # when it went online or offline
+
+
+class SparkplugNode(msgspec.Struct):
+    group_id: str
+    edge_node_id: str
+    online: bool
+    since: _dt.datetime | None
+    awaiting_rebirth: bool  # its data is discarded until its next NBIRTH
+    bd_seq: int | None
+    devices: list[SparkplugDevice]
+
+
+class MqttStatus(msgspec.Struct):
+    """What an MQTT source's subscription heard, since the source was created."""
+    connected: bool
+    messages: int
+    discarded: int  # Sparkplug messages dropped while their node owed us a birth
+    rebirths_requested: int
+    # metrics not stored, by kind (string, dataset, template, null, ...), and
+    # messages not taken (refused_message, stale_death, overload)
+    skipped: dict[str, int]
+    nodes: Annotated[list[SparkplugNode], Meta(description="at most 1,000 edge nodes")]
+    nodes_total: int
 
 
 class Source(msgspec.Struct):
     id: uuid.UUID
-    machine_id: uuid.UUID
+    machine_id: uuid.UUID | None
     name: str
     protocol: Protocol
     host: str

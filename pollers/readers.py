@@ -14,11 +14,15 @@ from .base import Reader
 
 
 def make_reader(protocol: str, host: str, port: int, config, *, pki_dir: Path,
-                trust_store=None, endpoint: str | None = None) -> Reader:
+                trust_store=None, endpoint: str | None = None,
+                server_name: str | None = None) -> Reader:
     """A (not yet connected) reader. ``config`` is the protocol's typed config,
     secrets included; ``trust_store`` keeps OPC-UA server certificates
     (``opcua.TrustStore``); ``endpoint`` is an OPC-UA URL to use instead of
-    ``opc.tcp://host:port`` (the edge agent's TOML names one, path included)."""
+    ``opc.tcp://host:port`` (the edge agent's TOML names one, path included);
+    ``server_name`` is the name TLS verifies when ``host`` is the address it
+    resolved to (MQTT). An MQTT "reader" only connects and subscribes: it
+    is test-connection's; sources are read by ``mqtt.Subscriber``."""
     if protocol == "modbus":
         from .modbus import ModbusReader
         return ModbusReader(host, port, config)
@@ -27,6 +31,9 @@ def make_reader(protocol: str, host: str, port: int, config, *, pki_dir: Path,
         from .opcua_config import endpoint_url
         return OpcuaReader(endpoint or endpoint_url(host, port), config, pki_dir=pki_dir,
                            trust_store=trust_store)
+    if protocol == "mqtt":
+        from .mqtt import MqttProbe
+        return MqttProbe(host, port, config, server_name or host)
     raise ValueError(f"unknown protocol {protocol!r}")
 
 

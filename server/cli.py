@@ -1,14 +1,27 @@
 """The ``haltless`` command line: the parser, and the dispatch to a
 command's code, imported only when that command runs (``haltless agent``
 on an edge box loads no database driver; the database commands are in
-``server/commands.py``)."""
+``server/commands.py``).
+
+Ctrl-C or SIGTERM before a command has its own way of stopping (a starting
+``haltless serve``: initdb, migrations) ends it with one line and exit
+130 / 143, the embedded PostgreSQL let go of as on any exit; the handler
+is the first thing ``main`` does, and everything else, imports included,
+runs after it (a Ctrl-C 0.1 s after start used to print a traceback from
+an import).
+"""
 from __future__ import annotations
 
-import argparse
+import signal
 import sys
 
-from ..core.config import VARIABLES, Settings
-from ..core.errors import ConfigError, HaltlessError
+_STOPPED_BY = {signal.SIGINT: ("interrupted", 130), signal.SIGTERM: ("terminated", 143)}
+_signalled: list[int] = []
+
+
+def _on_stop_signal(signum, frame):
+    _signalled.append(signum)
+    raise KeyboardInterrupt
 
 
 def _command(name: str):
@@ -21,6 +34,7 @@ def _command(name: str):
 
 
 def _positive_int(value: str) -> int:
+    import argparse
     try:
         v = int(value)
     except ValueError:
@@ -32,6 +46,11 @@ def _positive_int(value: str) -> int:
 
 def _setting(name: str, flag: str):
     """An argparse type that parses a flag as its setting does (same bounds)."""
+    import argparse
+
+    from ..core.config import VARIABLES
+    from ..core.errors import ConfigError
+
     def parse(raw: str):
         try:
             return VARIABLES[name][1](flag, raw)
@@ -42,9 +61,10 @@ def _setting(name: str, flag: str):
     return parse
 
 
-def _db_flags(parser: argparse.ArgumentParser, *, top: bool) -> None:
+def _db_flags(parser, *, top: bool) -> None:
     # On the top parser and on each command, so they go before or after the
     # command name; SUPPRESS keeps a command's unset flag from hiding the top one.
+    import argparse
     default = None if top else argparse.SUPPRESS
     parser.add_argument("--data-dir", default=default, metavar="DIR",
                         help="data directory of the embedded PostgreSQL and the generated "
@@ -53,9 +73,16 @@ def _db_flags(parser: argparse.ArgumentParser, *, top: bool) -> None:
                         type=_setting("database_url", "--database-url"),
                         help="use this PostgreSQL instead of the embedded one "
                              "(HALTLESS_DATABASE_URL)")
+    parser.add_argument("--create-data-dir", action="store_true",
+                        default=False if top else argparse.SUPPRESS,
+                        help="make a new embedded database in the data dir if it has none "
+                             "(serve and migrate do without being asked; other commands refuse, "
+                             "so that one run from the wrong directory cannot start an empty "
+                             "database there)")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser():
+    import argparse
     common = argparse.ArgumentParser(add_help=False)
     _db_flags(common, top=False)
     org = argparse.ArgumentParser(add_help=False)
@@ -167,8 +194,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_agent(args) -> None:
+    from ..core.config import Settings
+    from ..core.errors import ConfigError
     from ..pollers.agent import main as agent_main
-    if args.data_dir or args.database_url:
+    if args.data_dir or args.database_url or args.create_data_dir:
         raise ConfigError("the agent uses no database: --data-dir/--database-url do not apply; "
                           "its queue and certificates live in the TOML's state_dir")
     code = agent_main(args.config, args.check, Settings.from_env())
@@ -177,16 +206,30 @@ def cmd_agent(args) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
-    if args.data_dir == "":
-        build_parser().error("--data-dir: must not be empty")
+    previous = {sig: signal.signal(sig, _on_stop_signal) for sig in _STOPPED_BY}
     try:
-        args.func(args)
-    except HaltlessError as exc:
-        print(f"haltless: error: {exc}", file=sys.stderr)
-        sys.exit(2)
-    except KeyboardInterrupt:
-        sys.exit(130)
+        try:
+            from ..core.errors import HaltlessError
+            parser = build_parser()
+            args = parser.parse_args(argv)
+            if args.data_dir == "":
+                parser.error("--data-dir: must not be empty")
+            args.func(args)
+        except HaltlessError as exc:
+            print(f"haltless: error: {exc}", file=sys.stderr)
+            sys.exit(2)
+    except (KeyboardInterrupt, Exception) as exc:
+        # A signal can surface as another exception (one raised inside an
+        # import while it unwound, a subprocess that it also killed): the
+        # signal is what happened.
+        if not _signalled and isinstance(exc, Exception):
+            raise
+        what, code = _STOPPED_BY[_signalled[0] if _signalled else signal.SIGINT]
+        print(f"haltless: {what}", file=sys.stderr)
+        sys.exit(code)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 if __name__ == "__main__":

@@ -25,13 +25,31 @@ def settings_of(args, **overrides) -> Settings:
                              database_url=getattr(args, "database_url", None), **overrides)
 
 
-def with_db(fn):
+def announce_new_data_dir(data_dir) -> None:
+    """Said whenever a command makes a new embedded database: where it is."""
+    print(f"haltless: made a new database in the data dir {data_dir}; give every haltless "
+          "command this data dir (--data-dir or HALTLESS_DATA_DIR)", file=sys.stderr, flush=True)
+
+
+def database(args, s: Settings, *, create: bool = False) -> str:
+    """The migrated database's DSN for a command. Only serve and migrate
+    (``create``), or any command given --create-data-dir, make a new
+    embedded database: run from the wrong directory, any other command
+    would start an empty one there and, say, make a key no server knows."""
+    return db.migrated_url(s, create=create or bool(getattr(args, "create_data_dir", False)),
+                           on_create=announce_new_data_dir)
+
+
+def with_db(fn=None, *, create: bool = False):
     """Run ``fn(conn, args, settings)`` on a migrated database connection. A
     database that goes away or refuses a statement is one line (exit 2),
     not a traceback."""
+    if fn is None:
+        return lambda f: with_db(f, create=create)
+
     def run(args):
         s = settings_of(args)
-        dsn = db.migrated_url(s)
+        dsn = database(args, s, create=create)
 
         async def go():
             conn = await db.connect(dsn, s.db_timeout)
@@ -56,8 +74,10 @@ def cmd_serve(args) -> None:
 
     s = settings_of(args, host=args.host, port=args.port, workers=args.workers)
     check_port(s.host, s.port)  # before anything else: a clear error, not a traceback
-    s = prepare(s)  # embedded PostgreSQL, migrations, secrets: once, here
-    print(f"haltless: serving on http://{s.host}:{s.port} with {s.workers} worker(s)", flush=True)
+    # embedded PostgreSQL, migrations, secrets: once, here
+    s = prepare(s, create=True, on_create=announce_new_data_dir)
+    print(f"haltless: serving on http://{s.host}:{s.port} with {s.workers} worker(s); "
+          f"data dir {s.data_dir}", flush=True)
     code = supervise(s, access_log=args.access_log)
     if code:
         sys.exit(code)
@@ -112,8 +132,11 @@ def _psql_binary() -> str:
 
 def cmd_db_url(args) -> None:
     s = settings_of(args)
-    was_running = s.database_url is not None or db.embedded_alive(s.data_dir)
-    print(db.migrated_url(s))
+    if s.database_url:  # printed as given: the URL is the answer, reachable or not
+        print(s.database_url)
+        return
+    was_running = db.embedded_alive(s.data_dir)
+    print(database(args, s))
     if not was_running:
         print("haltless: note: the embedded PostgreSQL stops when this command exits; the URL "
               "works while `haltless serve` (or another haltless command) runs", file=sys.stderr)
@@ -124,7 +147,7 @@ def cmd_psql(args) -> None:
     import subprocess
 
     psql = _psql_binary()
-    dsn = db.migrated_url(settings_of(args))
+    dsn = database(args, settings_of(args))
     extra = args.psql_args[1:] if args.psql_args[:1] == ["--"] else args.psql_args
     previous = signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C belongs to psql
     try:
@@ -139,7 +162,7 @@ def cmd_grafana_role(args) -> None:
     from .reader_roles import create_reader_role, reader_limits, reader_role_gaps, url_for_role
 
     s = settings_of(args)
-    dsn = db.migrated_url(s)
+    dsn = database(args, s)
     given = {"connection_limit": args.connection_limit,
              "statement_timeout_s": args.statement_timeout,
              "idle_in_transaction_timeout_s": args.idle_in_transaction_timeout,
@@ -170,7 +193,7 @@ def cmd_grafana_role(args) -> None:
         print(f"haltless: warning: {gap}", file=sys.stderr)
 
 
-@with_db
+@with_db(create=True)
 async def cmd_migrate(conn, args, s):
     v = await db.migrate(conn)
     print(f"schema at version {v}")
@@ -246,7 +269,9 @@ def cmd_pollers(args) -> None:
     from .direct import run_pollers
     if not 1.0 <= args.lease <= 600:
         raise HaltlessError(f"--lease {args.lease}: expected 1 to 600 seconds")
-    run_pollers(settings_of(args), args.processes, args.lease,
-                Path(args.stats_file) if args.stats_file else None)
+    s = settings_of(args)
+    s = prepare(s, create=bool(getattr(args, "create_data_dir", False)),
+                on_create=announce_new_data_dir)
+    run_pollers(s, args.processes, args.lease, Path(args.stats_file) if args.stats_file else None)
 
 

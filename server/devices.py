@@ -26,7 +26,7 @@ async def reader_for(source: sources.StoredSource, *, policy: AddressPolicy, poo
     except TargetRefused as exc:
         raise ReaderError(str(exc)) from None
     return make_reader(source.protocol, addrs[0], source.port, source.config, pki_dir=pki_dir,
-                       trust_store=SourceTrustStore(pool, source.id))
+                       trust_store=SourceTrustStore(pool, source.id), server_name=source.host)
 
 
 class SourceTrustStore:

@@ -23,7 +23,9 @@ PostgreSQL) uses leases on the ``ingest_sources`` rows:
   0.1 s (the flaky "polled twice at once" of test_pollers).
 
 Each source is one ``PollLoop`` (``pollers/schedule.py``, shared with the edge
-agent) with its own schedule; a slow or dead device only delays itself.
+agent) with its own schedule; a slow or dead device only delays itself. An
+MQTT source is a broker subscription instead (``server/mqtt_ingest.py``),
+leased and flushed the same way.
 """
 from __future__ import annotations
 
@@ -136,6 +138,15 @@ class SourceTask:
                          polled=True, success=True)
 
 
+def source_task(proc: "PollerProcess", row, first_at: float | None):
+    """A polled source's loop, or an MQTT source's subscription (its module,
+    and gmqtt and protobuf with it, load only where a broker is read)."""
+    if row["protocol"] == "mqtt":
+        from .mqtt_ingest import MqttSourceTask
+        return MqttSourceTask(proc, row)
+    return SourceTask(proc, row, first_at)
+
+
 class Flusher:
     """Commits the readings every source of this process polled, together,
     every ``every`` seconds (``HALTLESS_POLL_FLUSH_SECONDS``, 10 by default,
@@ -154,16 +165,26 @@ class Flusher:
         self.items: list[tuple[bytes, object]] = []  # (records, done(exc | None))
         self.task: asyncio.Task | None = None
         self._current: asyncio.Future | None = None  # the flush under way
+        self._soon = asyncio.Event()
 
     def add(self, payload: bytes, done) -> None:
         self.items.append((payload, done))
+
+    def soon(self) -> None:
+        """Flush now rather than at the next interval: an MQTT source holds
+        that many messages unacknowledged until their commit (server/mqtt_ingest.py)."""
+        self._soon.set()
 
     def start(self) -> None:
         self.task = asyncio.create_task(self._run(), name="poll-flusher")
 
     async def _run(self) -> None:
         while True:
-            await asyncio.sleep(self.every)
+            try:
+                await asyncio.wait_for(self._soon.wait(), self.every)
+            except asyncio.TimeoutError:
+                pass
+            self._soon.clear()
             # Shielded: stop() must not cancel a commit and lose its report.
             self._current = asyncio.ensure_future(self.flush())
             await asyncio.shield(self._current)
@@ -196,6 +217,11 @@ class PollerProcess:
                  stats_file: Path | None = None) -> None:
         self.rt = Runtime(settings)
         self.flush_every = settings.poll_flush_seconds
+        # Bytes of MQTT messages received and not yet committed, all sources
+        # of this process (server/mqtt_ingest.py): QoS 0 data past the limit
+        # is dropped, so a database slower than the broker bounds memory.
+        self.mqtt_held = 0
+        self.mqtt_limit = settings.mqtt_memory_mb * 1024 * 1024
         self.flusher: Flusher | None = None
         self.lease = lease_seconds
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
@@ -332,7 +358,7 @@ class PollerProcess:
             if start:
                 for row in await sources.for_polling(conn, start):
                     try:
-                        self.tasks[row["id"]] = SourceTask(self, row, first_at.get(row["id"]))
+                        self.tasks[row["id"]] = source_task(self, row, first_at.get(row["id"]))
                     except Exception as exc:  # noqa: BLE001 - one bad row must not stop the rest
                         log.error("source %s cannot be polled: %s", row["id"], exc)
                         self.report(row["id"], error=f"cannot be polled: {exc}", polled=True)

@@ -75,7 +75,8 @@ class PollerCollector:
                  ("points_failed", "Points that failed to read (total)"),
                  ("polls_missed", "Poll slots skipped because a poll overran (total)"),
                  ("overdue_seconds", "How long past its interval the most overdue active "
-                                     "source's last poll is (0: none overdue)"))}
+                                     "source's last poll is (0: none overdue; mqtt sources "
+                                     "are not polled: always 0)"))}
         for r in self.rows:
             for name, fam in g.items():
                 fam.add_metric([r["protocol"]], float(r[name] or 0))
@@ -114,7 +115,7 @@ async def render(pool) -> tuple[bytes, str]:
         " sum(readings_written) AS readings_written, sum(points_failed) AS points_failed,"
         " sum(polls_missed) AS polls_missed,"
         " coalesce(max(greatest(0, extract(epoch FROM now() - last_poll_at)"
-        "   - poll_interval_seconds)), 0) AS overdue_seconds"
+        "   - poll_interval_seconds)) FILTER (WHERE protocol <> 'mqtt'), 0) AS overdue_seconds"
         " FROM ingest_sources WHERE is_active GROUP BY protocol", timeout=5)
     extra.register(PollerCollector(rows))
     return generate_latest(registry) + generate_latest(extra), CONTENT_TYPE_LATEST

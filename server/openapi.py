@@ -16,6 +16,7 @@ import msgspec
 
 from ..core import wire
 from ..pollers.modbus_config import ModbusConfig
+from ..pollers.mqtt_config import MqttConfig
 from ..pollers.opcua_config import OpcuaConfig
 from . import query
 
@@ -41,7 +42,8 @@ OPERATIONS = [
      None, "200", wire.TestConnectionResult, "bearer"),
     ("get", "/api/v1/readings", "Every stored reading of a machine's series in [from, to), "
      "in time order, paged (JSON) or streamed (CSV)", None, "200", wire.ReadingsPage, "bearer"),
-    ("get", "/api/v1/readings/aggregate", "Aggregates of a machine's series per interval bucket",
+    ("get", "/api/v1/readings/aggregate", "Aggregates of a machine's series per interval bucket "
+     "(at whole minutes, compacted hours from their per-minute summaries)",
      None, "200", wire.AggregatePage, "bearer"),
     ("get", "/api/v1/readings/latest", "The newest reading of every series of the organization "
      "or of one machine", None, "200", wire.LatestPage, "bearer"),
@@ -117,7 +119,7 @@ STATUS = {"type": "object", "properties": {"status": {"type": "string"}}, "requi
 @functools.cache
 def document() -> bytes:
     types = [t for op in OPERATIONS for t in (op[3], op[5]) if t is not None]
-    types += [wire.ErrorBody, ModbusConfig, OpcuaConfig]
+    types += [wire.ErrorBody, ModbusConfig, OpcuaConfig, MqttConfig]
     schemas, components = msgspec.json.schema_components(types, ref_template=REF)
     of = dict(zip(map(id, types), schemas))
     _dates(components)
@@ -126,7 +128,8 @@ def document() -> bytes:
     for name in ("SourceCreate",):
         components[name]["properties"]["config"] = {
             "anyOf": [{"$ref": REF.format(name="ModbusConfig")},
-                      {"$ref": REF.format(name="OpcuaConfig")}]}
+                      {"$ref": REF.format(name="OpcuaConfig")},
+                      {"$ref": REF.format(name="MqttConfig")}]}
     error = {"description": "The request was refused: what was wrong, where, what is allowed",
              "content": {"application/json": {"schema": of[id(wire.ErrorBody)]}}}
     paths: dict = {}

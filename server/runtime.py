@@ -26,15 +26,16 @@ from .writer import GroupCommitWriter
 log = logging.getLogger("haltless.runtime")
 
 
-def prepare(settings: Settings) -> Settings:
+def prepare(settings: Settings, *, create: bool = True, on_create=None) -> Settings:
     """Once per process tree: the database (embedded started or joined, schema
-    migrated) and the generated secrets. The result names them all, so a
-    child given it (``to_env()`` or pickled) repeats none of this."""
+    migrated; a new embedded one made only when ``create``) and the
+    generated secrets. The result names them all, so a child given it
+    (``to_env()`` or pickled) repeats none of this."""
     if settings.prepared:
         return settings
     s = settings.but(data_dir=Path(settings.data_dir).expanduser().resolve())
     embedded = not s.database_url
-    dsn = db.migrated_url(s)
+    dsn = db.migrated_url(s, create=create, on_create=on_create)
     return s.but(database_url=dsn, prepared="embedded" if embedded else "external",
                  jwt_secret=jwt_secret(s.jwt_secret, s.data_dir),
                  encryption_key=SecretBox.key_for(s.data_dir, s.encryption_key))

@@ -3,6 +3,7 @@ storage with write-only secrets sealed, and the JSON shape the API returns."""
 from __future__ import annotations
 
 import json
+import re
 import uuid
 from typing import Any, NamedTuple
 
@@ -11,16 +12,21 @@ import msgspec
 from msgspec import UNSET
 
 from ..core.errors import NotFound, TargetRefused, Unprocessable
-from ..core.wire import Source, SourceCreate, SourcePatch, SourceStatus, describe_validation_error
+from ..core.wire import (MqttStatus, Source, SourceCreate, SourcePatch, SourceStatus,
+                         describe_validation_error)
 from ..pollers.modbus_config import ModbusConfig, validate_modbus_config
+from ..pollers.mqtt_config import MqttConfig, validate_mqtt_config
 from ..pollers.opcua_config import OpcuaConfig, validate_opcua_config
 from .jsontext import decoder, text_problem
 from .netpolicy import AddressPolicy
 from .secretbox import SecretBox
 
-SECRET_FIELDS = {"opcua": ("password",), "modbus": ()}
-CONFIG_TYPES = {"opcua": OpcuaConfig, "modbus": ModbusConfig}
-VALIDATORS = {"opcua": validate_opcua_config, "modbus": validate_modbus_config}
+SECRET_FIELDS = {"opcua": ("password",), "modbus": (), "mqtt": ("password",)}
+CONFIG_TYPES = {"opcua": OpcuaConfig, "modbus": ModbusConfig, "mqtt": MqttConfig}
+VALIDATORS = {"opcua": validate_opcua_config, "modbus": validate_modbus_config,
+              "mqtt": validate_mqtt_config}
+# Protocols whose sources may name no machine (their messages name it).
+MACHINE_OPTIONAL = {"mqtt"}
 
 
 def decode_body(body: bytes, typ):
@@ -67,6 +73,11 @@ def check_config(protocol: str, config: dict):
         cfg = msgspec.convert(config, CONFIG_TYPES[protocol])
     except msgspec.ValidationError as exc:
         msg = describe_validation_error(exc, CONFIG_TYPES[protocol])
+        top = re.fullmatch(r"missing required field `(\w+)`", msg)
+        if top:  # a field of the config itself: name it first, as every other message does
+            raise Unprocessable(f"config.{top.group(1)}: missing required field") from None
+        if not re.match(r"[\w.\[\]]+: ", msg):  # about the config as a whole
+            raise Unprocessable(f"config: {msg}") from None
         raise Unprocessable(f"config.{msg}" if not msg.startswith(":") else f"config{msg}") from None
     try:
         VALIDATORS[protocol](cfg)
@@ -91,7 +102,7 @@ def split_secrets(protocol: str, config: dict) -> tuple[dict, dict]:
 COLUMNS = ("id, machine_id, name, protocol, host, port, poll_interval_seconds, is_active, config,"
            " secrets, created_at, updated_at, last_poll_at, last_success_at, last_error,"
            " last_error_at, readings_written, points_failed, polls_missed, lease_owner,"
-           " server_cert_sha256")
+           " server_cert_sha256, protocol_status")
 
 
 def public_config(row) -> dict:
@@ -122,12 +133,13 @@ def stored(row, box: SecretBox) -> StoredSource:
 
 # What a poller needs of the sources it leased.
 POLL_COLUMNS = ("s.id, s.org_id, s.protocol, s.host, s.port, s.poll_interval_seconds, s.config,"
-                " s.secrets, s.version, m.machine_identifier")
+                " s.secrets, s.version, m.machine_identifier, s.protocol_status")
 
 
 async def for_polling(conn, ids: list[uuid.UUID]) -> list[asyncpg.Record]:
+    """machine_identifier is None for a source without a machine (mqtt)."""
     return await conn.fetch(
-        f"SELECT {POLL_COLUMNS} FROM ingest_sources s JOIN machines m ON m.id = s.machine_id"
+        f"SELECT {POLL_COLUMNS} FROM ingest_sources s LEFT JOIN machines m ON m.id = s.machine_id"
         " WHERE s.id = ANY($1::uuid[])", ids)
 
 
@@ -146,7 +158,7 @@ async def record_certificate(pool, source_id: uuid.UUID, sha256_hex: str) -> Non
 def to_wire(row: asyncpg.Record) -> Source:
     """The API shape of a source; secrets are reported as set/not set only."""
     config = public_config(row)
-    if row["protocol"] == "opcua":
+    if "password" in SECRET_FIELDS[row["protocol"]]:
         config["password_set"] = row["secrets"] is not None
     return Source(
         id=row["id"], machine_id=row["machine_id"], name=row["name"], protocol=row["protocol"],
@@ -158,10 +170,26 @@ def to_wire(row: asyncpg.Record) -> Source:
             last_error=row["last_error"], last_error_at=row["last_error_at"],
             readings_written=row["readings_written"], points_failed=row["points_failed"],
             polls_missed=row["polls_missed"], polled_by=row["lease_owner"],
-            server_certificate_sha256=row["server_cert_sha256"]))
+            server_certificate_sha256=row["server_cert_sha256"],
+            mqtt=mqtt_status(row["protocol_status"]) if row["protocol"] == "mqtt" else None))
 
 
-async def _check_machine(conn, org: uuid.UUID, machine_id: uuid.UUID) -> None:
+def mqtt_status(stored: str | None) -> MqttStatus:
+    """An MQTT source's protocol_status (written by its poller), or the
+    status of one no poller has run yet."""
+    if stored:
+        return msgspec.json.decode(stored, type=MqttStatus)
+    return MqttStatus(connected=False, messages=0, discarded=0, rebirths_requested=0,
+                      skipped={}, nodes=[], nodes_total=0)
+
+
+async def _check_machine(conn, org: uuid.UUID, machine_id: uuid.UUID | None,
+                         protocol: str) -> None:
+    if machine_id is None:
+        if protocol not in MACHINE_OPTIONAL:
+            raise Unprocessable(f"machine_id: required for protocol {protocol!r} (only mqtt "
+                                "sources may leave it out)")
+        return
     if not await conn.fetchval("SELECT 1 FROM machines WHERE org_id = $1 AND id = $2", org, machine_id):
         raise Unprocessable(f"machine_id: no machine {machine_id} in your organization; "
                             "create it with POST /api/v1/machines")
@@ -171,7 +199,7 @@ async def create(conn, org: uuid.UUID, body: SourceCreate, box: SecretBox,
                  policy: AddressPolicy) -> Source:
     check_config(body.protocol, body.config)
     check_target(policy, body.host, body.port)
-    await _check_machine(conn, org, body.machine_id)
+    await _check_machine(conn, org, body.machine_id, body.protocol)
     public, secret = split_secrets(body.protocol, body.config)
     sid = uuid.uuid4()
     sealed = box.seal(secret, sid.bytes) if secret else None
@@ -223,7 +251,7 @@ async def patch(conn, org: uuid.UUID, source_id: uuid.UUID, body: SourcePatch, b
             check_target(policy, host, port)
         machine_id = row["machine_id"] if body.machine_id is UNSET else body.machine_id
         if body.machine_id is not UNSET:
-            await _check_machine(conn, org, machine_id)
+            await _check_machine(conn, org, machine_id, protocol)
         public, secret = split_secrets(protocol, config)
         sealed = box.seal(secret, source_id.bytes) if secret else None
         new = await conn.fetchrow(

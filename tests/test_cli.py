@@ -25,8 +25,9 @@ from helpers import (HALTLESS, ROOT, ServerProcess, fetchval, free_port, haltles
 
 def one_line_error(p: subprocess.CompletedProcess) -> str:
     assert p.returncode == 2, (p.returncode, p.stderr)
-    # argparse puts its usage line first; the error itself is one line
-    lines = [ln for ln in p.stderr.strip().splitlines() if not ln.startswith("usage: ")]
+    # argparse puts its usage first (wrapped, indented); the error itself is one line
+    lines = [ln for ln in p.stderr.strip().splitlines()
+             if not ln.startswith("usage: ") and not ln.startswith(" ")]
     assert len(lines) == 1, p.stderr
     assert "Traceback" not in p.stderr
     return lines[0]
@@ -37,7 +38,7 @@ def one_line_error(p: subprocess.CompletedProcess) -> str:
 def test_data_dir_works_before_and_after_the_command(public_tmp):
     env = {"HALTLESS_DATABASE_URL": None, "HALTLESS_DATA_DIR": None}
     data = public_tmp / "d"
-    for args in (["--data-dir", str(data), "orgs", "list"], ["orgs", "list", "--data-dir", str(data)],
+    for args in (["--data-dir", str(data), "migrate"], ["orgs", "list", "--data-dir", str(data)],
                  ["machines", "add", "CNC-9", "--data-dir", str(data)],
                  ["--data-dir", str(data), "machines", "list"]):
         p = haltless(*args, env=env)

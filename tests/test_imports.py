@@ -148,6 +148,20 @@ def test_the_agent_loads_a_device_library_only_for_its_protocol():
     assert "pymodbus" in loaded and "asyncua" not in loaded
 
 
+DEVICE_LIBRARIES = {"asyncua", "pymodbus", "gmqtt", "google"}  # google: protobuf
+
+
 def test_http_workers_load_no_device_library():
     loaded = loaded_after("import haltless.server.app")
-    assert not loaded & {"asyncua", "pymodbus"}, loaded & {"asyncua", "pymodbus"}
+    assert not loaded & DEVICE_LIBRARIES, loaded & DEVICE_LIBRARIES
+
+
+def test_validating_an_mqtt_config_loads_no_mqtt_client_or_protobuf():
+    loaded = loaded_after(
+        "from haltless.server.sources import check_config\n"
+        "check_config('mqtt', {'format': 'sparkplug_b', 'group_id': 'Plant1'})\n"
+        "from haltless.pollers.readers import make_reader\n"
+        "from haltless.pollers.modbus_config import ModbusConfig, ModbusRegister\n"
+        "make_reader('modbus', '127.0.0.1', 502, ModbusConfig([ModbusRegister(1, 'm')]),"
+        " pki_dir='.')")
+    assert not loaded & {"gmqtt", "google"}, loaded & {"gmqtt", "google"}

@@ -20,12 +20,13 @@ class Pollers:
     """`haltless pollers`; ``flush`` is HALTLESS_POLL_FLUSH_SECONDS (short
     here, so that tests see readings within a poll or two; 10 s by default)."""
 
-    def __init__(self, server, log_path, processes=1, flush="0.3"):
+    def __init__(self, server, log_path, processes=1, flush="0.3", env=None):
         self.log_path = log_path
         self._log = open(log_path, "ab")
         self.proc = subprocess.Popen(
             HALTLESS + ["pollers", "--processes", str(processes)],
-            env={**server.env, "HALTLESS_LOG_LEVEL": "info", "HALTLESS_POLL_FLUSH_SECONDS": flush},
+            env={**server.env, "HALTLESS_LOG_LEVEL": "info", "HALTLESS_POLL_FLUSH_SECONDS": flush,
+                 **(env or {})},
             cwd=ROOT, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True)
 
     def kill(self, sig=signal.SIGKILL):

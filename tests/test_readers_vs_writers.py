@@ -13,11 +13,13 @@ import time
 
 import asyncpg
 import pytest
-
-from helpers import fetch, fetchval, haltless, make_tenant
+from haltless.server import query, readback
+from haltless.server.compaction import compact_all
+from helpers import fetch, fetchval, haltless, make_tenant, run
+from test_query import us
 from test_storage import compact, hot_count, send
 
-UTC = dt.timezone.utc
+UTC = dt.UTC
 
 
 @pytest.fixture
@@ -143,9 +145,9 @@ def test_retention_waits_for_older_readers_without_blocking_anyone_then_drops(
 
 
 def test_serves_compactors_compact_the_closed_slot_beside_a_reader(pg_dsn, reading_org):
-    from helpers import serve_compactors
     from haltless.server.compaction import GRACE
     from haltless.server.hot import hot_slot
+    from helpers import serve_compactors
 
     tenant, url, n = reading_org
     t = time.time() // 3600 * 3600 + GRACE + 60
@@ -164,3 +166,56 @@ def test_serves_compactors_compact_the_closed_slot_beside_a_reader(pg_dsn, readi
     assert fetchval(pg_dsn, f"SELECT count(*) FROM reading_chunks_{closed} WHERE series_id = $1",
                     sid) == 0
     assert fetchval(pg_dsn, "SELECT count(*) FROM readings WHERE series_id = $1", sid) == 2
+
+
+class CompactsBeforeCopy(asyncpg.Connection):
+    """A connection on which a real compaction, on another connection,
+    commits in the instant between a read's block query and its hot-row
+    COPY: the moment a read that is not one snapshot loses the late rows
+    that compaction moves from hot rows into a block."""
+    other: asyncpg.Connection | None = None
+
+    async def copy_from_query(self, *args, **kwargs):
+        if self.other is not None:
+            await compact_all(self.other, include_current=True)
+            self.other = None
+        return await super().copy_from_query(*args, **kwargs)
+
+
+def test_a_read_is_one_snapshot_when_compaction_merges_late_readings_under_it(pg_dsn, server):
+    """Blocks, their timelines and hot rows are read by separate statements;
+    a compaction that merges late rows into a block between two of them must
+    not make readings vanish from the answer (the query API reads in one
+    REPEATABLE READ snapshot). Without the snapshot the same moment loses
+    them, which shows the test reaches it."""
+    tenant = make_tenant(pg_dsn, machines=("CNC-001",))
+    hour = (dt.datetime.now(UTC) - dt.timedelta(hours=2)).replace(minute=0, second=0,
+                                                                 microsecond=0)
+    n = send(server, tenant, hour, 60, metrics=5)
+    compact(pg_dsn)
+    sids = [r[0] for r in fetch(pg_dsn, "SELECT s.id FROM series s JOIN machines m"
+                                " ON m.id = s.machine_id WHERE m.org_id = $1", tenant.org_id)]
+    t0, t1 = us(hour), us(hour + dt.timedelta(hours=1))
+
+    async def read(snapshot: bool) -> int:
+        conn = await asyncpg.connect(pg_dsn, connection_class=CompactsBeforeCopy)
+        conn.other = await asyncpg.connect(pg_dsn)
+        other = conn.other
+        try:
+            total = 0
+            async with query._snapshot(conn) if snapshot else contextlib.nullcontext():
+                async for got in readback.scan(conn, sids, t0, t1):
+                    total += sum(len(ts) for ts, _ in got.values())
+            assert conn.other is None  # the compaction ran in the window
+            return total
+        finally:
+            await other.close()
+            await conn.close()
+
+    late = send(server, tenant, hour + dt.timedelta(minutes=5, microseconds=500), 60, metrics=5)
+    assert hot_count(pg_dsn) == late
+    assert run(read(snapshot=True)) == n + late
+    assert hot_count(pg_dsn) == 0  # merged meanwhile
+    more = send(server, tenant, hour + dt.timedelta(minutes=10, microseconds=700), 60, metrics=5)
+    assert run(read(snapshot=False)) == n + late  # the control: `more` vanished
+    assert tenant.count(pg_dsn) == n + late + more

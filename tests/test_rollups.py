@@ -194,3 +194,73 @@ def test_summarize_twins_agree_bit_for_bit_on_random_blocks():
         a, b = blocks_c.summarize(ts, vals, interval), blocks_py.summarize(ts, vals, interval)
         assert a[:3] == b[:3] and a[3].typecode == b[3].typecode
         assert a[3].tobytes() == b[3].tobytes()
+
+
+@pytest.mark.parametrize("interval", ["1m", "5m", "7m", "1h", "1d"])
+def test_the_query_api_aggregates_from_summaries_as_from_readings(server, pg_dsn, interval):
+    """/readings/aggregate at whole minutes takes compacted hours from their
+    summaries and the rest (cut hours at the range's ends, an hour with late
+    readings not yet merged, the hot hour) from readings: the same buckets,
+    counts, minima, maxima, firsts and lasts as the readings give, sums and
+    means to rounding."""
+    from haltless.server import rollups
+    from helpers import run
+    from test_query import get
+
+    tenant = make_tenant(pg_dsn, machines=("CNC-001",))
+    rnd = random.Random(interval)
+    top = dt.datetime.now(UTC).replace(minute=0, second=0, microsecond=0)
+    start = top - 4 * HOUR
+    rs = readings(start, 4 * 3600, rnd, step=1.0)[::4]  # a reading every ~4 s per metric
+    send(server, tenant, rs)
+    compact(pg_dsn)
+    late = [dict(r, timestamp=iso(dt.datetime.fromisoformat(r["timestamp"])
+                                  + dt.timedelta(microseconds=7)), value=r["value"] + 1)
+            for r in rs if r["timestamp"] >= iso(start + 2 * HOUR)
+            and r["timestamp"] < iso(start + 2 * HOUR + dt.timedelta(minutes=3))]
+    hot = readings(top, 120, rnd)
+    send(server, tenant, late + hot)
+    sent = rs + late + hot
+    t0 = start + dt.timedelta(minutes=17, seconds=13)
+    t1 = top + dt.timedelta(minutes=1, seconds=30)
+    r = get(server, "/api/v1/readings/aggregate", server.token(tenant.org_id),
+            {"machine_identifier": "CNC-001", "from": iso(t0), "to": iso(t1),
+             "interval": interval, "agg": "avg,min,max,count,sum,first,last"})
+    assert r.status_code == 200, r.text
+    step = {"1m": 60, "5m": 300, "7m": 420, "1h": 3600, "1d": 86400}[interval] * 1_000_000
+    def micros(t: dt.datetime) -> int:
+        return (t - dt.datetime(1970, 1, 1, tzinfo=UTC)) // dt.timedelta(microseconds=1)
+
+    lo, hi = micros(t0), micros(t1)
+    for s in r.json()["series"]:
+        want: dict[int, list] = {}
+        for t, v in sorted((micros(dt.datetime.fromisoformat(x["timestamp"])), x["value"])
+                           for x in sent if x["metric_name"] == s["metric_name"]):
+            if lo <= t < hi:
+                want.setdefault(t // step * step, []).append(v)
+        keys = sorted(want)
+        assert s["buckets"] == [
+            (dt.datetime(1970, 1, 1, tzinfo=UTC) + dt.timedelta(microseconds=b))
+            .isoformat(timespec="microseconds").replace("+00:00", "Z") for b in keys]
+        assert s["count"] == [len(want[b]) for b in keys], s["metric_name"]
+        assert s["min"] == [min(want[b]) for b in keys]
+        assert s["max"] == [max(want[b]) for b in keys]
+        assert s["first"] == [want[b][0] for b in keys]
+        assert s["last"] == [want[b][-1] for b in keys]
+        assert s["sum"] == pytest.approx([sum(want[b]) for b in keys], rel=1e-12)
+        assert s["avg"] == pytest.approx([sum(want[b]) / len(want[b]) for b in keys], rel=1e-12)
+
+    # Which hours came from summaries: the whole compacted hours inside the
+    # range, but the one with late readings waiting.
+    async def covered():
+        import asyncpg
+        conn = await asyncpg.connect(pg_dsn)
+        try:
+            sids = [x[0] for x in await conn.fetch(
+                "SELECT s.id FROM series s JOIN machines m ON m.id = s.machine_id"
+                " WHERE m.org_id = $1", tenant.org_id)]
+            return {(h - int(start.timestamp() * 1e6)) // 3_600_000_000
+                    for _, h in await conn.fetch(rollups.HOURS, sids, start + HOUR, top)}
+        finally:
+            await conn.close()
+    assert run(covered()) == {1, 3}
