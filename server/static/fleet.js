@@ -89,12 +89,19 @@ async function loadFleet() {
       const t = last.get(s.machine_identifier);
       if (!t || s.timestamp > t) last.set(s.machine_identifier, s.timestamp);
     }
+    // Readings per machine in the last minute: one fleet aggregate (no
+    // machine_identifier) instead of a request per machine.
     const to = new Date(), from = new Date(to.getTime() - 60000);
-    const counts = await Promise.all(machines.map((m) => last.has(m.machine_identifier)
-      ? api("/api/v1/readings/aggregate", { machine_identifier: m.machine_identifier,
-          from: from.toISOString(), to: to.toISOString(), interval: "60s", agg: "count" })
-          .then((a) => a.series.reduce((n, s) => n + s.count.reduce((x, y) => x + y, 0), 0))
-      : Promise.resolve(0)));
+    const perMachine = new Map();
+    if (last.size) {
+      const fleet = await api("/api/v1/readings/aggregate", {
+        from: from.toISOString(), to: to.toISOString(), interval: "60s", agg: "count" });
+      for (const s of fleet.series) {
+        perMachine.set(s.machine_identifier, (perMachine.get(s.machine_identifier) || 0)
+                       + s.count.reduce((x, y) => x + y, 0));
+      }
+    }
+    const counts = machines.map((m) => perMachine.get(m.machine_identifier) || 0);
     const body = $("machines").tBodies[0];
     body.replaceChildren();
     machines.forEach((m, i) => {
@@ -148,7 +155,10 @@ async function loadMachine() {
     const plots = $("plots");
     const width = Math.max(300, plots.clientWidth - 20);
     const to = new Date(), from = new Date(to.getTime() - state.range * 1000);
-    const interval = Math.max(1, Math.ceil(state.range / width));  // about one bucket per pixel
+    // About one bucket per pixel; whole minutes from a minute up, so that the
+    // server answers compacted hours from their per-minute summaries.
+    let interval = Math.max(1, Math.ceil(state.range / width));
+    if (interval > 60) interval = Math.ceil(interval / 60) * 60;
     const results = await Promise.all(metrics.map((metric) => api("/api/v1/readings/aggregate", {
       machine_identifier: machine, metric_name: metric, from: from.toISOString(),
       to: to.toISOString(), interval: interval + "s", agg: "avg,min,max,count" })));
