@@ -33,6 +33,19 @@ def _command(name: str):
     return run
 
 
+MAX_TOKEN_TTL = 30 * 86_400
+
+
+def _ttl(value: str) -> int:
+    import argparse
+    v = _positive_int(value)
+    if v > MAX_TOKEN_TTL:
+        raise argparse.ArgumentTypeError(
+            f"{v} seconds is more than 30 days ({MAX_TOKEN_TTL}); issue shorter-lived tokens "
+            "and create new ones as needed (`haltless token revoke` ends them early)")
+    return v
+
+
 def _positive_int(value: str) -> int:
     import argparse
     try:
@@ -169,9 +182,12 @@ def build_parser():
     token = sub.add_parser("token", help="JWTs for the management API").add_subparsers(
         dest="sub", required=True, metavar="ACTION")
     sp = token.add_parser("create", parents=[common, org], help="print a bearer token")
-    sp.add_argument("--ttl", type=_positive_int, default=3600,
-                    help="lifetime in seconds (default 3600)")
+    sp.add_argument("--ttl", type=_ttl, default=3600,
+                    help="lifetime in seconds (default 3600, at most 30 days: 2592000)")
     sp.set_defaults(func=_command("cmd_token_create"))
+    sp = token.add_parser("revoke", parents=[common, org],
+                          help="refuse every token of the organization issued until now")
+    sp.set_defaults(func=_command("cmd_token_revoke"))
 
     sp = sub.add_parser("pollers", parents=[common],
                         help="poll the active ingest sources (direct ingestion)")

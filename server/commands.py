@@ -256,6 +256,20 @@ async def cmd_token_create(conn, args, s):
     print(issue_token(jwt_secret(s.jwt_secret, s.data_dir), org, args.ttl))
 
 
+@with_db
+async def cmd_token_revoke(conn, args, s):
+    org = await store.org_id(conn, args.org)
+    # Tokens carry their issue time in whole seconds: the cut is the next
+    # whole second, and this returns only once it has passed, so that every
+    # token issued before is refused and every one issued after is not.
+    after = await conn.fetchval(
+        "UPDATE organizations SET tokens_valid_after = date_trunc('second', now())"
+        " + interval '1 second' WHERE id = $1 RETURNING tokens_valid_after", org)
+    await asyncio.sleep(max(0.0, after.timestamp() - time.time()) + 0.05)
+    print(f"tokens issued before {after.isoformat()} are refused (every worker within "
+          "5 s); `haltless token create` issues new ones")
+
+
 def _uuid(value: str, what: str) -> uuid.UUID:
     try:
         return uuid.UUID(value)
