@@ -9,6 +9,7 @@ HALTLESS_NO_EXTENSIONS=1 at build time skips the extensions: the pure-Python
 twins then run (slower, same answers). A failed compile says so.
 """
 import os
+import sys
 
 from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
@@ -44,7 +45,10 @@ def extensions() -> list:
     debug = os.environ.get("HALTLESS_DEBUG") == "1"
     return cythonize(
         [Extension(f"haltless.fast.{name}", [f"haltless_fast/{name}.pyx"],
-                   extra_compile_args=["-O0", "-g"] if debug else ["-O2"])
+                   extra_compile_args=["-O0", "-g"] if debug else ["-O2", "-g0"],
+                   # no debug info in release builds (it was 1.0-1.4 MB a module)
+                   extra_link_args=["-s"] if not debug and sys.platform.startswith("linux")
+                   else [])
          for name in KERNELS],
         compiler_directives=compiler_directives(debug),
         # The modules are named haltless.fast.* but live in haltless_fast/, so a

@@ -322,6 +322,15 @@ def _compact_once(h: BenchDB, env: dict, pg_pid: int, log: Path) -> dict:
             "wal_bytes": h.wal_since(lsn0), "output_tail": out[-1500:] if code else out[-300:]}
 
 
+ROLLUP_BYTES = """
+SELECT coalesce(sum(coalesce(pg_column_size(m_scale), 0) + coalesce(pg_column_size(m_minute), 0)
+                    + coalesce(pg_column_size(m_count), 0) + coalesce(pg_column_size(m_k), 0)
+                    + coalesce(pg_column_size(m_f), 0) + coalesce(pg_column_size(v_first), 0)
+                    + coalesce(pg_column_size(v_min), 0) + coalesce(pg_column_size(v_max), 0)
+                    + coalesce(pg_column_size(v_sum), 0)), 0)::int8
+FROM reading_blocks"""
+
+
 def compact(h: BenchDB, env: dict, pg_pid: int, count: int, empty: int, log: Path) -> dict:
     """``haltless compact`` (compacts everything committed, exits), measured;
     then once more with nothing left to do: its cost is the fixed part
@@ -333,6 +342,11 @@ def compact(h: BenchDB, env: dict, pg_pid: int, count: int, empty: int, log: Pat
         return {"available": False}
     first = _compact_once(h, env, pg_pid, log)
     after = h.sizes()
+    # The rollups' share of that: the per-minute summaries stored with each
+    # block (migration 0013), as stored (pg_column_size: compressed or not).
+    rollup = h.val(ROLLUP_BYTES) if h.val(
+        "SELECT count(*) FROM pg_attribute WHERE attrelid = 'reading_blocks'::regclass"
+        " AND attname = 'm_count'") else None
     count_after = h.val("SELECT count(*) FROM readings")
     idle = _compact_once(h, env, pg_pid, log.with_suffix(".again.log"))
     again = h.sizes()
@@ -345,6 +359,7 @@ def compact(h: BenchDB, env: dict, pg_pid: int, count: int, empty: int, log: Pat
         "cpu_s_per_million_net": round(net / millions, 3) if millions else None,
         "wal_bytes_per_reading": per_reading(first["wal_bytes"], count),
         "after": {**after, "bytes_per_reading": per_reading(after["total_bytes"] - empty, count)},
+        "rollup_bytes": rollup, "rollup_bytes_per_reading": per_reading(rollup, count),
         "readings_after": count_after, "nothing_lost_or_duplicated": count_after == count,
         "second_run": {**idle, "total_bytes": again["total_bytes"],
                        "unchanged": again["total_bytes"] == after["total_bytes"]},
@@ -381,8 +396,9 @@ def markdown(records: list[dict], head: dict) -> str:
         "",
         "| target | readings/s committed | vs narrow | readings/row | B/reading at rest "
         "| vs narrow | WAL B/reading | vs narrow | after compaction B/reading | vs narrow "
-        "| vs Gorilla | compaction CPU-s / M readings (net) | compaction WAL B/reading |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| vs Gorilla | of which rollups B/reading | compaction CPU-s / M readings (net) "
+        "| compaction WAL B/reading |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     g = head["gorilla_bytes_per_reading"]
     for r in records:
@@ -400,6 +416,7 @@ def markdown(records: list[dict], head: dict) -> str:
             f"| {_num(r['ingest']['wal_bytes_per_reading'])} "
             f"| {_ratio(r['ingest']['wal_bytes_per_reading'], b_wal)} "
             f"| {_num(after, '{:,.2f}')} | {_ratio(after, b_rest)} | {_ratio(after, g)} "
+            f"| {_num(c.get('rollup_bytes_per_reading'), '{:,.2f}')} "
             f"| {_num(c.get('cpu_s_per_million'), '{:,.2f}')} "
             f"({_num(c.get('cpu_s_per_million_net'), '{:,.2f}')}) "
             f"| {_num(c.get('wal_bytes_per_reading'))} |")
@@ -409,7 +426,9 @@ def markdown(records: list[dict], head: dict) -> str:
                      "checkout); the after-compaction columns are empty.")
     lines.append("B/reading at rest: pg_total_relation_size (heap, indexes, TOAST) of every "
                  "readings table and partition, less the same sum before the first reading "
-                 "(empty schema), over the readings committed. Compaction CPU-s: "
+                 "(empty schema), over the readings committed. Of which rollups: the per-minute "
+                 "summaries stored with the blocks (readings_1m/readings_1h, migration 0013), "
+                 "column sizes as stored. Compaction CPU-s: "
                  "`haltless compact` plus PostgreSQL's whole process tree while it ran; (net): "
                  "less a second run with nothing to compact (process start, imports).")
     for r in records:

@@ -17,6 +17,10 @@ class ClientError(HaltlessError):
 
     status = 400
 
+    def headers(self) -> list[tuple[bytes, bytes]] | None:
+        """Response headers that go with the answer."""
+        return None
+
 
 class PayloadTooLarge(ClientError):
     status = 413
@@ -39,6 +43,9 @@ class TooManyRequests(ClientError):
         super().__init__(message)
         self.retry_after = retry_after
 
+    def headers(self) -> list[tuple[bytes, bytes]]:
+        return [(b"retry-after", str(self.retry_after).encode())]
+
 
 class Unprocessable(ClientError):
     status = 422
@@ -50,6 +57,19 @@ class Unauthorized(ClientError):
 
 class NotFound(ClientError):
     status = 404
+
+
+class MethodNotAllowed(ClientError):
+    """The path exists, not with this method; ``allowed`` are the ones it has."""
+
+    status = 405
+
+    def __init__(self, method: str, allowed: list[str]) -> None:
+        super().__init__(f"method {method} not allowed here; allowed: {', '.join(allowed)}")
+        self.allowed = allowed
+
+    def headers(self) -> list[tuple[bytes, bytes]]:
+        return [(b"allow", ", ".join(self.allowed).encode())]
 
 
 class Conflict(ClientError):

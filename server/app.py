@@ -12,8 +12,8 @@ import re
 import time
 
 from ..core.config import Settings
-from ..core.errors import (ClientError, ClientGone, DatabaseUnavailable, NotFound, Overloaded,
-                           TooManyRequests)
+from ..core.errors import (ClientError, ClientGone, DatabaseUnavailable, MethodNotAllowed,
+                           NotFound, Overloaded, TooManyRequests)
 from ..core.logs import configure_logging
 from ..core.wire import MAX_BODY_BYTES
 from . import db, fleet, management, metrics, query
@@ -23,6 +23,7 @@ from .db import DB_DOWN
 from .decode import count_readings
 from .http import Request, Response, StreamingResponse
 from .ratelimit import RateLimiter
+from .reader_limits import police_readers
 from .runtime import Runtime
 from .store import hash_api_key
 
@@ -115,6 +116,7 @@ class App:
         self.outage = Outage()
         self._maintenance: asyncio.Task | None = None
         self._compaction: asyncio.Task | None = None
+        self._readers: asyncio.Task | None = None
 
     async def __call__(self, scope, receive, send) -> None:
         kind = scope["type"]
@@ -125,29 +127,30 @@ class App:
 
     def _route(self, method: str, path: str):
         """(handler, limit, auth, route pattern, params); handler None and
-        params the allowed methods (or None) when nothing matches."""
+        params the allowed methods (or None) when nothing matches (the route
+        pattern is then the path's when only the method is wrong, else
+        "unmatched": metrics labels stay bounded)."""
         hit = self._exact.get((method, path))
         if hit is not None:
             return (*hit, {})
         allowed = [m for (m, p) in self._exact if p == path]
+        route = path if allowed else "unmatched"
         for m, rx, target in self._patterns:
             match = rx.match(path)
             if match:
                 if m == method:
                     return (*target, match.groupdict())
                 allowed.append(m)
-        return None, 0, None, "unmatched", sorted(set(allowed)) or None
+                route = target[3]
+        return None, 0, None, route, sorted(set(allowed)) or None
 
     async def _http(self, scope, receive, send) -> None:
         started = time.perf_counter()
         handler, limit, auth, route, params = self._route(scope["method"], scope["path"])
         try:
             if handler is None:
-                if params:
-                    await _send(send, Response(405, {"detail": f"method {scope['method']} not allowed "
-                                                                f"here; allowed: {', '.join(params)}"},
-                                               [(b"allow", ", ".join(params).encode())]))
-                    return
+                if params:  # answered (and counted) like every other answer below
+                    raise MethodNotAllowed(scope["method"], params)
                 raise NotFound(f"no such endpoint: {scope['path']}")
             req = Request(scope, params)
             # Credentials first: a request that may not write is answered
@@ -170,9 +173,7 @@ class App:
             if resp.status < 300 and auth is not None:
                 self.outage.up()
         except ClientError as exc:
-            resp = Response(exc.status, {"detail": str(exc)},
-                            [(b"retry-after", str(exc.retry_after).encode())]
-                            if isinstance(exc, TooManyRequests) else None)
+            resp = Response(exc.status, {"detail": str(exc)}, exc.headers())
         except Overloaded as exc:
             resp = Response(503, {"detail": str(exc)},
                             [(b"retry-after", str(exc.retry_after).encode())])
@@ -235,9 +236,10 @@ class App:
         self._maintenance = asyncio.create_task(maintain(self.rt.pool))
         self._compaction = asyncio.create_task(compact_forever(self.rt.pool, s.retention_days,
                                                            dsn=s.database_url))
+        self._readers = asyncio.create_task(police_readers(self.rt.pool))
 
     async def shutdown(self) -> None:
-        for task in (self._maintenance, self._compaction):
+        for task in (self._maintenance, self._compaction, self._readers):
             if task is not None:
                 task.cancel()
         if self.rt is not None:

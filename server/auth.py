@@ -73,6 +73,12 @@ def issue_token(secret: str, org_id: uuid.UUID, ttl_seconds: int) -> str:
 
 def verify_token(secret: str, authorization: str | None) -> uuid.UUID:
     """The organization of a valid bearer token; Unauthorized otherwise."""
+    return verify_claims(secret, authorization)[0]
+
+
+def verify_claims(secret: str, authorization: str | None) -> tuple[uuid.UUID, int]:
+    """(organization, issued at in Unix seconds) of a valid bearer token;
+    Unauthorized otherwise."""
     if not authorization:
         raise Unauthorized("missing Authorization header; send `Authorization: Bearer <JWT>` "
                            "from `haltless token create`")
@@ -91,9 +97,9 @@ def verify_token(secret: str, authorization: str | None) -> uuid.UUID:
         raise Unauthorized("invalid token") from None
     org = claims[ORG_CLAIM]
     try:
-        if not isinstance(org, str):
+        if not isinstance(org, str) or not isinstance(claims["iat"], int):
             raise ValueError
-        return uuid.UUID(org)
+        return uuid.UUID(org), claims["iat"]
     except ValueError:
         raise Unauthorized("invalid token: its org claim is not an organization id (a UUID "
                            "string); issue a new one with `haltless token create`") from None

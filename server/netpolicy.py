@@ -58,6 +58,13 @@ def check_host_name(host: str) -> None:
                                 f"{label[:20]!r}... is {len(label)} characters long; DNS allows 63")
 
 
+NAT64 = ipaddress.ip_network("64:ff9b::/96")
+
+
+def _nat64(a: ipaddress.IPv6Address) -> ipaddress.IPv4Address | None:
+    return ipaddress.IPv4Address(int(a) & 0xFFFFFFFF) if a in NAT64 else None
+
+
 class AddressPolicy:
     OWN_TTL = 60.0  # seconds the host's interface addresses are cached
 
@@ -116,7 +123,14 @@ class AddressPolicy:
                 if a not in addrs:
                     addrs.append(a)
         for a in addrs:
-            if isinstance(a, ipaddress.IPv6Address) and a.ipv4_mapped:
-                self.check_ip(a.ipv4_mapped, host)
+            # IPv6 forms that carry an IPv4 address (mapped ::ffff:a.b.c.d,
+            # 6to4 2002:AABB:CCDD::, Teredo's client address, NAT64
+            # 64:ff9b::a.b.c.d) are checked as that address too:
+            # 2002:7f00:1:: reaches 127.0.0.1 through a 6to4 relay.
+            if isinstance(a, ipaddress.IPv6Address):
+                for inner in (a.ipv4_mapped, a.sixtofour, a.teredo and a.teredo[1],
+                              _nat64(a)):
+                    if inner is not None:
+                        self.check_ip(inner, host)
             self.check_ip(a, host)
         return [str(a) for a in addrs]

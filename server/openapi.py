@@ -86,10 +86,20 @@ PARAMETERS = {
            "streams every reading of the range as CSV rows; then no limit or cursor"),
     ],
     "/api/v1/readings/aggregate": [
-        _MACHINE, _METRICS, *_RANGE,
+        _q("machine_identifier", {"type": "string"}, "the machine's identifier (404 when the "
+           "token's organization has no such machine); left out, every machine of the "
+           "organization: one entry per machine and series (a fleet question in one request; "
+           f"at most {query.MAX_FLEET_SERIES:,} series)", example="CNC-001"),
+        _q("metric_name", {"type": "array", "items": {"type": "string"}},
+           "repeat it for several metrics; left out, every metric; 404 naming a metric the "
+           "machine (or, without machine_identifier, every machine) does not have",
+           style="form", explode=True),
+        *_RANGE,
         _q("interval", {"type": "string", "pattern": r"^[1-9][0-9]{0,6}[smhd]$"},
            "bucket width: a number and s, m, h or d, from 1s to 31d; buckets are aligned to "
-           f"it from the Unix epoch; at most {query.MAX_BUCKETS:,} buckets per request",
+           f"it from the Unix epoch; at most {query.MAX_BUCKETS:,} buckets and "
+           f"{query.MAX_CELLS:,} series x buckets per request; at whole minutes compacted "
+           "hours come from their per-minute summaries",
            required=True, example="1m"),
         _q("agg", {"type": "array", "minItems": 1, "default": _AGG_DEFAULT,
                    "items": {"type": "string", "enum": list(query.AGGREGATES)}},

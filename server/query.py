@@ -37,6 +37,8 @@ from .http import Request, Response, StreamingResponse
 DEFAULT_LIMIT = 10_000
 MAX_LIMIT = 100_000
 MAX_BUCKETS = 100_000
+MAX_CELLS = 200_000  # series x buckets of one aggregate answer (~25 MB of JSON at most)
+MAX_FLEET_SERIES = 10_000
 MIN_INTERVAL_US = 1_000_000
 MAX_INTERVAL_US = 31 * 86_400_000_000
 AGGREGATES = ("avg", "min", "max", "count", "sum", "first", "last")
@@ -140,6 +142,28 @@ async def _series(conn, org: uuid.UUID, machine: str, metrics: list[str]) -> lis
                 raise NotFound(f"metric_name: machine {machine!r} has no metric {name!r}; "
                                f"it has: {known}")
         rows = [r for r in rows if r["metric_name"] in metrics]
+    return rows
+
+
+async def _fleet_series(conn, org: uuid.UUID, metrics: list[str]) -> list:
+    """The series of every machine of the organization (only the named
+    metrics, when any), in a stable order; 404 for a metric no machine has,
+    422 beyond MAX_FLEET_SERIES."""
+    rows = await conn.fetch(
+        "SELECT s.id, m.machine_identifier, s.metric_name, NULLIF(s.unit, '') AS unit,"
+        " NULLIF(s.raw_tag, '') AS raw_tag"
+        " FROM machines m JOIN series s ON s.machine_id = m.id"
+        " WHERE m.org_id = $1 AND (cardinality($2::text[]) = 0 OR s.metric_name = ANY($2))"
+        ' ORDER BY m.machine_identifier COLLATE "C", s.metric_name COLLATE "C",'
+        ' s.unit COLLATE "C", s.raw_tag COLLATE "C", s.id LIMIT $3',
+        org, metrics, MAX_FLEET_SERIES + 1)
+    if len(rows) > MAX_FLEET_SERIES:
+        raise Unprocessable(f"machine_identifier: more than {MAX_FLEET_SERIES:,} series match; "
+                            "name a machine or fewer metrics")
+    missing = set(metrics) - {r["metric_name"] for r in rows}
+    if missing:
+        raise NotFound(f"metric_name: no machine in your organization has metric "
+                       f"{sorted(missing)[0]!r}")
     return rows
 
 
@@ -392,10 +416,11 @@ async def _scaled_means(conn, sid: int, t0: int, t1: int, step: int) -> dict[int
 
 
 async def aggregates(app, req: Request) -> Response:
-    """GET /api/v1/readings/aggregate: per series, one value per aggregate and bucket."""
+    """GET /api/v1/readings/aggregate: per series, one value per aggregate and
+    bucket; of one machine, or without machine_identifier of the whole fleet."""
     org = _org(app, req)
     p = Params(req, AGGREGATE_PARAMS)
-    machine = p.one("machine_identifier", required=True)
+    machine = p.one("machine_identifier")
     t0, t1 = p.range()
     step = _interval(p.one("interval"))
     names = _aggs(p.many("agg"))
@@ -404,7 +429,15 @@ async def aggregates(app, req: Request) -> Response:
         raise Unprocessable(f"interval: {buckets:,} buckets over this range; at most "
                             f"{MAX_BUCKETS:,}: choose a longer interval or a shorter range")
     async with app.rt.pool.acquire() as conn, _snapshot(conn):
-        rows = await _series(conn, org, machine, p.many("metric_name"))
+        if machine is None:  # the fleet: every machine's series (of the named metrics)
+            rows = await _fleet_series(conn, org, p.many("metric_name"))
+        else:
+            rows = await _series(conn, org, machine, p.many("metric_name"))
+        if len(rows) * buckets > MAX_CELLS:
+            raise Unprocessable(
+                f"interval: {len(rows):,} series x {buckets:,} buckets is more than "
+                f"{MAX_CELLS:,} per answer: choose a longer interval, a shorter range, "
+                "or fewer series (machine_identifier, metric_name)")
         sids = [r["id"] for r in rows]
         per: dict[int, list] = {}
         if rollups.usable(step):  # whole minutes: compacted hours from their summaries

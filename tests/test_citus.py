@@ -450,6 +450,79 @@ def test_a_grafana_role_on_the_cluster_sees_only_its_organization_hot_and_compac
     assert b.count(citus_dsn) == 450
 
 
+def test_reader_roles_on_the_cluster_are_bounded_too(citus_server, citus_dsn, cluster):
+    """The bounds of tests/test_reader_bounds.py through a coordinator: the
+    connection limit (and readers at the limit still read every shard), no
+    advisory locks on the coordinator nor in shard queries on the workers,
+    no temporary tables or large objects, serve's check ends a reader that
+    lifted its timeouts, and a transaction a reader prepared is rolled back."""
+    t = make_tenant(citus_dsn, machines=("CNC-001",))
+    send(citus_server, t, dt.datetime.now(UTC).replace(microsecond=0) - dt.timedelta(minutes=2),
+         20, metrics=8)
+    out = haltless("grafana-role", "--org", t.name, "--connection-limit", "3",
+                   "--statement-timeout", "1", "--idle-in-transaction-timeout", "1",
+                   "--transaction-timeout", "30", env={"HALTLESS_DATABASE_URL": citus_dsn})
+    assert "warning" not in out.stderr, out.stderr
+    url = out.stdout.strip()
+    role = url.split("//")[1].split(":")[0]
+    for i in range(1, len(cluster.nodes)):  # the lockdown reached every worker
+        assert fetchval(cluster.node_dsn(i), "SELECT has_function_privilege('public',"
+                        " 'pg_advisory_lock(bigint)', 'EXECUTE') OR has_database_privilege("
+                        "'public', current_database(), 'TEMPORARY')") is False
+        # Citus gave the role its session defaults there too (work_mem: shard
+        # queries run on the workers, as the reader).
+        assert "work_mem=64MB" in fetchval(
+            cluster.node_dsn(i), "SELECT d.setconfig::text FROM pg_db_role_setting d"
+            " JOIN pg_roles r ON r.oid = d.setrole WHERE r.rolname = $1", role)
+
+    # Each session that queries holds one more connection as the reader on
+    # every node (to the coordinator itself, and one to each worker): twice.
+    assert fetchval(citus_dsn, "SELECT rolconnlimit FROM pg_roles WHERE rolname = $1",
+                    role) == 6
+
+    async def go():
+        held = [await asyncpg.connect(url) for _ in range(3)]
+        try:
+            counts = await asyncio.gather(*(c.fetchval("SELECT count(*) FROM readings")
+                                            for c in held))
+            more = await asyncio.gather(*(asyncpg.connect(url) for _ in range(4)),
+                                        return_exceptions=True)
+            await asyncio.gather(*(c.close() for c in more if isinstance(c, asyncpg.Connection)))
+            assert any(isinstance(c, asyncpg.TooManyConnectionsError)
+                       and "too many connections" in str(c) for c in more), more
+            refused = []
+            for sql in ("SELECT pg_advisory_lock(7291845002)",
+                        "SELECT count(pg_try_advisory_xact_lock(series_id)) FROM reading_chunks",
+                        "SELECT lo_create(0)", "CREATE TEMP TABLE mine (a int)"):
+                await held[0].execute("SET default_transaction_read_only = off")
+                try:
+                    await held[0].execute(sql)
+                    refused.append((sql, None))
+                except asyncpg.PostgresError as exc:
+                    refused.append((sql, type(exc).__name__))
+            # Lifted timeouts: the serve workers' check ends the session.
+            await held[1].execute("SET statement_timeout = 0")
+            with pytest.raises((asyncpg.AdminShutdownError, asyncpg.ConnectionDoesNotExistError)):
+                await asyncio.wait_for(held[1].execute("SELECT pg_sleep(600)"), 90)
+            # A prepared transaction (the cluster allows them: Citus's 2PC;
+            # Citus refuses one that reached other nodes, not a local one).
+            await held[2].execute("BEGIN; SELECT count(*) FROM pg_class;"
+                                  " PREPARE TRANSACTION 'reader-held'")
+            return counts, refused
+        finally:
+            for c in held:
+                await c.close()
+
+    counts, refused = run(go())
+    assert counts == [160] * 3
+    assert [why for _, why in refused] == ["InsufficientPrivilegeError"] * 4, refused
+    wait_for(lambda: fetchval(citus_dsn, "SELECT count(*) FROM pg_prepared_xacts WHERE"
+                              " owner = $1", role) == 0, timeout=30,
+             what="the reader's prepared transaction to be rolled back")
+    assert f"reader role {role}: backend" in citus_server.log()
+    assert f"reader role {role} prepared transaction 'reader-held'" in citus_server.log()
+
+
 def test_rollups_on_the_cluster_equal_the_raw_aggregates_and_stay_in_their_organization(
         citus_server, citus_dsn):
     import random

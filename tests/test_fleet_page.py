@@ -158,6 +158,19 @@ def see_the_page(browser, server, token, tmp_path, current: list[int]) -> Path:
     assert page.locator(".plot").count() == 1
     assert page.locator("#machine-title").inner_text() == HOSTILE
     assert page.locator("#plots img").count() == 0
+    # Axes on a 24-hour clock (no am/pm); the legend's values only under the cursor.
+    ticks = page.evaluate("""() => [...document.querySelectorAll('.plot')].map(
+        (p) => p.innerText).join(' ')""")
+    assert " AM" not in ticks and " PM" not in ticks, ticks
+
+    # A machine that does not exist: nothing of the previous one stays under its name.
+    page.goto(server.url + "/#machine=NOPE")
+    page.locator("#plots p.error").wait_for(timeout=10_000)
+    assert page.locator("#machine-title").inner_text() == "NOPE"
+    assert page.locator(".plot").count() == 0
+    assert page.locator("#plots p.error").inner_text() == 'No machine "NOPE" in your organization.'
+    assert "refresh failed" in page.locator("#status").inner_text()
+    problems[:] = [p for p in problems if "404" not in p]  # the browser logs the 404 itself
     assert dialogs == [], dialogs  # alert(1) never ran
     assert problems == [], problems  # no CSP violation, no script error
     print(f"screenshots: {tmp_path}")

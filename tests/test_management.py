@@ -247,7 +247,11 @@ def test_test_connection_reads_a_real_modbus_device_and_explains_failures(api, t
 def test_default_policy_refuses_loopback_link_local_and_metadata():
     p = AddressPolicy()
     for host in ("127.0.0.1", "::1", "169.254.169.254", "169.254.10.1", "fe80::1", "0.0.0.0",
-                 "fd00:ec2::254", "metadata.google.internal", "224.0.0.1", "::ffff:127.0.0.1"):
+                 "fd00:ec2::254", "metadata.google.internal", "224.0.0.1", "::ffff:127.0.0.1",
+                 # IPv4 inside IPv6: 6to4 of loopback and of the metadata address,
+                 # Teredo with a loopback client, NAT64 of loopback
+                 "2002:7f00:1::1", "2002:a9fe:a9fe::1",
+                 "2001:0:4136:e378:8000:63bf:80ff:fffe", "64:ff9b::7f00:1"):
         with pytest.raises(TargetRefused) as e:
             p.check(host, 502)
         assert "HALTLESS_POLL_ALLOW" in str(e.value) or "metadata" in str(e.value), host

@@ -65,6 +65,27 @@ def test_metrics_count_every_reading_across_both_workers(server, pg_dsn):
         assert name in after, name
 
 
+def test_every_answer_is_counted_405_and_404_included(server):
+    """A request whose method the path does not take is answered 405 (with
+    Allow) and counted under the path's route, like every other answer."""
+    before = scrape(server)
+    sources = "/api/v1/ingest-sources/{id}"
+    for method, path in (("GET", "/api/v1/ingest"), ("PUT", "/api/v1/ingest"),
+                         ("POST", "/api/v1/ingest-sources/abc"), ("GET", "/nope")):
+        r = requests.request(method, server.url + path, timeout=10)
+        assert r.status_code == (404 if path == "/nope" else 405), (method, path, r.text)
+    after = scrape(server)
+
+    def grew(**labels) -> float:
+        return (metric(after, "haltless_http_requests_total", **labels)
+                - metric(before, "haltless_http_requests_total", **labels))
+    assert grew(route="/api/v1/ingest", status="405", method="GET") == 1
+    assert grew(route="/api/v1/ingest", status="405", method="PUT") == 1
+    assert grew(route=sources, status="405", method="POST") == 1
+    assert grew(route="unmatched", status="404") == 1
+    assert grew(status="405") == 3
+
+
 def test_the_run_dir_is_private_and_removed_at_stop(pg_dsn, tmp_path):
     s = ServerProcess({"HALTLESS_DATABASE_URL": pg_dsn}, workers=1, data_dir=tmp_path)
     s.start(tmp_path / "server.log")

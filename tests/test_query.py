@@ -245,6 +245,26 @@ def test_aggregates_per_bucket_aligned_to_the_epoch(server, stored, interval, st
     assert s["sum"] == pytest.approx([sum(want[b]) for b in sorted(want)])
 
 
+def test_a_fleet_aggregate_is_every_machine_in_one_request(server, stored):
+    """Without machine_identifier: one entry per machine and series of the
+    organization (only the named metrics, when any), each the same as the
+    machine's own answer."""
+    t0, t1 = stored.start_us, stored.start_us + 2 * 3600 * 1_000_000
+    params = {"from": iso(t0), "to": iso(t1), "interval": "5m", "agg": "avg,count,last"}
+    fleet = get(server, "/api/v1/readings/aggregate", stored.token,
+                {**params, "metric_name": "temp"}).json()
+    assert [(s["machine_identifier"], s["metric_name"]) for s in fleet["series"]] == [
+        ("CNC-001", "temp"), ("CNC-002", "temp")]
+    for s in fleet["series"]:
+        [own] = get(server, "/api/v1/readings/aggregate", stored.token,
+                    {**params, "metric_name": "temp",
+                     "machine_identifier": s["machine_identifier"]}).json()["series"]
+        assert s == own
+    everything = get(server, "/api/v1/readings/aggregate", stored.token, params).json()
+    assert sorted((s["machine_identifier"], s["metric_name"]) for s in everything["series"]) == [
+        ("CNC-001", "temp"), ("CNC-001", "vib"), ("CNC-002", "temp")]
+
+
 def test_aggregates_leave_out_empty_buckets_and_unasked_aggregates(server, stored):
     r = get(server, "/api/v1/readings/aggregate", stored.token,
             {"machine_identifier": "CNC-001", "metric_name": "vib", "interval": "1s",
@@ -457,6 +477,13 @@ BAD = [
      "machine_identifier: no machine 'NOPE'"),
     ("/api/v1/readings/aggregate", {"machine_identifier": "CNC-001", "interval": "1m",
                                     "from": "2026-01-01T00:00:00Z"}, 422, "to: required"),
+    ("/api/v1/readings/aggregate", {"metric_name": "nope", "interval": "1m",
+                                    "from": "2026-01-01T00:00:00Z",
+                                    "to": "2026-01-02T00:00:00Z"}, 404,
+     "metric_name: no machine in your organization has metric 'nope'"),
+    ("/api/v1/readings/aggregate", {"interval": "1s", "from": "2026-01-01T00:00:00Z",
+                                    "to": "2026-01-02T00:00:00Z"}, 422,
+     "interval: 3 series x 86,400 buckets is more than 200,000 per answer"),
     ("/api/v1/readings/latest", {"machine_identifier": "NOPE"}, 404,
      "machine_identifier: no machine 'NOPE' in your organization"),
     ("/api/v1/readings/latest", {"machine": "CNC-001"}, 422, "machine: unknown query parameter"),

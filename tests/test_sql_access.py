@@ -5,6 +5,7 @@ and the README's Grafana query run as that role."""
 from __future__ import annotations
 
 import datetime as dt
+import json
 
 import asyncpg
 import pytest
@@ -186,3 +187,36 @@ def test_the_readme_grafana_dashboard_runs_as_the_role_agrees_and_prunes_partiti
     check("late, hot")
     compact(pg_dsn)
     check("late, merged")
+
+
+def test_a_raw_panel_reads_the_blocks_of_the_asked_series_in_the_range_and_no_other(
+        server, pg_dsn, two_orgs):
+    """EXPLAIN (ANALYZE, BUFFERS) of the README machine panel's raw arm, as a
+    reader role: the block rows it reads are exactly the blocks of the asked
+    machine's series that overlap the range, however many other series and
+    hours the organization has."""
+    from bench.sql import plan_block_rows
+
+    a, _b, now = two_orgs
+    url = haltless("grafana-role", "--org", a.name, "--role", "grafana_plan_" + a.name[4:],
+                   env=env(pg_dsn)).stdout.strip()
+    for hours_back in (30, 5):  # other hours of the same machine, outside the range
+        send(server, a, now - hours_back * 3_600_000_000, 30)
+    for m in ("SHARED-NAME",):  # another machine inside the range
+        send(server, a, now - 1_800_000_000, 30, machine=m)
+    compact(pg_dsn)
+    fetchval(pg_dsn, "ANALYZE")
+    frm = dt.datetime.fromtimestamp((now - 2 * 3_600_000_000) / 1e6, UTC)
+    to = dt.datetime.fromtimestamp(now / 1e6, UTC)
+    sql = grafana.expand(readme_queries()["machine panel"], frm, to,
+                         {"machine": "CNC-001", "metric": "'m0','m1','m2'"}, "1s")
+    plan = json.loads(as_role(url, "EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) " + sql)[0][0])[0]
+    asked = fetchval(pg_dsn, "SELECT count(*) FROM reading_blocks b JOIN series s"
+                     " ON s.id = b.series_id JOIN machines m ON m.id = s.machine_id"
+                     " WHERE m.org_id = $1 AND m.machine_identifier = 'CNC-001'"
+                     " AND b.t_last >= $2 AND b.t_first <= $3", a.org_id, frm, to)
+    others = fetchval(pg_dsn, "SELECT count(*) FROM reading_blocks b JOIN series s"
+                      " ON s.id = b.series_id JOIN machines m ON m.id = s.machine_id"
+                      " WHERE m.org_id = $1", a.org_id) - asked
+    assert asked > 0 and others >= asked  # there is something not to read
+    assert plan_block_rows(plan["Plan"]) == asked, json.dumps(plan, indent=1)[:4000]

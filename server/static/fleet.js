@@ -30,7 +30,13 @@ async function api(path, params) {
     showLogin("The token was refused (" + (await r.json()).detail + ").");
     throw new Error("unauthorized");
   }
-  if (!r.ok) throw new Error(path + ": " + r.status + " " + (await r.text()));
+  if (!r.ok) {
+    let detail = await r.text();
+    try { detail = JSON.parse(detail).detail || detail; } catch (_) { /* not JSON */ }
+    const err = new Error(path + ": " + r.status + " " + detail);
+    err.status = r.status;
+    throw err;
+  }
   return r.json();
 }
 
@@ -69,6 +75,7 @@ function route() {
   const m = location.hash.match(/^#machine=(.*)$/);
   if (m) {
     state.machine = decodeURIComponent(m[1]);
+    clearPlots();  // the previous machine's plots never stand under this name
     $("fleet").hidden = true; $("machine").hidden = false;
     every(loadMachine);
   } else {
@@ -89,14 +96,22 @@ async function loadFleet() {
       const t = last.get(s.machine_identifier);
       if (!t || s.timestamp > t) last.set(s.machine_identifier, s.timestamp);
     }
+    // Readings per machine in the last minute: one fleet aggregate (no
+    // machine_identifier) instead of a request per machine.
     const to = new Date(), from = new Date(to.getTime() - 60000);
-    const counts = await Promise.all(machines.map((m) => last.has(m.machine_identifier)
-      ? api("/api/v1/readings/aggregate", { machine_identifier: m.machine_identifier,
-          from: from.toISOString(), to: to.toISOString(), interval: "60s", agg: "count" })
-          .then((a) => a.series.reduce((n, s) => n + s.count.reduce((x, y) => x + y, 0), 0))
-      : Promise.resolve(0)));
+    const perMachine = new Map();
+    if (last.size) {
+      const fleet = await api("/api/v1/readings/aggregate", {
+        from: from.toISOString(), to: to.toISOString(), interval: "60s", agg: "count" });
+      for (const s of fleet.series) {
+        perMachine.set(s.machine_identifier, (perMachine.get(s.machine_identifier) || 0)
+                       + s.count.reduce((x, y) => x + y, 0));
+      }
+    }
+    const counts = machines.map((m) => perMachine.get(m.machine_identifier) || 0);
     const body = $("machines").tBodies[0];
     body.replaceChildren();
+    if (!machines.length) body.append(emptyRow(4, "No machines yet: POST /api/v1/machines."));
     machines.forEach((m, i) => {
       const tr = el("tr");
       const td = el("td");
@@ -110,6 +125,7 @@ async function loadFleet() {
     const names = new Map(machines.map((m) => [m.id, m.machine_identifier]));
     const sb = $("sources").tBodies[0];
     sb.replaceChildren();
+    if (!sources.length) sb.append(emptyRow(7, "No ingest sources: readings arrive by HTTP only."));
     for (const s of sources) {
       const st = s.status;
       const failing = st.last_error_at && (!st.last_success_at || st.last_error_at > st.last_success_at);
@@ -125,6 +141,14 @@ async function loadFleet() {
   } catch (e) {
     if (e.message !== "unauthorized") status("refresh failed: " + e.message);
   }
+}
+
+function emptyRow(columns, text) {
+  const tr = el("tr");
+  const td = el("td", text, "empty");
+  td.colSpan = columns;
+  tr.append(td);
+  return tr;
 }
 
 // ------------------------------------------------------------------ one machine
@@ -148,7 +172,10 @@ async function loadMachine() {
     const plots = $("plots");
     const width = Math.max(300, plots.clientWidth - 20);
     const to = new Date(), from = new Date(to.getTime() - state.range * 1000);
-    const interval = Math.max(1, Math.ceil(state.range / width));  // about one bucket per pixel
+    // About one bucket per pixel; whole minutes from a minute up, so that the
+    // server answers compacted hours from their per-minute summaries.
+    let interval = Math.max(1, Math.ceil(state.range / width));
+    if (interval > 60) interval = Math.ceil(interval / 60) * 60;
     const results = await Promise.all(metrics.map((metric) => api("/api/v1/readings/aggregate", {
       machine_identifier: machine, metric_name: metric, from: from.toISOString(),
       to: to.toISOString(), interval: interval + "s", agg: "avg,min,max,count" })));
@@ -161,8 +188,30 @@ async function loadMachine() {
     }
     status("updated " + new Date().toLocaleTimeString("en-GB") + " · " + interval + " s per point");
   } catch (e) {
-    if (e.message !== "unauthorized") status("refresh failed: " + e.message);
+    if (e.message === "unauthorized") return;
+    if (state.machine !== machine) return;  // another machine was opened meanwhile
+    // Never leave plots under a heading they may not belong to: what is
+    // shown is cleared and the page says why.
+    clearPlots();
+    $("plots").append(el("p", e.status === 404 ? "No machine " + JSON.stringify(machine)
+      + " in your organization." : "Could not load " + machine + ": " + e.message, "error"));
+    status("refresh failed: " + e.message);
   }
+}
+
+function clearPlots() {
+  for (const p of state.plots) p.destroy();
+  state.plots = [];
+  $("plots").replaceChildren();
+}
+
+function stamp(t, what) {
+  const d = new Date(t * 1000), p = (n) => String(n).padStart(2, "0");
+  const date = d.getFullYear() + "-" + p(d.getMonth() + 1) + "-" + p(d.getDate());
+  const time = p(d.getHours()) + ":" + p(d.getMinutes());
+  if (what === "date") return date.slice(5) + " " + time;
+  if (what === "time") return time;
+  return date + " " + time + ":" + p(d.getSeconds());
 }
 
 function plot(s, width, from, to, interval) {
@@ -179,11 +228,14 @@ function plot(s, width, from, to, interval) {
   // The band shows where a bucket holds several readings; one reading is its own avg.
   const lo = s.min.map((v, i) => (s.count[i] > 1 ? v : null));
   const hi = s.max.map((v, i) => (s.count[i] > 1 ? v : null));
+  const long = to - from > 86400000;
   const opts = {
     width, height: 220,
     scales: { x: { time: true, min: from.getTime() / 1000, max: to.getTime() / 1000 } },
+    // 24-hour clock and ISO dates (local time, as the status bar)
+    axes: [{ values: (u, splits) => splits.map((t) => stamp(t, long ? "date" : "time")) }, {}],
     series: [
-      {},
+      { label: "time", value: (u, t) => (t == null ? "" : stamp(t, "full")) },
       { label: "avg", stroke: "#0b5cad", width: 1.5, points: { show: s.buckets.length < 60 } },
       { label: "min", stroke: "rgba(11,92,173,0.25)", width: 1 },
       { label: "max", stroke: "rgba(11,92,173,0.25)", width: 1 },
