@@ -133,6 +133,7 @@ VARIABLES = {
     "rate_limit": ("HALTLESS_RATE_LIMIT", _float(0.001, 1e9)),
     "header_timeout": ("HALTLESS_HEADER_TIMEOUT", _float(0.5, 600)),
     "body_timeout": ("HALTLESS_BODY_TIMEOUT", _float(0.5, 600)),
+    "send_timeout": ("HALTLESS_SEND_TIMEOUT", _float(0.5, 3600)),
     "body_memory_mb": ("HALTLESS_BODY_MEMORY_MB", _int(11, 1_000_000)),
     "max_connections": ("HALTLESS_MAX_CONNECTIONS", _int(16, 1_000_000)),
     "log_level": ("HALTLESS_LOG_LEVEL", _choice("debug", "info", "warning", "error")),
@@ -171,6 +172,8 @@ class Settings:
     rate_limit         unset: none; else readings/s per API key (429 beyond it)
     header_timeout     10 s for a connection to send its request headers
     body_timeout       10 s a request body may stall (408), 6x that in all
+    send_timeout       30 s a streamed answer's chunk (CSV) may wait for the client
+                       to read; then the stream ends and its connection is freed
     body_memory_mb     64 MB of request bodies held at once per worker (503 beyond)
     max_connections    10,000 open connections per worker
     log_level          info
@@ -198,6 +201,7 @@ class Settings:
     rate_limit: float | None = None
     header_timeout: float = 10.0
     body_timeout: float = 10.0
+    send_timeout: float = 30.0
     body_memory_mb: int = 64
     max_connections: int = 10_000
     log_level: str = "info"

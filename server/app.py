@@ -195,7 +195,7 @@ class App:
             resp = Response(500, {"detail": "internal server error"})
         try:
             if isinstance(resp, StreamingResponse):
-                await _stream(send, resp)
+                await _stream(send, resp, self.rt.settings.send_timeout)
             else:
                 # Server-Timing (W3C): the time from the request's arrival to
                 # its answer being ready, body read and encoded; what a client
@@ -293,16 +293,24 @@ async def _send(send, resp: Response) -> None:
     await send({"type": "http.response.body", "body": resp.body})
 
 
-async def _stream(send, resp: StreamingResponse) -> None:
-    await send({"type": "http.response.start", "status": resp.status,
-                "headers": [(b"content-type", resp.content_type)] + resp.headers})
+async def _stream(send, resp: StreamingResponse, timeout: float) -> None:
+    """Send a streamed body; a client that stops reading (a chunk not gone
+    within ``timeout``, HALTLESS_SEND_TIMEOUT) or leaves ends it, and what it
+    held (its database connection, its read slot) is given back at once."""
     try:
-        async for chunk in resp.chunks:
-            if chunk:
-                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+        await send({"type": "http.response.start", "status": resp.status,
+                    "headers": [(b"content-type", resp.content_type)] + resp.headers})
+        try:
+            async for chunk in resp.chunks:
+                if chunk:
+                    await asyncio.wait_for(send({"type": "http.response.body", "body": chunk,
+                                                 "more_body": True}), timeout)
+        finally:
+            await resp.chunks.aclose()  # gives its database connection back at once
+        await send({"type": "http.response.body", "body": b""})
     finally:
-        await resp.chunks.aclose()  # gives its database connection back at once
-    await send({"type": "http.response.body", "body": b""})
+        if resp.on_close is not None:
+            resp.on_close()
 
 
 app = App()

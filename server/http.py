@@ -55,11 +55,12 @@ class StreamingResponse:
     ``chunks`` is an async iterator of bytes. A failure half way ends the
     connection without the final chunk, so the client sees a broken body,
     never a short one that looks complete."""
-    __slots__ = ("status", "chunks", "headers", "content_type")
+    __slots__ = ("status", "chunks", "headers", "content_type", "on_close")
 
     def __init__(self, status: int, chunks, content_type: bytes,
-                 headers: list | None = None) -> None:
+                 headers: list | None = None, on_close=None) -> None:
         self.status = status
         self.chunks = chunks
         self.content_type = content_type
+        self.on_close = on_close  # called once the stream is over, sent or not
         self.headers = headers or []

@@ -12,8 +12,10 @@ bad input is a 422 or 404 naming the parameter.
 """
 from __future__ import annotations
 
+import asyncio
 import base64
 import bisect
+import contextlib
 import datetime as _dt
 import hashlib
 import heapq
@@ -26,7 +28,7 @@ from urllib.parse import parse_qs
 
 import msgspec
 
-from ..core.errors import NotFound, Unprocessable
+from ..core.errors import NotFound, Overloaded, Unprocessable
 from ..core.times import to_us
 from ..core.wire import (AggregatePage, LatestPage, LatestReading, ReadCursor, ReadingsPage,
                          SeriesBuckets, SeriesReadings)
@@ -165,6 +167,28 @@ async def _fleet_series(conn, org: uuid.UUID, metrics: list[str]) -> list:
         raise NotFound(f"metric_name: no machine in your organization has metric "
                        f"{sorted(missing)[0]!r}")
     return rows
+
+
+READ_WAIT = 10.0  # seconds a read waits for one of the worker's read slots
+
+
+async def _take_read_slot(app) -> None:
+    """One of the worker's read slots (runtime.read_slots), or 503: reads
+    never take the connections ingest needs."""
+    try:
+        await asyncio.wait_for(app.rt.read_slots.acquire(), READ_WAIT)
+    except TimeoutError:
+        raise Overloaded(f"every read slot of this worker has been busy for {READ_WAIT:.0f} s "
+                         "(long exports or aggregates); retry later") from None
+
+
+@contextlib.asynccontextmanager
+async def _read_slot(app):
+    await _take_read_slot(app)
+    try:
+        yield
+    finally:
+        app.rt.read_slots.release()
 
 
 def _snapshot(conn):
@@ -310,14 +334,18 @@ async def readings(app, req: Request) -> Response | StreamingResponse:
     async with app.rt.pool.acquire() as conn:
         rows = await _series(conn, org, machine, p.many("metric_name"))
     if csv:
+        # The slot is taken before the 200 goes out (else a 503 could not be
+        # sent) and given back when the stream is over, however it ends.
+        await _take_read_slot(app)
         return StreamingResponse(200, _csv(app, rows, t0, t1), b"text/csv; charset=utf-8",
                                  [(b"content-disposition",
-                                   b'attachment; filename="readings.csv"')])
+                                   b'attachment; filename="readings.csv"')],
+                                 on_close=app.rt.read_slots.release)
     sids = [r["id"] for r in rows]
     query = _query_id(org, sids, t0, t1)
     cursor = p.one("cursor")
     positions = _decode_cursor(app, cursor, query) if cursor is not None else {}
-    async with app.rt.pool.acquire() as conn, _snapshot(conn):
+    async with _read_slot(app), app.rt.pool.acquire() as conn, _snapshot(conn):
         got, positions, more = await _page(conn, sids, t0, t1, limit, positions)
     series = []
     for r in rows:
@@ -428,7 +456,7 @@ async def aggregates(app, req: Request) -> Response:
     if buckets > MAX_BUCKETS:
         raise Unprocessable(f"interval: {buckets:,} buckets over this range; at most "
                             f"{MAX_BUCKETS:,}: choose a longer interval or a shorter range")
-    async with app.rt.pool.acquire() as conn, _snapshot(conn):
+    async with _read_slot(app), app.rt.pool.acquire() as conn, _snapshot(conn):
         if machine is None:  # the fleet: every machine's series (of the named metrics)
             rows = await _fleet_series(conn, org, p.many("metric_name"))
         else:

@@ -51,6 +51,7 @@ class Runtime:
         self.pool = None
         self.writer: GroupCommitWriter | None = None
         self.ingestor: Ingestor | None = None
+        self.read_slots: asyncio.Semaphore | None = None
         self.keys = ApiKeyCache(settings.auth_cache_seconds)
         self.policy = AddressPolicy(settings.poll_allow)
         self.box: SecretBox | None = None
@@ -72,6 +73,10 @@ class Runtime:
                                         timeout=s.db_timeout * 6, alive=alive)
         self.ingestor = Ingestor(self.pool, self.writer,
                                  Catalog(negative_ttl=s.auth_cache_seconds), s.retention_days)
+        # Reads (the query API, CSV exports) may hold at most this many of
+        # the pool's connections at once: the writer's and one for the
+        # catalog and management stay free, so readers never starve ingest.
+        self.read_slots = asyncio.Semaphore(max(1, s.pool_size - s.writer_connections - 1))
         return self
 
     async def close(self) -> None:

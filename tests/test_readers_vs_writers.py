@@ -13,6 +13,7 @@ import time
 
 import asyncpg
 import pytest
+import requests
 from haltless.server import query, readback
 from haltless.server.compaction import compact_all
 from helpers import fetch, fetchval, haltless, make_tenant, run
@@ -219,3 +220,62 @@ def test_a_read_is_one_snapshot_when_compaction_merges_late_readings_under_it(pg
     more = send(server, tenant, hour + dt.timedelta(minutes=10, microseconds=700), 60, metrics=5)
     assert run(read(snapshot=False)) == n + late  # the control: `more` vanished
     assert tenant.count(pg_dsn) == n + late + more
+
+
+def test_reads_never_take_the_connections_ingest_needs(pg_dsn, tmp_path):
+    """A worker with a pool of 3 (one writer connection) gives reads one
+    slot: three reads stuck in the database (a lock held on reading_blocks)
+    hold one connection between them; ingest for another organization is
+    answered meanwhile, the reads beyond the slot get 503 with Retry-After
+    after waiting, and the stuck one completes once the lock goes."""
+    from helpers import ServerProcess, post, reading
+    srv = ServerProcess({"HALTLESS_DATABASE_URL": pg_dsn, "HALTLESS_POOL_SIZE": "3",
+                         "HALTLESS_WRITER_CONNECTIONS": "1",
+                         "HALTLESS_AUTH_CACHE_SECONDS": "0.5"}, workers=1, data_dir=tmp_path)
+    srv.start(tmp_path / "server.log")
+    try:
+        reader, writer = make_tenant(pg_dsn), make_tenant(pg_dsn)
+        start = dt.datetime.now(UTC).replace(microsecond=0) - dt.timedelta(minutes=10)
+        send(srv, reader, start, 60, metrics=3)
+        token = srv.token(reader.org_id)
+        params = {"machine_identifier": "CNC-001", "interval": "1m",
+                  "from": (start - dt.timedelta(hours=1)).isoformat(),
+                  "to": (start + dt.timedelta(hours=1)).isoformat()}
+        answers: list = []
+
+        def ask():
+            r = requests.get(srv.url + "/api/v1/readings/aggregate", params=params, timeout=60,
+                             headers={"Authorization": f"Bearer {token}"})
+            answers.append((r.status_code, r.headers.get("retry-after"), r.text))
+
+        async def hold_and_check():
+            lock = await asyncpg.connect(pg_dsn)
+            try:
+                tr = lock.transaction()
+                await tr.start()
+                await lock.execute("LOCK TABLE reading_blocks IN ACCESS EXCLUSIVE MODE")
+                threads = [threading.Thread(target=ask) for _ in range(3)]
+                for t in threads:
+                    t.start()
+                await asyncio.sleep(2)  # all three asked; one waits on the lock
+                t0 = time.monotonic()
+                r = await asyncio.to_thread(post, srv, writer.key, {"readings": [reading()]})
+                ingest = (r.status_code, time.monotonic() - t0)
+                for _ in range(300):  # the two beyond the slot give up after READ_WAIT
+                    if len(answers) >= 2:
+                        break
+                    await asyncio.sleep(0.1)
+                await tr.rollback()
+                for t in threads:
+                    await asyncio.to_thread(t.join)
+                return ingest
+            finally:
+                await lock.close()
+
+        status, took = run(hold_and_check())
+        assert status == 207 and took < 10, (status, took)  # not held up by the reads
+        assert sorted(a[0] for a in answers) == [200, 503, 503], answers
+        busy = [a for a in answers if a[0] == 503]
+        assert all(a[1] == "1" and "read slot" in a[2] for a in busy), busy
+    finally:
+        srv.stop()
