@@ -35,7 +35,7 @@ from pathlib import Path
 
 from ..core.config import Settings
 from ..core.console import print_table
-from ..core.errors import BatchRejected, KeyRefused, RetryLater
+from ..core.errors import BatchRejected, ConfigError, KeyRefused, RetryLater
 from ..core.logs import run_until_signal
 from ..core.wire import Reading, encoder
 from .agent_config import AgentConfig, AgentSource, load_config, reader_config
@@ -291,5 +291,37 @@ def main(config_path: str, check_only: bool, settings: Settings) -> int:
         print(f"{config_path}: configuration OK ({len(cfg.source)} sources)")
         return 0 if run_until_signal(lambda stop: check(cfg, Path(config_path)),
                                      settings.log_level) else 1
-    run_until_signal(Agent(cfg, Path(config_path)).run, settings.log_level)
+    agent = Agent(cfg, Path(config_path))
+    lock = lock_state_dir(agent.state_dir)  # held until the process ends
+    try:
+        run_until_signal(agent.run, settings.log_level)
+    finally:
+        lock.close()
     return 0
+
+
+def lock_state_dir(state_dir: Path):
+    """An exclusive lock on ``<state_dir>/agent.lock`` for this process's
+    life: two agents on one state_dir would send each other's queue twice
+    and overwrite each other's trust store. ConfigError when another holds it."""
+    import fcntl
+    import os
+
+    try:
+        state_dir.mkdir(parents=True, exist_ok=True)
+        f = open(state_dir / "agent.lock", "a+")
+    except OSError as exc:
+        raise ConfigError(f"state_dir {state_dir}: cannot use it: {exc.strerror}") from None
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.seek(0)
+        other = f.read().strip() or "?"
+        f.close()
+        raise ConfigError(f"state_dir {state_dir} is in use by another haltless agent "
+                          f"(pid {other}); give each agent its own state_dir") from None
+    f.seek(0)
+    f.truncate()
+    f.write(str(os.getpid()))
+    f.flush()
+    return f

@@ -366,3 +366,25 @@ def test_retry_after_is_read_as_seconds_or_an_http_date():
     later = email.utils.formatdate(time.time() + 30, usegmt=True)
     assert 25 <= _retry_after(later) <= 31
     assert _retry_after(email.utils.formatdate(time.time() - 30, usegmt=True)) == 0.0
+
+
+def test_two_agents_cannot_share_a_state_dir(server, tmp_path):
+    """The second agent on one state_dir is refused in one line (exit 2)
+    naming the directory and the first agent's pid; the first keeps running."""
+    with ModbusPeer([device(1, {100: 725}, {102: 1500})]) as peer:
+        cfg = agent_toml(tmp_path, peer.port, server.url, "hk_wrong")
+        first = AgentProcess(cfg, tmp_path / "agent.log")
+        try:
+            wait_for(lambda: (tmp_path / "state" / "agent.lock").exists()
+                     and (tmp_path / "state" / "agent.lock").read_text().strip()
+                     == str(first.proc.pid), what="the first agent's lock")
+            env = {k: v for k, v in os.environ.items() if not k.startswith("HALTLESS_API")}
+            second = subprocess.run(HALTLESS + ["agent", "--config", str(cfg)], env=env, cwd=ROOT,
+                                    capture_output=True, text=True, timeout=60)
+            assert second.returncode == 2, second.stderr
+            assert "is in use by another haltless agent" in second.stderr
+            assert f"pid {first.proc.pid}" in second.stderr
+            assert len(second.stderr.strip().splitlines()) == 1, second.stderr
+            assert first.proc.poll() is None
+        finally:
+            first.stop()
