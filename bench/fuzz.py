@@ -99,6 +99,14 @@ def ingest_body(rng: random.Random) -> bytes:
         i = rng.randrange(len(items) + 1)
         items.insert(i, obj(mutate_fields(rng, reading_fields())))
     body = ('{"readings": [' + ", ".join(items) + "]}").encode("utf-8", "surrogatepass")
+    if rng.random() < 0.1:
+        # A hostile value (deep nesting, huge numbers, ...) under an unknown
+        # top-level key, before or after "readings": the family whose deep
+        # nesting answered 500 (issue 21).
+        extra = '"' + rng.choice(["x", "data", "readings2", "\u0000"]) + '": ' + rng.choice(VALUES)
+        readings = '"readings": [' + ", ".join(items) + "]"
+        parts = [extra, readings] if rng.random() < 0.5 else [readings, extra]
+        body = ("{" + ", ".join(parts) + "}").encode("utf-8", "surrogatepass")
     if rng.random() < 0.15:
         body = body.replace(b"CNC-001", rng.choice(RAW_BYTES) + b"CNC", 1)
     if rng.random() < 0.2:
