@@ -9,4 +9,4 @@ def unpack_ints(data: bytes | bytearray | memoryview) -> array: ...  # array('q'
 def pack_values(values: array | Iterable[float]) -> bytes: ...
 def unpack_values(data: bytes | bytearray | memoryview) -> array: ...  # array('d')
 def sort_by_time(ts: array, vals: array) -> None: ...  # array('q'), array('d'), in place
-def summarize(ts: array, vals: array, interval_us: int = ...) -> tuple[int, array, array, array]: ...  # (d, starts 'q', count 'q', fields 'q' or 'd')
+def summarize(ts: array, vals: array, interval_us: int = 60_000_000) -> tuple[int, array, array, array]: ...  # (d, starts 'q', count 'q', fields 'q' or 'd')

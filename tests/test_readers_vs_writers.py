@@ -96,17 +96,24 @@ def test_a_reader_does_not_hold_off_the_block_partition_compaction_creates(
     tenant, url, n = reading_org
     # Readings of a month nobody has written yet: compacting them creates its
     # block partitions, with a reader holding reading_blocks open.
-    # Every month of the accepted window, oldest first (other tests of the
-    # suite write to some of them): the first one without partitions.
+    # A month of the accepted window without partitions. Compaction creates
+    # every month between the oldest and newest hour it writes, so the
+    # suite's database may have them all: then the first one whose
+    # partitions are empty is dropped, to be created again under the reader.
     today = dt.datetime.now(UTC).replace(day=3, hour=12, minute=0, second=0, microsecond=0)
     for back in range(118, 1, -1):
         month = today.replace(year=today.year + (today.month - 1 - back) // 12,
                               month=(today.month - 1 - back) % 12 + 1)
         name = f"reading_blocks_{month.strftime('%Y%m')}"
+        timelines = f"reading_timelines_{month.strftime('%Y%m')}"
         if fetchval(pg_dsn, "SELECT to_regclass($1)::text", name) is None:
             break
+        if not fetchval(pg_dsn, f"SELECT EXISTS (SELECT 1 FROM {name})"
+                        f" OR EXISTS (SELECT 1 FROM {timelines})"):
+            fetchval(pg_dsn, f"DROP TABLE {name}, {timelines}")
+            break
     else:
-        raise AssertionError("no month of the last ten years without block partitions")
+        raise AssertionError("no month of the last ten years with empty block partitions")
     old = send(server, tenant, month, 30, metrics=2)
 
     with reader_held_open(url) as reader:
