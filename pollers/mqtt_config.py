@@ -161,6 +161,6 @@ def validate_mqtt_config(cfg: MqttConfig) -> None:
         if cfg.tls.ca_certificate is not None:
             try:
                 ssl.create_default_context(cadata=cfg.tls.ca_certificate)
-            except (ssl.SSLError, ValueError):
+            except (ssl.SSLError, ValueError, TypeError):  # TypeError: not ASCII
                 raise ValueError("tls.ca_certificate: not a PEM certificate (-----BEGIN "
                                  "CERTIFICATE----- ...)") from None
