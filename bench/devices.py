@@ -89,8 +89,15 @@ async def _opcua_device(count: int, port: int, max_per_read: int = 0) -> None:
             k += 1
             now = dt.datetime.now(dt.timezone.utc)
             for i, av in enumerate(attrs):
-                av.value = ua.DataValue(ua.Variant(float(i + (k % 100)), ua.VariantType.Double),
-                                        SourceTimestamp=now, ServerTimestamp=now)
+                dv = ua.DataValue(ua.Variant(float(i + (k % 100)), ua.VariantType.Double),
+                                  SourceTimestamp=now, ServerTimestamp=now)
+                av.value = dv
+                # Monitored items (subscribe mode) hear of the change as
+                # write_attribute_value would tell them; the in-place update
+                # alone never reached a subscription (nodes nobody
+                # subscribed to have no callbacks and cost nothing here).
+                for handle, callback in list(av.datachange_callbacks.items()):
+                    await callback(handle, dv)
             await asyncio.sleep(1.0 - (time.time() % 1.0))
 
     ticker = asyncio.create_task(tick())
