@@ -123,13 +123,16 @@ def _org(app, req: Request) -> uuid.UUID:
     return req.org  # the app checked the bearer token (route auth "jwt") before anything else
 
 
+# What a series is described by in every answer (_describe).
+SERIES_COLUMNS = ("SELECT s.id, m.machine_identifier, s.metric_name, NULLIF(s.unit, '') AS unit,"
+                  " NULLIF(s.raw_tag, '') AS raw_tag")
+
+
 async def _series(conn, org: uuid.UUID, machine: str, metrics: list[str]) -> list:
     """The series of one machine of the organization, in a stable order;
     404 naming the machine or the metric that is not there."""
     rows = await conn.fetch(
-        "SELECT s.id, m.machine_identifier, s.metric_name, NULLIF(s.unit, '') AS unit,"
-        " NULLIF(s.raw_tag, '') AS raw_tag"
-        " FROM machines m LEFT JOIN series s ON s.machine_id = m.id"
+        SERIES_COLUMNS + " FROM machines m LEFT JOIN series s ON s.machine_id = m.id"
         " WHERE m.org_id = $1 AND m.machine_identifier = $2"
         ' ORDER BY s.metric_name COLLATE "C", s.unit COLLATE "C", s.raw_tag COLLATE "C", s.id',
         org, machine)
@@ -152,9 +155,7 @@ async def _fleet_series(conn, org: uuid.UUID, metrics: list[str]) -> list:
     metrics, when any), in a stable order; 404 for a metric no machine has,
     422 beyond MAX_FLEET_SERIES."""
     rows = await conn.fetch(
-        "SELECT s.id, m.machine_identifier, s.metric_name, NULLIF(s.unit, '') AS unit,"
-        " NULLIF(s.raw_tag, '') AS raw_tag"
-        " FROM machines m JOIN series s ON s.machine_id = m.id"
+        SERIES_COLUMNS + " FROM machines m JOIN series s ON s.machine_id = m.id"
         " WHERE m.org_id = $1 AND (cardinality($2::text[]) = 0 OR s.metric_name = ANY($2))"
         ' ORDER BY m.machine_identifier COLLATE "C", s.metric_name COLLATE "C",'
         ' s.unit COLLATE "C", s.raw_tag COLLATE "C", s.id LIMIT $3',

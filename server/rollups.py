@@ -27,6 +27,14 @@ from . import readback
 
 MINUTE_US = 60_000_000
 
+# The blocks of the series ($1) in the hours [$2, $3) whose summary is the
+# whole answer: they have one, and no hot rows of that series and hour wait
+# to be merged into them (the rollup views' "summarised", migration 0013).
+_SUMMARISED_BLOCKS = """b.series_id = ANY($1::int[]) AND b.block_start >= $2 AND b.block_start < $3
+      AND b.m_count IS NOT NULL
+      AND NOT EXISTS (SELECT 1 FROM reading_chunks c
+                      WHERE c.series_id = b.series_id AND c.bucket = b.block_start)"""
+
 # One row per series and bucket over the summarised hours of [$2, $3):
 # $4 is the bucket width in µs. A minute's start is its hour plus its index
 # (m_minute lists the minutes present when not all 60 are). first/last:
@@ -47,24 +55,18 @@ WITH m AS (
         b.m_f[:][1:1], b.m_f[:][2:2], b.m_f[:][3:3], b.m_f[:][4:4], b.m_f[:][5:5])
         WITH ORDINALITY AS u (minute, count, ksum, kmin, kmax, kfirst, klast,
                               fsum, fmin, fmax, ffirst, flast, i)
-    WHERE b.series_id = ANY($1::int[]) AND b.block_start >= $2 AND b.block_start < $3
-      AND b.m_count IS NOT NULL
-      AND NOT EXISTS (SELECT 1 FROM reading_chunks c
-                      WHERE c.series_id = b.series_id AND c.bucket = b.block_start))
+    WHERE """ + _SUMMARISED_BLOCKS + """)
 SELECT series_id, t - ((t % $4) + $4) % $4 AS start, min(t) AS first_t, max(t) AS last_t,
        sum(count)::int8 AS count, sum(sum) AS sum, min(min) AS min, max(max) AS max,
        (array_agg(first ORDER BY t))[1] AS first,
        (array_agg(last ORDER BY t DESC))[1] AS last
 FROM m GROUP BY 1, 2"""
 
-# The summarised (series, hour) pairs of the same range: the same predicate.
+# The summarised (series, hour) pairs of the same range.
 HOURS = """
 SELECT b.series_id, (extract(epoch FROM b.block_start) * 1000000)::int8
 FROM reading_blocks b
-WHERE b.series_id = ANY($1::int[]) AND b.block_start >= $2 AND b.block_start < $3
-  AND b.m_count IS NOT NULL
-  AND NOT EXISTS (SELECT 1 FROM reading_chunks c
-                  WHERE c.series_id = b.series_id AND c.bucket = b.block_start)"""
+WHERE """ + _SUMMARISED_BLOCKS
 
 
 class Buckets:
