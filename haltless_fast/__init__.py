@@ -20,7 +20,7 @@ _KERNELS = {
     },
     "CODEC_COMPILED": {
         "_blocks": ("pack_ints", "unpack_ints", "pack_values", "unpack_values", "sort_by_time",
-                    "summarize"),
+                    "summarize", "MAX_COUNT"),
         "_chunks": ("from_chunk", "group_chunks"),
         "_aggregate": ("aggregate",),
         "_iso": ("iso_timestamps", "iso_json"),

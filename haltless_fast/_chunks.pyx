@@ -84,7 +84,6 @@ cdef Py_ssize_t _extend_stamps(const unsigned char[::1] b, Py_ssize_t off, Py_ss
                                array.array dest) except -1:
     """Append the big-endian Unix µs of the bytea at b[off:off+size] to dest."""
     cdef Py_ssize_t n = _chunk_count(size, "ts"), i, base = len(dest)
-    check_count(base + n)
     array.resize(dest, base + n)
     for i in range(n):
         (<int64_t*>dest.data.as_longlongs)[base + i] = <int64_t>get_be(&b[off + 8 * i], 8)
@@ -96,7 +95,6 @@ cdef Py_ssize_t _extend_from_pg(const unsigned char[::1] b, Py_ssize_t off, Py_s
     """Append the float8 elements of the array_send bytes at b[off:off+size] to dest."""
     cdef Py_ssize_t head, n, i, base = len(dest)
     n = _pg_array(b[off:off + size], oid, what, &head)
-    check_count(base + n)
     array.resize(dest, base + n)
     cdef const unsigned char* p = &b[off + head] if n else NULL
     for i in range(n):

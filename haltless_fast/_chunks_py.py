@@ -14,8 +14,10 @@ Compaction and the read API COPY the rows of many series out at once, in
 PostgreSQL's binary COPY format (the ``PGCOPY`` signature, flags and a
 header extension; per row an int16 field count and int32-length-prefixed
 fields; an int16 -1 as the trailer). ``group_chunks`` merges consecutive
-rows of one (series, hour); what it merges is held to a block's limit,
-MAX_COUNT readings (``_blocks_py``).
+rows of one (series, hour). Each row is held to a block's limit, MAX_COUNT
+readings (``_blocks_py``); what a (series, hour) merges into is not: an
+hour may hold more than one block can, and compaction cuts it into parts
+(``server/compact.py``).
 """
 from __future__ import annotations
 
@@ -124,7 +126,6 @@ def group_chunks(data) -> list:
         else:
             out[-1][2].extend(ts)
             out[-1][3].extend(vals)
-            check_count(len(out[-1][2]))
     if p != len(data):
         raise ValueError("COPY data: bytes after the trailer")
     return out

@@ -8,10 +8,11 @@ other slot is compacted, in ONE transaction:
     waits, then writes into the emptied slot: compacted next time, never
     lost; readers are not blocked, EXCLUSIVE lets ACCESS SHARE through)
     per batch of series: COPY the chunks out (binary) --kernel: group_chunks-->
-    one group per (series, hour) --merge with the block already stored for
-    that (series, hour), if any (late data)--> sort_by_time --> pack_ints /
-    pack_values --> timelines shared by series with identical timestamps
-    --> replace the blocks, COPY the new ones in
+    one group per (series, hour) --merge with the blocks already stored for
+    that (series, hour), if any (late data)--> sort_by_time --> cut into
+    parts of at most PART_READINGS --> pack_ints / pack_values --> timelines
+    shared by series with identical timestamps --> replace the blocks, COPY
+    the new ones in
     empty the slot (_empty: TRUNCATE when no reader holds it, else DELETE),
     COMMIT (compaction_state: record_run); VACUUM a slot emptied by DELETE
 
@@ -47,6 +48,7 @@ import asyncpg
 
 from ..core.times import to_dt
 from ..fast import (
+    MAX_COUNT,
     group_chunks,
     pack_ints,
     pack_values,
@@ -57,6 +59,13 @@ from ..fast import (
 )
 
 SERIES_PER_BATCH = 256  # series ids per COPY out: bounds the memory of one batch
+# Readings of one block (migration 0022): an hour with more is cut into
+# parts, in time order; part 0 also carries the summary of the whole hour
+# (with its count, hour_n, and its last value, v_last).
+# A block can hold 16,777,216 (MAX_COUNT); a part is also what a read decodes
+# at once, so 1,048,576 (16 MB of arrays) bounds a read's memory inside a
+# huge hour, and every hour of a series below ~290 Hz stays one block.
+PART_READINGS = 1 << 20
 MINUTE_US = 60_000_000
 SUMMARY_COLUMNS = ["m_scale", "m_minute", "m_count", "m_k", "m_f", "v_first", "v_min", "v_max",
                    "v_sum"]
@@ -80,8 +89,9 @@ def summary(start_us: int, ts, vals) -> tuple:
         total += r[0]
     return (None, minutes, count.tolist(), None, rows, rows[0][3], min(r[1] for r in rows),
             max(r[2] for r in rows), total)
-BLOCK_COLUMNS = ["series_id", "block_start", "n", "t_first", "t_last", "timeline", "vals",
-                 "v_last", *SUMMARY_COLUMNS]
+NO_SUMMARY = (None,) * len(SUMMARY_COLUMNS)  # a later part's: its hour's is on part 0
+BLOCK_COLUMNS = ["series_id", "block_start", "part", "n", "t_first", "t_last", "timeline", "vals",
+                 "v_last", *SUMMARY_COLUMNS, "hour_n"]
 TIMELINE_COLUMNS = ["block_start", "id", "n", "ts"]
 CRASH_POINTS = ("after-copy-out", "after-blocks", "before-truncate", "before-commit")
 
@@ -98,8 +108,11 @@ class Compactor:
     series_per_batch = SERIES_PER_BATCH  # a range of ids; on a shard, 1/shards of them are there
 
     def __init__(self, conn, retention_days: int | None = None, crash_at: str | None = None,
-                 lock_timeout: float = 10.0) -> None:
+                 lock_timeout: float = 10.0, part_readings: int = PART_READINGS) -> None:
+        if not 1 <= part_readings <= MAX_COUNT:
+            raise ValueError(f"part_readings: {part_readings} is outside 1 to {MAX_COUNT:,}")
         self.conn = conn
+        self.part_readings = part_readings
         self.coordinator = conn  # where the catalog and its sequences are
         self.retention_days = retention_days
         self.crash_at = crash_at
@@ -202,32 +215,33 @@ class Compactor:
         conn = self.conn
         keys_sid = [g[0] for g in groups]
         keys_start = [to_dt(g[1]) for g in groups]
-        # Late data: the blocks already stored for these (series, hour) join in.
+        # Late data: the blocks already stored for these (series, hour), every
+        # part, join in.
         old = await conn.fetch(
             f"DELETE FROM {self.blocks_table} b USING unnest($1::int[], $2::timestamptz[]) AS k (sid, bs)"
             " WHERE b.series_id = k.sid AND b.block_start = k.bs"
-            " RETURNING b.series_id, b.block_start, b.timeline, b.vals", keys_sid, keys_start)
-        stored = {}
+            " RETURNING b.series_id, b.block_start, b.part, b.timeline, b.vals", keys_sid, keys_start)
+        stored: dict[tuple, list] = {}
         if old:
             tl = await conn.fetch(
                 f"SELECT block_start, id, ts FROM {self.timelines_table} t"
                 " WHERE (block_start, id) IN (SELECT * FROM unnest($1::timestamptz[], $2::bigint[]))",
                 [r["block_start"] for r in old], [r["timeline"] for r in old])
             tl_ts = {(r["block_start"], r["id"]): r["ts"] for r in tl}
-            for r in old:
-                stored[(r["series_id"], r["block_start"])] = (
-                    tl_ts[(r["block_start"], r["timeline"])], r["vals"])
+            for r in sorted(old, key=lambda r: r["part"]):
+                stored.setdefault((r["series_id"], r["block_start"]), []).append(
+                    (tl_ts[(r["block_start"], r["timeline"])], r["vals"]))
         cutoff = self.cutoff_us()
-        packed = []  # (sid, start, ts, values bytes, timeline bytes, timeline key, (v_last, summary))
+        # (sid, start, part, ts, values bytes, timeline bytes, timeline key, (v_last, summary))
+        packed = []
         for sid, bucket_us, ts, vals in groups:
             start = to_dt(bucket_us)
-            prior = stored.get((sid, start))
             merged_before = 0
-            if prior is not None:
-                prior_ts = unpack_ints(prior[0])
-                merged_before = len(prior_ts)
+            for prior_tsb, prior_vb in stored.get((sid, start), ()):
+                prior_ts = unpack_ints(prior_tsb)
+                merged_before += len(prior_ts)
                 ts.extend(prior_ts)
-                vals.extend(unpack_values(prior[1]))
+                vals.extend(unpack_values(prior_vb))
             sort_by_time(ts, vals)
             if cutoff is not None and ts and ts[0] < cutoff:  # past the retention: not kept
                 keep = bisect.bisect_left(ts, cutoff)
@@ -236,15 +250,21 @@ class Compactor:
             self.readings += len(ts) - merged_before
             if not ts:
                 continue
-            tsb = pack_ints(ts)
-            key = (bucket_us, sid if self.series_timelines else 0,
-                   hashlib.blake2b(tsb, digest_size=16).digest())
-            packed.append((sid, start, ts, pack_values(vals), tsb, key,
-                           (vals[-1], *summary(bucket_us, ts, vals))))
+            whole = summary(bucket_us, ts, vals)  # of the hour: on part 0
+            size = self.part_readings
+            for part, i in enumerate(range(0, len(ts), size)):
+                pts, pvals = (ts, vals) if len(ts) <= size else (ts[i:i + size], vals[i:i + size])
+                tsb = pack_ints(pts)
+                key = (bucket_us, sid if self.series_timelines else 0,
+                       hashlib.blake2b(tsb, digest_size=16).digest())
+                # Part 0 of a cut hour: the hour's summary, count and last value.
+                tail = ((vals[-1], *whole, len(ts) if len(ts) > size else None) if part == 0
+                        else (pvals[-1], *NO_SUMMARY, None))
+                packed.append((sid, start, part, pts, pack_values(pvals), tsb, key, tail))
         # One timeline per distinct (hour, timestamps) in this run: a machine's
         # metrics polled together share theirs.
         new = {}
-        for sid, start, ts, vb, tsb, key, _ in packed:
+        for sid, start, _part, ts, vb, tsb, key, _ in packed:
             if key not in timelines and key not in new:
                 new[key] = (start, len(ts), tsb)
         if new:
@@ -264,8 +284,8 @@ class Compactor:
         if packed:
             await conn.copy_records_to_table(
                 self.blocks_table, columns=BLOCK_COLUMNS,
-                records=[(sid, start, len(ts), to_dt(ts[0]), to_dt(ts[-1]), timelines[key], vb,
-                          *tail) for sid, start, ts, vb, tsb, key, tail in packed])
+                records=[(sid, start, part, len(ts), to_dt(ts[0]), to_dt(ts[-1]), timelines[key],
+                          vb, *tail) for sid, start, part, ts, vb, tsb, key, tail in packed])
         self.blocks += len(packed)
         if old and self.series_timelines:  # the replaced blocks' own timelines
             await conn.execute(

@@ -28,10 +28,11 @@ from . import readback
 MINUTE_US = 60_000_000
 
 # The blocks of the series ($1) in the hours [$2, $3) whose summary is the
-# whole answer: they have one, and no hot rows of that series and hour wait
-# to be merged into them (the rollup views' "summarised", migration 0013).
+# whole answer: they have one (part 0 holds its hour's, migration 0022), and
+# no hot rows of that series and hour wait to be merged into them (the
+# rollup views' "summarised", migration 0013).
 _SUMMARISED_BLOCKS = """b.series_id = ANY($1::int[]) AND b.block_start >= $2 AND b.block_start < $3
-      AND b.m_count IS NOT NULL
+      AND b.part = 0 AND b.m_count IS NOT NULL
       AND NOT EXISTS (SELECT 1 FROM reading_chunks c
                       WHERE c.series_id = b.series_id AND c.bucket = b.block_start)"""
 
