@@ -254,11 +254,14 @@ class LatestPage(msgspec.Struct, gc=False):
 
 
 class ReadCursor(msgspec.Struct, array_like=True):
-    """Inside the opaque ``cursor``: the query it belongs to and, per series,
-    where the next page starts (skip readings before ``t`` and ``k`` at ``t``)."""
+    """Inside the opaque ``cursor``: the query it belongs to and where the next
+    page starts: every series resumes at ``t`` (Unix µs), past the first
+    ``given`` readings at ``t`` in the query's series order. Its size does
+    not grow with the series (at 6,000 series, one per series was 112 KB)."""
     version: int
     query: str
-    positions: list[tuple[int, int, int]]  # (series id, t in Unix µs, k)
+    t: int
+    given: int
 
 
 batch_decoder = msgspec.json.Decoder(IngestBatch)

@@ -49,7 +49,7 @@ UNITS_US = {"s": 1_000_000, "m": 60_000_000, "h": 3_600_000_000, "d": 86_400_000
 CSV_HEADER = b"machine_identifier,metric_name,unit,timestamp,value\n"
 CSV_ROWS_PER_CHUNK = 10_000
 MEAN_SCALE = 2.0 ** -64  # see _scaled_means
-CURSOR_VERSION = 1
+CURSOR_VERSION = 2
 FIRST_YEAR, LAST_YEAR = 1900, 9000
 # The query parameters each route takes (any other is a 422); the API
 # document (server/openapi.py) describes exactly these.
@@ -216,14 +216,13 @@ def _query_id(org: uuid.UUID, sids: list[int], t0: int, t1: int) -> str:
     return h.hexdigest()
 
 
-def _encode_cursor(app, query: str, positions: dict[int, tuple[int, int]]) -> str:
-    body = _cursor_encoder.encode(ReadCursor(CURSOR_VERSION, query,
-                                             [(s, t, k) for s, (t, k) in positions.items()]))
+def _encode_cursor(app, query: str, position: tuple[int, int]) -> str:
+    body = _cursor_encoder.encode(ReadCursor(CURSOR_VERSION, query, *position))
     mac = hmac.new(_cursor_key(app), body, hashlib.sha256).digest()[:16]
     return base64.urlsafe_b64encode(mac + body).decode().rstrip("=")
 
 
-def _decode_cursor(app, raw: str, query: str) -> dict[int, tuple[int, int]]:
+def _decode_cursor(app, raw: str, query: str) -> tuple[int, int]:
     bad = Unprocessable("cursor: not a cursor of this query; pass next_cursor from the previous "
                         "page with the same machine_identifier, metric_name, from and to")
     try:
@@ -237,41 +236,48 @@ def _decode_cursor(app, raw: str, query: str) -> dict[int, tuple[int, int]]:
         cur = _cursor_decoder.decode(body)
     except msgspec.DecodeError:
         raise bad from None
-    if cur.version != CURSOR_VERSION or cur.query != query:
+    if cur.version != CURSOR_VERSION or cur.query != query or cur.given < 0:
         raise bad
-    return {s: (t, k) for s, t, k in cur.positions}
+    return cur.t, cur.given
 
 
-def _start(ts: array, pos: tuple[int, int] | None) -> int:
-    """Index of the first reading at or after a cursor position."""
-    if pos is None:
-        return 0
-    t, k = pos
-    lo = bisect.bisect_left(ts, t)
-    return min(lo + k, bisect.bisect_right(ts, t))
+def _at(ts: array, t: int) -> tuple[int, int]:
+    """[first, end) indexes of the readings at time ``t``."""
+    return bisect.bisect_left(ts, t), bisect.bisect_right(ts, t)
 
 
 # ------------------------------------------------------------------ raw readings
 
 async def _page(conn, sids: list[int], t0: int, t1: int, limit: int,
-                positions: dict[int, tuple[int, int]]):
-    """The first ``limit`` readings after ``positions`` in (time, series)
-    order: ({sid: (ts, vals)}, new positions, more to come)."""
+                position: tuple[int, int] | None):
+    """The first ``limit`` readings after ``position`` in (time, series)
+    order: ({sid: (ts, vals)}, the next page's position, more to come).
+
+    A position (T, m) resumes every series at T, past the first m readings
+    at T in ``sids`` order: a page ends at the smallest T with ``limit``
+    readings at or before it, every reading before T given, and of those at
+    T the first ones in series order."""
     if not sids:  # a machine that has sent nothing yet
-        return {}, positions, False
-    starts = [t for t, _ in positions.values()]
-    if len(positions) < len(sids):
-        starts.append(t0)
-    start = max(t0, min(starts))
+        return {}, None, False
+    start, skip = position if position is not None else (t0, 0)
+    start = max(t0, start)
     acc: dict[int, list] = {s: [] for s in sids}
     total = 0
     more = False
+    first = True
     async for got in readback.scan(conn, sids, start, t1, budget=max(limit, 100_000)):
-        for sid, (ts, vals) in got.items():
-            i = _start(ts, positions.get(sid))
+        for sid in sids:
+            if sid not in got:
+                continue
+            ts, vals = got[sid]
+            i = 0
+            if first and skip:  # the first span starts at T: skip what was given there
+                i = min(skip, _at(ts, start)[1])
+                skip -= i
             if i < len(ts):
                 acc[sid].append((ts[i:] if i else ts, vals[i:] if i else vals))
                 total += len(ts) - i
+        first = False
         if total > limit:
             more = True
             break
@@ -282,33 +288,31 @@ async def _page(conn, sids: list[int], t0: int, t1: int, limit: int,
             ts.extend(t)
             vals.extend(v)
         merged[sid] = (ts, vals)
-    if total > limit:
-        # The smallest T with `limit` readings at or before it; all before T
-        # go out, and what is left of the limit from the readings at T, in
-        # series order.
-        lo = min(ts[0] for ts, _ in merged.values() if ts)
-        hi = max(ts[-1] for ts, _ in merged.values() if ts)
-        while lo < hi:
-            mid = (lo + hi) // 2
-            if sum(bisect.bisect_right(ts, mid) for ts, _ in merged.values()) >= limit:
-                hi = mid
-            else:
-                lo = mid + 1
-        left = limit - sum(bisect.bisect_left(ts, lo) for ts, _ in merged.values())
-        # Every reading before T went out, of every series: each resumes at
-        # (T, readings at T given so far), so the next page reads from T's hour.
-        new = {}
-        for sid in sids:
-            ts, vals = merged[sid]
-            below = bisect.bisect_left(ts, lo)
-            at = min(left, bisect.bisect_right(ts, lo) - below)
-            left -= at
-            merged[sid] = (ts[:below + at], vals[:below + at])
-            old = positions.get(sid)
-            new[sid] = (lo, at + (old[1] if old is not None and old[0] == lo else 0))
-    else:
-        new = positions  # the last page: no cursor
-    return merged, new, more
+    if not more:
+        return merged, None, False  # the last page: no cursor
+    # The smallest T with `limit` readings at or before it; all before T
+    # go out, and what is left of the limit from the readings at T, in
+    # series order.
+    lo = min(ts[0] for ts, _ in merged.values() if ts)
+    hi = max(ts[-1] for ts, _ in merged.values() if ts)
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if sum(bisect.bisect_right(ts, mid) for ts, _ in merged.values()) >= limit:
+            hi = mid
+        else:
+            lo = mid + 1
+    left = limit - sum(bisect.bisect_left(ts, lo) for ts, _ in merged.values())
+    given = left
+    for sid in sids:
+        ts, vals = merged[sid]
+        below, end = _at(ts, lo)
+        at = min(left, end - below)
+        left -= at
+        merged[sid] = (ts[:below + at], vals[:below + at])
+    # Resuming at the same T again: what earlier pages gave at T counts too.
+    if position is not None and position[0] == lo:
+        given += position[1]
+    return merged, (lo, given), True
 
 
 async def readings(app, req: Request) -> Response | StreamingResponse:
@@ -345,15 +349,15 @@ async def readings(app, req: Request) -> Response | StreamingResponse:
     sids = [r["id"] for r in rows]
     query = _query_id(org, sids, t0, t1)
     cursor = p.one("cursor")
-    positions = _decode_cursor(app, cursor, query) if cursor is not None else {}
+    position = _decode_cursor(app, cursor, query) if cursor is not None else None
     async with _read_slot(app), app.rt.pool.acquire() as conn, _snapshot(conn):
-        got, positions, more = await _page(conn, sids, t0, t1, limit, positions)
+        got, position, more = await _page(conn, sids, t0, t1, limit, position)
     series = []
     for r in rows:
         ts, vals = got.get(r["id"], (array("q"), array("d")))
         series.append(SeriesReadings(**_describe(r), timestamps=msgspec.Raw(iso_json(ts)),
                                      values=vals.tolist()))
-    nxt = _encode_cursor(app, query, positions) if more else None
+    nxt = _encode_cursor(app, query, position) if more else None
     return Response(200, ReadingsPage(series, nxt))
 
 
@@ -517,7 +521,7 @@ LEFT JOIN LATERAL (
     WHERE c.series_id = s.id ORDER BY c.bucket DESC, haltless_chunk_last(c.ts) DESC LIMIT 1) h ON true
 LEFT JOIN LATERAL (
     SELECT rb.t_last, rb.v_last, rb.vals FROM reading_blocks rb
-    WHERE rb.series_id = s.id ORDER BY rb.block_start DESC LIMIT 1) b ON true
+    WHERE rb.series_id = s.id ORDER BY rb.block_start DESC, rb.part DESC LIMIT 1) b ON true
 WHERE m.org_id = $1 AND ($2::text IS NULL OR m.machine_identifier = $2)
   AND (h.t IS NOT NULL OR b.t_last IS NOT NULL)
 ORDER BY m.machine_identifier COLLATE "C", s.metric_name COLLATE "C", s.unit COLLATE "C",

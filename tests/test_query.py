@@ -586,6 +586,32 @@ def test_pages_over_series_that_do_not_overlap_in_time(server, pg_dsn):
     assert seen["late"] == [v for _, v in data.sorted(("late", None, None))]
 
 
+def test_a_cursor_stays_small_at_6000_series_sharing_their_timestamps(server, pg_dsn):
+    # One cursor entry per series was 112 KB at 6,000 series (page 2: 414).
+    # The series here share every timestamp, so pages end among readings at
+    # one T, series by series: the hardest case for resuming.
+    tenant = make_tenant(pg_dsn, machines=("CNC-001",))
+    data = Data(tenant, server.token(tenant.org_id), 0)
+    start = us(dt.datetime.now(UTC).replace(microsecond=0)) - 3600 * 10**6
+    ingest(server, tenant, data, [("CNC-001", f"m{j:04d}", None, None, start + i * 10**6,
+                                   float(i * 10_000 + j)) for i in range(3) for j in range(6000)])
+    params = {"machine_identifier": "CNC-001", "from": iso(start),
+              "to": iso(start + 3600 * 10**6), "limit": 2500}
+    seen, sizes = [], []
+    while True:
+        r = get(server, "/api/v1/readings", data.token, params)
+        assert r.status_code == 200, r.text[:200]
+        body = r.json()
+        for s in body["series"]:
+            seen += s["values"]
+        if body["next_cursor"] is None:
+            break
+        sizes.append(len(body["next_cursor"]))
+        params["cursor"] = body["next_cursor"]
+    assert len(sizes) == 7 and max(sizes) < 120
+    assert sorted(seen) == [float(i * 10_000 + j) for i in range(3) for j in range(6000)]
+
+
 def test_latest_probes_the_index_of_the_newest_hot_row(pg_dsn):
     # 3,600 one-reading rows per series (a poller's hour): the newest is found
     # by a backward probe of (series_id, bucket, haltless_chunk_last(ts)), not
