@@ -14,8 +14,13 @@
 -- parts (NULL otherwise: n is the hour's); v_last of part 0 is the hour's.
 DO $$ BEGIN EXECUTE 'ALTER TABLE reading_blocks ADD COLUMN part smallint NOT NULL DEFAULT 0,'
                     ' ADD COLUMN hour_n integer'; END $$;
-CREATE UNIQUE INDEX reading_blocks_series_start_part ON reading_blocks (series_id, block_start, part);
-DROP INDEX reading_blocks_series_start;
+-- Through EXECUTE: on a Citus coordinator DDL is sent to the shards as its
+-- query string, which must be one statement.
+DO $$ BEGIN
+    EXECUTE 'CREATE UNIQUE INDEX reading_blocks_series_start_part'
+            ' ON reading_blocks (series_id, block_start, part)';
+    EXECUTE 'DROP INDEX reading_blocks_series_start';
+END $$;
 
 -- The views of 0013, with the part rule; CREATE OR REPLACE keeps their
 -- grants to reader roles.
