@@ -107,6 +107,18 @@ def test_a_grafana_role_sees_only_its_organization_hot_and_compacted(server, pg_
     assert taken.returncode == 2 and "not a haltless reader role" in taken.stderr
 
 
+def test_a_readers_policy_is_one_hash_lookup_per_row_not_a_scan_of_the_orgs_series(
+        pg_dsn, two_orgs):
+    # `series_id = ANY (array of the organization's series)` compared each row
+    # with every series (~18 us a row at 2,000 series): panels slowed down as
+    # the fleet grew. The policy is a hashed subplan (migration 0023).
+    a, _, _ = two_orgs
+    url = haltless("grafana-role", "--org", a.name, env=env(pg_dsn)).stdout.strip()
+    for table in ("series", "reading_chunks", "reading_blocks"):
+        plan = "\n".join(r[0] for r in as_role(url, f"EXPLAIN SELECT count(*) FROM {table}"))
+        assert "hashed SubPlan" in plan and "= ANY" not in plan, (table, plan)
+
+
 def test_the_readme_grafana_dashboard_runs_as_the_role_agrees_and_prunes_partitions(
         server, pg_dsn, two_orgs):
     """Every query of the README's Grafana section, expanded as Grafana 11
