@@ -20,8 +20,11 @@ class SeriesIndex:
     def get(
         self, machine_identifier: str, metric_name: str, unit: str | None, raw_tag: str | None
     ) -> int | None: ...
+    def forget(
+        self, machine_identifier: str, metric_name: str, unit: str | None, raw_tag: str | None
+    ) -> None: ...  # get misses the key again (a series' attributes changed)
     def clear(self) -> None: ...
-    def __len__(self) -> int: ...
+    def __len__(self) -> int: ...  # keys that map to a series
 
 # -> (records, accepted, errors as (index, code), missing)
 def encode_batch(

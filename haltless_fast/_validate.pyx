@@ -483,7 +483,8 @@ cdef class SeriesIndex:
     collide cannot make it quadratic."""
 
     cdef Slot* slots
-    cdef Py_ssize_t mask, count
+    cdef Py_ssize_t mask, count  # count: slots in use, forgotten keys too (they keep theirs)
+    cdef Py_ssize_t live         # keys that map to a series (len)
     cdef unsigned char* arena
     cdef Py_ssize_t used, room
     cdef uint64_t seed
@@ -495,7 +496,7 @@ cdef class SeriesIndex:
             raise MemoryError()
         self.mask = 1023
         self.room = 65536
-        self.count = self.used = 0
+        self.count = self.used = self.live = 0
         self.seed = int.from_bytes(_os.urandom(8), "little")
 
     def __dealloc__(self):
@@ -503,7 +504,7 @@ cdef class SeriesIndex:
         free(self.arena)
 
     def __len__(self):
-        return self.count
+        return self.live
 
     def clear(self):
         cdef Slot* fresh = <Slot*>calloc(1024, sizeof(Slot))
@@ -512,7 +513,7 @@ cdef class SeriesIndex:
         free(self.slots)
         self.slots = fresh
         self.mask = 1023
-        self.count = self.used = 0
+        self.count = self.used = self.live = 0
 
     cdef inline bint _same(self, const Slot* s, const Key* k) noexcept nogil:
         cdef const unsigned char* q = self.arena + s.off
@@ -592,15 +593,20 @@ cdef class SeriesIndex:
         cdef uint16_t lens[4]
         cdef unsigned char* arena
         cdef int j
+        if series_id < 0:
+            raise ValueError(f"series id {series_id} is negative; series ids start at 1")
         if _key_of(&k, machine_identifier, metric_name, unit, raw_tag):
             raise ValueError("a series field is longer than 65,535 bytes")
         cdef uint64_t h = _hash(&k, self.seed)
         i = <Py_ssize_t>(h & <uint64_t>self.mask)
         while self.slots[i].hash != 0:
             if self.slots[i].hash == h and self._same(&self.slots[i], &k):
+                if self.slots[i].sid < 0:
+                    self.live += 1
                 self.slots[i].sid = series_id
                 return
             i = (i + 1) & self.mask
+        self.live += 1
         size = 8 + k.n[0] + k.n[1] + k.n[2] + k.n[3]
         if self.used + size > self.room:
             arena = <unsigned char*>realloc(self.arena, max(self.room * 2, self.used + size))
@@ -631,6 +637,25 @@ cdef class SeriesIndex:
             return None
         cdef int32_t sid = self.find(&k)
         return None if sid < 0 else sid
+
+    def forget(self, machine_identifier, metric_name, unit, raw_tag):
+        """Drop a key (get, and so encode_batch, miss it again). Its slot stays,
+        with id -1, which find already reports as absent: no tombstones to skip
+        in a probe, and a later add of the key takes the slot back."""
+        cdef Key k
+        cdef uint64_t h
+        cdef Py_ssize_t i
+        if _key_of(&k, machine_identifier, metric_name, unit, raw_tag):
+            return
+        h = _hash(&k, self.seed)
+        i = <Py_ssize_t>(h & <uint64_t>self.mask)
+        while self.slots[i].hash != 0:
+            if self.slots[i].hash == h and self._same(&self.slots[i], &k):
+                if self.slots[i].sid >= 0:
+                    self.slots[i].sid = -1
+                    self.live -= 1
+                return
+            i = (i + 1) & self.mask
 
 
 cdef inline unsigned char* _put16(unsigned char* p, uint32_t v) noexcept nogil:

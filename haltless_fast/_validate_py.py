@@ -54,7 +54,11 @@ MAX_ROW = 500
 
 class SeriesIndex:
     """The series ids an organization's readings map to, by (machine_identifier,
-    metric_name, unit, raw_tag); None for unit or raw_tag is "". The compiled
+    metric_name, unit, raw_tag); None for unit or raw_tag is "". A series is
+    (machine, metric) (README "Series identity"); the catalog adds only the
+    keys whose unit and raw_tag agree with the series' current attributes
+    (each "" or equal to it), so a reading that would change them misses here
+    and reaches the catalog, and nothing else does. The compiled
     twin keeps the keys as UTF-8 in an open-addressing table with a seeded
     hash, so a lookup costs no tuple and no str hash; here it is a dict."""
 
@@ -64,10 +68,16 @@ class SeriesIndex:
         self._ids: dict[tuple[str, str, str, str], int] = {}
 
     def add(self, machine_identifier, metric_name, unit, raw_tag, series_id):
+        if series_id < 0:
+            raise ValueError(f"series id {series_id} is negative; series ids start at 1")
         self._ids[(machine_identifier, metric_name, unit or "", raw_tag or "")] = series_id
 
     def get(self, machine_identifier, metric_name, unit, raw_tag):
         return self._ids.get((machine_identifier, metric_name, unit or "", raw_tag or ""))
+
+    def forget(self, machine_identifier, metric_name, unit, raw_tag):
+        """Drop a key: get (and so encode_batch) misses it again."""
+        self._ids.pop((machine_identifier, metric_name, unit or "", raw_tag or ""), None)
 
     def clear(self):
         self._ids.clear()

@@ -6,8 +6,9 @@
     --GroupCommitWriter (server/writer.py)--> committed --> 207
 
 Good batches take the fast path (one msgspec decode, one kernel pass, one
-dict lookup per reading). A machine or series not seen before costs one
-catalog round trip (server/catalog.py), then the kernel runs again.
+dict lookup per reading). A machine or series not seen before, or a reading
+that changes its series' unit or raw_tag, costs one catalog round trip
+(server/catalog.py), then the kernel runs again.
 The whole ingest path reads in three files: ``server/app.py`` (HTTP),
 this one, and ``server/writer.py``.
 """
@@ -123,30 +124,40 @@ class Ingestor:
         errors = dict(errors or {})
         reasons: dict[str, int] = {REASON_INVALID: len(errors)} if errors else {}
         sent = readings
+        if self.catalog.refresh_due():  # at most once a few seconds, not per batch
+            await self.catalog.refresh(self.pool)
         series = self.catalog.series_of(org_id)
-        # Good batches pass on the first try. A miss resolves the unseen series
-        # (or finds the machine absent) and tries again; a second miss means the
-        # cache was cleared under us by another request, which is rare.
-        for attempt in range(3):
-            now_us = time.time_ns() // 1000
-            payload, accepted, kerr, missing = encode_batch(
-                readings, series, now_us,
-                None if self.retention_us is None else now_us - self.retention_us)
-            if payload is None and (not missing or any(c == RECHECK for _, c in kerr)):
-                raise _Recheck()  # only FastReadings can make it
-            if not missing:
-                break
-            if attempt == 2:
-                raise DatabaseUnavailable("series cache is churning; retry")
-            readings = list(readings)
-            for i in missing:
-                readings[i] = as_reading(readings[i])
-            found = await self.catalog.resolve(self.pool, org_id, readings, missing)
-            if found:
-                for i, msg in found.items():
-                    readings[i] = None
-                    errors[i] = msg
-                reasons[REASON_MACHINE] = reasons.get(REASON_MACHINE, 0) + len(found)
+        transient: list = []
+        try:
+            # Good batches pass on the first try. A miss resolves the unseen series
+            # (or finds the machine absent) and tries again; a second miss means the
+            # cache was cleared under us by another request, which is rare.
+            for attempt in range(3):
+                now_us = time.time_ns() // 1000
+                payload, accepted, kerr, missing = encode_batch(
+                    readings, series, now_us,
+                    None if self.retention_us is None else now_us - self.retention_us)
+                if payload is None and (not missing or any(c == RECHECK for _, c in kerr)):
+                    raise _Recheck()  # only FastReadings can make it
+                if not missing:
+                    break
+                if attempt == 2:
+                    raise DatabaseUnavailable("series cache is churning; retry")
+                readings = list(readings)
+                for i in missing:
+                    readings[i] = as_reading(readings[i])
+                found, replaced = await self.catalog.resolve(self.pool, org_id, readings, missing)
+                transient += replaced
+                if found:
+                    for i, msg in found.items():
+                        readings[i] = None
+                        errors[i] = msg
+                    reasons[REASON_MACHINE] = reasons.get(REASON_MACHINE, 0) + len(found)
+        finally:
+            # Keys of this batch whose unit or raw_tag a later reading of it
+            # replaced: cached for its retry only.
+            for key in transient:
+                series.forget(*key)
         for i, code in kerr:
             errors[i], reason = self.kernel_errors[code]
             reasons[reason] = reasons.get(reason, 0) + 1

@@ -46,7 +46,8 @@ MAX_INTERVAL_US = 31 * 86_400_000_000
 AGGREGATES = ("avg", "min", "max", "count", "sum", "first", "last")
 DEFAULT_AGGREGATES = "avg,min,max,count"
 UNITS_US = {"s": 1_000_000, "m": 60_000_000, "h": 3_600_000_000, "d": 86_400_000_000}
-CSV_HEADER = b"machine_identifier,metric_name,unit,timestamp,value\n"
+# raw_tag came last (README "Reading data"): the earlier columns keep their places.
+CSV_HEADER = b"machine_identifier,metric_name,unit,timestamp,value,raw_tag\n"
 CSV_ROWS_PER_CHUNK = 10_000
 MEAN_SCALE = 2.0 ** -64  # see _scaled_means
 CURSOR_VERSION = 2
@@ -134,7 +135,7 @@ async def _series(conn, org: uuid.UUID, machine: str, metrics: list[str]) -> lis
     rows = await conn.fetch(
         SERIES_COLUMNS + " FROM machines m LEFT JOIN series s ON s.machine_id = m.id"
         " WHERE m.org_id = $1 AND m.machine_identifier = $2"
-        ' ORDER BY s.metric_name COLLATE "C", s.unit COLLATE "C", s.raw_tag COLLATE "C", s.id',
+        ' ORDER BY s.metric_name COLLATE "C", s.id',
         org, machine)
     if not rows:
         raise NotFound(f"machine_identifier: no machine {machine!r} in your organization")
@@ -157,8 +158,7 @@ async def _fleet_series(conn, org: uuid.UUID, metrics: list[str]) -> list:
     rows = await conn.fetch(
         SERIES_COLUMNS + " FROM machines m JOIN series s ON s.machine_id = m.id"
         " WHERE m.org_id = $1 AND (cardinality($2::text[]) = 0 OR s.metric_name = ANY($2))"
-        ' ORDER BY m.machine_identifier COLLATE "C", s.metric_name COLLATE "C",'
-        ' s.unit COLLATE "C", s.raw_tag COLLATE "C", s.id LIMIT $3',
+        ' ORDER BY m.machine_identifier COLLATE "C", s.metric_name COLLATE "C", s.id LIMIT $3',
         org, metrics, MAX_FLEET_SERIES + 1)
     if len(rows) > MAX_FLEET_SERIES:
         raise Unprocessable(f"machine_identifier: more than {MAX_FLEET_SERIES:,} series match; "
@@ -375,14 +375,16 @@ async def _csv(app, rows: list, t0: int, t1: int):
     prefix = {r["id"]: ",".join(_csv_field(r[k]) for k in
                                 ("machine_identifier", "metric_name", "unit")) + ","
               for r in rows}
+    suffix = {r["id"]: "," + _csv_field(r["raw_tag"]) + "\n" for r in rows}
     sids = [r["id"] for r in rows]
     async with app.rt.pool.acquire() as conn, _snapshot(conn):
         async for got in readback.scan(conn, sids, t0, t1, budget=200_000):
-            streams = [zip(ts, iso_timestamps(ts), vals, [prefix[sid]] * len(ts))
+            streams = [zip(ts, iso_timestamps(ts), vals, [prefix[sid]] * len(ts),
+                           [suffix[sid]] * len(ts))
                        for sid, (ts, vals) in got.items()]
             out: list[str] = []
-            for _, stamp, v, pre in heapq.merge(*streams, key=lambda x: x[0]):
-                out.append(f"{pre}{stamp},{v!r}\n")
+            for _, stamp, v, pre, post in heapq.merge(*streams, key=lambda x: x[0]):
+                out.append(f"{pre}{stamp},{v!r}{post}")
                 if len(out) >= CSV_ROWS_PER_CHUNK:
                     yield "".join(out).encode()
                     out = []
@@ -524,8 +526,7 @@ LEFT JOIN LATERAL (
     WHERE rb.series_id = s.id ORDER BY rb.block_start DESC, rb.part DESC LIMIT 1) b ON true
 WHERE m.org_id = $1 AND ($2::text IS NULL OR m.machine_identifier = $2)
   AND (h.t IS NOT NULL OR b.t_last IS NOT NULL)
-ORDER BY m.machine_identifier COLLATE "C", s.metric_name COLLATE "C", s.unit COLLATE "C",
-         s.raw_tag COLLATE "C", s.id"""
+ORDER BY m.machine_identifier COLLATE "C", s.metric_name COLLATE "C", s.id"""
 
 
 async def latest(app, req: Request) -> Response:

@@ -546,6 +546,66 @@ def test_rollups_on_the_cluster_equal_the_raw_aggregates_and_stay_in_their_organ
     check_rollups(citus_dsn, a, "merged")
 
 
+def test_series_identity_on_the_cluster_merges_old_duplicates_and_records_changes(
+        citus_server, citus_dsn):
+    """Migration 0020 on the cluster: a unit change through ingest is one
+    series and a recorded change; duplicates made under the old unique key
+    (a series with blocks and late hot rows in one hour) merge into one with
+    every reading kept once, before and after the next compaction."""
+    t = make_tenant(citus_dsn, machines=("CNC-001",))
+    now = dt.datetime.now(UTC).replace(microsecond=0)
+    for i, unit in enumerate((None, "celsius")):
+        r = {"machine_identifier": "CNC-001", "metric_name": "temp", "value": 1.0,
+             "timestamp": iso(now - dt.timedelta(seconds=10 - i))}
+        if unit:
+            r["unit"] = unit
+        got = post(citus_server, t.key, {"readings": [r]})
+        assert got.status_code == 207 and got.json()["accepted_count"] == 1, got.text
+        time.sleep(0.7)  # the other worker sees the change
+    [sid] = org_series(citus_dsn, t.org_id)
+    assert fetchval(citus_dsn, "SELECT unit FROM series WHERE id = $1", sid) == "celsius"
+    assert [tuple(r) for r in fetch(
+        citus_dsn, "SELECT old_unit, new_unit FROM series_attribute_changes WHERE series_id = $1",
+        sid)] == [("", "celsius")]
+
+    t = make_tenant(citus_dsn, machines=("CNC-001",))
+    hour = dt.datetime.now(UTC).replace(minute=0, second=0, microsecond=0) - dt.timedelta(hours=3)
+    send(citus_server, t, hour + dt.timedelta(minutes=30), 60, metrics=2, values=[1.5])
+    compact(citus_dsn)
+    keep, dup = org_series(citus_dsn, t.org_id)
+    fetchval(citus_dsn, "ALTER TABLE series DROP CONSTRAINT series_machine_metric_key")
+    fetchval(citus_dsn, "ALTER TABLE series ADD CONSTRAINT series_old_key"
+             " UNIQUE (machine_id, metric_name, unit, raw_tag)")
+    try:
+        fetchval(citus_dsn, "UPDATE series SET metric_name = 'm0', unit = 'F' WHERE id = $1", dup)
+        stamps = [hour + dt.timedelta(minutes=5, seconds=s) for s in range(10)]
+        fetchval(citus_dsn, "INSERT INTO reading_chunks (slot, series_id, bucket, n, ts, vals)"
+                 " VALUES (0, $1, $2, 10, haltless_chunk_stamps($3::timestamptz[]), $4::float8[])",
+                 dup, hour, stamps, [0.5] * 10)
+
+        def everything():
+            return sorted((r[0], r[1], r[2]) for r in fetch(
+                citus_dsn, 'SELECT metric_name, "timestamp", value FROM readings'
+                " WHERE org_id = $1", t.org_id))
+        before = everything()
+        assert fetchval(citus_dsn, "SELECT haltless_merge_series_duplicates()") == 1
+    finally:
+        fetchval(citus_dsn, "ALTER TABLE series DROP CONSTRAINT series_old_key")
+        fetchval(citus_dsn, "ALTER TABLE series ADD CONSTRAINT series_machine_metric_key"
+                 " UNIQUE (machine_id, metric_name)")
+    assert org_series(citus_dsn, t.org_id) == [keep]
+    assert fetchval(citus_dsn, "SELECT unit FROM series WHERE id = $1", keep) == "F"
+    for stage in ("merged", "compacted"):
+        if stage == "compacted":
+            compact(citus_dsn)
+            assert fetchval(citus_dsn, "SELECT count(*) FROM reading_chunks WHERE series_id = $1",
+                            keep) == 0
+        assert everything() == [("m0", ts, v) for _, ts, v in before], stage
+        assert fetchval(citus_dsn, "SELECT count(*) FROM reading_blocks WHERE series_id = $1",
+                        dup) == 0
+        check_rollups(citus_dsn, t, stage)
+
+
 def test_retention_drops_whole_months_of_distributed_blocks(citus_dsn):
     old = dt.datetime.now(UTC) - dt.timedelta(days=120)
     fetch(citus_dsn, "SELECT haltless_block_partitions($1, $1)", old)
@@ -714,3 +774,4 @@ def test_a_worker_that_is_down_gets_503_and_ingest_resumes_when_it_is_back(clust
                      timeout=30, what="ingest after the worker came back")
     assert again.json()["accepted_count"] == 40
     assert t.count(citus_dsn) == 80
+

@@ -84,6 +84,12 @@ def test_the_fleet_page_shows_machines_sources_and_a_plot_in_a_real_browser(
     readings += [{"machine_identifier": "CNC-001", "metric_name": "motor_current", "unit": "A",
                   "timestamp": iso(start + i * 1_000_000 + 1000), "value": round(11 + (i % 7) * 0.1
                   + (i // 60 % 3) * 0.4, 2)} for i in range(720)]
+    # One metric sent without a unit, with one, and with a raw_tag too: one
+    # series (README "Series identity"), so one plot, labelled as it is now.
+    readings += [{"machine_identifier": "CNC-001", "metric_name": "coolant_temp",
+                  "timestamp": iso(start + i * 60_000_000 + 30_000_000), "value": 18.0 + i,
+                  **({"unit": "celsius"} if i >= 3 else {}),
+                  **({"raw_tag": "ns2_i7"} if i >= 6 else {})} for i in range(9)]
     readings += [{"machine_identifier": HOSTILE, "metric_name": HOSTILE,
                   "timestamp": iso(us(now) - 5_000_000), "value": 1.5}]
     for i in range(0, len(readings), 1000):
@@ -135,6 +141,10 @@ def see_the_page(browser, server, token, tmp_path, current: list[int]) -> Path:
     assert plot.get_attribute("data-points") == "12"  # one bucket per reading at ~1 s per pixel
     assert plot.locator("canvas").count() == 1
     assert plot.locator("h3").inner_text() == "spindle_temp (celsius)"
+    coolant = page.locator('.plot[data-metric="coolant_temp"]')
+    assert coolant.count() == 1
+    assert coolant.locator("h3").inner_text() == "coolant_temp (celsius) [ns2_i7]"
+    assert coolant.get_attribute("data-points") == "9"
     # An hour at ~1 px per bucket: several readings per bucket, drawn as a min-max band.
     page.click("#ranges button[data-range='3600']")
     page.wait_for_function("""() => {

@@ -299,6 +299,25 @@ def test_the_series_index_maps_four_fields_and_treats_none_as_empty(k):
     assert len(index) == 0 and index.get("M", "t", None, None) is None
 
 
+def test_a_forgotten_key_misses_until_added_again_and_batches_report_it_missing(k):
+    index = index_of(k, {("M", "t", "", ""): 1, ("M", "t", "C", ""): 1, ("N", "t", "", ""): 3})
+    index.forget("M", "t", "C", None)
+    index.forget("M", "t", "F", None)  # never added: nothing happens
+    assert index.get("M", "t", "C", "") is None and index.get("M", "t", None, None) == 1
+    assert len(index) == 2
+    payload, accepted, errors, missing = k.encode_batch(
+        [R(unit="C"), R(), R(machine="N")], index, NOW_US)
+    assert (payload, missing) == (None, [0])
+    index.add("M", "t", "C", None, 1)
+    index.forget("M", "t", "C", None)
+    index.forget("M", "t", "C", None)  # twice counts once
+    index.add("M", "t", "C", None, 1)
+    assert len(index) == 3 and index.get("M", "t", "C", None) == 1
+    with pytest.raises(ValueError, match="negative"):
+        index.add("M", "t", "K", None, -1)
+    assert index.get("M", "t", "K", None) is None and len(index) == 3
+
+
 def test_the_series_index_holds_many_keys_and_non_ascii_text(k):
     index = k.SeriesIndex()
     keys = [(f"CNC-{m:04d}", f"metric-{j}-ü°", "℃" if j % 2 else "", f"ns2_i{j}")

@@ -198,15 +198,15 @@ def test_csv_streams_every_reading_in_time_order(server, stored):
     assert r.headers["content-type"].startswith("text/csv")
     assert "content-length" not in r.headers  # streamed in chunks
     rows = list(csv.reader(io.StringIO(r.text)))
-    assert rows[0] == ["machine_identifier", "metric_name", "unit", "timestamp", "value"]
+    assert rows[0] == ["machine_identifier", "metric_name", "unit", "timestamp", "value", "raw_tag"]
     want = sorted(
-        [("CNC-001", k[0], k[1] or "", iso(t), v) for k in stored.series
+        [("CNC-001", k[0], k[1] or "", iso(t), v, k[2] or "") for k in stored.series
          for t, v in stored.sorted(k, t0, t1)], key=lambda x: x[3])
-    got = [(a, b, c, d, float(e)) for a, b, c, d, e in rows[1:]]
+    got = [(a, b, c, d, float(e), f) for a, b, c, d, e, f in rows[1:]]
     assert [g[3] for g in got] == sorted(g[3] for g in got)
     assert sorted(got, key=lambda x: (x[3], x[1], bits(x[4]))) == sorted(
         want, key=lambda x: (x[3], x[1], bits(x[4])))
-    assert all(bits(g[4]) == bits(float(e)) for g, (*_, e) in zip(got, rows[1:]))
+    assert all(bits(g[4]) == bits(float(e)) for g, (*_, e, _) in zip(got, rows[1:]))
     same = get(server, "/api/v1/readings", stored.token,
                {"machine_identifier": "CNC-001", "from": iso(t0), "to": iso(t1),
                 "format": "csv"})
