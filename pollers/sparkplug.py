@@ -25,11 +25,12 @@ rebirth requests to publish.
   counted by kind in ``skipped`` and not stored. A metric's timestamp is the
   reading's, else the payload's, else the time of receipt (0 counts as
   none).
-* The machine is the device id (or the edge node id for node metrics), or
-  the source's machine when it names one; raw_tag is
-  ``<group>/<edge node>[/<device>]``, which keeps apart two devices of the
-  same id in different groups, and metrics of the same name when every
-  device goes to one machine.
+* The machine is the device id (or the edge node id for node metrics), and
+  the metric its name. When the source names one machine, every device goes
+  to it and the metric name is ``<group>/<edge node>[/<device>]/<metric>``:
+  a series is a machine and a metric (README "Series identity"), so the
+  devices' metrics of one name stay apart. raw_tag is
+  ``<group>/<edge node>[/<device>]`` either way.
 """
 from __future__ import annotations
 
@@ -232,11 +233,11 @@ class SparkplugHost:
         for m in p.metrics:
             if m.name == "bdSeq":
                 node.bd_seq = _integer(m)
-        node.by_alias, node.by_name = self._births(p)
+        node.by_alias, node.by_name = self._births(p, self._prefix(node.raw_tag))
         return self._data(node.by_alias, node.by_name, node.machine, node.raw_tag, p, now)
 
     def _dbirth(self, device: Device, p, now: float) -> list[Reading]:
-        device.by_alias, device.by_name = self._births(p)
+        device.by_alias, device.by_name = self._births(p, self._prefix(device.raw_tag))
         device.online, device.since = True, now
         return self._data(device.by_alias, device.by_name, device.machine, device.raw_tag, p, now)
 
@@ -271,7 +272,12 @@ class SparkplugHost:
 
     # ------------------------------------------------------------------ metrics
 
-    def _births(self, p) -> tuple[dict[int, MetricDef], dict[str, MetricDef]]:
+    def _prefix(self, raw_tag: str) -> str:
+        """What a metric's name starts with: the device's path when every
+        device goes to the source's one machine, else nothing."""
+        return "" if self.machine is None else raw_tag + "/"
+
+    def _births(self, p, prefix: str = "") -> tuple[dict[int, MetricDef], dict[str, MetricDef]]:
         by_alias: dict[int, MetricDef] = {}
         by_name: dict[str, MetricDef] = {}
         for m in p.metrics:
@@ -282,12 +288,13 @@ class SparkplugHost:
             skip = None
             if _control(name):
                 skip = "control"
-            elif not _text_ok(name):
+            elif not _text_ok(prefix + name):
                 skip = "invalid_name"
             elif dt not in NUMERIC:
                 skip = SKIPPED_KIND.get(dt, "unknown_type")
             unit = _unit(m) if skip is None else None
-            d = MetricDef(name, dt, unit, skip, VALUE_FIELD.get(dt, ""), SIGNED_BITS.get(dt, 0))
+            d = MetricDef(prefix + name, dt, unit, skip, VALUE_FIELD.get(dt, ""),
+                          SIGNED_BITS.get(dt, 0))
             by_name[name] = d
             if m.HasField("alias"):
                 by_alias[m.alias] = d

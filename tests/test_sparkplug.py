@@ -227,7 +227,7 @@ def test_ids_and_names_that_cannot_be_stored_are_skipped_and_others_ignored():
     assert host.skipped["not_sparkplug"] == 1 and host.skipped["malformed"] == 1
 
 
-def test_with_the_sources_machine_every_reading_goes_to_it_told_apart_by_raw_tag():
+def test_with_the_sources_machine_every_device_keeps_its_own_series_by_its_path():
     host = SparkplugHost(machine="LINE-1")
     host.handle("spBv1.0/G/NBIRTH/N", nbirth(metrics=[
         {"name": "v", "alias": 1, "datatype": 10, "double_value": 1.0}]))
@@ -236,8 +236,22 @@ def test_with_the_sources_machine_every_reading_goes_to_it_told_apart_by_raw_tag
          "properties": {"keys": ["engUnit"], "values": [{"type": 12, "string_value": "bar"}]}}]))
     readings = host.handle("spBv1.0/G/NDATA/N", payload(2, metrics=[
         {"alias": 1, "double_value": 3.0}]))[0] + readings
+    # A series is (machine, metric): the device's path in the metric's name
+    # keeps the node's `v` and the device's `v` apart on the one machine.
     assert [(r.machine_identifier, r.metric_name, r.raw_tag, r.unit) for r in readings] == [
-        ("LINE-1", "v", "G/N", None), ("LINE-1", "v", "G/N/D", "bar")]
+        ("LINE-1", "G/N/v", "G/N", None), ("LINE-1", "G/N/D/v", "G/N/D", "bar")]
+    # Without the source's machine, each device is its own machine: names as sent.
+    host = SparkplugHost()
+    host.handle("spBv1.0/G/NBIRTH/N", nbirth(metrics=[
+        {"name": "v", "alias": 1, "datatype": 10, "double_value": 1.0}]))
+    readings, _ = host.handle("spBv1.0/G/DBIRTH/N/D", payload(1, metrics=[
+        {"name": "v", "alias": 2, "datatype": 10, "double_value": 2.0}]))
+    assert [(r.machine_identifier, r.metric_name) for r in readings] == [("D", "v")]
+    # A path that makes the name too long is counted, not stored.
+    host = SparkplugHost(machine="LINE-1")
+    host.handle("spBv1.0/G/NBIRTH/N", nbirth(metrics=[
+        {"name": "x" * 199, "alias": 1, "datatype": 10, "double_value": 1.0}]))
+    assert host.skipped["invalid_name"] == 1
 
 
 def test_a_rebirth_request_is_node_control_rebirth_true():
