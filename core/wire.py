@@ -76,6 +76,17 @@ class ErrorBody(msgspec.Struct):
     detail: str
 
 
+MAX_MACHINE_CHECK = 100  # machine_identifier values per GET /api/v1/ingest/machines
+
+
+class MachineCheck(msgspec.Struct):
+    """GET /api/v1/ingest/machines: which of the asked machine identifiers the
+    API key's organization has (``found``) and which it has not (``not_found``:
+    readings for those would be "Machine not found"), in the order asked."""
+    found: list[str]
+    not_found: list[str]
+
+
 # ------------------------------------------------------------------ management
 
 Protocol = Literal["opcua", "modbus", "mqtt"]

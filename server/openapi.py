@@ -26,6 +26,9 @@ REF = "#/components/schemas/{name}"
 OPERATIONS = [
     ("post", "/api/v1/ingest", "Push readings (the contract's HTTP Push)",
      wire.IngestBatch, "207", wire.IngestResult, "apiKey"),
+    ("get", "/api/v1/ingest/machines", "Which of the given machines the API key's organization "
+     "has (not in the public contract; `haltless agent --check` asks it)", None, "200",
+     wire.MachineCheck, "apiKey"),
     ("get", "/healthz", "The process is up", None, "200", None, None),
     ("get", "/readyz", "The database is reachable", None, "200", None, None),
     ("post", "/api/v1/machines", "Create a machine", wire.MachineCreate, "201", wire.Machine, "bearer"),
@@ -111,6 +114,14 @@ PARAMETERS = {
            "every series of the organization; 404 when there is no such machine",
            example="CNC-001"),
     ],
+    "/api/v1/ingest/machines": [
+        _q("machine_identifier", {"type": "array", "minItems": 1,
+                                  "maxItems": wire.MAX_MACHINE_CHECK,
+                                  "items": {"type": "string", "minLength": 1, "maxLength": 200}},
+           f"repeat it for each machine, 1 to {wire.MAX_MACHINE_CHECK}; each is answered in "
+           "found or not_found", required=True, style="form", explode=True,
+           example=["CNC-001"]),
+    ],
 }
 # Refusals the read routes answer besides the general ones (429, 503, ...).
 READ_ERRORS = {
@@ -121,6 +132,13 @@ READ_ERRORS = {
     "422": "A parameter missing, malformed, out of its limits, repeated or unknown, a "
            "reversed range or a cursor of another query; the detail starts with the "
            "parameter's name and says what is allowed",
+}
+
+# ... and those of the key-checked GET.
+MACHINE_CHECK_ERRORS = {
+    "401": "No X-API-Key, or an unknown or revoked one",
+    "422": "machine_identifier missing, repeated more than allowed, too long, or another "
+           "parameter given; the detail starts with the parameter's name",
 }
 
 STATUS = {"type": "object", "properties": {"status": {"type": "string"}}, "required": ["status"]}
@@ -162,7 +180,8 @@ def document() -> bytes:
             op["responses"][status] = {"description": "Success",
                                        "content": {"application/json": {"schema": schema}}}
         if path in PARAMETERS:
-            for code, text in READ_ERRORS.items():
+            errors = MACHINE_CHECK_ERRORS if security == "apiKey" else READ_ERRORS
+            for code, text in errors.items():
                 op["responses"][code] = {**error, "description": text}
         op["responses"]["default"] = error
         if security:
