@@ -34,15 +34,13 @@ import time
 from pathlib import Path
 
 from ..core.config import Settings
-from ..core.console import print_table
 from ..core.errors import BatchRejected, ConfigError, KeyRefused, RetryLater
 from ..core.logs import run_until_signal
 from ..core.wire import Reading, encoder
 from .agent_config import AgentConfig, AgentSource, load_config, reader_config
 from .base import ReadResult
 from .opcua_config import parse_endpoint
-from .readers import (connected, make_reader, make_subscriber, outer_timeout, probe_reader,
-                      probe_subscriber, subscribed, subscribes)
+from .readers import connected, make_reader, make_subscriber, outer_timeout, subscribed, subscribes
 from .schedule import PollLoop, raise_if_cancelled
 from .stats import Stats
 from .subscribe import SubscribeLoop
@@ -264,33 +262,9 @@ class Agent:
                  "" if self.sending else ", SENDING STOPPED (401)")
 
 
-async def check(cfg: AgentConfig, config_path: Path) -> bool:
-    """`haltless agent --check`: test every source once and print a table."""
-    state_dir = (Path(config_path).parent / cfg.state_dir).resolve()
-    rows = []
-    for src in cfg.source:
-        section = getattr(src, src.protocol)
-        start = time.monotonic()
-        if is_subscribed(src):
-            sub = subscriber_for(src, state_dir)
-            ok, message = await probe_subscriber(sub, len(section.nodes),
-                                                 outer_timeout(section.timeout_seconds)
-                                                 + sub.publishing_interval)
-        else:
-            ok, message = await probe_reader(reader_for(src, state_dir),
-                                             outer_timeout(section.timeout_seconds))
-        rows.append((src.name, "ok" if ok else "failed",
-                     f"{(time.monotonic() - start) * 1000:.0f} ms", message))
-    print_table(rows, ["SOURCE", "RESULT", "LATENCY", "MESSAGE"], ragged_last=True)
-    return all(r[1] == "ok" for r in rows)
-
-
-def main(config_path: str, check_only: bool, settings: Settings) -> int:
+def main(config_path: str, settings: Settings) -> int:
+    """``haltless agent`` (``--check`` is ``pollers/agent_check.py``)."""
     cfg = load_config(Path(config_path))
-    if check_only:
-        print(f"{config_path}: configuration OK ({len(cfg.source)} sources)")
-        return 0 if run_until_signal(lambda stop: check(cfg, Path(config_path)),
-                                     settings.log_level) else 1
     agent = Agent(cfg, Path(config_path))
     lock = lock_state_dir(agent.state_dir)  # held until the process ends
     try:

@@ -329,34 +329,6 @@ def test_a_refused_api_key_stops_sending_and_keeps_readings_queued(server, pg_ds
     assert left == total > 0
 
 
-def test_check_prints_a_table_of_every_source(server, tmp_path):
-    with ModbusPeer([device(1, {100: 725}, {102: 1500})]) as peer:
-        cfg = agent_toml(tmp_path, peer.port, server.url, "hk_x")
-        cfg.write_text(cfg.read_text() + textwrap.dedent(f'''
-            [[source]]
-            name = "dead-plc"
-            machine_identifier = "CONV-002"
-            protocol = "modbus"
-
-            [source.modbus]
-            host = "127.0.0.1"
-            port = {peer.port + 1 if peer.port < 65535 else 1}
-            timeout_seconds = 1
-
-            [[source.modbus.registers]]
-            address = 1
-            metric_name = "x"
-            '''))
-        p = subprocess.run(HALTLESS + ["agent", "--check", "--config", str(cfg)], cwd=ROOT,
-                           capture_output=True, text=True, timeout=60)
-    assert p.returncode == 1, p.stderr
-    lines = p.stdout.splitlines()
-    assert "configuration OK (2 sources)" in lines[0]
-    assert lines[1].split()[:3] == ["SOURCE", "RESULT", "LATENCY"]
-    assert lines[2].startswith("conveyor-motor") and " ok " in lines[2] and "Connected successfully" in lines[2]
-    assert lines[3].startswith("dead-plc") and " failed " in lines[3] and "refused" in lines[3]
-
-
 def test_retry_after_is_read_as_seconds_or_an_http_date():
     import email.utils
 

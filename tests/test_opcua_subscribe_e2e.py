@@ -324,18 +324,24 @@ def test_agent_config_mistakes_in_subscribe_mode_name_the_file_and_key(tmp_path)
         assert "\n" not in msg and msg.startswith(f"{f}: ") and key in msg, msg
 
 
-def test_agent_check_subscribes_to_each_subscribed_source_once_and_deletes_it(tmp_path):
+def source_row(out: str) -> str:
+    """The check table's row of the source "line"."""
+    return next(ln for ln in out.splitlines() if ln.startswith("line "))
+
+
+def test_agent_check_subscribes_to_each_subscribed_source_once_and_deletes_it(
+        server, tenant, tmp_path):
     with OpcuaDevice(tmp_path, nodes=2) as dev:
-        f = agent_toml(tmp_path, "http://127.0.0.1:1", "hk_x", dev.port)
+        f = agent_toml(tmp_path, server.url, tenant.key, dev.port)
         p = subprocess.run(HALTLESS + ["agent", "--check", "--config", str(f)], cwd=ROOT,
                            capture_output=True, text=True, timeout=60)
         assert p.returncode == 0, p.stdout + p.stderr
-        line = p.stdout.splitlines()[2]
-        assert line.startswith("line") and " ok " in line, p.stdout
+        line = source_row(p.stdout)
+        assert " ok " in line, p.stdout
         assert re.search(r"Subscribed successfully: first notification after \d+ ms", line), line
         wait_for(lambda: dev.events() and not dev.live(), what="the subscription deleted")
         assert [e["nodes"] for e in dev.events() if e["event"] == "deleted"] == [
             ["Sub.Counter0", "Sub.Counter1"]]
     p = subprocess.run(HALTLESS + ["agent", "--check", "--config", str(f)], cwd=ROOT,
                        capture_output=True, text=True, timeout=60)
-    assert p.returncode == 1 and " failed " in p.stdout.splitlines()[2], p.stdout
+    assert p.returncode == 1 and " failed " in source_row(p.stdout), p.stdout
