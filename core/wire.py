@@ -60,6 +60,11 @@ class RawBatch(msgspec.Struct, gc=False):
     readings: Annotated[list[msgspec.Raw], Meta(max_length=MAX_READINGS)]
 
 
+# The contract's per-reading error for a machine_identifier the key's
+# organization does not have (the server answers it; the agent counts it).
+ERR_MACHINE_NOT_FOUND = "Machine not found"
+
+
 class ReadingError(msgspec.Struct, gc=False):
     index: int
     machine_identifier: str | None

@@ -13,9 +13,9 @@ import uuid
 
 import asyncpg
 
+from ..core.wire import ERR_MACHINE_NOT_FOUND
 from ..fast import SeriesIndex
 
-ERR_MACHINE_NOT_FOUND = "Machine not found"
 SERIES_CACHE_LIMIT = 1_000_000  # per organization; cleared (not evicted) past this
 
 

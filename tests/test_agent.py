@@ -329,6 +329,36 @@ def test_a_refused_api_key_stops_sending_and_keeps_readings_queued(server, pg_ds
     assert left == total > 0
 
 
+def test_readings_for_an_unregistered_machine_are_counted_and_named_in_the_status_line(
+        server, pg_dsn, tmp_path):
+    t = make_tenant(pg_dsn, machines=("CNC-001",))  # not CONV-001, the source's machine
+    with ModbusPeer([device(1, {100: 725}, {102: 1500})]) as peer:
+        agent = AgentProcess(agent_toml(tmp_path, peer.port, server.url, t.key),
+                             tmp_path / "agent.log")
+        try:
+            wait_for(lambda: metric(tmp_path, "readings_machine_not_found_total") >= 4,
+                     what="the metrics file to count readings for the unregistered machine")
+            wait_for(lambda: re.search(r"status: read \d+, sent 0, rejected [1-9]\d* \([1-9]\d* "
+                                       r"for unregistered machines: CONV-001\), queued",
+                                       agent.log()),
+                     what="the status line to name the unregistered machine")
+        finally:
+            agent.stop()
+    assert metric(tmp_path, "readings_sent_total") == 0
+    assert metric(tmp_path, "readings_rejected_total") >= metric(
+        tmp_path, "readings_machine_not_found_total") >= 4
+    assert "readings for machine 'CONV-001' rejected: Machine not found" in agent.log()
+    assert t.count(pg_dsn) == 0
+
+
+def metric(tmp_path, name: str) -> float:
+    """One figure of the agent's metrics textfile (-1 while it has none)."""
+    path = tmp_path / "state" / "metrics.prom"
+    found = re.search(rf"^haltless_agent_{name} (\S+)$", path.read_text(), re.M) \
+        if path.exists() else None
+    return float(found.group(1)) if found else -1
+
+
 def test_retry_after_is_read_as_seconds_or_an_http_date():
     import email.utils
 
