@@ -40,12 +40,19 @@ from ..core.wire import ERR_MACHINE_NOT_FOUND, Reading, encoder
 from .agent_config import AgentConfig, AgentSource, load_config, reader_config
 from .base import ReadResult
 from .opcua_config import parse_endpoint
-from .readers import connected, make_reader, make_subscriber, outer_timeout, subscribed, subscribes
+from .readers import (
+    connected,
+    make_reader,
+    make_subscriber,
+    outer_timeout,
+    subscribed,
+    subscribes,
+)
 from .schedule import PollLoop, raise_if_cancelled
-from .stats import Stats
-from .subscribe import SubscribeLoop
 from .sender import Sender
 from .spool import Spool
+from .stats import Stats
+from .subscribe import SubscribeLoop
 from .textfile import write_textfile
 from .trust import FileTrustStore
 
@@ -120,7 +127,7 @@ class Agent:
         self.new_data.set()
         try:
             await asyncio.wait_for(self.drained(sender), self.cfg.shutdown_flush_seconds)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             pass
         sender.cancel()
         status.cancel()
@@ -263,16 +270,16 @@ class Agent:
                 ("readings_rejected_total", "counter", "Readings the server rejected",
                  self.counts["rejected"]),
                 ("readings_machine_not_found_total", "counter",
-                 "Readings the server rejected because their machine is not registered "
-                 "(Machine not found; also in readings_rejected_total)",
+                 ("Readings the server rejected because their machine is not registered "
+                  "(Machine not found; also in readings_rejected_total)"),
                  self.counts["machine_not_found"]),
                 ("readings_dropped_total", "counter", "Readings dropped because the queue was full",
                  self.spool.dropped),
                 ("polls_total", "counter", "Polls started", self.stats.polls),
                 ("poll_failures_total", "counter", "Polls (and subscribes) that failed",
                  self.stats.failed),
-                ("publishes_total", "counter", "Publish responses from subscribed devices, "
-                 "keep-alives included", self.stats.publishes),
+                ("publishes_total", "counter", ("Publish responses from subscribed devices, "
+                                                "keep-alives included"), self.stats.publishes),
                 ("subscribed_values_total", "counter", "Values subscribed devices sent",
                  self.stats.notifications),
                 ("sending", "gauge", "1 while sending, 0 once the server refused the key",
@@ -321,7 +328,7 @@ def lock_state_dir(state_dir: Path):
 
     try:
         state_dir.mkdir(parents=True, exist_ok=True)
-        f = open(state_dir / "agent.lock", "a+")
+        f = open(state_dir / "agent.lock", "a+")  # noqa: SIM115 - held open: it is the lock
     except OSError as exc:
         raise ConfigError(f"state_dir {state_dir}: cannot use it: {exc.strerror}") from None
     try:

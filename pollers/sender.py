@@ -97,6 +97,6 @@ def _retry_after(value: str | None) -> float | None:
     except ValueError:
         try:
             when = email.utils.parsedate_to_datetime(value)
-            return max(0.0, (when - _dt.datetime.now(_dt.timezone.utc)).total_seconds())
+            return max(0.0, (when - _dt.datetime.now(_dt.UTC)).total_seconds())
         except (TypeError, ValueError):
             return None

@@ -22,7 +22,7 @@ SERIES_CACHE_LIMIT = 1_000_000  # per organization; cleared (not evicted) past t
 class OrgCatalog:
     """Series ids of one organization, and recently missed machine identifiers."""
 
-    __slots__ = ("series", "absent")
+    __slots__ = ("absent", "series")
 
     def __init__(self) -> None:
         self.series = SeriesIndex()  # (machine, metric, unit, raw_tag) -> series id

@@ -14,7 +14,6 @@ from pathlib import Path
 
 import pytest
 import requests
-
 from helpers import ROOT, make_tenant, post
 from test_query import iso, us
 
@@ -78,7 +77,7 @@ def test_the_fleet_page_shows_machines_sources_and_a_plot_in_a_real_browser(
     need_chromium()
     tenant = make_tenant(pg_dsn, machines=("CNC-001", HOSTILE))
     token = server.token(tenant.org_id)
-    now = dt.datetime.now(dt.timezone.utc).replace(microsecond=0)
+    now = dt.datetime.now(dt.UTC).replace(microsecond=0)
     start = us(now) - 12 * 60_000_000
     readings = [{"machine_identifier": "CNC-001", "metric_name": "spindle_temp", "unit": "celsius",
                  "timestamp": iso(start + i * 60_000_000), "value": 40 + i % 5} for i in range(12)]
@@ -122,7 +121,7 @@ def see_the_page(browser, server, token, tmp_path, current: list[int], last: str
     names = sorted(rows.nth(i).locator("td").first.inner_text() for i in range(2))
     assert names == sorted(["CNC-001", HOSTILE])  # the hostile name is text ...
     assert page.locator("#machines img").count() == 0  # ... and never an element
-    cnc = [rows.nth(i) for i in range(2) if rows.nth(i).locator("td").first.inner_text() == "CNC-001"][0]
+    cnc = next(rows.nth(i) for i in range(2) if rows.nth(i).locator("td").first.inner_text() == "CNC-001")
     # Last reading: the newest reading's series and value, and how long ago (exactly, on hover).
     last_cell = cnc.locator("td").nth(2)
     assert last_cell.inner_text().startswith(last + " · ") and last_cell.inner_text().endswith(
