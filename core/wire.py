@@ -60,6 +60,11 @@ class RawBatch(msgspec.Struct, gc=False):
     readings: Annotated[list[msgspec.Raw], Meta(max_length=MAX_READINGS)]
 
 
+# The contract's per-reading error for a machine_identifier the key's
+# organization does not have (the server answers it; the agent counts it).
+ERR_MACHINE_NOT_FOUND = "Machine not found"
+
+
 class ReadingError(msgspec.Struct, gc=False):
     index: int
     machine_identifier: str | None
@@ -74,6 +79,17 @@ class IngestResult(msgspec.Struct, gc=False):
 
 class ErrorBody(msgspec.Struct):
     detail: str
+
+
+MAX_MACHINE_CHECK = 100  # machine_identifier values per GET /api/v1/ingest/machines
+
+
+class MachineCheck(msgspec.Struct):
+    """GET /api/v1/ingest/machines: which of the asked machine identifiers the
+    API key's organization has (``found``) and which it has not (``not_found``:
+    readings for those would be "Machine not found"), in the order asked."""
+    found: list[str]
+    not_found: list[str]
 
 
 # ------------------------------------------------------------------ management

@@ -34,20 +34,25 @@ import time
 from pathlib import Path
 
 from ..core.config import Settings
-from ..core.console import print_table
 from ..core.errors import BatchRejected, ConfigError, KeyRefused, RetryLater
 from ..core.logs import run_until_signal
-from ..core.wire import Reading, encoder
+from ..core.wire import ERR_MACHINE_NOT_FOUND, Reading, encoder
 from .agent_config import AgentConfig, AgentSource, load_config, reader_config
 from .base import ReadResult
 from .opcua_config import parse_endpoint
-from .readers import (connected, make_reader, make_subscriber, outer_timeout, probe_reader,
-                      probe_subscriber, subscribed, subscribes)
+from .readers import (
+    connected,
+    make_reader,
+    make_subscriber,
+    outer_timeout,
+    subscribed,
+    subscribes,
+)
 from .schedule import PollLoop, raise_if_cancelled
-from .stats import Stats
-from .subscribe import SubscribeLoop
 from .sender import Sender
 from .spool import Spool
+from .stats import Stats
+from .subscribe import SubscribeLoop
 from .textfile import write_textfile
 from .trust import FileTrustStore
 
@@ -94,7 +99,10 @@ class Agent:
                            cfg.buffer.when_full)
         self.sender = Sender(cfg.api_url, cfg.api_key)
         self.stats = Stats()
-        self.counts = {"read": 0, "sent": 0, "rejected": 0}
+        self.counts = {"read": 0, "sent": 0, "rejected": 0, "machine_not_found": 0}
+        # machine_identifier -> readings rejected as "Machine not found": the
+        # status line names them (the sources' machines, so a handful)
+        self.unregistered: dict[str, int] = {}
         metrics = cfg.metrics_file if cfg.metrics_file is not None else str(self.state_dir / "metrics.prom")
         self.metrics_path = (base / metrics).resolve() if metrics else None
         self.new_data = asyncio.Event()
@@ -119,7 +127,7 @@ class Agent:
         self.new_data.set()
         try:
             await asyncio.wait_for(self.drained(sender), self.cfg.shutdown_flush_seconds)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             pass
         sender.cancel()
         status.cancel()
@@ -208,12 +216,33 @@ class Agent:
                 await self.spool.ack(batch)
                 continue
             failures = 0
-            for err in result.get("errors", [])[:20]:
-                log.warning("rejected reading %s (%s): %s", err.get("index"),
-                            err.get("machine_identifier"), err.get("error"))
+            self.count_rejections(result.get("errors", []))
             self.counts["sent"] += result.get("accepted_count", 0)
             self.counts["rejected"] += result.get("rejected_count", 0)
             await self.spool.ack(batch)
+
+    def count_rejections(self, errors: list[dict]) -> None:
+        """Log what the server rejected; readings for a machine it does not
+        know are counted by machine and logged once per batch (a source
+        whose machine is not registered would otherwise log every reading)."""
+        missing: dict[str, int] = {}
+        others = []
+        for err in errors:
+            if err.get("error") == ERR_MACHINE_NOT_FOUND:
+                m = str(err.get("machine_identifier"))
+                missing[m] = missing.get(m, 0) + 1
+            else:
+                others.append(err)
+        for err in others[:20]:
+            log.warning("rejected reading %s (%s): %s", err.get("index"),
+                        err.get("machine_identifier"), err.get("error"))
+        for m, n in missing.items():
+            log.warning("%d readings for machine %r rejected: %s; register it on the server "
+                        "(haltless machines add) or correct the source's machine_identifier",
+                        n, m, ERR_MACHINE_NOT_FOUND)
+            self.counts["machine_not_found"] += n
+            if m in self.unregistered or len(self.unregistered) < 100:
+                self.unregistered[m] = self.unregistered.get(m, 0) + n
 
     async def status_forever(self) -> None:
         last = time.monotonic()
@@ -240,13 +269,17 @@ class Agent:
                  self.counts["sent"]),
                 ("readings_rejected_total", "counter", "Readings the server rejected",
                  self.counts["rejected"]),
+                ("readings_machine_not_found_total", "counter",
+                 ("Readings the server rejected because their machine is not registered "
+                  "(Machine not found; also in readings_rejected_total)"),
+                 self.counts["machine_not_found"]),
                 ("readings_dropped_total", "counter", "Readings dropped because the queue was full",
                  self.spool.dropped),
                 ("polls_total", "counter", "Polls started", self.stats.polls),
                 ("poll_failures_total", "counter", "Polls (and subscribes) that failed",
                  self.stats.failed),
-                ("publishes_total", "counter", "Publish responses from subscribed devices, "
-                 "keep-alives included", self.stats.publishes),
+                ("publishes_total", "counter", ("Publish responses from subscribed devices, "
+                                                "keep-alives included"), self.stats.publishes),
                 ("subscribed_values_total", "counter", "Values subscribed devices sent",
                  self.stats.notifications),
                 ("sending", "gauge", "1 while sending, 0 once the server refused the key",
@@ -258,39 +291,25 @@ class Agent:
 
     async def status_line(self) -> None:
         age = await self.spool.oldest_age() if self.spool.is_open else None
-        log.info("status: read %d, sent %d, rejected %d, queued %d, oldest queued %s, dropped %d%s",
-                 self.counts["read"], self.counts["sent"], self.counts["rejected"],
-                 self.spool.count, f"{age:.1f}s" if age is not None else "-", self.spool.dropped,
+        log.info("status: read %d, sent %d, rejected %d%s, queued %d, oldest queued %s, "
+                 "dropped %d%s", self.counts["read"], self.counts["sent"], self.counts["rejected"],
+                 self.unregistered_note(), self.spool.count,
+                 f"{age:.1f}s" if age is not None else "-", self.spool.dropped,
                  "" if self.sending else ", SENDING STOPPED (401)")
 
-
-async def check(cfg: AgentConfig, config_path: Path) -> bool:
-    """`haltless agent --check`: test every source once and print a table."""
-    state_dir = (Path(config_path).parent / cfg.state_dir).resolve()
-    rows = []
-    for src in cfg.source:
-        section = getattr(src, src.protocol)
-        start = time.monotonic()
-        if is_subscribed(src):
-            sub = subscriber_for(src, state_dir)
-            ok, message = await probe_subscriber(sub, len(section.nodes),
-                                                 outer_timeout(section.timeout_seconds)
-                                                 + sub.publishing_interval)
-        else:
-            ok, message = await probe_reader(reader_for(src, state_dir),
-                                             outer_timeout(section.timeout_seconds))
-        rows.append((src.name, "ok" if ok else "failed",
-                     f"{(time.monotonic() - start) * 1000:.0f} ms", message))
-    print_table(rows, ["SOURCE", "RESULT", "LATENCY", "MESSAGE"], ragged_last=True)
-    return all(r[1] == "ok" for r in rows)
+    def unregistered_note(self) -> str:
+        """The status line's word on readings rejected for unregistered
+        machines, e.g. ' (12 for unregistered machines: CONV-002)'; "" if none."""
+        if not self.unregistered:
+            return ""
+        names = sorted(self.unregistered)
+        shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+        return f" ({self.counts['machine_not_found']} for unregistered machines: {shown})"
 
 
-def main(config_path: str, check_only: bool, settings: Settings) -> int:
+def main(config_path: str, settings: Settings) -> int:
+    """``haltless agent`` (``--check`` is ``pollers/agent_check.py``)."""
     cfg = load_config(Path(config_path))
-    if check_only:
-        print(f"{config_path}: configuration OK ({len(cfg.source)} sources)")
-        return 0 if run_until_signal(lambda stop: check(cfg, Path(config_path)),
-                                     settings.log_level) else 1
     agent = Agent(cfg, Path(config_path))
     lock = lock_state_dir(agent.state_dir)  # held until the process ends
     try:
@@ -309,7 +328,7 @@ def lock_state_dir(state_dir: Path):
 
     try:
         state_dir.mkdir(parents=True, exist_ok=True)
-        f = open(state_dir / "agent.lock", "a+")
+        f = open(state_dir / "agent.lock", "a+")  # noqa: SIM115 - held open: it is the lock
     except OSError as exc:
         raise ConfigError(f"state_dir {state_dir}: cannot use it: {exc.strerror}") from None
     try:

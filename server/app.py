@@ -12,11 +12,19 @@ import re
 import time
 
 from ..core.config import Settings
-from ..core.errors import (ClientError, ClientGone, DatabaseUnavailable, MethodNotAllowed,
-                           NotFound, Overloaded, TooManyRequests)
+from ..core.errors import (
+    ClientError,
+    ClientGone,
+    DatabaseUnavailable,
+    MethodNotAllowed,
+    NotFound,
+    Overloaded,
+    TooManyRequests,
+    Unprocessable,
+)
 from ..core.logs import configure_logging
-from ..core.wire import MAX_BODY_BYTES
-from . import db, fleet, management, metrics, query
+from ..core.wire import MAX_BODY_BYTES, MAX_MACHINE_CHECK, MachineCheck
+from . import db, fleet, management, metrics, query, store
 from .bodies import BodyBudget, read_body
 from .compaction import compact_forever
 from .db import DB_DOWN
@@ -34,7 +42,7 @@ _METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"
 
 # ------------------------------------------------------------------ handlers
 
-async def ingest(app: "App", req: Request) -> Response:
+async def ingest(app: App, req: Request) -> Response:
     """POST /api/v1/ingest - the contract's "HTTP Push". The API key was
     checked (``req.org``) before the body was read."""
     key = req.header(b"idempotency-key")
@@ -56,23 +64,51 @@ async def ingest(app: "App", req: Request) -> Response:
     return Response(207, body)
 
 
-async def healthz(app: "App", req: Request) -> Response:
+MACHINE_CHECK_PARAMS = ("machine_identifier",)
+
+
+async def ingest_machines(app: App, req: Request) -> Response:
+    """GET /api/v1/ingest/machines?machine_identifier=A&machine_identifier=B -
+    which of the given machines the API key's organization has, so that a
+    sender (``haltless agent --check``) learns before it sends that its
+    readings would come back "Machine not found". Not in the public contract;
+    1 to MAX_MACHINE_CHECK identifiers, answered in the order given. It
+    tells a key holder nothing about other organizations."""
+    asked = query.Params(req, MACHINE_CHECK_PARAMS).many("machine_identifier")
+    if not asked:
+        raise Unprocessable("machine_identifier: required; give it once per machine "
+                            f"(at most {MAX_MACHINE_CHECK})")
+    if len(asked) > MAX_MACHINE_CHECK:
+        raise Unprocessable(f"machine_identifier: given {len(asked)} times; at most "
+                            f"{MAX_MACHINE_CHECK} per request, ask again for the rest")
+    for i, ident in enumerate(asked):
+        if not 1 <= len(ident) <= 200:  # as on ingest (core/wire.py Identifier)
+            raise Unprocessable(f"machine_identifier[{i}]: must be 1 to 200 characters, "
+                                f"not {len(ident)}")
+    asked = list(dict.fromkeys(asked))
+    async with app.rt.pool.acquire() as conn:
+        have = await store.existing_machines(conn, req.org, asked)
+    return Response(200, MachineCheck([m for m in asked if m in have],
+                                      [m for m in asked if m not in have]))
+
+
+async def healthz(app: App, req: Request) -> Response:
     return Response(200, {"status": "ok"})
 
 
-async def readyz(app: "App", req: Request) -> Response:
+async def readyz(app: App, req: Request) -> Response:
     async with app.rt.pool.acquire(timeout=2) as conn:
         await conn.fetchval("SELECT 1", timeout=2)
     return Response(200, {"status": "ready"})
 
 
-async def metrics_endpoint(app: "App", req: Request) -> Response:
+async def metrics_endpoint(app: App, req: Request) -> Response:
     metrics.sample_pool(app.rt.pool)
     body, ctype = await metrics.render(app.rt.pool)
     return Response(200, body, content_type=ctype.encode())
 
 
-async def openapi(app: "App", req: Request) -> Response:
+async def openapi(app: App, req: Request) -> Response:
     from .openapi import document
     return Response(200, document())
 
@@ -82,6 +118,7 @@ async def openapi(app: "App", req: Request) -> Response:
 # {name} matches one path segment.
 ROUTES: list[tuple[str, str, object, int, str | None]] = [
     ("POST", "/api/v1/ingest", ingest, MAX_BODY_BYTES, "key"),
+    ("GET", "/api/v1/ingest/machines", ingest_machines, 0, "key"),
     ("GET", "/healthz", healthz, 0, None),
     ("GET", "/readyz", readyz, 0, None),
     ("GET", "/metrics", metrics_endpoint, 0, None),
@@ -281,7 +318,7 @@ async def maintain(pool, every: float = 3600.0) -> None:
                     "DELETE FROM idempotency_keys WHERE created_at < now() - interval '48 hours'")
         except DB_DOWN as exc:
             log.warning("maintenance skipped: %s", exc)
-        except Exception:  # noqa: BLE001 - retried next hour; never end the loop
+        except Exception:
             log.exception("maintenance failed")
         await asyncio.sleep(every)
 
@@ -315,4 +352,4 @@ async def _stream(send, resp: StreamingResponse, timeout: float) -> None:
 
 app = App()
 
-__all__ = ["App", "app", "Request", "Response", "ROUTES"]
+__all__ = ["ROUTES", "App", "Request", "Response", "app"]

@@ -27,11 +27,11 @@ import uuid
 
 import asyncpg
 
+from ..core.wire import ERR_MACHINE_NOT_FOUND
 from ..fast import SeriesIndex
 
 log = logging.getLogger("haltless.catalog")
 
-ERR_MACHINE_NOT_FOUND = "Machine not found"
 # refresh reads the changes of this much before its last look again: a change
 # is stamped when its transaction starts and may commit after that look.
 CHANGES_OVERLAP_SECONDS = 60.0
@@ -48,7 +48,7 @@ def agreeing(machine: str, metric: str, unit: str, raw_tag: str) -> list[Key]:
 class OrgCatalog:
     """Series ids of one organization, and recently missed machine identifiers."""
 
-    __slots__ = ("series", "absent")
+    __slots__ = ("absent", "series")
 
     def __init__(self) -> None:
         self.series = SeriesIndex()  # agreeing keys -> series id

@@ -204,7 +204,10 @@ def build_parser():
                         "TOML's state_dir)")
     sp.add_argument("--config", required=True, help="agent TOML file (the contract's format)")
     sp.add_argument("--check", action="store_true",
-                    help="validate the file, test every source once, print a table, exit")
+                    help="validate the file, then test the server and the key, each source's "
+                         "machine and device once; one line per problem; exit 1 if any")
+    sp.add_argument("--offline", action="store_true",
+                    help="with --check: validate the file only (no server, no devices)")
     sp.set_defaults(func=cmd_agent)
     return p
 
@@ -212,11 +215,18 @@ def build_parser():
 def cmd_agent(args) -> None:
     from ..core.config import Settings
     from ..core.errors import ConfigError
-    from ..pollers.agent import main as agent_main
     if args.data_dir or args.database_url or args.create_data_dir:
         raise ConfigError("the agent uses no database: --data-dir/--database-url do not apply; "
                           "its queue and certificates live in the TOML's state_dir")
-    code = agent_main(args.config, args.check, Settings.from_env())
+    if args.offline and not args.check:
+        raise ConfigError("--offline goes with --check: haltless agent --check --offline "
+                          "--config FILE validates the file only")
+    if args.check:
+        from ..pollers.agent_check import main as check_main
+        code = check_main(args.config, args.offline, Settings.from_env())
+    else:
+        from ..pollers.agent import main as agent_main
+        code = agent_main(args.config, Settings.from_env())
     if code:
         sys.exit(code)
 

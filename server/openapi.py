@@ -26,6 +26,9 @@ REF = "#/components/schemas/{name}"
 OPERATIONS = [
     ("post", "/api/v1/ingest", "Push readings (the contract's HTTP Push)",
      wire.IngestBatch, "207", wire.IngestResult, "apiKey"),
+    ("get", "/api/v1/ingest/machines",
+     ("Which of the given machines the API key's organization has (not in the public "
+      "contract; `haltless agent --check` asks it)"), None, "200", wire.MachineCheck, "apiKey"),
     ("get", "/healthz", "The process is up", None, "200", None, None),
     ("get", "/readyz", "The database is reachable", None, "200", None, None),
     ("post", "/api/v1/machines", "Create a machine", wire.MachineCreate, "201", wire.Machine, "bearer"),
@@ -40,13 +43,15 @@ OPERATIONS = [
     ("delete", "/api/v1/ingest-sources/{id}", "Delete an ingest source", None, "204", None, "bearer"),
     ("post", "/api/v1/ingest-sources/{id}/test-connection", "Connect and read every point once",
      None, "200", wire.TestConnectionResult, "bearer"),
-    ("get", "/api/v1/readings", "Every stored reading of a machine's series in [from, to), "
-     "in time order, paged (JSON) or streamed (CSV)", None, "200", wire.ReadingsPage, "bearer"),
-    ("get", "/api/v1/readings/aggregate", "Aggregates of a machine's series per interval bucket "
-     "(at whole minutes, compacted hours from their per-minute summaries)",
-     None, "200", wire.AggregatePage, "bearer"),
-    ("get", "/api/v1/readings/latest", "The newest reading of every series of the organization "
-     "or of one machine", None, "200", wire.LatestPage, "bearer"),
+    ("get", "/api/v1/readings",
+     ("Every stored reading of a machine's series in [from, to), in time order, paged (JSON) "
+      "or streamed (CSV)"), None, "200", wire.ReadingsPage, "bearer"),
+    ("get", "/api/v1/readings/aggregate",
+     ("Aggregates of a machine's series per interval bucket (at whole minutes, compacted "
+      "hours from their per-minute summaries)"), None, "200", wire.AggregatePage, "bearer"),
+    ("get", "/api/v1/readings/latest",
+     ("The newest reading of every series of the organization or of one machine"), None, "200",
+     wire.LatestPage, "bearer"),
 ]
 
 # ------------------------------------------------------------------ the read side's parameters
@@ -57,8 +62,8 @@ def _q(name: str, schema: dict, description: str, required: bool = False, **extr
             "schema": schema, **extra}
 
 
-_TIME = ("ISO 8601 with Z or an offset (none means UTC), years {first} to {last}"
-         .format(first=query.FIRST_YEAR, last=query.LAST_YEAR - 1))
+_TIME = (f"ISO 8601 with Z or an offset (none means UTC), years {query.FIRST_YEAR} to "
+         f"{query.LAST_YEAR - 1}")
 _MACHINE = _q("machine_identifier", {"type": "string"}, "the machine's identifier; 404 when "
               "the token's organization has no such machine", required=True, example="CNC-001")
 _METRICS = _q("metric_name", {"type": "array", "items": {"type": "string"}},
@@ -111,6 +116,14 @@ PARAMETERS = {
            "every series of the organization; 404 when there is no such machine",
            example="CNC-001"),
     ],
+    "/api/v1/ingest/machines": [
+        _q("machine_identifier", {"type": "array", "minItems": 1,
+                                  "maxItems": wire.MAX_MACHINE_CHECK,
+                                  "items": {"type": "string", "minLength": 1, "maxLength": 200}},
+           f"repeat it for each machine, 1 to {wire.MAX_MACHINE_CHECK}; each is answered in "
+           "found or not_found", required=True, style="form", explode=True,
+           example=["CNC-001"]),
+    ],
 }
 # Refusals the read routes answer besides the general ones (429, 503, ...).
 READ_ERRORS = {
@@ -121,6 +134,13 @@ READ_ERRORS = {
     "422": "A parameter missing, malformed, out of its limits, repeated or unknown, a "
            "reversed range or a cursor of another query; the detail starts with the "
            "parameter's name and says what is allowed",
+}
+
+# ... and those of the key-checked GET.
+MACHINE_CHECK_ERRORS = {
+    "401": "No X-API-Key, or an unknown or revoked one",
+    "422": "machine_identifier missing, repeated more than allowed, too long, or another "
+           "parameter given; the detail starts with the parameter's name",
 }
 
 STATUS = {"type": "object", "properties": {"status": {"type": "string"}}, "required": ["status"]}
@@ -162,7 +182,8 @@ def document() -> bytes:
             op["responses"][status] = {"description": "Success",
                                        "content": {"application/json": {"schema": schema}}}
         if path in PARAMETERS:
-            for code, text in READ_ERRORS.items():
+            errors = MACHINE_CHECK_ERRORS if security == "apiKey" else READ_ERRORS
+            for code, text in errors.items():
                 op["responses"][code] = {**error, "description": text}
         op["responses"]["default"] = error
         if security:

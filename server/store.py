@@ -80,6 +80,15 @@ async def list_machines(conn: asyncpg.Connection, org: uuid.UUID) -> list[asyncp
         " ORDER BY machine_identifier", org)
 
 
+async def existing_machines(conn: asyncpg.Connection, org: uuid.UUID,
+                            identifiers: list[str]) -> set[str]:
+    """Which of ``identifiers`` the organization has."""
+    rows = await conn.fetch(
+        "SELECT machine_identifier FROM machines"
+        " WHERE org_id = $1 AND machine_identifier = ANY($2::text[])", org, identifiers)
+    return {r[0] for r in rows}
+
+
 async def get_machine(conn: asyncpg.Connection, org: uuid.UUID,
                       machine_id: uuid.UUID) -> asyncpg.Record:
     row = await conn.fetchrow(

@@ -1,7 +1,8 @@
 """The fleet page at GET /: static files from the package with a strict
 Content-Security-Policy, and a real browser (Playwright driving Debian's
-Chromium) that pastes a token and sees machines, sources and a plot with
-one point per reading, with a hostile machine name shown as text."""
+Chromium) that pastes a token and sees machines (with their last reading's
+value), sources and a plot with one point per reading, with a hostile
+machine name shown as text; and a login form that says why a session ended."""
 from __future__ import annotations
 
 import contextlib
@@ -13,7 +14,6 @@ from pathlib import Path
 
 import pytest
 import requests
-
 from helpers import ROOT, make_tenant, post
 from test_query import iso, us
 
@@ -77,7 +77,7 @@ def test_the_fleet_page_shows_machines_sources_and_a_plot_in_a_real_browser(
     need_chromium()
     tenant = make_tenant(pg_dsn, machines=("CNC-001", HOSTILE))
     token = server.token(tenant.org_id)
-    now = dt.datetime.now(dt.timezone.utc).replace(microsecond=0)
+    now = dt.datetime.now(dt.UTC).replace(microsecond=0)
     start = us(now) - 12 * 60_000_000
     readings = [{"machine_identifier": "CNC-001", "metric_name": "spindle_temp", "unit": "celsius",
                  "timestamp": iso(start + i * 60_000_000), "value": 40 + i % 5} for i in range(12)]
@@ -104,12 +104,15 @@ def test_the_fleet_page_shows_machines_sources_and_a_plot_in_a_real_browser(
                               "config": {"registers": [{"address": 100, "metric_name": "t"}]}})
     assert src.status_code == 201, src.text
     current = [start + i * 1_000_000 + 1000 for i in range(720)]
+    newest = max((r for r in readings if r["machine_identifier"] == "CNC-001"),
+                 key=lambda r: r["timestamp"])
+    last = f"{newest['metric_name']} = {newest['value']:g} {newest['unit']}"
     with chromium() as browser:
-        shot = see_the_page(browser, server, token, tmp_path, current)
+        shot = see_the_page(browser, server, token, tmp_path, current, last)
     assert shot.stat().st_size > 10_000
 
 
-def see_the_page(browser, server, token, tmp_path, current: list[int]) -> Path:
+def see_the_page(browser, server, token, tmp_path, current: list[int], last: str) -> Path:
     page = browser.new_page(viewport={"width": 1280, "height": 900})
     problems, dialogs = [], []
     page.on("console", lambda m: problems.append(m.text) if m.type in ("error", "warning") else None)
@@ -124,8 +127,12 @@ def see_the_page(browser, server, token, tmp_path, current: list[int]) -> Path:
     names = sorted(rows.nth(i).locator("td").first.inner_text() for i in range(2))
     assert names == sorted(["CNC-001", HOSTILE])  # the hostile name is text ...
     assert page.locator("#machines img").count() == 0  # ... and never an element
-    cnc = [rows.nth(i) for i in range(2) if rows.nth(i).locator("td").first.inner_text() == "CNC-001"][0]
-    assert cnc.locator("td").nth(2).inner_text().endswith("ago")
+    cnc = next(rows.nth(i) for i in range(2) if rows.nth(i).locator("td").first.inner_text() == "CNC-001")
+    # Last reading: the newest reading's series and value, and how long ago (exactly, on hover).
+    last_cell = cnc.locator("td").nth(2)
+    assert last_cell.inner_text().startswith(last + " · ") and last_cell.inner_text().endswith(
+        " ago"), (last_cell.inner_text(), last)
+    assert last_cell.locator("time").get_attribute("datetime").endswith("Z")
     source = page.locator("#sources tbody tr")
     assert source.count() == 1
     cells = source.first.locator("td").all_inner_texts()
@@ -185,3 +192,44 @@ def see_the_page(browser, server, token, tmp_path, current: list[int]) -> Path:
     assert problems == [], problems  # no CSP violation, no script error
     print(f"screenshots: {tmp_path}")
     return shot
+
+
+def test_the_login_form_says_the_session_expired_or_why_the_token_was_refused(server, pg_dsn):
+    need_chromium()
+    tenant = make_tenant(pg_dsn, machines=("CNC-001",))
+    with chromium() as browser:
+        page = browser.new_page()
+        errors, sent = [], []
+        page.on("pageerror", lambda e: errors.append(str(e)))
+        page.on("request", lambda r: sent.append(r.headers.get("authorization"))
+                if "/api/" in r.url else None)
+        page.goto(server.url + "/")
+        assert page.locator("#login-message").is_hidden()  # nothing to explain yet
+        message = page.locator("#login-message")
+
+        # A token that expires while the page is open: back to the form at
+        # once, saying why, and nothing read with it left on the page.
+        page.fill("#token", server.token(tenant.org_id, ttl=8))
+        page.click("#login button[type=submit]")
+        page.locator("#machines tbody tr").first.wait_for(timeout=7_000)
+        message.wait_for(state="visible", timeout=20_000)
+        assert re.fullmatch(r"Session expired at \d\d:\d\d:\d\d: .*Sign in again with a new "
+                            r"token from haltless token create\.", message.inner_text()), \
+            message.inner_text()
+        assert page.locator("#fleet").is_hidden() and page.locator("#token").is_visible()
+        assert page.evaluate("sessionStorage.getItem('haltless.token')") is None
+
+        # A token pasted after it expired: said at once, no request made with it.
+        stale = server.token(tenant.org_id, ttl=-60)
+        page.fill("#token", stale)
+        page.click("#login button[type=submit]")
+        assert message.inner_text().startswith("Session expired at ")
+
+        # A token the server refuses for another reason: the server's reason.
+        page.fill("#token", "not-a-token")
+        page.click("#login button[type=submit]")
+        page.wait_for_function("() => document.getElementById('login-message')"
+                               ".textContent.startsWith('The token was refused')", timeout=10_000)
+        assert message.inner_text() == "The token was refused (invalid token). Paste another."
+        assert "Bearer not-a-token" in sent and f"Bearer {stale}" not in sent
+        assert errors == [], errors

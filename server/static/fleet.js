@@ -6,7 +6,7 @@
 
 const TOKEN_KEY = "haltless.token";
 const REFRESH_MS = 10000;
-const state = { machine: null, range: 900, timer: null, plots: [] };
+const state = { machine: null, range: 900, timer: null, plots: [], expiry: null };
 
 const $ = (id) => document.getElementById(id);
 
@@ -19,6 +19,44 @@ function el(tag, text, cls) {
 
 function token() { return sessionStorage.getItem(TOKEN_KEY); }
 
+// When the token stops working (ms since the epoch), from its exp claim;
+// null when it has none we can read. Only to say why the page asks for a
+// new one: the server is what checks the token.
+function expiresAt(t) {
+  try {
+    const claims = JSON.parse(atob(t.split(".")[1].replace(/-/g, "+").replace(/_/g, "/")));
+    return typeof claims.exp === "number" ? claims.exp * 1000 : null;
+  } catch (_) {
+    return null;
+  }
+}
+
+function expired(t) {
+  const at = expiresAt(t);
+  return at !== null && at <= Date.now();
+}
+
+function expiredMessage(t) {
+  return "Session expired at " + new Date(expiresAt(t)).toLocaleTimeString("en-GB")
+    + ": management tokens last 1 h unless made with --ttl. Sign in again with a new"
+    + " token from haltless token create.";
+}
+
+// Back to the login form, saying why, the moment the token expires (not at
+// the next refresh, up to 10 s later, with whatever the page showed).
+function watchExpiry() {
+  clearTimeout(state.expiry);
+  const t = token(), at = t && expiresAt(t);
+  if (!at) return;
+  // setTimeout fires at once past 2^31-1 ms (24.8 days); look again then.
+  state.expiry = setTimeout(() => {
+    if (token() !== t) return;
+    if (!expired(t)) return watchExpiry();
+    sessionStorage.removeItem(TOKEN_KEY);
+    showLogin(expiredMessage(t));
+  }, Math.min(at - Date.now() + 50, 2147483647));
+}
+
 function status(text) { $("status").textContent = text; }
 
 async function api(path, params) {
@@ -26,8 +64,12 @@ async function api(path, params) {
   const r = await fetch(url, { headers: { "Authorization": "Bearer " + token() },
                                cache: "no-store", credentials: "omit" });
   if (r.status === 401) {
-    sessionStorage.removeItem(TOKEN_KEY);
-    showLogin("The token was refused (" + (await r.json()).detail + ").");
+    const t = token();
+    if (t !== null) {  // the first 401 of parallel requests says why; the rest are the same
+      sessionStorage.removeItem(TOKEN_KEY);
+      showLogin(expired(t) ? expiredMessage(t) : "The token was refused ("
+                + (await r.json()).detail + "). Paste another.");
+    }
     throw new Error("unauthorized");
   }
   if (!r.ok) {
@@ -53,9 +95,13 @@ function ago(iso) {
 
 function showLogin(message) {
   stopRefresh();
+  clearTimeout(state.expiry);
+  clearPlots();  // nothing read with the old token stays behind the form
   $("fleet").hidden = true; $("machine").hidden = true; $("forget").hidden = true;
   $("login").hidden = false;
-  status(message || "");
+  $("login-message").textContent = message || "";
+  $("login-message").hidden = !message;
+  status("");
 }
 
 function stopRefresh() {
@@ -70,7 +116,13 @@ function every(fn) {
 }
 
 function route() {
-  if (!token()) return showLogin();
+  const t = token();
+  if (!t) return showLogin($("login-message").textContent);
+  if (expired(t)) {
+    sessionStorage.removeItem(TOKEN_KEY);
+    return showLogin(expiredMessage(t));
+  }
+  watchExpiry();
   $("login").hidden = true; $("forget").hidden = false;
   const m = location.hash.match(/^#machine=(.*)$/);
   if (m) {
@@ -91,10 +143,11 @@ async function loadFleet() {
   try {
     const [machines, latest, sources] = await Promise.all([
       api("/api/v1/machines"), api("/api/v1/readings/latest"), api("/api/v1/ingest-sources")]);
+    // Each machine's newest reading over its series (ISO UTC strings sort by time).
     const last = new Map();
     for (const s of latest.series) {
       const t = last.get(s.machine_identifier);
-      if (!t || s.timestamp > t) last.set(s.machine_identifier, s.timestamp);
+      if (!t || s.timestamp > t.timestamp) last.set(s.machine_identifier, s);
     }
     // Readings per machine in the last minute: one fleet aggregate (no
     // machine_identifier) instead of a request per machine.
@@ -118,7 +171,7 @@ async function loadFleet() {
       const a = el("a", m.machine_identifier, "machine-link");
       a.href = "#machine=" + encodeURIComponent(m.machine_identifier);
       td.append(a);
-      tr.append(td, el("td", m.name || ""), el("td", ago(last.get(m.machine_identifier))),
+      tr.append(td, el("td", m.name || ""), lastReading(last.get(m.machine_identifier)),
                 el("td", counts[i].toLocaleString("en"), "num"));
       body.append(tr);
     });
@@ -141,6 +194,27 @@ async function loadFleet() {
   } catch (e) {
     if (e.message !== "unauthorized") status("refresh failed: " + e.message);
   }
+}
+
+// "motor_current = 12.3 A · 5 s ago": the value of the machine's newest
+// reading, which series it is, and when (the exact time in the tooltip).
+function lastReading(s) {
+  const td = el("td", null, "last-reading");
+  if (!s) {
+    td.textContent = "never";
+    return td;
+  }
+  const when = el("time", ago(s.timestamp));
+  when.dateTime = s.timestamp;
+  when.title = s.timestamp;
+  td.append(el("span", s.metric_name + " = ", "metric"),
+            el("span", formatValue(s.value) + (s.unit ? " " + s.unit : ""), "value"),
+            " · ", when);
+  return td;
+}
+
+function formatValue(v) {
+  return Number.isInteger(v) ? String(v) : String(Number(v.toPrecision(6)));
 }
 
 function emptyRow(columns, text) {
@@ -254,6 +328,7 @@ document.addEventListener("DOMContentLoaded", () => {
     ev.preventDefault();
     sessionStorage.setItem(TOKEN_KEY, $("token").value.trim());
     $("token").value = "";
+    $("login-message").textContent = "";
     route();
   });
   $("forget").addEventListener("click", () => {
