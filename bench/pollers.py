@@ -3,6 +3,7 @@
     python -m bench.pollers [--scenario modbus|opcua|subscribe|both|all] [--duration 60]
                             [--sources 1000] [--registers 10] [--nodes 10000]
                             [--nodes-per-source 1000] [--device-processes 2]
+                            [--publishing-interval-ms 1000] [--sampling-interval-ms MS]
                             [--profile] [--out bench/results/]
 
 Scenario A (modbus): ``--sources`` Modbus TCP sources at a 1 s interval, each
@@ -16,7 +17,8 @@ servers in ``--device-processes`` separate processes. The servers give every
 node a new value and SourceTimestamp once a second, as a real server would.
 
 Scenario C (subscribe): the same devices and nodes as B, the sources in
-OPC-UA ``mode = "subscribe"`` (publishing and sampling interval 1 s, one
+OPC-UA ``mode = "subscribe"`` (publishing interval ``--publishing-interval-ms``,
+default 1 s; sampling the same unless ``--sampling-interval-ms``; one
 subscription per source): the server sends each node's change once a
 second. Measured: values received (the poller's ``notifications``) and
 committed per second against the node count (a lost notification shows
@@ -407,13 +409,21 @@ def start_opcua_devices(sc: Scenario) -> Plan:
              "config": {"nodes": [{"node_id": f"ns=2;i={i}", "metric_name": f"node_{i}"}
                                   for i in node_ids], "security_mode": "None"}}
             for j, node_ids in enumerate(ids)]
-    mode = "poll"
+    mode, sub = "poll", {}
     if sc.kind == "subscribe":
-        # publishing interval 1 s (the sources' poll interval), sampling the same
+        # publishing interval --publishing-interval-ms (default 1 s, the
+        # sources' poll interval); sampling the same unless --sampling-interval-ms
         mode = "subscribe"
+        sub = {"publishing_interval_ms": args.publishing_interval_ms,
+               "sampling_interval_ms": (args.sampling_interval_ms if args.sampling_interval_ms is not None
+                                        else "= publishing interval")}
         for r in rows:
             r["config"]["mode"] = "subscribe"
-    return Plan(rows, {"mode": mode,
+            r["config"]["publishing_interval_ms"] = args.publishing_interval_ms
+            if args.sampling_interval_ms is not None:
+                for n in r["config"]["nodes"]:
+                    n["sampling_interval_ms"] = args.sampling_interval_ms
+    return Plan(rows, {"mode": mode, **sub,
         "nodes": args.nodes, "nodes_per_source": args.nodes_per_source, "sources": len(rows),
         "interval_s": 1, "device_processes": len(per_dev), "nodes_per_device": per_dev,
         "security_mode": "None",
@@ -698,7 +708,10 @@ def markdown(records: list[dict], head: dict) -> str:
                 if r["scenario"] == "modbus" else
                 f"{r['scenario']}: {p['nodes']:,} nodes in {p['sources']} x {p['nodes_per_source']}"
                 + (f", server MaxNodesPerRead {p['server_max_nodes_per_read']}"
-                   if isinstance(p.get("server_max_nodes_per_read"), int) else ""))
+                   if isinstance(p.get("server_max_nodes_per_read"), int) else "")
+                + (f", publishing {p['publishing_interval_ms']:g} ms" if "publishing_interval_ms" in p else "")
+                + (f", sampling {p['sampling_interval_ms']:g} ms"
+                   if isinstance(p.get("sampling_interval_ms"), (int, float)) else ""))
         if p["profiled"]:
             what += " (profiled, native)" if p.get("profile_native") else " (profiled)"
         if p.get("gc_freeze_after_s"):
@@ -776,6 +789,11 @@ def main(argv: list[str] | None = None) -> None:
                    help="the OPC-UA servers announce MaxNodesPerRead N (the reader then splits each "
                         "source's read into requests of N nodes); default: asyncua's 10000")
     p.add_argument("--device-processes", type=int, default=2, help="simulated-device server processes")
+    p.add_argument("--publishing-interval-ms", type=float, default=1000.0,
+                   help="scenario subscribe: the subscriptions' publishing interval, ms")
+    p.add_argument("--sampling-interval-ms", type=float, default=None,
+                   help="scenario subscribe: the monitored items' sampling interval, ms (default: the "
+                        "publishing interval; 0 asks the server for every change as it happens)")
     p.add_argument("--device-timeout", type=float, default=300.0,
                    help="how long an OPC-UA device may take to create its nodes, s")
     p.add_argument("--warmup-lines", type=int, default=1, help="stats lines (10 s each) skipped as warm-up")
