@@ -3,8 +3,8 @@
     python -m bench.pollers [--scenario modbus|opcua|subscribe|both|all] [--duration 60]
                             [--sources 1000] [--registers 10] [--nodes 10000]
                             [--nodes-per-source 1000] [--device-processes 2]
-                            [--publishing-interval-ms 1000] [--sampling-interval-ms MS]
-                            [--profile] [--out bench/results/]
+                            [--device asyncua|node-opcua] [--publishing-interval-ms 1000]
+                            [--sampling-interval-ms MS] [--profile] [--out bench/results/]
 
 Scenario A (modbus): ``--sources`` Modbus TCP sources at a 1 s interval, each
 reading ``--registers`` consecutive holding registers (one request per poll)
@@ -38,7 +38,9 @@ the poller's own stats lines, readings/s as the delta of ``SELECT sum(n) FROM
 reading_chunks``, CPU seconds of the poller, the devices and PostgreSQL from
 /proc. See bench/README.md.
 
-The simulated devices are ``bench/devices.py``, one process each.
+The simulated devices are ``bench/devices.py``, one process each; with
+``--device node-opcua`` the OPC-UA ones are ``bench/devices_node/server.js``
+(node-opcua, installed with ``npm ci`` on first use).
 """
 from __future__ import annotations
 
@@ -355,10 +357,12 @@ def set_up_devices_and_sources(sc: Scenario) -> Plan:
 
 
 def spawn_device(sc: Scenario, kind: str, *extra: str) -> subprocess.Popen:
-    """A simulated device (bench/devices.py) in its own process, kept in sc.devices."""
+    """A simulated device (bench/devices.py, or with kind "node-opcua"
+    bench/devices_node/server.js) in its own process, kept in sc.devices."""
+    argv = ([NODE_DEVICE.node, str(NODE_DEVICE.dir / "server.js"), *extra] if kind == "node-opcua"
+            else [sys.executable, "-m", "bench.devices", kind, *extra])
     with sc.device_log.open("ab") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "bench.devices", kind, *extra], cwd=ROOT,
-                                stdout=subprocess.PIPE, stderr=log, text=True,
+        proc = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.PIPE, stderr=log, text=True,
                                 start_new_session=True)
     sc.devices.append(proc)
     return proc
@@ -390,16 +394,44 @@ def start_modbus_devices(sc: Scenario) -> Plan:
         args.sources * args.registers)
 
 
+class NodeDevice(NamedTuple):
+    """bench/devices_node: the node-opcua device (--device node-opcua)."""
+    dir: Path
+    node: str = "node"
+    npm: str = "npm"
+
+    def version(self) -> str:
+        lock = json.loads((self.dir / "package-lock.json").read_text())
+        return lock["packages"]["node_modules/node-opcua"]["version"]
+
+    def install(self) -> None:
+        """``npm ci`` (the versions package-lock.json pins) into
+        bench/devices_node/node_modules, once: it is git-ignored."""
+        if (self.dir / "node_modules" / "node-opcua" / "package.json").exists():
+            return
+        print(f"  installing node-opcua into {self.dir / 'node_modules'} (npm ci, once)")
+        subprocess.run([self.npm, "ci", "--no-audit", "--no-fund", "--loglevel=error"], cwd=self.dir,
+                       check=True)
+
+
+NODE_DEVICE = NodeDevice(ROOT / "bench" / "devices_node")
+
+
 def start_opcua_devices(sc: Scenario) -> Plan:
     args = sc.args
     ids, per_dev = opcua_layout(args)
+    node = args.device == "node-opcua"
+    if node:
+        NODE_DEVICE.install()
     # start them all, then wait: their (slow) node creation runs in parallel
     pending = []
     for count in per_dev:
         port = free_port()
-        pending.append((spawn_device(sc, "opcua", "--nodes", str(count), "--port", str(port),
-                                     "--max-nodes-per-read", str(args.opcua_max_nodes_per_read)),
-                        port))
+        extra = ["--nodes", str(count), "--port", str(port),
+                 "--max-nodes-per-read", str(args.opcua_max_nodes_per_read)]
+        if node:
+            extra += ["--pki", str(sc.work / f"node-opcua-pki-{port}")]
+        pending.append((spawn_device(sc, "node-opcua" if node else "opcua", *extra), port))
     ports, lines = [], []
     for proc, port in pending:
         lines.append(wait_ready(sc, proc, f"OPC-UA device on port {port}", args.device_timeout))
@@ -423,13 +455,25 @@ def start_opcua_devices(sc: Scenario) -> Plan:
             if args.sampling_interval_ms is not None:
                 for n in r["config"]["nodes"]:
                     n["sampling_interval_ms"] = args.sampling_interval_ms
+    device = ("asyncua Server, values + SourceTimestamp updated every second (uvloop)"
+              if not node else
+              f"node-opcua {NODE_DEVICE.version()} OPCUAServer (node {node_version()}), "
+              "setValueFromSource every second")
     return Plan(rows, {"mode": mode, **sub,
         "nodes": args.nodes, "nodes_per_source": args.nodes_per_source, "sources": len(rows),
         "interval_s": 1, "device_processes": len(per_dev), "nodes_per_device": per_dev,
         "security_mode": "None",
-        "server_max_nodes_per_read": args.opcua_max_nodes_per_read or "asyncua default (10000)",
-        "device": "asyncua Server, values + SourceTimestamp updated every second (uvloop)"},
+        "server_max_nodes_per_read": args.opcua_max_nodes_per_read or f"{args.device} default",
+        "device_kind": args.device, "device": device},
         args.nodes)
+
+
+def node_version() -> str:
+    try:
+        return subprocess.run([NODE_DEVICE.node, "--version"], capture_output=True, text=True,
+                              timeout=10).stdout.strip()
+    except OSError:
+        return "?"
 
 
 # ---- phase 2: one poller process
@@ -709,6 +753,7 @@ def markdown(records: list[dict], head: dict) -> str:
                 f"{r['scenario']}: {p['nodes']:,} nodes in {p['sources']} x {p['nodes_per_source']}"
                 + (f", server MaxNodesPerRead {p['server_max_nodes_per_read']}"
                    if isinstance(p.get("server_max_nodes_per_read"), int) else "")
+                + (f", {p['device_kind']} device" if p.get("device_kind", "asyncua") != "asyncua" else "")
                 + (f", publishing {p['publishing_interval_ms']:g} ms" if "publishing_interval_ms" in p else "")
                 + (f", sampling {p['sampling_interval_ms']:g} ms"
                    if isinstance(p.get("sampling_interval_ms"), (int, float)) else ""))
@@ -789,6 +834,9 @@ def main(argv: list[str] | None = None) -> None:
                    help="the OPC-UA servers announce MaxNodesPerRead N (the reader then splits each "
                         "source's read into requests of N nodes); default: asyncua's 10000")
     p.add_argument("--device-processes", type=int, default=2, help="simulated-device server processes")
+    p.add_argument("--device", choices=["asyncua", "node-opcua"], default="asyncua",
+                   help="OPC-UA device (scenarios opcua and subscribe): bench/devices.py's asyncua server, or "
+                        "bench/devices_node/server.js (node-opcua, installed by npm ci on first use)")
     p.add_argument("--publishing-interval-ms", type=float, default=1000.0,
                    help="scenario subscribe: the subscriptions' publishing interval, ms")
     p.add_argument("--sampling-interval-ms", type=float, default=None,
