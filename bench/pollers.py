@@ -431,6 +431,8 @@ def start_opcua_devices(sc: Scenario) -> Plan:
                  "--max-nodes-per-read", str(args.opcua_max_nodes_per_read)]
         if node:
             extra += ["--pki", str(sc.work / f"node-opcua-pki-{port}")]
+            if args.opcua_max_notifications_per_publish:
+                extra += ["--max-notifications-per-publish", str(args.opcua_max_notifications_per_publish)]
         pending.append((spawn_device(sc, "node-opcua" if node else "opcua", *extra), port))
     ports, lines = [], []
     for proc, port in pending:
@@ -464,6 +466,8 @@ def start_opcua_devices(sc: Scenario) -> Plan:
         "interval_s": 1, "device_processes": len(per_dev), "nodes_per_device": per_dev,
         "security_mode": "None",
         "server_max_nodes_per_read": args.opcua_max_nodes_per_read or f"{args.device} default",
+        "server_max_notifications_per_publish": (args.opcua_max_notifications_per_publish
+                                                 or ("node-opcua default (1000)" if node else "no limit")),
         "device_kind": args.device, "device": device},
         args.nodes)
 
@@ -754,6 +758,8 @@ def markdown(records: list[dict], head: dict) -> str:
                 + (f", server MaxNodesPerRead {p['server_max_nodes_per_read']}"
                    if isinstance(p.get("server_max_nodes_per_read"), int) else "")
                 + (f", {p['device_kind']} device" if p.get("device_kind", "asyncua") != "asyncua" else "")
+                + (f", server MaxNotificationsPerPublish {p['server_max_notifications_per_publish']}"
+                   if isinstance(p.get("server_max_notifications_per_publish"), int) else "")
                 + (f", publishing {p['publishing_interval_ms']:g} ms" if "publishing_interval_ms" in p else "")
                 + (f", sampling {p['sampling_interval_ms']:g} ms"
                    if isinstance(p.get("sampling_interval_ms"), (int, float)) else ""))
@@ -833,6 +839,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--opcua-max-nodes-per-read", type=int, default=0, metavar="N",
                    help="the OPC-UA servers announce MaxNodesPerRead N (the reader then splits each "
                         "source's read into requests of N nodes); default: asyncua's 10000")
+    p.add_argument("--opcua-max-notifications-per-publish", type=int, default=0, metavar="N",
+                   help="with --device node-opcua: the most notifications one PublishResponse carries "
+                        "(default: node-opcua's 1000; asyncua's server has no limit)")
     p.add_argument("--device-processes", type=int, default=2, help="simulated-device server processes")
     p.add_argument("--device", choices=["asyncua", "node-opcua"], default="asyncua",
                    help="OPC-UA device (scenarios opcua and subscribe): bench/devices.py's asyncua server, or "

@@ -1,7 +1,8 @@
 // A simulated OPC-UA device for bench/pollers.py (--device node-opcua), the
 // node-opcua counterpart of `python -m bench.devices opcua`:
 //
-//     node bench/devices_node/server.js --nodes 5000 --port 4840 [--max-nodes-per-read N] [--pki DIR]
+//     node bench/devices_node/server.js --nodes 5000 --port 4840 [--max-nodes-per-read N]
+//                                       [--max-notifications-per-publish N] [--pki DIR]
 //
 // N Double variables ns=2;i=1..N under the folder ns=2;s=Bench, security
 // None, anonymous. Once a second (on the wall-clock second) every variable
@@ -23,16 +24,18 @@ import {
     OPCUAServer,
     SecurityPolicy,
     StatusCodes,
+    Subscription,
     Variant,
 } from "node-opcua";
 
 function parseArgs(argv) {
-    const a = { nodes: 5000, port: 4840, maxNodesPerRead: 0, pki: null };
+    const a = { nodes: 5000, port: 4840, maxNodesPerRead: 0, maxNotificationsPerPublish: 0, pki: null };
     for (let i = 0; i < argv.length; i += 2) {
         const [k, v] = [argv[i], argv[i + 1]];
         if (k === "--nodes") a.nodes = Number(v);
         else if (k === "--port") a.port = Number(v);
         else if (k === "--max-nodes-per-read") a.maxNodesPerRead = Number(v);
+        else if (k === "--max-notifications-per-publish") a.maxNotificationsPerPublish = Number(v);
         else if (k === "--pki") a.pki = v;
         else throw new Error(`unknown option ${k}`);
     }
@@ -48,6 +51,9 @@ console.info = console.error;
 async function main() {
     const args = parseArgs(process.argv.slice(2));
     const t0 = process.hrtime.bigint();
+    // The most notifications one PublishResponse carries, whatever the client
+    // asks (node-opcua's default: 1000; the rest go with the next Publish)
+    if (args.maxNotificationsPerPublish) Subscription.maxNotificationPerPublishHighLimit = args.maxNotificationsPerPublish;
     const pki = args.pki || path.join(os.tmpdir(), `haltless-bench-node-opcua-${process.pid}`);
     const certificateManager = new OPCUACertificateManager({ rootFolder: pki, automaticallyAcceptUnknownCertificate: true });
     const operationLimits = { maxMonitoredItemsPerCall: 1000 };
