@@ -790,6 +790,11 @@ def markdown(records: list[dict], head: dict) -> str:
                      + ", ".join(str(w["missed"]) for w in r["windows"][r["params"]["warmup_stats_lines"]:]))
         if r["scenario"] == "subscribe":
             sub = r["subscribe"]
+            ws = r["windows"][r["params"]["warmup_stats_lines"]:]
+            lines.append("  - subscribe, per 10 s window: delivery p99 (ms) "
+                         + ", ".join(str(w.get("delivery_ms_p99")) for w in ws) + "; values received "
+                         + ", ".join(f"{w.get('notifications', 0):,}" for w in ws) + "; dropped "
+                         + ", ".join(str(w.get("dropped", 0)) for w in ws))
             lines.append(f"  - subscribe: {sub['values_per_s']:,.0f} values/s received, delivery lag "
                          f"p99 mean {sub['delivery_ms']['p99_mean']} ms / worst {sub['delivery_ms']['p99_worst']} "
                          f"ms / max {sub['delivery_ms']['max']} ms, {sub['dropped_lease']} dropped; poller "
