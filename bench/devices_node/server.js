@@ -55,7 +55,10 @@ async function main() {
     // asks (node-opcua's default: 1000; the rest go with the next Publish)
     if (args.maxNotificationsPerPublish) Subscription.maxNotificationPerPublishHighLimit = args.maxNotificationsPerPublish;
     const pki = args.pki || path.join(os.tmpdir(), `haltless-bench-node-opcua-${process.pid}`);
-    const certificateManager = new OPCUACertificateManager({ rootFolder: pki, automaticallyAcceptUnknownCertificate: true });
+    // both PKIs under --pki (the bench's temp dir), none in ~/.config
+    const certificateManager = new OPCUACertificateManager({ rootFolder: path.join(pki, "server"),
+                                                             automaticallyAcceptUnknownCertificate: true });
+    const userCertificateManager = new OPCUACertificateManager({ rootFolder: path.join(pki, "user") });
     const operationLimits = { maxMonitoredItemsPerCall: 1000 };
     if (args.maxNodesPerRead) operationLimits.maxNodesPerRead = args.maxNodesPerRead;
     const server = new OPCUAServer({
@@ -65,6 +68,7 @@ async function main() {
         resourcePath: "",
         nodeset_filename: [nodesets.standard],
         serverCertificateManager: certificateManager,
+        userCertificateManager,
         securityModes: [MessageSecurityMode.None],
         securityPolicies: [SecurityPolicy.None],
         allowAnonymous: true,
