@@ -3,7 +3,8 @@
     python -m bench.pollers [--scenario modbus|opcua|subscribe|both|all] [--duration 60]
                             [--sources 1000] [--registers 10] [--nodes 10000]
                             [--nodes-per-source 1000] [--device-processes 2]
-                            [--profile] [--out bench/results/]
+                            [--device asyncua|node-opcua] [--publishing-interval-ms 1000]
+                            [--sampling-interval-ms MS] [--profile] [--out bench/results/]
 
 Scenario A (modbus): ``--sources`` Modbus TCP sources at a 1 s interval, each
 reading ``--registers`` consecutive holding registers (one request per poll)
@@ -16,7 +17,8 @@ servers in ``--device-processes`` separate processes. The servers give every
 node a new value and SourceTimestamp once a second, as a real server would.
 
 Scenario C (subscribe): the same devices and nodes as B, the sources in
-OPC-UA ``mode = "subscribe"`` (publishing and sampling interval 1 s, one
+OPC-UA ``mode = "subscribe"`` (publishing interval ``--publishing-interval-ms``,
+default 1 s; sampling the same unless ``--sampling-interval-ms``; one
 subscription per source): the server sends each node's change once a
 second. Measured: values received (the poller's ``notifications``) and
 committed per second against the node count (a lost notification shows
@@ -36,7 +38,9 @@ the poller's own stats lines, readings/s as the delta of ``SELECT sum(n) FROM
 reading_chunks``, CPU seconds of the poller, the devices and PostgreSQL from
 /proc. See bench/README.md.
 
-The simulated devices are ``bench/devices.py``, one process each.
+The simulated devices are ``bench/devices.py``, one process each; with
+``--device node-opcua`` the OPC-UA ones are ``bench/devices_node/server.js``
+(node-opcua, installed with ``npm ci`` on first use).
 """
 from __future__ import annotations
 
@@ -353,10 +357,12 @@ def set_up_devices_and_sources(sc: Scenario) -> Plan:
 
 
 def spawn_device(sc: Scenario, kind: str, *extra: str) -> subprocess.Popen:
-    """A simulated device (bench/devices.py) in its own process, kept in sc.devices."""
+    """A simulated device (bench/devices.py, or with kind "node-opcua"
+    bench/devices_node/server.js) in its own process, kept in sc.devices."""
+    argv = ([NODE_DEVICE.node, str(NODE_DEVICE.dir / "server.js"), *extra] if kind == "node-opcua"
+            else [sys.executable, "-m", "bench.devices", kind, *extra])
     with sc.device_log.open("ab") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "bench.devices", kind, *extra], cwd=ROOT,
-                                stdout=subprocess.PIPE, stderr=log, text=True,
+        proc = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.PIPE, stderr=log, text=True,
                                 start_new_session=True)
     sc.devices.append(proc)
     return proc
@@ -388,16 +394,46 @@ def start_modbus_devices(sc: Scenario) -> Plan:
         args.sources * args.registers)
 
 
+class NodeDevice(NamedTuple):
+    """bench/devices_node: the node-opcua device (--device node-opcua)."""
+    dir: Path
+    node: str = "node"
+    npm: str = "npm"
+
+    def version(self) -> str:
+        lock = json.loads((self.dir / "package-lock.json").read_text())
+        return lock["packages"]["node_modules/node-opcua"]["version"]
+
+    def install(self) -> None:
+        """``npm ci`` (the versions package-lock.json pins) into
+        bench/devices_node/node_modules, once: it is git-ignored."""
+        if (self.dir / "node_modules" / "node-opcua" / "package.json").exists():
+            return
+        print(f"  installing node-opcua into {self.dir / 'node_modules'} (npm ci, once)")
+        subprocess.run([self.npm, "ci", "--no-audit", "--no-fund", "--loglevel=error"], cwd=self.dir,
+                       check=True)
+
+
+NODE_DEVICE = NodeDevice(ROOT / "bench" / "devices_node")
+
+
 def start_opcua_devices(sc: Scenario) -> Plan:
     args = sc.args
     ids, per_dev = opcua_layout(args)
+    node = args.device == "node-opcua"
+    if node:
+        NODE_DEVICE.install()
     # start them all, then wait: their (slow) node creation runs in parallel
     pending = []
     for count in per_dev:
         port = free_port()
-        pending.append((spawn_device(sc, "opcua", "--nodes", str(count), "--port", str(port),
-                                     "--max-nodes-per-read", str(args.opcua_max_nodes_per_read)),
-                        port))
+        extra = ["--nodes", str(count), "--port", str(port),
+                 "--max-nodes-per-read", str(args.opcua_max_nodes_per_read)]
+        if node:
+            extra += ["--pki", str(sc.work / f"node-opcua-pki-{port}")]
+            if args.opcua_max_notifications_per_publish:
+                extra += ["--max-notifications-per-publish", str(args.opcua_max_notifications_per_publish)]
+        pending.append((spawn_device(sc, "node-opcua" if node else "opcua", *extra), port))
     ports, lines = [], []
     for proc, port in pending:
         lines.append(wait_ready(sc, proc, f"OPC-UA device on port {port}", args.device_timeout))
@@ -407,19 +443,41 @@ def start_opcua_devices(sc: Scenario) -> Plan:
              "config": {"nodes": [{"node_id": f"ns=2;i={i}", "metric_name": f"node_{i}"}
                                   for i in node_ids], "security_mode": "None"}}
             for j, node_ids in enumerate(ids)]
-    mode = "poll"
+    mode, sub = "poll", {}
     if sc.kind == "subscribe":
-        # publishing interval 1 s (the sources' poll interval), sampling the same
+        # publishing interval --publishing-interval-ms (default 1 s, the
+        # sources' poll interval); sampling the same unless --sampling-interval-ms
         mode = "subscribe"
+        sub = {"publishing_interval_ms": args.publishing_interval_ms,
+               "sampling_interval_ms": (args.sampling_interval_ms if args.sampling_interval_ms is not None
+                                        else "= publishing interval")}
         for r in rows:
             r["config"]["mode"] = "subscribe"
-    return Plan(rows, {"mode": mode,
+            r["config"]["publishing_interval_ms"] = args.publishing_interval_ms
+            if args.sampling_interval_ms is not None:
+                for n in r["config"]["nodes"]:
+                    n["sampling_interval_ms"] = args.sampling_interval_ms
+    device = ("asyncua Server, values + SourceTimestamp updated every second (uvloop)"
+              if not node else
+              f"node-opcua {NODE_DEVICE.version()} OPCUAServer (node {node_version()}), "
+              "setValueFromSource every second")
+    return Plan(rows, {"mode": mode, **sub,
         "nodes": args.nodes, "nodes_per_source": args.nodes_per_source, "sources": len(rows),
         "interval_s": 1, "device_processes": len(per_dev), "nodes_per_device": per_dev,
         "security_mode": "None",
-        "server_max_nodes_per_read": args.opcua_max_nodes_per_read or "asyncua default (10000)",
-        "device": "asyncua Server, values + SourceTimestamp updated every second (uvloop)"},
+        "server_max_nodes_per_read": args.opcua_max_nodes_per_read or f"{args.device} default",
+        "server_max_notifications_per_publish": (args.opcua_max_notifications_per_publish
+                                                 or ("node-opcua default (1000)" if node else "no limit")),
+        "device_kind": args.device, "device": device},
         args.nodes)
+
+
+def node_version() -> str:
+    try:
+        return subprocess.run([NODE_DEVICE.node, "--version"], capture_output=True, text=True, check=False,
+                              timeout=10).stdout.strip()
+    except OSError:
+        return "?"
 
 
 # ---- phase 2: one poller process
@@ -585,8 +643,12 @@ def collect_result(sc: Scenario, plan: Plan, m: Window) -> dict:
             "delivery_ms": {"p99_worst": max(p99d) if p99d else None,
                             "p99_mean": round(sum(p99d) / len(p99d), 1) if p99d else None,
                             "max": max((w.get("delivery_ms_max") or 0) for w in measured) or None},
-            "poller_cpu_pct_per_1000_changes_s": (round(cpu["poller"] / (readings_ps / 1000), 2)
-                                                  if readings_ps else None)}
+            # per value received: the committed count moves by whole flushes
+            # (HALTLESS_POLL_FLUSH_SECONDS, 10 s), up to a third of a 30 s window
+            "poller_cpu_pct_per_1000_changes_s": (round(cpu["poller"] / (values / span / 1000), 2)
+                                                  if values else None),
+            "device_cpu_pct_per_1000_changes_s": (round(cpu["devices"] / (values / span / 1000), 2)
+                                                  if values else None)}
     elif kind == "opcua":
         result["poller_cpu_pct_per_1000_readings_s"] = (round(cpu["poller"] / (readings_ps / 1000), 2)
                                                         if readings_ps else None)
@@ -698,7 +760,13 @@ def markdown(records: list[dict], head: dict) -> str:
                 if r["scenario"] == "modbus" else
                 f"{r['scenario']}: {p['nodes']:,} nodes in {p['sources']} x {p['nodes_per_source']}"
                 + (f", server MaxNodesPerRead {p['server_max_nodes_per_read']}"
-                   if isinstance(p.get("server_max_nodes_per_read"), int) else ""))
+                   if isinstance(p.get("server_max_nodes_per_read"), int) else "")
+                + (f", {p['device_kind']} device" if p.get("device_kind", "asyncua") != "asyncua" else "")
+                + (f", server MaxNotificationsPerPublish {p['server_max_notifications_per_publish']}"
+                   if isinstance(p.get("server_max_notifications_per_publish"), int) else "")
+                + (f", publishing {p['publishing_interval_ms']:g} ms" if "publishing_interval_ms" in p else "")
+                + (f", sampling {p['sampling_interval_ms']:g} ms"
+                   if isinstance(p.get("sampling_interval_ms"), (int, float)) else ""))
         if p["profiled"]:
             what += " (profiled, native)" if p.get("profile_native") else " (profiled)"
         if p.get("gc_freeze_after_s"):
@@ -722,10 +790,16 @@ def markdown(records: list[dict], head: dict) -> str:
                      + ", ".join(str(w["missed"]) for w in r["windows"][r["params"]["warmup_stats_lines"]:]))
         if r["scenario"] == "subscribe":
             sub = r["subscribe"]
+            ws = r["windows"][r["params"]["warmup_stats_lines"]:]
+            lines.append("  - subscribe, per 10 s window: delivery p99 (ms) "
+                         + ", ".join(str(w.get("delivery_ms_p99")) for w in ws) + "; values received "
+                         + ", ".join(f"{w.get('notifications', 0):,}" for w in ws) + "; dropped "
+                         + ", ".join(str(w.get("dropped", 0)) for w in ws))
             lines.append(f"  - subscribe: {sub['values_per_s']:,.0f} values/s received, delivery lag "
                          f"p99 mean {sub['delivery_ms']['p99_mean']} ms / worst {sub['delivery_ms']['p99_worst']} "
                          f"ms / max {sub['delivery_ms']['max']} ms, {sub['dropped_lease']} dropped; poller "
-                         f"{sub['poller_cpu_pct_per_1000_changes_s']}% of a core per 1,000 changes/s")
+                         f"{sub['poller_cpu_pct_per_1000_changes_s']}% of a core per 1,000 changes/s "
+                         f"(devices {sub.get('device_cpu_pct_per_1000_changes_s')}%)")
         elif r.get("poller_cpu_pct_per_1000_readings_s") is not None:
             lines.append(f"  - poll: poller {r['poller_cpu_pct_per_1000_readings_s']}% of a core "
                          "per 1,000 readings/s")
@@ -775,7 +849,18 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--opcua-max-nodes-per-read", type=int, default=0, metavar="N",
                    help="the OPC-UA servers announce MaxNodesPerRead N (the reader then splits each "
                         "source's read into requests of N nodes); default: asyncua's 10000")
+    p.add_argument("--opcua-max-notifications-per-publish", type=int, default=0, metavar="N",
+                   help="with --device node-opcua: the most notifications one PublishResponse carries "
+                        "(default: node-opcua's 1000; asyncua's server has no limit)")
     p.add_argument("--device-processes", type=int, default=2, help="simulated-device server processes")
+    p.add_argument("--device", choices=["asyncua", "node-opcua"], default="asyncua",
+                   help="OPC-UA device (scenarios opcua and subscribe): bench/devices.py's asyncua server, or "
+                        "bench/devices_node/server.js (node-opcua, installed by npm ci on first use)")
+    p.add_argument("--publishing-interval-ms", type=float, default=1000.0,
+                   help="scenario subscribe: the subscriptions' publishing interval, ms")
+    p.add_argument("--sampling-interval-ms", type=float, default=None,
+                   help="scenario subscribe: the monitored items' sampling interval, ms (default: the "
+                        "publishing interval; 0 asks the server for every change as it happens)")
     p.add_argument("--device-timeout", type=float, default=300.0,
                    help="how long an OPC-UA device may take to create its nodes, s")
     p.add_argument("--warmup-lines", type=int, default=1, help="stats lines (10 s each) skipped as warm-up")
