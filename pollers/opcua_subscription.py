@@ -3,7 +3,7 @@ every session) holding one subscription with a monitored item per
 configured node, report by exception (config keys: ``opcua_config.py``).
 
     connect: session -> CreateSubscription -> CreateMonitoredItems (<= 1,000
-             per call) -> one Publish request in flight
+             per call) -> PUBLISH_IN_FLIGHT Publish requests in flight
     receive: PublishResponse bytes --haltless.fast.data_changes (asyncua
              decodes what it does not read)--> (handle, value, status,
              timestamp) per item --> Samples / PointErrors; the next
@@ -12,7 +12,10 @@ configured node, report by exception (config keys: ``opcua_config.py``).
 asyncua's own subscription machinery is not used: it decodes each value
 into three dataclasses (~31 us a value, 1.5 cores at 50,000 changes a
 second), and its publish loop retries a dead session every second forever.
-Here one Publish request is always in flight, and ``receive`` raises
+Here PUBLISH_IN_FLIGHT Publish requests are always in flight (OPC-UA Part 4
+advises several: with one, a server that caps a response at 1,000
+notifications sends at most one response per round trip, and at 50,000
+changes a second the backlog never drained), and ``receive`` raises
 ReaderError once the subscription is lost, which ``SubscribeLoop``
 (``subscribe.py``) repairs by opening a new session and subscribing again:
 
@@ -36,6 +39,7 @@ is not delivered twice.
 from __future__ import annotations
 
 import asyncio
+import collections
 import math
 import time
 from pathlib import Path
@@ -59,6 +63,7 @@ ITEMS_PER_CALL = 1000  # monitored items per CreateMonitoredItems (and per Trans
 
 _DATA_CHANGE = ua.ObjectIds.DataChangeNotification_Encoding_DefaultBinary
 _STATUS_CHANGE = ua.ObjectIds.StatusChangeNotification_Encoding_DefaultBinary
+PUBLISH_IN_FLIGHT = 3  # Publish requests queued at the server; it answers them in order
 # Publish faults that ask only for another Publish request
 _PUBLISH_AGAIN = {"BadTimeout", "BadTooManyPublishRequests"}
 _DEADBAND_REFUSED = {"BadDeadbandFilterInvalid", "BadFilterNotAllowed", "BadMonitoredItemFilterUnsupported",
@@ -96,7 +101,7 @@ class OpcuaSubscription:
         self._fresh = [True] * len(self._points)
         self._client: Client | None = None
         self._subscription_id: int | None = None
-        self._publish: asyncio.Task | None = None
+        self._publish: collections.deque[asyncio.Task] = collections.deque()
         self._lost: asyncio.Future | None = None
         self._deadline = 0.0
         self._last_seq: int | None = None
@@ -120,7 +125,8 @@ class OpcuaSubscription:
         self._client = client
         self._fresh = [True] * len(self._points)
         self._last_seq = None
-        self._send_publish([])
+        for _ in range(PUBLISH_IN_FLIGHT):
+            self._send_publish([])
         self.item_errors = errors
         return errors
 
@@ -220,17 +226,17 @@ class OpcuaSubscription:
             raise ReaderError(f"lost the connection to the OPC-UA server at {self.where}")
         task = asyncio.ensure_future(protocol.send_request(request, timeout=0))
         task.add_done_callback(_retrieve)
-        self._publish = task
+        self._publish.append(task)
 
     async def _connection_lost(self, exc: Exception) -> None:
         if self._lost is not None and not self._lost.done():
             self._lost.set_result(exc)
 
     async def receive(self) -> ReadResult:
-        if self._client is None or self._publish is None:
+        if self._client is None or not self._publish:
             raise ReaderError(f"not subscribed to {self.where}")
         while True:
-            task = self._publish
+            task = self._publish[0]  # the server answers its queued requests in order
             done, _ = await asyncio.wait((task, self._lost), timeout=self._deadline,
                                          return_when=asyncio.FIRST_COMPLETED)
             if not done:
@@ -240,12 +246,16 @@ class OpcuaSubscription:
             if task not in done:
                 raise ReaderError(f"lost the connection to the OPC-UA server at {self.where} "
                                   f"({self._lost.result()!r})")
+            self._publish.popleft()
             try:
                 data = task.result()
             except ua.UaStatusCodeError as exc:
                 name = ua.StatusCode(exc.code).name
                 if name in _PUBLISH_AGAIN:
-                    self._send_publish([])
+                    # A server that takes fewer requests than we send refuses
+                    # the extra ones (BadTooManyPublishRequests): keep one fewer.
+                    if name != "BadTooManyPublishRequests" or not self._publish:
+                        self._send_publish([])
                     continue
                 raise ReaderError(f"the OPC-UA server at {self.where} ended our subscription ({name}); "
                                   "subscribing again") from None
@@ -338,7 +348,7 @@ class OpcuaSubscription:
     async def close(self) -> None:
         client, self._client = self._client, None
         subscription_id, self._subscription_id = self._subscription_id, None
-        publish, self._publish = self._publish, None
+        publish, self._publish = self._publish, collections.deque()
         if self._lost is not None and not self._lost.done():
             self._lost.cancel()
         if client is None:
@@ -355,8 +365,9 @@ class OpcuaSubscription:
             pass
         finally:
             await disconnect_quietly(client, half)
-            if publish is not None and not publish.done():
-                publish.cancel()
+            for task in publish:
+                if not task.done():
+                    task.cancel()
 
 
 def _retrieve(task: asyncio.Task) -> None:

@@ -102,6 +102,11 @@ class Device:
     def sessions(self) -> list:
         return [s for s in self.srv.iserver._external_sessions.values() if s.is_activated()]
 
+    def queued_publish_requests(self) -> int:
+        """Publish requests the server holds unanswered, over its connections."""
+        return sum(len(p.processor._publish_requests) for p in self.srv.bserver.clients
+                   if p.processor is not None)
+
 
 class _Refuser:
     """A user manager that lets nobody in: every ActivateSession is refused."""
@@ -274,6 +279,27 @@ def test_a_value_with_no_timestamps_is_stamped_when_it_arrives(tmp_path):
     res = sub._samples([(0, 1.5, 0, None, 11)], before + 7)
     assert res.samples[0].timestamp == dt.datetime.fromtimestamp(0, UTC) + dt.timedelta(
         microseconds=before + 7)
+
+
+def test_several_publish_requests_wait_at_the_server_so_a_capped_response_is_no_bottleneck(
+        loop, device, tmp_path):
+    # With one in flight, a server that caps a response at 1,000 notifications
+    # answers at most once per round trip: at 50,000 changes a second the
+    # backlog never drained (bench/README, scenario C).
+    from haltless.pollers.opcua_subscription import PUBLISH_IN_FLIGHT
+    sub = subscription(device.endpoint, config(node("Fast"), publishing_interval_ms=100), tmp_path)
+
+    async def go():
+        before = device.queued_publish_requests()
+        await sub.connect()
+        await receive_until(sub, lambda s, e: s)  # the initial value, and one more request sent
+        await asyncio.sleep(0.3)  # keep-alives take none: nothing changed
+        queued = device.queued_publish_requests() - before
+        await sub.close()
+        return queued
+
+    assert PUBLISH_IN_FLIGHT >= 2
+    assert loop.run_until_complete(go()) == PUBLISH_IN_FLIGHT
 
 
 def test_closing_deletes_the_subscription_on_the_server(loop, device, tmp_path):
