@@ -144,9 +144,26 @@ class Ingestor:
                 if attempt == 2:
                     raise DatabaseUnavailable("series cache is churning; retry")
                 readings = list(readings)
+                wanted = set()
                 for i in missing:
-                    readings[i] = as_reading(readings[i])
-                found, replaced = await self.catalog.resolve(self.pool, org_id, readings, missing)
+                    r = readings[i] = as_reading(readings[i])
+                    wanted.add((r.machine_identifier, r.metric_name))
+                # Every reading of the batch of those series, not only the
+                # missed ones: the batch's latest unit/raw_tag wins, and each
+                # key of the batch stays valid for the retry. (A hit whose
+                # unit a missed reading then changed would miss in turn, and
+                # a batch alternating units would never settle.)
+                bad = {i for i, _ in kerr}
+                related = set(missing)
+                for i, r in enumerate(readings):
+                    if r is None or i in related or i in bad:
+                        continue
+                    r = as_reading(r)
+                    if (r.machine_identifier, r.metric_name) in wanted:
+                        readings[i] = r
+                        related.add(i)
+                found, replaced = await self.catalog.resolve(self.pool, org_id, readings,
+                                                             sorted(related))
                 transient += replaced
                 if found:
                     for i, msg in found.items():

@@ -46,6 +46,28 @@ def attribute_changes(dsn, series_id) -> list[tuple]:
 
 # ------------------------------------------------------------------ ingest
 
+def test_a_batch_alternating_a_cached_series_unit_is_stored_and_its_last_unit_wins(server, pg_dsn):
+    # The fuzzer found it (503 "series cache is churning"): a reading that hit
+    # the cache under the old unit missed once a later reading of its batch
+    # changed the unit, and changing it back made the other miss, three times.
+    tenant = make_tenant(pg_dsn, machines=("CNC-001",))
+    t0 = dt.datetime.now(UTC).replace(microsecond=0) - dt.timedelta(minutes=5)
+
+    def reading(i, unit):
+        return {"machine_identifier": "CNC-001", "metric_name": "temperature", "unit": unit,
+                "timestamp": iso(t0 + dt.timedelta(seconds=i)), "value": float(i)}
+    for _ in range(2):  # both workers cache it under celsius
+        r = post(server, tenant.key, {"readings": [reading(0, "celsius")]})
+        assert r.status_code == 207, r.text
+    for k, units in enumerate((["celsius", "bar", "celsius", "bar"], ["bar", "celsius"])):
+        body = [reading(10 * (k + 1) + i, u) for i, u in enumerate(units)]
+        for _ in range(2):  # each worker
+            r = post(server, tenant.key, {"readings": body})
+            assert r.status_code == 207 and r.json()["accepted_count"] == len(body), r.text
+        assert fetchval(pg_dsn, "SELECT unit FROM series s JOIN machines m ON m.id ="
+                        " s.machine_id WHERE m.org_id = $1", tenant.org_id) == units[-1]
+
+
 def test_one_metric_sent_with_and_without_unit_and_raw_tag_is_one_series_whose_latest_unit_wins(
         server, pg_dsn):
     tenant = make_tenant(pg_dsn, machines=("CNC-001",))
