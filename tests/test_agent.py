@@ -316,9 +316,12 @@ def test_agent_killed_mid_send_and_restarted_loses_and_duplicates_nothing(server
         queued_before = spooled_total(tmp_path)[0]
         agent = AgentProcess(cfg, tmp_path / "agent-last.log")
         # The last one sends what the killed ones left queued (the queue's ids
-        # are sent in order, so they are in once that many are stored).
-        wait_for(lambda: t.count(pg_dsn) >= queued_before, timeout=30,
-                 what="the killed agents' queue delivered")
+        # are sent in order, so they are in once that many are stored). It
+        # must have started first: a batch stored whose answer the kill cut
+        # off is already counted, yet still queued, and a SIGTERM before the
+        # agent handles it ends the process before it sends anything.
+        wait_for(lambda: "agent started" in agent.log() and t.count(pg_dsn) >= queued_before,
+                 timeout=30, what="the killed agents' queue delivered")
         agent.stop()
     assert queued_before > 0
     assert_exactly_once(pg_dsn, t, tmp_path)
