@@ -36,20 +36,10 @@ if __package__ in (None, ""):
 
 from bench import procstat as ps  # noqa: E402
 from bench import results  # noqa: E402
+from bench.hostile import server_rss as workers_rss  # noqa: E402
 from bench.run import haltless_server, setup_haltless  # noqa: E402
 
 PER_BODY = 1_000  # the contract's most readings per batch
-
-
-def workers_rss(serve_pid: int) -> float:
-    """MB: the sum over the serving process's children (granian's workers)."""
-    total = 0
-    for p in psutil.Process(serve_pid).children(recursive=True):
-        try:
-            total += p.memory_info().rss
-        except psutil.NoSuchProcess:
-            pass
-    return total / 2**20
 
 
 def bodies(hour_us: int, n: int, step_us: int):
