@@ -232,7 +232,12 @@ class ServerProcess:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log()}")
             try:
-                if requests.get(self.url + "/healthz", timeout=1).status_code == 200:
+                # One worker answers /healthz while the others may still be
+                # starting, without a socket of their own yet (granian binds
+                # one per worker on Linux): a test that then killed the one
+                # serving saw every connection refused (CI).
+                if (requests.get(self.url + "/healthz", timeout=1).status_code == 200
+                        and self.workers_listening() >= self.workers):
                     return self
             except requests.ConnectionError:
                 pass
@@ -245,6 +250,18 @@ class ServerProcess:
         from haltless.server.auth import issue_token
         secret = (Path(self.env["HALTLESS_DATA_DIR"]) / "jwt-secret").read_text().strip()
         return issue_token(secret, org_id, ttl)
+
+    def workers_listening(self) -> int:
+        """How many granian workers hold a listening socket on our port."""
+        import psutil
+        n = 0
+        for w in workers(self):
+            try:
+                n += any(c.status == psutil.CONN_LISTEN and c.laddr.port == self.port
+                         for c in w.net_connections(kind="tcp"))
+            except (psutil.NoSuchProcess, psutil.AccessDenied):
+                pass
+        return n
 
     def log(self) -> str:
         return Path(self.log_path).read_text(errors="replace") if self.log_path else ""

@@ -118,6 +118,8 @@ def test_a_killed_worker_is_replaced_while_the_other_keeps_serving(srv, pg_dsn):
     assert failures <= 1
     wait_for(lambda: len(workers(srv)) == 2 and victim not in {w.pid for w in workers(srv)},
              timeout=30, every=0.1, what="a new worker")
+    wait_for(lambda: srv.workers_listening() == 2, timeout=30, every=0.1,
+             what="the new worker listening")
     assert post(srv, t.key, {"readings": [reading()]}).status_code == 207
 
 
