@@ -27,6 +27,11 @@ def compiler_directives(debug: bool) -> dict:
 class BuildExt(build_ext):
     """A missing or broken C compiler names the way out instead of a bare traceback."""
 
+    def finalize_options(self):
+        super().finalize_options()
+        if self.parallel is None:  # the kernels compile side by side (pip gives no -j)
+            self.parallel = os.cpu_count() or 1
+
     def run(self):
         try:
             super().run()
@@ -56,6 +61,7 @@ def extensions() -> list:
         # _shared by its bare name from here instead.
         include_path=["haltless_fast"],
         force=debug,  # a debug build must not reuse a release build's C file
+        nthreads=os.cpu_count() or 1,
     )
 
 

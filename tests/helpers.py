@@ -67,6 +67,28 @@ def haltless(*args, env=None, check=True, timeout=60) -> subprocess.CompletedPro
     return p
 
 
+def source_tree(dst: Path) -> Path:
+    """A copy of the project's sources as a fresh clone has them (what git
+    tracks, and new files it does not ignore), without this checkout's
+    build/, generated C or built extensions: a wheel built from it compiles
+    from scratch."""
+    import shutil
+    try:
+        listed = subprocess.run(["git", "ls-files", "-z", "-c", "-o", "--exclude-standard"],
+                                cwd=ROOT, capture_output=True, check=True).stdout
+        files = [f for f in listed.decode().split("\0") if f]
+    except (OSError, subprocess.CalledProcessError):  # not a git checkout: all but the build's
+        skip = {".git", ".venv", "build", "node_modules", "__pycache__", "haltless-data"}
+        files = [str(p.relative_to(ROOT)) for p in ROOT.rglob("*")
+                 if p.is_file() and not skip & set(p.relative_to(ROOT).parts)
+                 and p.suffix not in (".so", ".c") and ".egg-info" not in str(p)]
+    for f in files:
+        if (ROOT / f).is_file():
+            (dst / f).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / f, dst / f)
+    return dst
+
+
 def postmasters(pgdata) -> list:
     """The postmasters (not their backends) running on ``pgdata``."""
     import psutil
