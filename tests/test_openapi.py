@@ -190,7 +190,7 @@ def test_schemathesis_finds_no_5xx_and_no_response_breaking_the_document(server,
            "response_schema_conformance", "--max-examples", "15", "--seed", "10",
            "--phases", "examples,fuzzing,stateful",
            "-H", f"Authorization: Bearer {token}", "-H", f"X-API-Key: {t.key}",
-           "--request-timeout", "30", "--workers", "2", "--max-time", "150",
+           "--request-timeout", "30", "--workers", "2", "--max-time", "75",
            "--suppress-health-check", "all", "--no-color",
            "--report", "har", "--report-har-path", str(tmp_path / "run.har")]
     out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=400, cwd=tmp_path)
