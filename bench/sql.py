@@ -1,7 +1,7 @@
 """SQL read benchmark: the README's Grafana queries on a fleet, as a reader role.
 
     python -m bench.sql [--machines 20] [--hours 2] [--hot-minutes 10] [--repeat 5]
-                        [--keep DIR | --reuse DIR] [--out bench/results/]
+                        [--no-late-rows] [--out bench/results/]
 
 Data: ``--machines`` machines x the mix's 20 metrics (bench/mix.py: walks,
 noise, full-precision floats, counters, setpoints) at 1 s with +-500 us of
@@ -87,13 +87,17 @@ async def make_fleet(conn, org, machines: int, prefix: str) -> dict[str, list[in
 
 
 def hour_records(fleet: dict[str, list[int]], start_s: int, seconds: int, rnd: random.Random,
-                 only: tuple[int, ...] | None = None) -> bytes:
+                 only: tuple[int, ...] | None = None, from_start: bool = False) -> bytes:
     """Packed kernel records of ``seconds`` ticks from ``start_s`` (Unix seconds)
-    for every series of the fleet (``only``: these metric indices)."""
+    for every series of the fleet (``only``: these metric indices). The
+    first tick's jitter may put it just before ``start_s``, into the hour
+    before; ``from_start`` keeps every reading at or after ``start_s``."""
     parts = []
     for m, sids in enumerate(fleet.values()):
         ts = [(start_s + t) * 1_000_000 + rnd.randint(-mix.JITTER_US, mix.JITTER_US)
               for t in range(seconds)]
+        if from_start:
+            ts[0] = max(ts[0], start_s * 1_000_000)
         for j, (name, _unit, kind, setpoint, scale) in enumerate(mix.METRICS):
             if only is not None and j not in only:
                 continue
@@ -126,14 +130,22 @@ async def load(dsn: str, args) -> dict:
             await write_hot(conn, hour_records(day, now_h - h * HOUR, HOUR, rnd, only=(0, 9)))
         await compact_all(conn, include_current=True)
         hot_from = now_h
-        await write_hot(conn, hour_records(fleet, hot_from, args.hot_minutes * 60, rnd))
+        # Half the machines' first hot tick falls (jitter) into the last
+        # compacted hour: late rows that wait there for the next compaction,
+        # and make that series-hour's rollups come from its raw readings
+        # until then (README "Rollups"). --no-late-rows leaves them out.
+        await write_hot(conn, hour_records(fleet, hot_from, args.hot_minutes * 60, rnd,
+                                           from_start=args.no_late_rows))
         print(f"loaded in {time.monotonic() - t0:.0f} s")
         role, password = await create_reader_role(conn, org, "default", "bench_reader")
         readings = await conn.fetchval(
             "SELECT (SELECT coalesce(sum(n), 0) FROM reading_blocks)"
             " + (SELECT coalesce(sum(n), 0) FROM reading_chunks)")
         await conn.execute("VACUUM ANALYZE")
+        late = await conn.fetchval("SELECT count(*) FROM reading_chunks WHERE bucket < $1",
+                                   dt.datetime.fromtimestamp(now_h, UTC))
         return {"role_url": url_for_role(dsn, role, password), "now_h": now_h,
+                "late_hot_rows": late,
                 "hot_until": hot_from + args.hot_minutes * 60, "readings": readings,
                 "machines": args.machines, "hours": args.hours, "hot_minutes": args.hot_minutes}
     finally:
@@ -241,7 +253,8 @@ def markdown(records: list[dict], head: dict) -> str:
     lines = [*results.header_lines(head, "SQL read benchmark"),
              (f"- data: {d['machines']} machines x 20 metrics at 1 s, {d['hours']} h compacted + "
               f"{d['hot_minutes']} min hot, and one machine's 2 series over 24 h compacted: "
-              f"{d['readings']:,} readings; queried as a reader role (row-level security on)"),
+              f"{d['readings']:,} readings, {d.get('late_hot_rows', 0):,} of them hot rows waiting "
+              "in a compacted hour (late data); queried as a reader role (row-level security on)"),
              "", "| query | server ms | wall ms | rows | block rows read / asked |",
              "|---|---:|---:|---:|---:|"]
     for r in records:
@@ -257,6 +270,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--hours", type=int, default=2)
     p.add_argument("--hot-minutes", type=int, default=10)
     p.add_argument("--repeat", type=int, default=5)
+    p.add_argument("--no-late-rows", action="store_true",
+                   help="no hot reading falls into the last compacted hour (by default the "
+                        "first hot tick's jitter puts one there for about half the machines)")
     p.add_argument("--out", type=Path, default=results.RESULTS)
     args = p.parse_args(argv)
     run = results.Run("sql", args.out)
