@@ -13,8 +13,8 @@ from pathlib import Path
 import asyncpg
 import pytest
 
-from haltless.server import db
-from helpers import Tenant, make_tenant, run, serving, start_test_postgres, stop_test_postgres
+from helpers import (Tenant, make_tenant, migrate, run, serving, start_test_postgres,
+                     stop_test_postgres)
 # Still importable from here for test_codec.py and test_kernel.py (`run`,
 # `twins`), whose imports are another change's to move to helpers.
 from helpers import twins  # noqa: F401
@@ -45,13 +45,7 @@ def pg_dsn(tmp_path_factory):
         pgdir.chmod(0o755)
         dsn, watchdog = start_test_postgres(pgdir)
 
-    async def migrate():
-        c = await asyncpg.connect(dsn)
-        try:
-            await db.migrate(c)
-        finally:
-            await c.close()
-    run(migrate())
+    migrate(dsn)
     yield dsn
     if not outer:
         stop_test_postgres(pgdir, watchdog)

@@ -137,6 +137,17 @@ def run(coro):
     return asyncio.run(coro)
 
 
+def migrate(dsn: str) -> int:
+    """Bring the database at ``dsn`` to the latest migration; its version."""
+    async def go():
+        c = await asyncpg.connect(dsn)
+        try:
+            return await db.migrate(c)
+        finally:
+            await c.close()
+    return run(go())
+
+
 async def _fetch(dsn, sql, *args):
     c = await asyncpg.connect(dsn)
     try:

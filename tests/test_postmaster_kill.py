@@ -22,8 +22,7 @@ import asyncpg
 import pytest
 import requests
 
-from haltless.server import db
-from helpers import (ServerProcess, fetch, fetchval, haltless, make_tenant, run,
+from helpers import (ServerProcess, fetch, fetchval, haltless, make_tenant, migrate,
                      start_test_postgres, stop_test_postgres, wait_for)
 from test_kills_beside_readers import HERE, LOOP, Writer
 
@@ -65,13 +64,7 @@ def own_postgres():
     pgdir.chmod(0o755)
     dsn, watchdog = start_test_postgres(pgdir)
 
-    async def migrate():
-        c = await asyncpg.connect(dsn)
-        try:
-            await db.migrate(c)
-        finally:
-            await c.close()
-    run(migrate())
+    migrate(dsn)
     yield pgdir, dsn
     # This process's handle names the killed postmaster: the one started
     # again is stopped by its pid (SIGQUIT), then the dir is removed.
