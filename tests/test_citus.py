@@ -534,6 +534,10 @@ def test_rollups_on_the_cluster_equal_the_raw_aggregates_and_stay_in_their_organ
     assert check_rollups(citus_dsn, a, "hot") > 0
     compact(citus_dsn)
     check_rollups(citus_dsn, a, "compacted")
+    # After the blocks' last readings: combined with their summaries (0024).
+    send_readings(citus_server, a, rollup_readings(hour + dt.timedelta(minutes=30), 60, rnd))
+    check_rollups(citus_dsn, a, "late after the blocks")
+    # Inside their span: those hours through their readings.
     late = rollup_readings(hour + dt.timedelta(minutes=3), 60, rnd, step=0.5)
     send_readings(citus_server, a, late)
     check_rollups(citus_dsn, a, "late")

@@ -111,6 +111,59 @@ def test_rollups_equal_the_raw_aggregates_hot_compacted_late_and_merged(server, 
     check(pg_dsn, t, "no summaries")
 
 
+def rollup_rows(dsn, tenant) -> list:
+    return [sorted(map(tuple, fetch(dsn, ROLLUP.format(view=view), tenant.org_id)))
+            for view in ("readings_1m", "readings_1h")]
+
+
+def test_late_readings_outside_a_blocks_span_combine_with_its_summary_undecoded(server, pg_dsn):
+    """Hot readings of a compacted hour that all lie before the block's first
+    reading or after its last are combined with its summary (migration
+    0024); the block is not decoded: with its values made garbage the
+    rollups answer the same. One late reading inside the span sends the
+    hour through its readings again, still exact."""
+    t = make_tenant(pg_dsn, machines=("CNC-001",))
+    rnd = random.Random(11)
+    hour = dt.datetime.now(UTC).replace(minute=0, second=0, microsecond=0) - 3 * HOUR
+    send(server, t, readings(hour + dt.timedelta(minutes=20), 1200, rnd))  # minutes 20-39
+    compact(pg_dsn)
+    check(pg_dsn, t, "compacted")
+    spans = fetch(pg_dsn, "SELECT s.metric_name, b.t_first, b.t_last FROM reading_blocks b"
+                  " JOIN series s ON s.id = b.series_id JOIN machines m ON m.id = s.machine_id"
+                  " WHERE m.org_id = $1", t.org_id)
+    late = readings(hour + dt.timedelta(minutes=2), 120, rnd) \
+        + readings(hour + dt.timedelta(minutes=45), 300, rnd)
+    for metric, first, last in spans:  # in the minutes of the block's first and last readings
+        late += [{"machine_identifier": "CNC-001", "timestamp": iso(first - dt.timedelta(seconds=0.2)),
+                  "metric_name": metric, "value": -1.5},
+                 {"machine_identifier": "CNC-001", "timestamp": iso(last + dt.timedelta(seconds=0.2)),
+                  "metric_name": metric, "value": 999.5}]
+    for r in late:
+        if r["metric_name"] == "temp":
+            r["unit"] = "celsius"
+    send(server, t, late)
+    check(pg_dsn, t, "late before and after the span")
+    before = rollup_rows(pg_dsn, t)
+    org_blocks = ("FROM series s JOIN machines m ON m.id = s.machine_id"
+                  " WHERE s.id = reading_blocks.series_id AND m.org_id = $1")
+    kept = fetch(pg_dsn, f"SELECT series_id, block_start, part, vals FROM reading_blocks"
+                 f" WHERE EXISTS (SELECT 1 {org_blocks})", t.org_id)
+    fetchval(pg_dsn, f"UPDATE reading_blocks SET vals = '\\x00'::bytea"
+             f" WHERE EXISTS (SELECT 1 {org_blocks})", t.org_id)
+    try:
+        assert rollup_rows(pg_dsn, t) == before
+    finally:
+        for k in kept:
+            fetchval(pg_dsn, "UPDATE reading_blocks SET vals = $4 WHERE series_id = $1"
+                     " AND block_start = $2 AND part = $3", *k)
+    inside = {"machine_identifier": "CNC-001", "metric_name": "temp", "unit": "celsius",
+              "timestamp": iso(hour + dt.timedelta(minutes=30, seconds=0.5)), "value": -40.5}
+    send(server, t, [inside])
+    check(pg_dsn, t, "a late reading inside the span")
+    compact(pg_dsn)
+    check(pg_dsn, t, "merged")
+
+
 def test_a_decimal_block_stores_exact_mantissas_and_a_float_block_its_values(server, pg_dsn):
     t = make_tenant(pg_dsn)
     rnd = random.Random(8)
