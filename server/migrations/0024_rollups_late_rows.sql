@@ -95,10 +95,20 @@ DECLARE
         r.first, r.last$q$;
     step text;
     summary text;
+    hot_time text;
+    block_time text;
+    combined text;
     v text;
 BEGIN
     FOREACH step IN ARRAY ARRAY['minute', 'hour'] LOOP
         summary := CASE step WHEN 'minute' THEN minutes ELSE hours END;
+        -- The bucket "time" of a hot and of a decoded reading (raw's %4$s, %5$s).
+        hot_time := CASE step WHEN 'minute' THEN $q$date_bin('1 minute', u.ts, timestamptz 'epoch')$q$
+                              ELSE 'c.bucket' END;
+        block_time := CASE step WHEN 'minute' THEN $q$date_bin('1 minute', d.ts, timestamptz 'epoch')$q$
+                                ELSE 'b.block_start' END;
+        -- Which blocks' summary rows the raw arm combines (raw's %6$s).
+        combined := combinable || CASE step WHEN 'minute' THEN ' AND u.count > 0' ELSE '' END;
         IF NOT citus THEN
             -- Per series (as the readings view, 0012): a machine or metric
             -- predicate selects the series before any block is read.
@@ -114,13 +124,8 @@ BEGIN
                 names, cols,
                 format(summary, 'b.series_id = s.id', summarised, ''),
                 aggs,
-                format(raw, 'c.series_id = s.id', 'b.series_id = s.id', '',
-                       CASE step WHEN 'minute' THEN $q$date_bin('1 minute', u.ts, timestamptz 'epoch')$q$
-                                 ELSE 'c.bucket' END,
-                       CASE step WHEN 'minute' THEN $q$date_bin('1 minute', d.ts, timestamptz 'epoch')$q$
-                                 ELSE 'b.block_start' END,
-                       format(summary, 'b.series_id = s.id', combinable, 'b.t_first, b.t_last,')
-                       || CASE step WHEN 'minute' THEN ' AND u.count > 0' ELSE '' END));
+                format(raw, 'c.series_id = s.id', 'b.series_id = s.id', '', hot_time, block_time,
+                       format(summary, 'b.series_id = s.id', combined, 'b.t_first, b.t_last,')));
         ELSE
             -- Citus cannot plan a lateral subquery over distributed tables
             -- from a reference table: two arms, each joining machines ->
@@ -142,13 +147,8 @@ BEGIN
                 format(summary, 'true', summarised, ''),
                 'sum(r.n)::integer, min(r.mn), max(r.mx), sum(r.s) / sum(r.n), sum(r.s), '
                 '(array_agg(r.f ORDER BY r.tf))[1], (array_agg(r.l ORDER BY r.tl))[count(*)]',
-                format(raw, 'true', 'true', 't.series_id = b.series_id AND',
-                       CASE step WHEN 'minute' THEN $q$date_bin('1 minute', u.ts, timestamptz 'epoch')$q$
-                                 ELSE 'c.bucket' END,
-                       CASE step WHEN 'minute' THEN $q$date_bin('1 minute', d.ts, timestamptz 'epoch')$q$
-                                 ELSE 'b.block_start' END,
-                       format(summary, 'true', combinable, 'b.t_first, b.t_last,')
-                       || CASE step WHEN 'minute' THEN ' AND u.count > 0' ELSE '' END));
+                format(raw, 'true', 'true', 't.series_id = b.series_id AND', hot_time, block_time,
+                       format(summary, 'true', combined, 'b.t_first, b.t_last,')));
         END IF;
         EXECUTE format('CREATE OR REPLACE VIEW %I AS %s',
                        CASE step WHEN 'minute' THEN 'readings_1m' ELSE 'readings_1h' END, v);
