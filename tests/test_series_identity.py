@@ -19,7 +19,7 @@ import requests
 
 from haltless.server import db
 from haltless.server.compact import Compactor
-from helpers import fetch, fetchval, make_tenant, post, run, serving
+from helpers import fetch, fetchval, make_tenant, migrate, post, run, serving
 from test_query import bits
 from test_rollups import check as check_rollups
 
@@ -282,13 +282,7 @@ def test_the_migration_merges_series_made_the_old_way_keeping_every_reading_once
     sums = _sums(dsn, tenant.org_id)
     assert sum(len(v) for v in before.values()) == 1200 * 3 + 600 + 100 + 50 + 50 + 30 + 40
 
-    async def migrate():
-        conn = await asyncpg.connect(dsn)
-        try:
-            return await db.migrate(conn)
-        finally:
-            await conn.close()
-    assert run(migrate()) == db.LATEST_VERSION
+    assert migrate(dsn) == db.LATEST_VERSION
 
     series = fetch(dsn, "SELECT s.id, m.machine_identifier, s.metric_name, s.unit, s.raw_tag"
                    " FROM series s JOIN machines m ON m.id = s.machine_id WHERE m.org_id = $1"
