@@ -248,6 +248,19 @@ async def compact_shards(conn, dsn: str | None, slots, *, retention_days: int | 
             finally:
                 await conn.execute("SELECT pg_advisory_unlock($1, $2)", SHARD_LOCK, key)
     finally:
-        for w in workers.values():
-            await w.close()
+        await close_all(workers.values())
     return readings, blocks
+
+
+async def close_all(conns) -> None:
+    """Close each connection; when that is cancelled (serve stopping while a
+    run ends) or fails half way, terminate every one not closed yet, so none
+    is left open for the garbage collector."""
+    conns = list(conns)
+    try:
+        for c in conns:
+            await c.close(timeout=10)
+    except BaseException:
+        for c in conns:
+            c.terminate()  # a no-op on one already closed
+        raise

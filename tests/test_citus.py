@@ -84,6 +84,21 @@ def test_without_citus_the_migration_changes_nothing(pg_dsn):
     assert fetchval(pg_dsn, "SELECT max(version) FROM haltless_schema") == db.LATEST_VERSION
 
 
+def test_a_compaction_cancelled_while_it_closes_its_worker_connections_leaves_none_open(pg_dsn):
+    """serve stopping just as a run ends cancels the closing of the run's
+    worker connections: the one being closed and every one after it are
+    terminated, not left for the garbage collector (a leak CI once saw)."""
+    async def go():
+        conns = [await asyncpg.connect(pg_dsn) for _ in range(3)]
+        task = asyncio.create_task(compact_citus.close_all(conns))
+        await asyncio.sleep(0)  # the first close() has sent its Terminate and waits
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        return [c.is_closed() for c in conns]
+    assert run(go()) == [True, True, True]
+
+
 def test_migrations_distribute_readings_by_series_and_keep_tenancy_on_every_node(citus_dsn):
     rows = {r["t"]: (r["method"], r["model"], r["colo"]) for r in fetch(
         citus_dsn, "SELECT logicalrelid::text AS t, partmethod AS method, repmodel AS model,"
