@@ -107,6 +107,26 @@ def test_a_grafana_role_sees_only_its_organization_hot_and_compacted(server, pg_
     assert taken.returncode == 2 and "not a haltless reader role" in taken.stderr
 
 
+def test_every_view_runs_with_the_readers_rights(pg_dsn):
+    """A view runs as its owner unless security_invoker is set, and then no
+    row-level security applies. CREATE OR REPLACE VIEW resets the option, so
+    a migration that rebuilds a view must set it again (0024, 0025)."""
+    views = {r[0]: r[1] for r in run(_views(pg_dsn))}
+    assert {"readings", "readings_1m", "readings_1h"} <= set(views)
+    assert [name for name, opts in views.items()
+            if "security_invoker=true" not in (opts or [])] == []
+
+
+async def _views(dsn):
+    conn = await asyncpg.connect(dsn)
+    try:
+        return await conn.fetch("SELECT c.relname, c.reloptions FROM pg_class c"
+                                " JOIN pg_namespace n ON n.oid = c.relnamespace"
+                                " WHERE c.relkind = 'v' AND n.nspname = 'public'")
+    finally:
+        await conn.close()
+
+
 def test_a_readers_policy_is_one_hash_lookup_per_row_not_a_scan_of_the_orgs_series(
         pg_dsn, two_orgs):
     # `series_id = ANY (array of the organization's series)` compared each row
