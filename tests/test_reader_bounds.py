@@ -61,7 +61,19 @@ def test_a_reader_role_takes_its_limits_from_flags_or_defaults_and_keeps_them(pg
     password = url.split(":")[2].split("@")[0]
     assert "at most 10 connections, statements of 60 s, 30 s idle in a transaction, " \
            "transactions of 300 s, work_mem 64 MB" in out.stderr, out.stderr
-    assert "warning" not in out.stderr and password not in out.stderr
+    assert password not in out.stderr
+    # No warning, but for other databases of the server open to PUBLIC (on
+    # HALTLESS_DATABASE_URL's server: another test run's database, say).
+    others = [r[0] for r in fetch(
+        pg_dsn, "SELECT quote_ident(datname) FROM pg_database WHERE datname <> current_database()"
+        " AND datallowconn AND has_database_privilege($1, oid, 'CONNECT') ORDER BY 1", role)]
+    warnings = [ln for ln in out.stderr.splitlines() if "warning" in ln]
+    if others:
+        assert len(warnings) == 1 and warnings[0].startswith(
+            f"haltless: warning: {role} may connect to the database(s) {', '.join(others)} too"), \
+            out.stderr
+    else:
+        assert warnings == [], out.stderr
     assert fetchval(pg_dsn, "SELECT rolconnlimit FROM pg_roles WHERE rolname = $1", role) == 10
     assert role_settings(pg_dsn, role) == {
         "default_transaction_read_only": "on", "statement_timeout": "60s",
@@ -219,6 +231,10 @@ def test_readers_holding_every_lock_they_can_never_delay_ingest_or_compaction(se
                          "--transaction-timeout", "600").stdout.strip() for i in (1, 2)]
     roles = [role_of(u) for u in urls]
     assert post(server, t.key, {"readings": [reading()]}).status_code == 207
+    # Whatever else is connected (the server's pools, other test files'
+    # servers when files run in another order) takes from the same slots.
+    others = fetchval(pg_dsn, "SELECT count(*) FROM pg_stat_activity"
+                      " WHERE backend_type = 'client backend'") - 1
 
     async def go():
         held = []
@@ -253,7 +269,7 @@ def test_readers_holding_every_lock_they_can_never_delay_ingest_or_compaction(se
             await asyncio.gather(*(c.close() for c in held), return_exceptions=True)
 
     opened, locks, took = run(go())
-    assert opened >= share - 5, (opened, share)
+    assert opened >= share - others - 5, (opened, share, others)
     # More than the lock table of a stock PostgreSQL of this size holds
     # (max_locks_per_transaction 64 x ~336 backends): it would be full.
     assert locks > 64 * 336, locks

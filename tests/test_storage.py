@@ -273,6 +273,13 @@ def test_migration_0008_turns_hot_timestamps_into_bytes_and_keeps_every_reading(
             return got, hot, granted
         finally:
             await c.close()
+            # Not left behind: a database open to PUBLIC is what grafana-role
+            # warns about, and test_reader_bounds counts the others.
+            admin = await asyncpg.connect(pg_dsn)
+            try:
+                await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+            finally:
+                await admin.close()
 
     got, hot, granted = run_async(go())
     assert [r["ts"] for r in got] == stamps
