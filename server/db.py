@@ -322,6 +322,23 @@ def stop_embedded(data_dir: Path) -> None:
                     pass
 
 
+def restart_embedded(data_dir: Path) -> str:
+    """Start the embedded PostgreSQL of data_dir again after its postmaster
+    exited under this process (it runs crash recovery as it starts); its
+    DSN, the same as before. The dead handle is let go first, so that this
+    process is listed once among the server's holders and the last holder
+    to leave still stops the new postmaster."""
+    import atexit
+    ep = _import_embedded()
+    data_dir = Path(data_dir).expanduser().resolve()
+    old = _embedded.pop(data_dir, None)
+    if old is not None:
+        old.cleanup()  # off the holders' list; a postmaster that is gone needs no stop
+        atexit.unregister(old._cleanup)
+    ep.PostgresServer._instances.pop(old.pgdata if old is not None else data_dir / "pg", None)
+    return start_embedded(data_dir, create=False)
+
+
 def embedded_alive(data_dir: Path) -> bool:
     """False once the embedded PostgreSQL of data_dir cannot be trusted with a
     commit any more: its directory was deleted (the postmaster may still run

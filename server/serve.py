@@ -15,6 +15,11 @@ granian's main process as a child in its own process group and supervises it:
   twice within about 5 s ("crash loop"); a dead worker must never take the
   service down. Only a granian that keeps failing at start (5 times in a row,
   each within ``STARTUP_FAILURE`` seconds) ends ``haltless serve``;
+* the embedded PostgreSQL (held by this process) is started again when its
+  postmaster exits while serve runs (the OOM killer, a crash, a pg_ctl
+  stop): ``PostgresKeeper`` looks every second and restarts it with backoff;
+  meanwhile the workers answer 503 and store nothing, and they reconnect by
+  themselves once it is back (crash recovery keeps every commit);
 * the child gets the prepared settings through its environment
   (``Settings.to_env``) and dies with this process (``PR_SET_PDEATHSIG``);
 * the workers share a private run dir (0700, removed at exit): the
@@ -41,6 +46,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -103,6 +109,9 @@ def supervise(settings: Settings, access_log: bool = False) -> int:
 
     old = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGINT)}
     failed_starts = 0
+    keeper = PostgresKeeper(settings.data_dir) if settings.prepared == "embedded" else None
+    if keeper is not None:
+        keeper.start()
     try:
         while True:
             started = time.monotonic()
@@ -131,11 +140,65 @@ def supervise(settings: Settings, access_log: bool = False) -> int:
                   "repeatedly?); starting it again", file=sys.stderr, flush=True)
             time.sleep(min(8.0, 0.5 * 2 ** failed_starts))
     finally:
+        if keeper is not None:
+            keeper.stop()
         for sig, handler in old.items():
             signal.signal(sig, handler)
         if child is not None:
             _signal_group(child.pid, signal.SIGKILL)
         shutil.rmtree(run_dir, ignore_errors=True)
+
+
+class PostgresKeeper(threading.Thread):
+    """Starts the embedded PostgreSQL again when its postmaster exits while
+    ``haltless serve`` runs: checked every ``CHECK`` seconds; a start that
+    fails (the dead postmaster's backends still leaving, a full disk) is
+    retried after 1, 2, 4 ... 60 s. Each event is one line on stderr."""
+
+    CHECK = 1.0
+    MAX_DELAY = 60.0
+
+    def __init__(self, data_dir: Path) -> None:
+        super().__init__(name="haltless-postgres-keeper", daemon=True)
+        self.data_dir = Path(data_dir)
+        self.stopping = threading.Event()
+        self.starting = threading.Lock()  # stop() waits for a start under way
+        self.restarts = 0
+
+    def run(self) -> None:
+        from . import db
+        while not self.stopping.wait(self.CHECK):
+            if db.embedded_alive(self.data_dir):
+                continue
+            print("haltless: the embedded PostgreSQL is down (its postmaster exited); "
+                  "starting it again", file=sys.stderr, flush=True)
+            delay = 1.0
+            while True:
+                with self.starting:
+                    if self.stopping.is_set():
+                        return
+                    try:
+                        db.restart_embedded(self.data_dir)
+                        problem = None
+                    except Exception as exc:  # noqa: BLE001 - the keeper must go on
+                        problem = (str(exc).splitlines() or [type(exc).__name__])[0]
+                if problem is None:
+                    self.restarts += 1
+                    print("haltless: the embedded PostgreSQL is up again (crash recovery "
+                          "done); the workers reconnect by themselves", file=sys.stderr,
+                          flush=True)
+                    break
+                print(f"haltless: cannot start the embedded PostgreSQL yet: {problem}; "
+                      f"trying again in {delay:.0f} s", file=sys.stderr, flush=True)
+                if self.stopping.wait(delay):
+                    return
+                delay = min(delay * 2, self.MAX_DELAY)
+
+    def stop(self) -> None:
+        self.stopping.set()
+        with self.starting:  # a start under way ends first: its handle is stopped at exit
+            pass
+        self.join(timeout=5)
 
 
 def _raise_open_files_limit() -> None:

@@ -41,28 +41,32 @@ def test_embedded_postgres_is_shared_by_server_and_cli_and_outages_answer_503(pu
         body = {"readings": [reading()]}
         assert post(srv, key, body).json()["accepted_count"] == 1
 
-        _pg_ctl(pgdata, "-w", "stop", "-m", "fast")
         mark = len(srv.log())
-        for _ in range(30):
-            r = post(srv, key, body)
-            assert r.status_code == 503 and r.headers["retry-after"] == "5"
+        _pg_ctl(pgdata, "-w", "stop", "-m", "fast")
+        # Down until serve's keeper has started it again (it looks every second).
+        r = post(srv, key, body)
+        assert r.status_code == 503 and r.headers["retry-after"] == "5", r.text
         assert "nothing was stored" in r.json()["detail"]
-        assert requests.get(srv.url + "/readyz", timeout=10).status_code == 503
-        assert requests.get(srv.url + "/healthz", timeout=10).status_code == 200
-
-        dsn = db.start_embedded(data)  # as any haltless process would: same socket, same options
         r = wait_for(lambda: (r := post(srv, key, body)).status_code == 207 and r,
-                     what="the server to reconnect by itself")
+                     what="serve to start its PostgreSQL again and its workers to reconnect")
         assert r.json() == {"accepted_count": 1, "rejected_count": 0, "errors": []}
+        # (The workers may reconnect before the keeper has said so.)
+        wait_for(lambda: "the embedded PostgreSQL is up again" in srv.log()[mark:],
+                 what="serve to say its PostgreSQL is up again")
+        log = srv.log()[mark:]
+        assert "the embedded PostgreSQL is down (its postmaster exited); starting it again" in log
         # The outage is logged as a change of state, twice, not once per request.
-        lines = [ln for ln in srv.log()[mark:].splitlines() if "WARNING" in ln or "ERROR" in ln]
+        lines = [ln for ln in log.splitlines() if "WARNING" in ln or "ERROR" in ln]
         assert len(lines) == 2, lines
         assert "database unavailable" in lines[0] and "requests were answered 503" in lines[1]
-        assert postmasters(pgdata)[0].pid != pid
+        assert [p.pid for p in postmasters(pgdata)] != [pid] and len(postmasters(pgdata)) == 1
+        dsn = db.start_embedded(data, create=False)  # joins it: same socket, same options
         assert fetchval(dsn, "SELECT count(*) FROM readings") == 2  # the 503'd one was not stored
     finally:
         srv.stop()
         db.stop_embedded(data)
+    # The restarted postmaster is stopped when its last holder leaves, as the first was.
+    assert postmasters(pgdata) == []
 
 
 @pytest.mark.parametrize("long_path", [False, True], ids=["short-path", "long-path"])
@@ -146,14 +150,14 @@ def test_kill_9_of_the_postmaster_under_load_gives_503s_never_a_500(public_tmp, 
         victim = postmasters(pgdata)[0]
         backends = victim.children()
         victim.kill()
-        wait_for(lambda: statuses.get(503, 0) >= 50, timeout=30, what="50 requests answered 503")
+        wait_for(lambda: statuses.get(503, 0) >= 10, timeout=30, what="10 requests answered 503")
         # A new postmaster can start once the old one's backends have noticed and left.
         wait_for(lambda: not any(p.is_running() for p in [victim, *backends]), timeout=30,
                  what="the killed postmaster's backends to exit")
         down = statuses.get(207, 0)
-        db.start_embedded(data)
-        wait_for(lambda: statuses.get(207, 0) >= down + 20, timeout=30,
-                 what="20 requests stored after the restart")
+        # serve's keeper starts it again by itself once they have left.
+        wait_for(lambda: statuses.get(207, 0) >= down + 20, timeout=60,
+                 what="20 requests stored after serve started its PostgreSQL again")
         stop.set()
         for t in threads:
             t.join(30)
