@@ -102,14 +102,16 @@ def supervise(settings: Settings, access_log: bool = False) -> int:
 
     def stop(signum, frame):
         nonlocal deadline
+        if keeper is not None:
+            keeper.stopping.set()  # a postmaster stopped by the same Ctrl-C stays stopped
         if deadline is None:
             deadline = time.monotonic() + STOP_GRACE
             if child is not None:
                 _signal_group(child.pid, signal.SIGTERM)
 
+    keeper = PostgresKeeper(settings.data_dir) if settings.prepared == "embedded" else None
     old = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGINT)}
     failed_starts = 0
-    keeper = PostgresKeeper(settings.data_dir) if settings.prepared == "embedded" else None
     if keeper is not None:
         keeper.start()
     try:

@@ -146,7 +146,17 @@ def _interrupt_after_startup(argv, data: Path, delay: float, sig=signal.SIGINT):
     assert started.wait(60), "the command line never started"
     time.sleep(delay)
     os.killpg(proc.pid, sig)
-    proc.wait(60)
+    try:
+        proc.wait(60)
+    except subprocess.TimeoutExpired:  # say where it hung (seen once, under xdist)
+        import psutil
+        tree = [f"{p.pid} {p.name()} {p.status()} {' '.join(p.cmdline())[:200]}"
+                for p in [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(True)]]
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        reader.join(10)
+        raise AssertionError(f"no exit 60 s after {sig!r} at {delay} s; processes: {tree}; "
+                             f"stderr: {[ln for ln in lines if not ln.startswith('import time:')]}")
     reader.join(30)
     proc.stderr.close()
     return proc.returncode, [ln for ln in lines if not ln.startswith("import time:")]
