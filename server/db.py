@@ -335,7 +335,7 @@ def restart_embedded(data_dir: Path) -> str:
     if old is not None:
         old.cleanup()  # off the holders' list; a postmaster that is gone needs no stop
         atexit.unregister(old._cleanup)
-    ep.PostgresServer._instances.pop(old.pgdata if old is not None else data_dir / "pg", None)
+    ep.PostgresServer._instances.pop(data_dir / "pg", None)  # a dead one still listed
     return start_embedded(data_dir, create=False)
 
 

@@ -62,6 +62,11 @@ LIMIT_COLUMNS = tuple(f.name for f in fields(ReaderLimits))
 # Connections a role without pg_use_reserved_connections (or superuser) can
 # ever have open: the server refuses it once fewer than the reserved slots
 # are free.
+# The server's other databases the role ($1) may connect to, quoted, in order.
+DATABASES_ELSEWHERE = (
+    "SELECT quote_ident(datname) FROM pg_database WHERE datname <> current_database()"
+    " AND datallowconn AND has_database_privilege($1, oid, 'CONNECT') ORDER BY 1")
+
 READER_SHARE = """
 SELECT current_setting('max_connections')::int
        - current_setting('superuser_reserved_connections')::int
@@ -231,10 +236,7 @@ async def reader_role_gaps(conn, role: str) -> list[str]:
     if limit is None:
         gaps.append(f"{role}'s temporary files are not limited (a superuser-only setting): "
                     f"as a superuser, ALTER ROLE {role} SET temp_file_limit = '{TEMP_FILE_LIMIT}'")
-    elsewhere = await conn.fetch(
-        "SELECT quote_ident(datname) FROM pg_database WHERE datname <> current_database()"
-        " AND datallowconn"
-        " AND has_database_privilege($1, oid, 'CONNECT') ORDER BY 1", role)
+    elsewhere = await conn.fetch(DATABASES_ELSEWHERE, role)
     if elsewhere:
         names = ", ".join(r[0] for r in elsewhere)
         gaps.append(f"{role} may connect to the database(s) {names} too (PUBLIC may), where "

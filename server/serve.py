@@ -165,7 +165,6 @@ class PostgresKeeper(threading.Thread):
         self.data_dir = Path(data_dir)
         self.stopping = threading.Event()
         self.starting = threading.Lock()  # stop() waits for a start under way
-        self.restarts = 0
 
     def run(self) -> None:
         from . import db
@@ -185,7 +184,6 @@ class PostgresKeeper(threading.Thread):
                     except Exception as exc:  # noqa: BLE001 - the keeper must go on
                         problem = (str(exc).splitlines() or [type(exc).__name__])[0]
                 if problem is None:
-                    self.restarts += 1
                     print("haltless: the embedded PostgreSQL is up again (crash recovery "
                           "done); the workers reconnect by themselves", file=sys.stderr,
                           flush=True)

@@ -104,6 +104,9 @@ def test_the_postmaster_killed_under_load_loses_and_doubles_nothing(own_postgres
         os.kill(postmaster, signal.SIGKILL)
         killed_at = len(writer.acked)
         time.sleep(1.0)  # writes fail meanwhile (503s and errors): not acknowledged
+        # Down until the restart below (serve keeps only an embedded PostgreSQL up).
+        assert requests.get(srv.url + "/readyz", timeout=10).status_code == 503
+        assert requests.get(srv.url + "/healthz", timeout=10).status_code == 200
 
         def restart():
             # As a new `haltless serve` would: a process of its own (this

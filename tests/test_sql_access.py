@@ -9,7 +9,7 @@ import json
 
 import asyncpg
 import pytest
-from helpers import fetchval, haltless, make_tenant, post, run
+from helpers import fetch, fetchval, haltless, make_tenant, post, run
 from test_query import iso, us
 from test_storage import compact
 
@@ -111,20 +111,12 @@ def test_every_view_runs_with_the_readers_rights(pg_dsn):
     """A view runs as its owner unless security_invoker is set, and then no
     row-level security applies. CREATE OR REPLACE VIEW resets the option, so
     a migration that rebuilds a view must set it again (0024, 0025)."""
-    views = {r[0]: r[1] for r in run(_views(pg_dsn))}
+    views = {r[0]: r[1] for r in fetch(
+        pg_dsn, "SELECT c.relname, c.reloptions FROM pg_class c JOIN pg_namespace n"
+        " ON n.oid = c.relnamespace WHERE c.relkind = 'v' AND n.nspname = 'public'")}
     assert {"readings", "readings_1m", "readings_1h"} <= set(views)
     assert [name for name, opts in views.items()
             if "security_invoker=true" not in (opts or [])] == []
-
-
-async def _views(dsn):
-    conn = await asyncpg.connect(dsn)
-    try:
-        return await conn.fetch("SELECT c.relname, c.reloptions FROM pg_class c"
-                                " JOIN pg_namespace n ON n.oid = c.relnamespace"
-                                " WHERE c.relkind = 'v' AND n.nspname = 'public'")
-    finally:
-        await conn.close()
 
 
 def test_a_readers_policy_is_one_hash_lookup_per_row_not_a_scan_of_the_orgs_series(
