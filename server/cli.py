@@ -24,6 +24,14 @@ def _on_stop_signal(signum, frame):
     raise KeyboardInterrupt
 
 
+def stop_requested() -> bool:
+    """A stop signal came, even if its KeyboardInterrupt was swallowed: one
+    raised inside an import's module-lock callback (or a __del__) is
+    printed as "Exception ignored" and lost, and the command went on. A
+    command that installs handlers of its own asks this first."""
+    return bool(_signalled)
+
+
 def _command(name: str):
     """``commands.<name>``, imported when the command runs."""
     def run(args):
@@ -241,6 +249,8 @@ def main(argv: list[str] | None = None) -> None:
             if args.data_dir == "":
                 parser.error("--data-dir: must not be empty")
             args.func(args)
+            if _signalled:  # its KeyboardInterrupt was swallowed (stop_requested)
+                raise KeyboardInterrupt
         except HaltlessError as exc:
             print(f"haltless: error: {exc}", file=sys.stderr)
             sys.exit(2)
