@@ -16,20 +16,12 @@ import signal
 import sys
 
 _STOPPED_BY = {signal.SIGINT: ("interrupted", 130), signal.SIGTERM: ("terminated", 143)}
-_signalled: list[int] = []
+from ..core.stopping import signalled as _signalled
 
 
 def _on_stop_signal(signum, frame):
     _signalled.append(signum)
     raise KeyboardInterrupt
-
-
-def stop_requested() -> bool:
-    """A stop signal came, even if its KeyboardInterrupt was swallowed: one
-    raised inside an import's module-lock callback (or a __del__) is
-    printed as "Exception ignored" and lost, and the command went on. A
-    command that installs handlers of its own asks this first."""
-    return bool(_signalled)
 
 
 def _command(name: str):

@@ -111,7 +111,7 @@ def supervise(settings: Settings, access_log: bool = False) -> int:
 
     keeper = PostgresKeeper(settings.data_dir) if settings.prepared == "embedded" else None
     old = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGINT)}
-    from .cli import stop_requested
+    from ..core.stopping import stop_requested
     if stop_requested():  # before these handlers, and its KeyboardInterrupt was lost
         stop(signal.SIGINT, None)
     failed_starts = 0
